@@ -1,0 +1,21 @@
+"""Reading product catalogs (folder trees and JSONL manifests) into `CatalogItem`s."""
+
+from datasets.catalog import (
+    IMAGE_SUFFIXES,
+    CatalogError,
+    CatalogItem,
+    load_catalog,
+    read_folder_tree,
+    read_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CatalogError",
+    "CatalogItem",
+    "load_catalog",
+    "read_folder_tree",
+    "read_manifest",
+    "write_manifest",
+]

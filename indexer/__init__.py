@@ -1,0 +1,1 @@
+"""Feature extraction and the stores an index keeps (FAISS, SQLite, Elasticsearch)."""

@@ -1,0 +1,127 @@
+"""The two kinds of feature an index holds, and the decode loop that feeds them.
+
+As in LIRE, a feature is either global (one vector per image: deep, autoencoder code) or local
+(many descriptors per image: SIFT). Both split their work in two: ``preparer`` runs in a decode
+worker process on the decoded image; ``finish`` runs in the main process on a batch of what the
+preparers returned. Indexing and search loop over features; they do not know them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from indexer.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageSource, load_rgb
+
+Preparer = Callable[[Image.Image], Any]
+
+
+@runtime_checkable
+class GlobalFeature(Protocol):
+    name: str
+    dim: int
+    preparer: Preparer
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+
+    def transform_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class LocalFeature(Protocol):
+    name: str
+    preparer: Preparer
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> list[bytes]:
+        """One serialised descriptor set per image."""
+
+
+@dataclass
+class PreparedBatch:
+    """What the preparers made of the sources at ``positions``; ``errors`` for the rest."""
+
+    positions: list[int]
+    prepared: dict[str, list[Any]]
+    errors: dict[int, str]
+
+
+class _PrepareDataset(Dataset):
+    def __init__(self, sources: Sequence[ImageSource], preparers: Mapping[str, Preparer], max_pixels: int, draft_size: int | None):
+        self.sources, self.preparers = sources, dict(preparers)
+        self.max_pixels, self.draft_size = max_pixels, draft_size
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, position: int):
+        source = self.sources[position]
+        try:
+            image = load_rgb(source, self.max_pixels, draft_size=self.draft_size)
+            return position, {name: prepare(image) for name, prepare in self.preparers.items()}, None
+        except ImageDecodeError as error:
+            return position, None, str(error)
+        except Exception as error:  # noqa: BLE001 - one odd file must never end a run
+            return position, None, f"{source}: unreadable ({type(error).__name__}: {error})"
+
+
+def _keep_list(samples):
+    return samples
+
+
+def iter_prepared(
+    sources: Sequence[ImageSource],
+    preparers: Mapping[str, Preparer],
+    batch_size: int = 16,
+    num_workers: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Iterator[PreparedBatch]:
+    """Decode ``sources`` (in ``num_workers`` processes) and run every preparer on each image."""
+    loader = DataLoader(
+        _PrepareDataset(sources, preparers, max_pixels, draft_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_keep_list,
+        prefetch_factor=4 if num_workers else None,
+    )
+    for samples in loader:
+        ok = [(position, payload) for position, payload, error in samples if error is None]
+        yield PreparedBatch(
+            positions=[position for position, _ in ok],
+            prepared={name: [payload[name] for _, payload in ok] for name in preparers},
+            errors={position: error for position, _, error in samples if error is not None},
+        )
+
+
+class IndexExtension(Protocol):
+    """Something an index keeps beside the deep vectors (local words, autoencoder codes...).
+
+    ``features`` names what to extract from each new or changed image; ``after_update`` refits
+    or re-derives what depends on the whole catalog once a run has committed.
+    """
+
+    name: str
+
+    def features(self, index: Any) -> list[Any]: ...
+
+    def after_update(self, index: Any, changed_keys: np.ndarray, removed_keys: np.ndarray) -> None: ...
+
+
+_EXTENSIONS: dict[str, IndexExtension] = {}
+
+
+def register_extension(extension: IndexExtension) -> IndexExtension:
+    _EXTENSIONS[extension.name] = extension
+    return extension
+
+
+def extensions() -> list[IndexExtension]:
+    return list(_EXTENSIONS.values())

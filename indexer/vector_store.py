@@ -1,0 +1,132 @@
+"""FAISS vector store: float32 rows in, int64 item keys out; the index type is a factory string."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_gpu_logged = False
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class FaissVectorStore:
+    """Inner-product search over L2-normalised vectors (so scores are cosine similarities).
+
+    ``factory`` is any faiss ``index_factory`` string: ``Flat`` (exact, the default),
+    ``IVF1024,PQ32``, ``HNSW32``... Indexes that need training are trained on the first rows
+    added once there are enough of them; until then an exact index answers.
+    """
+
+    def __init__(self, dim: int, factory: str = "Flat", use_gpu: bool | str = "auto"):
+        self.dim, self.factory = dim, factory
+        self.use_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
+        self._index = self._new_index(factory)
+        self._gpu_index = None
+
+    def _new_index(self, factory: str) -> faiss.Index:
+        base = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        # IVF indexes carry ids themselves; the others need an id map to use catalog keys.
+        if isinstance(base, faiss.IndexIVF):
+            return base
+        return faiss.IndexIDMap2(base)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self._index.is_trained:
+            self._index.train(vectors)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        if len(keys) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self._index.is_trained:
+            raise RuntimeError(f"faiss index {self.factory!r} must be trained before adding vectors")
+        self._index.add_with_ids(vectors, np.asarray(keys, dtype=np.int64))
+        self._gpu_index = None
+
+    def remove(self, keys: np.ndarray) -> int:
+        if len(keys) == 0:
+            return 0
+        selector = faiss.IDSelectorBatch(np.asarray(keys, dtype=np.int64))
+        removed = int(self._index.remove_ids(selector))
+        self._gpu_index = None
+        return removed
+
+    def keys(self) -> np.ndarray:
+        index = self._index
+        if isinstance(index, faiss.IndexIDMap2) or isinstance(index, faiss.IndexIDMap):
+            return faiss.vector_to_array(index.id_map).astype(np.int64)
+        invlists = faiss.extract_index_ivf(index).invlists
+        keys = [
+            faiss.rev_swig_ptr(invlists.get_ids(list_no), invlists.list_size(list_no)).copy()
+            for list_no in range(invlists.nlist)
+        ]
+        return np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, np.int64)
+
+    def _searchable(self) -> faiss.Index:
+        global _gpu_logged
+        if not self.use_gpu:
+            return self._index
+        if self._gpu_index is None:
+            try:
+                self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
+                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
+                if not _gpu_logged:
+                    log.info("faiss: searching on the GPU")
+                    _gpu_logged = True
+            except Exception as error:  # noqa: BLE001 - e.g. HNSW has no GPU version
+                log.info("faiss: %s stays on the CPU (%s)", self.factory, error)
+                self.use_gpu = False
+                return self._index
+        return self._gpu_index
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed_keys: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, keys), each (n_queries, k), best first; missing slots have key -1."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(k, max(self.ntotal, 1)))
+        if self.ntotal == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if allowed_keys is not None:
+            # Filtered search runs on the CPU index: GPU indexes take no id selector.
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed_keys, np.int64)))
+            scores, keys = self._index.search(queries, k, params=params)
+        else:
+            scores, keys = self._searchable().search(queries, k)
+        return scores, keys
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash leaves the previous file intact."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        faiss.write_index(self._index, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, factory: str, use_gpu: bool | str = "auto") -> FaissVectorStore:
+        index = faiss.read_index(str(path))
+        store = cls.__new__(cls)
+        store.dim, store.factory = index.d, factory
+        store.use_gpu = gpu_available() if use_gpu == "auto" else bool(use_gpu)
+        store._index, store._gpu_index = index, None
+        return store

@@ -1,0 +1,1 @@
+"""Query-time logic: candidate retrieval, fusion, verification, classification, anomaly scores."""

@@ -1,0 +1,82 @@
+"""Shared fixtures: the grocery dataset as a catalog, and one index of it built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from datasets.catalog import CatalogItem, write_manifest
+from datasets.grocery import LabelledPhoto, catalog_items, grocery_root, split_photos
+
+
+def _require_grocery() -> Path:
+    root = grocery_root()
+    if not (root / "train.txt").is_file():
+        reason = f"grocery dataset not found at {root} (set CATALENS_GROCERY_ROOT)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI has ../shared beside the clone: a missing dataset is a failure
+        pytest.skip(reason)
+    return root
+
+
+@pytest.fixture(scope="session")
+def grocery() -> Path:
+    return _require_grocery()
+
+
+@pytest.fixture(scope="session")
+def grocery_catalog(grocery: Path) -> list[CatalogItem]:
+    """Iconic + train photos of every fine class (2,721 items)."""
+    return catalog_items(("iconic", "train"), grocery)
+
+
+@pytest.fixture(scope="session")
+def val_photos(grocery: Path) -> list[LabelledPhoto]:
+    return split_photos("val", grocery)
+
+
+@pytest.fixture(scope="session")
+def grocery_index(grocery_catalog, tmp_path_factory) -> Path:
+    """One index of the grocery catalog, built through a manifest as a user would."""
+    from indexer.config import IndexConfig
+    from indexer.pipeline import index_catalog
+
+    folder = tmp_path_factory.mktemp("grocery")
+    manifest = write_manifest(grocery_catalog, folder / "catalog.jsonl")
+    report = index_catalog(manifest, folder / "index", IndexConfig(), progress=False)
+    assert not report.failures, report.failures[:3]
+    return folder / "index"
+
+
+def draw_product(path: Path, seed: int, text: str = "", size: int = 256) -> Path:
+    """A synthetic 'product shot': coloured shapes and a label, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(150, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, size - 60, 2)
+        x1, y1 = x0 + rng.integers(30, 120), y0 + rng.integers(30, 120)
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        if rng.random() < 0.5:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+    if text:
+        draw.text((10, size - 30), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=92)
+    return path
+
+
+@pytest.fixture()
+def tiny_catalog(tmp_path: Path) -> Path:
+    """A folder-tree catalog of 12 generated images in 3 categories."""
+    root = tmp_path / "catalog"
+    for index in range(12):
+        category = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"][index % 3]
+        draw_product(root / category / f"item{index:02d}.jpg", seed=index, text=f"item {index}")
+    return root
