@@ -123,5 +123,15 @@ def register_extension(extension: IndexExtension) -> IndexExtension:
     return extension
 
 
+# Modules that register extensions when imported; optional, so the spine works without them.
+EXTENSION_MODULES = ("indexer.local", "indexer.autoencoder")
+
+
 def extensions() -> list[IndexExtension]:
+    for module in EXTENSION_MODULES:
+        try:
+            __import__(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
     return list(_EXTENSIONS.values())

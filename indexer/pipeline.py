@@ -68,18 +68,20 @@ def _features_for(index: CatalogIndex) -> list:
 
 def index_catalog(
     catalog: str | Path | list[CatalogItem],
-    index_dir: str | Path,
+    index_dir: str | Path | CatalogIndex,
     config: IndexConfig | None = None,
     prune: bool = True,
     progress: bool = True,
 ) -> IndexReport:
     """Index ``catalog`` (a folder, a manifest, or items) into ``index_dir``.
 
-    ``prune`` deletes indexed items the catalog no longer lists.
+    ``prune`` deletes indexed items the catalog no longer lists. ``index_dir`` may be an open
+    ``CatalogIndex`` (a server adding items); it is then left open.
     """
     started = time.perf_counter()
     items = catalog if isinstance(catalog, list) else load_catalog(catalog)
-    index = CatalogIndex.open_or_create(index_dir, config or load_config())
+    owned = not isinstance(index_dir, CatalogIndex)
+    index = CatalogIndex.open_or_create(index_dir, config or load_config()) if owned else index_dir
     log_path = index.root / "logs" / time.strftime("index-%Y%m%d-%H%M%S.log")
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -102,7 +104,8 @@ def index_catalog(
         logging.getLogger().removeHandler(handler)
         logging.getLogger().setLevel(previous_level)
         handler.close()
-        index.close()
+        if owned:
+            index.close()
     return report
 
 
@@ -136,7 +139,7 @@ def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: b
         index.set_dim(feature.name, feature.dim)
 
     removed_keys = np.zeros(0, np.int64)
-    if prune:
+    if prune and to_extract is not None:
         listed = {item.id for item in items}
         gone = [item_id for item_id in existing if item_id not in listed]
         if gone:
