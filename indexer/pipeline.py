@@ -139,7 +139,7 @@ def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: b
         index.set_dim(feature.name, feature.dim)
 
     removed_keys = np.zeros(0, np.int64)
-    if prune and to_extract is not None:
+    if prune:
         listed = {item.id for item in items}
         gone = [item_id for item_id in existing if item_id not in listed]
         if gone:
