@@ -1,0 +1,211 @@
+// The catalens page: one photo in, matching catalog items out. Plain JS, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { file: null, stats: null, lastMode: null };
+
+function text(value) { return value === undefined || value === null ? "" : String(value); }
+
+async function apiJson(path, options) {
+  const response = await fetch(path, options);
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) {
+    const detail = body && body.detail ? (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)) : response.statusText;
+    const error = new Error(detail);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+function setStatus(message, isError) {
+  $("status").textContent = message;
+  $("status").className = isError ? "error" : "";
+}
+
+async function loadStats() {
+  try {
+    const stats = await apiJson("/stats");
+    state.stats = stats;
+    $("stats").textContent = `${stats.items} items in ${stats.categories} categories`;
+    const select = $("mode");
+    select.innerHTML = "";
+    for (const mode of stats.modes) {
+      const option = document.createElement("option");
+      option.value = option.textContent = mode;
+      option.selected = mode === stats.default_mode;
+      select.appendChild(option);
+    }
+    const list = $("categories");
+    for (const name of Object.keys(stats.top_categories)) {
+      const option = document.createElement("option");
+      option.value = name;
+      list.appendChild(option);
+    }
+    if (!stats.features.classify) $("classify").textContent = "not available on this server";
+    if (!stats.features.anomaly) $("anomaly").textContent = "not available on this server";
+  } catch (error) {
+    $("stats").textContent = `index unavailable: ${error.message}`;
+  }
+}
+
+function pick(file) {
+  if (!file) return;
+  state.file = file;
+  const preview = $("preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-hint").hidden = true;
+  $("go").disabled = false;
+  runAll();
+}
+
+function form(extra) {
+  const data = new FormData();
+  data.append("image", state.file, state.file.name || "photo");
+  for (const [key, value] of Object.entries(extra || {})) {
+    if (value !== undefined && value !== null && value !== "") data.append(key, value);
+  }
+  return data;
+}
+
+function searchParams() {
+  return { k: $("k").value || "12", mode: $("mode").value, category: $("category").value.trim() };
+}
+
+async function runSearch() {
+  const params = searchParams();
+  setStatus("searching…");
+  $("grid").innerHTML = "";
+  try {
+    const body = await apiJson("/search", { method: "POST", body: form(params) });
+    state.lastMode = body.mode;
+    renderHits(body);
+    setStatus(`${body.results.length} results in ${body.seconds.toFixed(2)} s (mode ${body.mode})`);
+  } catch (error) {
+    setStatus(`search failed: ${error.message}`, true);
+  }
+}
+
+function renderHits(body) {
+  const grid = $("grid");
+  body.results.forEach((hit, rank) => {
+    const card = document.createElement("figure");
+    card.className = "hit";
+    card.dataset.id = hit.id;
+    const image = document.createElement("img");
+    image.loading = "lazy";
+    image.alt = hit.title;
+    image.src = `${hit.image_url}?size=256`;
+    const meta = document.createElement("figcaption");
+    meta.className = "meta";
+    meta.innerHTML = `<div><span class="rank">#${rank + 1}</span> <span class="score"></span></div><div class="title"></div><div class="category"></div>`;
+    meta.querySelector(".score").textContent = hit.score.toFixed(3);
+    meta.querySelector(".title").textContent = hit.title || hit.id;
+    meta.querySelector(".category").textContent = hit.category;
+    card.append(image, meta);
+    card.addEventListener("click", () => showDetail(hit));
+    grid.appendChild(card);
+  });
+}
+
+function describeClassification(result) {
+  if (!result.category) return JSON.stringify(result);
+  const levels = (result.levels || []).map((level) => `${level.name} ${(100 * level.confidence).toFixed(0)}%`);
+  return levels.length ? `${result.category} (${levels.join(" › ")})` : result.category;
+}
+
+function describeAnomaly(result) {
+  const flag = result.anomalous ?? result.is_anomaly ?? result.anomaly ?? result.verdict;
+  const score = result.score ?? result.anomaly_score;
+  const threshold = result.threshold;
+  const parts = [];
+  if (flag !== undefined) parts.push(typeof flag === "boolean" ? (flag ? "ANOMALY" : "normal") : text(flag));
+  if (score !== undefined) parts.push(`score ${Number(score).toFixed(3)}`);
+  if (threshold !== undefined) parts.push(`threshold ${Number(threshold).toFixed(3)}`);
+  return { line: parts.length ? parts.join(", ") : JSON.stringify(result), bad: flag === true || flag === "anomalous" };
+}
+
+async function runClassify() {
+  if (!state.stats || !state.stats.features.classify) return;
+  $("classify").textContent = "…";
+  try {
+    $("classify").textContent = describeClassification(await apiJson("/classify", { method: "POST", body: form() }));
+  } catch (error) {
+    $("classify").textContent = error.message;
+  }
+}
+
+async function runAnomaly() {
+  if (!state.stats || !state.stats.features.anomaly) return;
+  const box = $("anomaly");
+  box.textContent = "…";
+  box.className = "";
+  try {
+    const verdict = describeAnomaly(await apiJson("/anomaly", { method: "POST", body: form() }));
+    box.textContent = verdict.line;
+    box.className = verdict.bad ? "bad" : "good";
+  } catch (error) {
+    box.textContent = error.message;
+  }
+}
+
+async function showDetail(hit) {
+  const dialog = $("detail");
+  $("detail-title").textContent = hit.title || hit.id;
+  $("detail-meta").textContent = `${hit.id} · ${hit.category} · score ${hit.score.toFixed(3)}`;
+  const image = $("detail-image");
+  const note = $("detail-note");
+  image.src = hit.image_url;
+  note.textContent = "";
+  dialog.showModal();
+  const mode = state.lastMode;
+  if (mode !== "local" && mode !== "fused") {
+    note.textContent = "Matched keypoints are shown for modes local and fused.";
+    return;
+  }
+  if (!state.stats.features.explain) {
+    note.textContent = "Matched keypoints are not available on this server.";
+    return;
+  }
+  note.textContent = "drawing matched keypoints…";
+  const params = searchParams();
+  try {
+    const response = await fetch("/explain", { method: "POST", body: form({ ...params, mode, id: hit.id }) });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      note.textContent = body.detail || response.statusText;
+      return;
+    }
+    image.src = URL.createObjectURL(await response.blob());
+    note.textContent = "Lines join the keypoints the photo and this item share.";
+  } catch (error) {
+    note.textContent = error.message;
+  }
+}
+
+function runAll() {
+  if (!state.file) return;
+  runSearch();
+  runClassify();
+  runAnomaly();
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => pick(event.target.files[0]));
+  drop.addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") $("file").click(); });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.remove("over"); });
+  }
+  drop.addEventListener("drop", (event) => pick(event.dataTransfer.files[0]));
+  $("controls").addEventListener("submit", (event) => { event.preventDefault(); runSearch(); });
+  $("mode").addEventListener("change", () => { if (state.file) runSearch(); });
+}
+
+wire();
+loadStats();
