@@ -1,0 +1,131 @@
+"""The web page in headless Chromium: pick a photo, see the result grid, open a result.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright`` Python
+package (its own browsers are not needed). Skips without them, except under ``CI=true``.
+Screenshots land in ``artifacts/browser/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+
+
+def _chromium() -> str:
+    found = os.environ.get("CATALENS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        found, missing = None, "the playwright Python package"
+    else:
+        missing = "Debian's chromium (apt-get install -y chromium)"
+    if not found:
+        reason = f"browser test needs {missing}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(grocery_catalog, val_photos, tmp_path_factory):
+    """A real uvicorn server on 127.0.0.1 over a small index, and a val photo of an indexed class."""
+    import uvicorn
+
+    from api.app import create_app
+    from tests.test_api import build_small_index
+
+    index_dir, items = build_small_index(grocery_catalog, tmp_path_factory.mktemp("browser"), classes=3)
+    categories = {item.category for item in items}
+    query = next(photo for photo in val_photos if photo.category in categories)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(index_dir, read_only=True), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", query
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_page_uploads_a_photo_and_shows_the_result_grid(server):
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    url, query = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page_errors: list[str] = []
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="catalens-chromium-") as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            page = context.new_page()
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('items')", timeout=30_000)
+            assert "30 items in 3 categories" in page.inner_text("#stats")
+            modes = page.eval_on_selector_all("#mode option", "options => options.map(o => o.value)")
+            assert "deep" in modes
+
+            page.set_input_files("#file", str(query.path))
+            page.wait_for_selector("#grid .hit", timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('#grid .hit').length === 12", timeout=60_000)
+            # Every thumbnail really loaded (the image URLs in the results work).
+            page.wait_for_function(
+                "[...document.querySelectorAll('#grid .hit img')].every(img => img.complete && img.naturalWidth > 0)",
+                timeout=60_000,
+            )
+            cards = page.query_selector_all("#grid .hit")
+            first_category = cards[0].query_selector(".category").inner_text()
+            assert first_category == query.category
+            scores = [float(card.query_selector(".score").inner_text()) for card in cards]
+            assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1.0
+            assert "results in" in page.inner_text("#status")
+            classify = page.evaluate("fetch('/stats').then(r => r.json()).then(s => s.features.classify)")
+            if classify:
+                page.wait_for_function("!['—', '…'].includes(document.getElementById('classify').textContent)", timeout=60_000)
+                assert page.inner_text("#classify").split("/")[0] == query.category.split("/")[0]
+            shot = ARTIFACTS / "search.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+
+            cards[0].click()
+            page.wait_for_selector("#detail[open]")
+            mode = page.input_value("#mode")
+            if mode in ("local", "fused"):
+                page.wait_for_function(
+                    "!document.getElementById('detail-note').textContent.includes('drawing')", timeout=60_000
+                )
+            page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0", timeout=30_000)
+            shot = ARTIFACTS / "result-detail.png"
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot} (mode {mode}: {page.inner_text('#detail-note')})")
+        finally:
+            context.close()
+    assert not page_errors, page_errors
