@@ -49,7 +49,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(grocery_catalog, val_photos, tmp_path_factory):
+def chromium() -> str:
+    return _chromium()
+
+
+@pytest.fixture(scope="module")
+def server(chromium, grocery_catalog, val_photos, tmp_path_factory):
     """A real uvicorn server on 127.0.0.1 over a small index, and a val photo of an indexed class."""
     import uvicorn
 
@@ -72,10 +77,9 @@ def server(grocery_catalog, val_photos, tmp_path_factory):
     thread.join(timeout=30)
 
 
-def test_page_uploads_a_photo_and_shows_the_result_grid(server):
+def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
     from playwright.sync_api import sync_playwright
 
-    chromium = _chromium()
     url, query = server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page_errors: list[str] = []
