@@ -1,0 +1,39 @@
+"""``catalens finetune --index DIR``: train the metric-learning projection head on an index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from api.cli import UsageError, _open_index
+    from api.tables import format_table
+    from indexer.finetune import finetune_index
+
+    index = _open_index(args.index)
+    try:
+        with index.lock:
+            report = finetune_index(index, steps=args.steps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    rows = [
+        ("classify (held-out accuracy)", f"{report.classify_raw:.3f}", f"{report.classify_projected:.3f}"),
+        ("search (held-out 1-NN accuracy)", f"{report.search_raw:.3f}", f"{report.search_projected:.3f}"),
+    ]
+    print(format_table(["use", "frozen features", "finetuned head"], rows))
+    kept = ", ".join(report.kept_for) or "nothing (the head did not help; none stored)"
+    print(f"\n{report.items} items, {report.categories} categories, {report.holdout} held out; "
+          f"head kept for: {kept}; {report.seconds:.0f}s")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="train a projection head on the index's deep features (CPU)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--steps", type=int, default=600, help="training steps (batches of P categories x K items)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_finetune)

@@ -1,0 +1,173 @@
+"""The few-shot hierarchical classifier, the finetuned projection head and the classify CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from search.classify import UNKNOWN, ClassifyResult, HierarchicalFewShotClassifier, LevelPrediction
+
+
+def _tree_data(rng, per_leaf, dim=64, spread=0.15):
+    """Features clustered by a 2x2x2 tree: siblings share their parents' direction."""
+    rows, paths = [], []
+    tops = rng.normal(size=(2, dim))
+    for a in range(2):
+        for b in range(2):
+            mid = tops[a] + 0.8 * rng.normal(size=dim)
+            for c in range(2):
+                leaf = mid + 0.6 * rng.normal(size=dim)
+                for _ in range(per_leaf):
+                    rows.append(np.abs(leaf + spread * rng.normal(size=dim)))
+                    paths.append(f"T{a}/M{a}{b}/L{a}{b}{c}")
+    return np.array(rows, dtype=np.float32), np.array(paths)
+
+
+def test_one_example_per_leaf_classifies_noisy_copies():
+    rng = np.random.default_rng(0)
+    support, paths = _tree_data(rng, per_leaf=1)
+    queries = np.abs(support + 0.05 * rng.normal(size=support.shape)).astype(np.float32)
+    classifier = HierarchicalFewShotClassifier().fit(support, paths)
+    assert (classifier.predict(queries) == paths).mean() == 1.0
+
+
+def test_level_predictions_are_consistent_and_confidences_do_not_grow_with_depth():
+    rng = np.random.default_rng(1)
+    support, paths = _tree_data(rng, per_leaf=4)
+    classifier = HierarchicalFewShotClassifier(level_threshold=0.0).fit(support, paths)
+    queries = np.abs(rng.normal(size=(30, support.shape[1]))).astype(np.float32)
+    for prediction in classifier.predict_paths(queries):
+        if prediction.category == UNKNOWN:
+            continue
+        assert prediction.category in set(paths)  # with no threshold the path reaches an existing leaf
+        confidences = [level.confidence for level in prediction.levels]
+        assert confidences == sorted(confidences, reverse=True)
+
+
+def test_answer_stops_at_the_deepest_confident_level():
+    rng = np.random.default_rng(2)
+    support, paths = _tree_data(rng, per_leaf=4, spread=0.5)
+    classifier = HierarchicalFewShotClassifier(level_threshold=0.6).fit(support, paths)
+    leaf_a, leaf_b = support[paths == "T0/M00/L000"].mean(0), support[paths == "T0/M00/L001"].mean(0)
+    # Walking from one sibling leaf to the other, the leaf becomes a coin toss before the parent does.
+    walk = np.array([(1 - t) * leaf_a + t * leaf_b for t in np.linspace(0, 1, 21)], dtype=np.float32)
+    predictions = classifier.predict_paths(walk)
+    assert predictions[0].category == "T0/M00/L000" and predictions[-1].category == "T0/M00/L001"
+    stopped = [p for p in predictions if p.category == "T0/M00"]
+    assert stopped, [p.category for p in predictions]
+    for prediction in stopped:
+        assert [level.name for level in prediction.levels] == ["T0", "M00"]
+        assert prediction.levels[-1].confidence >= 0.6
+
+
+def test_far_from_every_category_is_unknown():
+    rng = np.random.default_rng(3)
+    support, paths = _tree_data(rng, per_leaf=3)
+    classifier = HierarchicalFewShotClassifier().fit(support, paths)
+    outlier = np.zeros((1, support.shape[1]), dtype=np.float32)
+    outlier[0, :3] = 1.0
+    (prediction,) = classifier.predict_paths(outlier)
+    assert prediction.category == UNKNOWN and prediction.levels == []
+
+
+def test_linear_model_only_for_categories_with_enough_support():
+    rng = np.random.default_rng(4)
+    support, paths = _tree_data(rng, per_leaf=2)
+    big, big_paths = _tree_data(np.random.default_rng(4), per_leaf=12)
+    keep = np.isin(big_paths, ["T0/M00/L000", "T1/M11/L111"])
+    classifier = HierarchicalFewShotClassifier(linear_min_support=8).fit(
+        np.concatenate([support, big[keep]]), np.concatenate([paths, big_paths[keep]])
+    )
+    assert sorted(classifier.leaves_[classifier.linear_leaves_]) == ["T0/M00/L000", "T1/M11/L111"]
+    probs, _, _ = classifier.leaf_proba(support)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_predict_before_fit_fails_clearly():
+    from search.classify import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        HierarchicalFewShotClassifier().predict(np.ones((1, 4), dtype=np.float32))
+
+
+def test_result_json_matches_the_contract():
+    result = ClassifyResult("q.jpg", "A/B", [LevelPrediction("A", 0.97), LevelPrediction("B", 0.61)], ["x", "y"])
+    assert result.to_json() == {
+        "query": "q.jpg", "category": "A/B",
+        "levels": [{"name": "A", "confidence": 0.97}, {"name": "B", "confidence": 0.61}], "neighbours": ["x", "y"],
+    }
+    assert ClassifyResult("bad.jpg", error="cannot decode").to_json() == {"query": "bad.jpg", "error": "cannot decode"}
+
+
+def test_triplet_head_separates_classes_the_raw_features_confuse():
+    from indexer.finetune import TripletProjection
+
+    rng = np.random.default_rng(5)
+    # Two classes that differ only in 2 of 64 dims, drowned by shared noise in the rest.
+    base = np.abs(rng.normal(size=64)) + 1
+    rows, labels = [], []
+    for label in range(2):
+        for _ in range(40):
+            row = base + 0.6 * rng.normal(size=64)
+            row[label] += 1.5
+            rows.append(np.abs(row))
+            labels.append(f"C/{label}")
+    rows, labels = np.array(rows, dtype=np.float32), np.array(labels)
+    head = TripletProjection(out_dim=16, hidden=64, steps=100, classes_per_batch=2, per_class=8).fit(rows[::2], labels[::2])
+    assert head.losses_[-1] < head.losses_[0]
+    test, test_labels = head.transform(rows[1::2]), labels[1::2]
+    train = head.transform(rows[::2])
+    nearest = (test @ train.T).argmax(axis=1)
+    raw_train, raw_test = rows[::2] / np.linalg.norm(rows[::2], axis=1, keepdims=True), rows[1::2]
+    raw_nearest = (raw_test @ raw_train.T).argmax(axis=1)
+    head_accuracy = (labels[::2][nearest] == test_labels).mean()
+    assert head_accuracy >= 0.85
+    assert head_accuracy > (labels[::2][raw_nearest] == test_labels).mean()
+    assert np.allclose(np.linalg.norm(test, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture()
+def tiny_index(tiny_catalog, tmp_path):
+    from indexer.config import IndexConfig
+    from indexer.pipeline import index_catalog
+
+    index_catalog(tiny_catalog, tmp_path / "index", IndexConfig(), progress=False)
+    return tmp_path / "index"
+
+
+def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, tmp_path, capsys):
+    from api.cli import main
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
+    assert main(["classify", str(query), str(bad), "--index", str(tiny_index), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["query"] == str(query)
+    assert set(lines[0]) == {"query", "category", "levels", "neighbours"}
+    assert lines[0]["category"].startswith("Dairy/Milk")  # an indexed image finds its own category
+    assert lines[0]["neighbours"][0].endswith(query.name)
+    assert lines[1]["query"] == str(bad) and "error" in lines[1]
+
+
+def test_classify_cli_prints_a_table(tiny_index, tiny_catalog, capsys):
+    from api.cli import main
+
+    query = sorted((tiny_catalog / "Fruit" / "Apple").glob("*.jpg"))[0]
+    assert main(["classify", str(query), "--index", str(tiny_index)]) == 0
+    out = capsys.readouterr().out
+    assert "confidence" in out and "Fruit" in out
+
+
+@pytest.mark.slow
+def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
+    from indexer.index import CatalogIndex
+    from search.classify import classify
+
+    index = CatalogIndex.open(grocery_index)
+    sample = val_photos[::12]
+    results = classify(index, [photo.path for photo in sample])
+    top = np.mean([r.category.split("/")[0] == p.top for r, p in zip(results, sample, strict=True)])
+    assert top >= 0.85
