@@ -271,3 +271,26 @@ def test_logo_crops_find_products_of_their_brand(grocery, grocery_index):
         assert mean_ap >= 0.5
     finally:
         index.close()
+
+
+@pytest.mark.slow
+def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
+    from indexer.imageio import load_rgb
+    from search.engine import Query, deep_retriever
+    from search.fusion import fused_retriever
+
+    photos = [photo for photo in val_photos if photo.top == "Packages"]
+    index = CatalogIndex.open(grocery_index)
+    try:
+        engine = SearchEngine(index)
+        correct = {"deep": 0, "fused": 0}
+        for photo in photos:
+            query = Query(load_rgb(photo.path), str(photo.path))  # shared: deep runs once per query
+            for name, retriever in (("deep", deep_retriever), ("fused", fused_retriever)):
+                keys, _ = retriever(engine, query, 1, None)
+                correct[name] += index.store.items([int(keys[0])])[int(keys[0])].category == photo.category
+        deep, fused = (100 * correct[name] / len(photos) for name in ("deep", "fused"))
+        print(f"Packages top-1 on val: deep {deep:.1f}%, fused {fused:.1f}%")
+        assert fused >= deep + 10
+    finally:
+        index.close()
