@@ -85,6 +85,10 @@ def iter_prepared(
     draft_size: int | None = None,
 ) -> Iterator[PreparedBatch]:
     """Decode ``sources`` (in ``num_workers`` processes) and run every preparer on each image."""
+    if len(sources) <= batch_size:
+        # One batch gains nothing from a worker, and forking a threaded server process (an item
+        # added over HTTP) can deadlock the child in OpenCV's thread pool: decode in-process.
+        num_workers = 0
     loader = DataLoader(
         _PrepareDataset(sources, preparers, max_pixels, draft_size),
         batch_size=batch_size,
