@@ -1,0 +1,492 @@
+"""Elasticsearch catalog store: items, deep/autoencoder vectors, visual words and keypoints.
+
+One document per catalog item, its ``_id`` the item id, so writing an item again replaces it
+and deleting twice is harmless: updates, deletions and a resumed indexing run are idempotent.
+Vectors are ``dense_vector`` fields (HNSW, cosine) searched with filtered kNN; visual words are
+whitespace tokens of a text field, so bag-of-words candidates are a BM25-scored bool/should of
+term queries on the inverted index; the category path is indexed with a ``path_hierarchy``
+tokenizer so one term query filters on a path prefix, and a ``keyword`` copy aggregates it.
+Keypoints are a ``binary`` field (stored in ``_source``, not indexed), fetched for the top
+candidates of a query only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from indexer.metadata import ItemRecord
+from indexer.stores import ItemUpdate
+
+log = logging.getLogger(__name__)
+
+# Fields a search hit needs to become an ItemRecord; keypoints and vectors stay on the server.
+RECORD_FIELDS = ["key", "id", "image", "category", "title", "attributes", "fingerprint"]
+# Elasticsearch's default indices.query.bool.max_clause_count is at least 1024.
+MAX_WORD_CLAUSES = 1000
+
+
+def item_key(item_id: str) -> int:
+    """A stable int64 key for an item id (63-bit blake2b), the same on every run and machine.
+
+    Search code works on int64 keys; deriving them from the id needs no counter shared between
+    indexing workers, and a re-indexed item keeps its key.
+    """
+    digest = hashlib.blake2b(item_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def words_text(words: np.ndarray | Sequence[int]) -> str:
+    """Visual word ids as whitespace tokens (repeats kept: they are the term frequency)."""
+    return " ".join(f"w{int(word)}" for word in np.asarray(words).ravel())
+
+
+@dataclass
+class ElasticSettings:
+    """How the catalog index is laid out on the cluster."""
+
+    index: str = "catalens"
+    shards: int = 1
+    replicas: int = 0
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 100
+    refresh_interval: str = "1s"
+
+
+def index_template(dims: dict[str, int], settings: ElasticSettings | None = None) -> dict[str, Any]:
+    """The body of ``PUT _index_template/<index>``: settings, analysers and the item mapping."""
+    settings = settings or ElasticSettings()
+    properties: dict[str, Any] = {
+        "key": {"type": "long"},
+        "id": {"type": "keyword"},
+        "image": {"type": "keyword", "index": False},
+        "fingerprint": {"type": "keyword", "index": False},
+        "category": {
+            "type": "keyword",
+            "fields": {
+                "tree": {"type": "text", "analyzer": "category_path", "search_analyzer": "keyword"},
+            },
+        },
+        "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 256}}},
+        "attributes": {"type": "flattened"},
+        "words": {
+            "type": "text",
+            "analyzer": "whitespace",
+            "norms": True,
+            "index_options": "freqs",
+        },
+        "keypoints": {"type": "binary"},
+        "updated_at": {"type": "date", "format": "epoch_second"},
+    }
+    for feature, dim in sorted(dims.items()):
+        properties[feature] = {
+            "type": "dense_vector",
+            "dims": int(dim),
+            "index": True,
+            "similarity": "cosine",
+            "index_options": {"type": "hnsw", "m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction},
+        }
+    return {
+        "index_patterns": [settings.index],
+        "priority": 200,
+        "template": {
+            "settings": {
+                "number_of_shards": settings.shards,
+                "number_of_replicas": settings.replicas,
+                "refresh_interval": settings.refresh_interval,
+                "analysis": {
+                    "tokenizer": {"category_path": {"type": "path_hierarchy", "delimiter": "/"}},
+                    "analyzer": {"category_path": {"type": "custom", "tokenizer": "category_path"}},
+                },
+            },
+            "mappings": {"dynamic": "strict", "properties": properties},
+        },
+    }
+
+
+def category_filter(prefix: str | None) -> dict[str, Any] | None:
+    """A filter on whole category levels: 'Packages/Milk' matches 'Packages/Milk/Arla', not 'Packages/Milky'."""
+    if not prefix or not prefix.strip("/"):
+        return None
+    return {"term": {"category.tree": prefix.strip("/")}}
+
+
+def knn_body(feature: str, vector: np.ndarray, k: int, category: str | None = None, num_candidates: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``Elasticsearch.search`` for an approximate kNN query."""
+    knn: dict[str, Any] = {
+        "field": feature,
+        "query_vector": [float(v) for v in np.asarray(vector, np.float32).ravel()],
+        "k": int(k),
+        # More candidates per shard than k buys recall; 10k is the server's ceiling.
+        "num_candidates": int(min(10_000, num_candidates or max(100, 4 * k))),
+    }
+    flt = category_filter(category)
+    if flt is not None:
+        knn["filter"] = flt
+    return {"knn": knn, "size": int(k), "source": RECORD_FIELDS}
+
+
+def words_body(words: np.ndarray, k: int, category: str | None = None) -> dict[str, Any] | None:
+    """Keyword arguments of ``Elasticsearch.search`` for bag-of-words candidates, or None."""
+    unique, counts = np.unique(np.asarray(words, np.int64).ravel(), return_counts=True)
+    if len(unique) == 0:
+        return None
+    # A query word repeated in the image counts more; keep the most frequent if there are too many.
+    order = np.argsort(-counts, kind="stable")[:MAX_WORD_CLAUSES]
+    should = [{"term": {"words": {"value": f"w{int(unique[i])}", "boost": float(counts[i])}}} for i in order]
+    query: dict[str, Any] = {"bool": {"should": should, "minimum_should_match": 1}}
+    flt = category_filter(category)
+    if flt is not None:
+        query["bool"]["filter"] = [flt]
+    return {"query": query, "size": int(k), "source": ["key"]}
+
+
+def item_document(update: ItemUpdate) -> dict[str, Any]:
+    item = update.item
+    document: dict[str, Any] = {
+        "key": item_key(item.id),
+        "id": item.id,
+        "image": str(item.image),
+        "fingerprint": update.fingerprint,
+        "category": item.category,
+        "title": item.title,
+        "attributes": item.attributes,
+        "updated_at": int(time.time()),
+    }
+    for feature, vector in update.vectors.items():
+        document[feature] = [float(v) for v in np.asarray(vector, np.float32).ravel()]
+    if update.words is not None:
+        document["words"] = words_text(update.words)
+    if update.keypoints is not None:
+        document["keypoints"] = base64.b64encode(update.keypoints).decode("ascii")
+    return document
+
+
+def bulk_actions(index: str, updates: Iterable[ItemUpdate] = (), deletes: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """``helpers.bulk`` actions: whole-document ``index`` ops and ``delete`` ops, by item id."""
+    for update in updates:
+        yield {"_op_type": "index", "_index": index, "_id": update.item.id, "_source": item_document(update)}
+    for item_id in deletes:
+        yield {"_op_type": "delete", "_index": index, "_id": item_id}
+
+
+def _record(source: dict[str, Any]) -> ItemRecord:
+    return ItemRecord(
+        key=int(source["key"]), id=source["id"], image=source.get("image", ""),
+        category=source.get("category", ""), title=source.get("title", ""),
+        attributes=source.get("attributes") or {}, fingerprint=source.get("fingerprint", ""),
+    )
+
+
+class ElasticStore:
+    """``CatalogStore`` in an Elasticsearch index (one document per item, ``_id`` = item id)."""
+
+    backend = "es"
+
+    def __init__(
+        self,
+        client: Any,
+        settings: ElasticSettings | None = None,
+        chunk_size: int = 200,
+        max_retries: int = 5,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.client = client
+        self.settings = settings or ElasticSettings()
+        self.chunk_size, self.max_retries = chunk_size, max_retries
+        self.initial_backoff, self.max_backoff = initial_backoff, max_backoff
+        self._sleep = sleep
+        self._dims: dict[str, int] | None = None
+
+    @classmethod
+    def connect(cls, url: str, index: str = "catalens", request_timeout: float = 30.0, **options: Any) -> ElasticStore:
+        from elasticsearch import Elasticsearch
+
+        client = Elasticsearch(url, request_timeout=request_timeout, retry_on_timeout=True, max_retries=3)
+        settings = ElasticSettings(index=index, **{k: options.pop(k) for k in list(options) if k in ElasticSettings.__dataclass_fields__})
+        return cls(client, settings, **options)
+
+    @property
+    def index(self) -> str:
+        return self.settings.index
+
+    # --- schema
+
+    def ensure_index(self, dims: dict[str, int]) -> None:
+        """Create the template and the index for these vector dimensions (no-op if they exist)."""
+        existing = self.dims() if self.client.indices.exists(index=self.index) else None
+        if existing is not None:
+            mismatched = {f: d for f, d in dims.items() if existing.get(f) not in (None, d)}
+            if mismatched:
+                raise ValueError(f"Elasticsearch index {self.index!r} has {existing}, not {mismatched}")
+            missing = {f: d for f, d in dims.items() if f not in existing}
+            if missing:
+                # dense_vector fields can be added to a live index; existing documents lack them.
+                body = index_template(missing, self.settings)["template"]["mappings"]["properties"]
+                self.client.indices.put_mapping(index=self.index, properties={f: body[f] for f in missing})
+                self._dims = None
+            return
+        template = index_template(dims, self.settings)
+        self.client.indices.put_index_template(name=self.index, **template)
+        self.client.indices.create(index=self.index)
+        self._dims = dict(dims)
+        log.info("created Elasticsearch index %s with vectors %s", self.index, dims)
+
+    def dims(self) -> dict[str, int]:
+        if self._dims is None:
+            mapping = self.client.indices.get_mapping(index=self.index)
+            properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+            self._dims = {name: int(spec["dims"]) for name, spec in properties.items() if spec.get("type") == "dense_vector"}
+        return dict(self._dims)
+
+    def refresh(self) -> None:
+        """Make written documents searchable now (tests, the end of an indexing run)."""
+        self.client.indices.refresh(index=self.index)
+
+    # --- queries
+
+    def count(self) -> int:
+        return int(self.client.count(index=self.index)["count"])
+
+    def knn(self, feature, vectors, k, category=None):
+        queries = np.atleast_2d(np.asarray(vectors, np.float32))
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        keys = np.full((len(queries), k), -1, np.int64)
+        for row, vector in enumerate(queries):
+            hits = self.client.search(index=self.index, **knn_body(feature, vector, k, category))["hits"]["hits"]
+            for column, hit in enumerate(hits[:k]):
+                # Elasticsearch reports cosine similarity as (1 + cos) / 2; give back cos, as FAISS does.
+                scores[row, column] = 2.0 * float(hit["_score"]) - 1.0
+                keys[row, column] = int(hit["_source"]["key"])
+        return scores, keys
+
+    def word_candidates(self, words, k, category=None):
+        body = words_body(words, k, category)
+        if body is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        hits = self.client.search(index=self.index, **body)["hits"]["hits"]
+        keys = np.array([int(hit["_source"]["key"]) for hit in hits], np.int64)
+        return keys, np.array([float(hit["_score"]) for hit in hits], np.float32)
+
+    def keypoints(self, keys):
+        keys = [int(key) for key in keys]
+        if not keys:
+            return {}
+        response = self.client.search(
+            index=self.index, query={"terms": {"key": keys}}, size=len(keys), source=["key", "keypoints"]
+        )
+        return {
+            int(hit["_source"]["key"]): base64.b64decode(hit["_source"]["keypoints"])
+            for hit in response["hits"]["hits"]
+            if hit["_source"].get("keypoints")
+        }
+
+    def items(self, keys):
+        keys = [int(key) for key in keys]
+        found: dict[int, ItemRecord] = {}
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            response = self.client.search(index=self.index, query={"terms": {"key": chunk}}, size=len(chunk), source=RECORD_FIELDS)
+            found.update({int(hit["_source"]["key"]): _record(hit["_source"]) for hit in response["hits"]["hits"]})
+        return found
+
+    def item_by_id(self, item_id):
+        from elasticsearch import NotFoundError
+
+        try:
+            response = self.client.get(index=self.index, id=item_id, source_includes=RECORD_FIELDS)
+        except NotFoundError:
+            return None
+        return _record(response["_source"])
+
+    def categories(self):
+        response = self.client.search(
+            index=self.index, size=0, aggs={"categories": {"terms": {"field": "category", "size": 65_536}}}
+        )
+        return {bucket["key"]: int(bucket["doc_count"]) for bucket in response["aggregations"]["categories"]["buckets"]}
+
+    def keys_in_category(self, prefix):
+        from elasticsearch import helpers
+
+        query = category_filter(prefix) or {"match_all": {}}
+        hits = helpers.scan(self.client, index=self.index, query={"query": query, "_source": ["key"]})
+        return np.array(sorted(int(hit["_source"]["key"]) for hit in hits), np.int64)
+
+    def fingerprints(self):
+        from elasticsearch import helpers
+
+        hits = helpers.scan(self.client, index=self.index, query={"query": {"match_all": {}}, "_source": ["key", "id", "fingerprint"]})
+        return {hit["_source"]["id"]: (int(hit["_source"]["key"]), hit["_source"].get("fingerprint", "")) for hit in hits}
+
+    # --- writes
+
+    def upsert_items(self, updates):
+        updates = list(updates)
+        self._bulk(list(bulk_actions(self.index, updates=updates)))
+        return [item_key(update.item.id) for update in updates]
+
+    def delete_items(self, ids):
+        ids = list(dict.fromkeys(ids))
+        self._bulk(list(bulk_actions(self.index, deletes=ids)))
+        return [item_key(item_id) for item_id in ids]
+
+    def _bulk(self, actions: list[dict[str, Any]]) -> None:
+        """Send ``actions`` in chunks; retry a chunk with exponential back-off on failure.
+
+        ``streaming_bulk`` already retries single documents the cluster rejects with 429 (too
+        busy); a chunk that fails as a whole (connection lost, node restarting) is sent again
+        here, which is safe because every action names its document by item id.
+        """
+        from elasticsearch import ApiError, TransportError, helpers
+
+        for start in range(0, len(actions), self.chunk_size):
+            chunk = actions[start : start + self.chunk_size]
+            for attempt in range(self.max_retries + 1):
+                try:
+                    errors = []
+                    for ok, result in helpers.streaming_bulk(
+                        self.client, chunk, chunk_size=self.chunk_size, raise_on_error=False,
+                        max_retries=self.max_retries, initial_backoff=self.initial_backoff,
+                        max_backoff=self.max_backoff,
+                    ):
+                        op, info = next(iter(result.items()))
+                        # Deleting what is already gone is success: deletes are idempotent.
+                        if not ok and not (op == "delete" and info.get("status") == 404):
+                            errors.append(info)
+                    if errors:
+                        raise RuntimeError(f"Elasticsearch rejected {len(errors)} document(s), e.g. {errors[0]}")
+                    break
+                except (TransportError, ApiError) as error:
+                    if attempt == self.max_retries:
+                        raise
+                    delay = min(self.max_backoff, self.initial_backoff * 2**attempt)
+                    log.warning("bulk request failed (%s); retrying in %.0fs", error, delay)
+                    self._sleep(delay)
+
+    def records(self) -> dict[str, ItemRecord]:
+        """Every stored item's record (no vectors): what an indexing run compares the catalog with."""
+        from elasticsearch import helpers
+
+        hits = helpers.scan(self.client, index=self.index, query={"query": {"match_all": {}}, "_source": RECORD_FIELDS})
+        return {hit["_source"]["id"]: _record(hit["_source"]) for hit in hits}
+
+    def update_metadata(self, items: Sequence[Any]) -> None:
+        """Partial updates of category/title/attributes, vectors untouched."""
+        actions = [
+            {"_op_type": "update", "_index": self.index, "_id": item.id,
+             "doc": {"category": item.category, "title": item.title, "attributes": item.attributes}}
+            for item in items
+        ]
+        self._bulk(actions)
+
+
+def index_catalog_to_elastic(
+    catalog: Any,
+    store: ElasticStore,
+    config: Any = None,
+    features: Sequence[Any] | None = None,
+    words_of: Callable[[bytes], np.ndarray] | None = None,
+    prune: bool = True,
+    progress: bool = True,
+) -> Any:
+    """Bring an Elasticsearch store in line with ``catalog``, as ``index_catalog`` does locally.
+
+    Reuses the embedded pipeline's extraction: ``iter_prepared`` decodes in worker processes,
+    each feature's ``preparer``/``finish`` computes vectors (global features, one
+    ``dense_vector`` field each) or blobs (a local feature: stored as keypoints, and turned into
+    visual words by ``words_of`` when a fitted vocabulary is given). Every ``commit_every``
+    images go to the cluster in one bulk request keyed by item id, so a run that dies resumes
+    where it stopped: items whose image fingerprint is already stored are skipped.
+    """
+    from datasets.catalog import load_catalog
+    from indexer.config import load_config
+    from indexer.deep import DeepFeatureExtractor
+    from indexer.features import GlobalFeature, iter_prepared
+    from indexer.pipeline import Failure, IndexReport, file_fingerprint
+
+    started = time.perf_counter()
+    config = config or load_config()
+    items = catalog if isinstance(catalog, list) else load_catalog(catalog)
+    if features is None:
+        features = [DeepFeatureExtractor(config.backbone, runtime=config.runtime, batch_size=config.batch_size)]
+    global_features = [f for f in features if isinstance(f, GlobalFeature)]
+    local_features = [f for f in features if not isinstance(f, GlobalFeature)]
+    store.ensure_index({f.name: f.dim for f in global_features})
+    report = IndexReport(index=f"elasticsearch:{store.index}")
+
+    existing = store.records()
+    to_extract, metadata_only = [], []
+    for item in items:
+        fingerprint = file_fingerprint(item.image)
+        if fingerprint is None:
+            report.failures.append(Failure(str(item.image), item.id, f"{item.image}: file not found"))
+            continue
+        record = existing.get(item.id)
+        if record is None or record.fingerprint != fingerprint or record.image != str(item.image):
+            to_extract.append((item, fingerprint))
+        elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
+            metadata_only.append(item)
+        else:
+            report.unchanged += 1
+    store.update_metadata(metadata_only)
+    report.metadata_updated = len(metadata_only)
+    if prune:
+        listed = {item.id for item in items}
+        gone = [item_id for item_id in existing if item_id not in listed]
+        report.removed = len(store.delete_items(gone)) if gone else 0
+
+    pending: list[ItemUpdate] = []
+
+    def commit() -> None:
+        store.upsert_items(pending)
+        for update in pending:
+            if update.item.id in existing:
+                report.updated += 1
+            else:
+                report.added += 1
+        pending.clear()
+
+    from tqdm import tqdm
+
+    preparers = {feature.name: feature.preparer for feature in features}
+    draft = max(getattr(feature, "draft_size", 0) or 0 for feature in features) or None
+    with tqdm(total=len(to_extract), unit="img", desc="indexing", disable=not progress) as bar:
+        for batch in iter_prepared(
+            [item.image for item, _ in to_extract], preparers, batch_size=config.batch_size,
+            num_workers=config.num_workers, max_pixels=config.max_pixels, draft_size=draft,
+        ):
+            finished = {feature.name: feature.finish(batch.prepared[feature.name]) for feature in features}
+            for row, position in enumerate(batch.positions):
+                item, fingerprint = to_extract[position]
+                update = ItemUpdate(item, fingerprint, {f.name: finished[f.name][row] for f in global_features})
+                if local_features:
+                    update.keypoints = finished[local_features[0].name][row]
+                    if words_of is not None:
+                        update.words = words_of(update.keypoints)
+                pending.append(update)
+            for position, error in batch.errors.items():
+                item, _ = to_extract[position]
+                report.failures.append(Failure(str(item.image), item.id, error))
+            report.extracted += len(batch.positions)
+            bar.update(len(batch.positions) + len(batch.errors))
+            if len(pending) >= config.commit_every:
+                commit()
+    if pending:
+        commit()
+    store.refresh()
+    report.seconds = time.perf_counter() - started
+    log.info(
+        "indexed into %s: %d added, %d updated, %d metadata-only, %d removed, %d unchanged, %d failed in %.1fs",
+        report.index, report.added, report.updated, report.metadata_updated, report.removed,
+        report.unchanged, len(report.failures), report.seconds,
+    )
+    return report

@@ -1,0 +1,318 @@
+"""Elasticsearch store: request bodies checked through the real client, and live scenarios.
+
+The unit tests replace ``Elasticsearch.perform_request`` (below the client's parameter checks
+and above the network), so they see the exact HTTP method, path and body the official client
+would send. The integration tests need a server: set ``CATALENS_ES_URL``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+
+import numpy as np
+import pytest
+from elastic_transport import ApiResponseMeta, ConnectionError, HttpHeaders, NodeConfig
+from elasticsearch import Elasticsearch
+
+from datasets.catalog import CatalogItem
+from indexer.elastic import (
+    ElasticSettings,
+    ElasticStore,
+    category_filter,
+    index_template,
+    item_key,
+    knn_body,
+    words_body,
+)
+from indexer.stores import CatalogStore, EmbeddedStore, ItemUpdate, open_store
+
+
+class FakeServer:
+    """Records every request the client makes and answers from a queue of canned bodies."""
+
+    def __init__(self, monkeypatch):
+        self.requests: list[tuple[str, str, object]] = []
+        self.responses: list[object] = []
+        self.existing: set[str] = set()
+        server = self
+
+        def perform_request(client, method, path, *, params=None, headers=None, body=None, endpoint_id=None, path_parts=None):
+            from elastic_transport import ObjectApiResponse
+
+            server.requests.append((method, path, body))
+            if method == "HEAD":
+                from elastic_transport import HeadApiResponse
+
+                status = 200 if path.strip("/") in server.existing else 404
+                return HeadApiResponse(ApiResponseMeta(status, "1.1", HttpHeaders(), 0.0, NodeConfig("http", "localhost", 9200)))
+            answer = server.responses.pop(0) if server.responses else {"acknowledged": True}
+            if isinstance(answer, Exception):
+                raise answer
+            if callable(answer):
+                answer = answer(body)
+            meta = ApiResponseMeta(200, "1.1", HttpHeaders(), 0.0, NodeConfig("http", "localhost", 9200))
+            return ObjectApiResponse(body=answer, meta=meta)
+
+        monkeypatch.setattr(Elasticsearch, "perform_request", perform_request)
+        self.client = Elasticsearch("http://localhost:9200")
+
+
+def bulk_ok(body):
+    """A bulk response acknowledging every action of an NDJSON body."""
+    lines = [json.loads(line) for line in body]
+    items = []
+    for line in lines:
+        op = next(iter(line))
+        if op in ("index", "delete", "update", "create"):
+            items.append({op: {"_id": line[op]["_id"], "status": 200, "result": "ok"}})
+    return {"took": 1, "errors": False, "items": items}
+
+
+@pytest.fixture()
+def server(monkeypatch):
+    return FakeServer(monkeypatch)
+
+
+def update(item_id: str, category: str = "Dairy/Milk", dim: int = 4, seed: int = 0) -> ItemUpdate:
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return ItemUpdate(
+        CatalogItem(item_id, f"/images/{item_id}.jpg", category, f"title {item_id}", {"brand": "Arla"}),
+        "123:456", {"deep": vector / np.linalg.norm(vector)}, np.array([5, 7, 7]), b"\x00keypoints\xff",
+    )
+
+
+# --- generated mappings and query bodies
+
+
+def test_index_template_maps_vectors_as_indexed_hnsw_cosine_dense_vectors():
+    template = index_template({"deep": 1280, "ae": 64}, ElasticSettings(index="shop", shards=3))
+    properties = template["template"]["mappings"]["properties"]
+    for feature, dim in (("deep", 1280), ("ae", 64)):
+        spec = properties[feature]
+        assert spec["type"] == "dense_vector" and spec["dims"] == dim
+        assert spec["index"] is True and spec["similarity"] == "cosine"
+        assert spec["index_options"]["type"] == "hnsw"
+    assert template["index_patterns"] == ["shop"]
+    assert template["template"]["settings"]["number_of_shards"] == 3
+
+
+def test_index_template_indexes_category_as_path_hierarchy_and_keeps_keypoints_unindexed():
+    template = index_template({"deep": 8})["template"]
+    properties = template["mappings"]["properties"]
+    tree = properties["category"]["fields"]["tree"]
+    analyzer = template["settings"]["analysis"]["analyzer"][tree["analyzer"]]
+    tokenizer = template["settings"]["analysis"]["tokenizer"][analyzer["tokenizer"]]
+    assert tokenizer == {"type": "path_hierarchy", "delimiter": "/"}
+    # Queries must not be split into their own prefixes, or 'A/B' would also match all of 'A'.
+    assert tree["search_analyzer"] == "keyword"
+    assert properties["category"]["type"] == "keyword"  # aggregatable
+    assert properties["keypoints"]["type"] == "binary"  # stored in _source, never indexed
+    assert properties["words"]["analyzer"] == "whitespace"
+    assert properties["title"]["type"] == "text" and properties["attributes"]["type"] == "flattened"
+
+
+def test_category_filter_is_one_term_on_whole_path_levels():
+    assert category_filter("/Packages/Milk/") == {"term": {"category.tree": "Packages/Milk"}}
+    assert category_filter("") is None and category_filter(None) is None
+
+
+def test_knn_body_filters_by_category_and_asks_for_more_candidates_than_k():
+    body = knn_body("deep", np.ones(4, np.float32), 5, category="Fruit")
+    assert body["knn"]["field"] == "deep" and body["knn"]["k"] == 5
+    assert body["knn"]["num_candidates"] >= 5 * 4
+    assert body["knn"]["filter"] == {"term": {"category.tree": "Fruit"}}
+    assert "keypoints" not in body["source"] and "deep" not in body["source"]
+
+
+def test_words_body_is_bool_should_of_terms_boosted_by_query_frequency():
+    body = words_body(np.array([3, 9, 9, 9, 4]), 7, category="Dairy")
+    should = body["query"]["bool"]["should"]
+    assert should[0] == {"term": {"words": {"value": "w9", "boost": 3.0}}}
+    assert {clause["term"]["words"]["value"] for clause in should} == {"w3", "w4", "w9"}
+    assert body["query"]["bool"]["filter"] == [{"term": {"category.tree": "Dairy"}}]
+    assert words_body(np.array([], np.int64), 7) is None
+
+
+def test_item_key_is_a_stable_non_negative_int64():
+    assert item_key("Fruit/Apple/1.jpg") == item_key("Fruit/Apple/1.jpg")
+    assert item_key("a") != item_key("b")
+    assert 0 <= item_key("x" * 500) < 2**63
+
+
+# --- requests through the official client
+
+
+def test_knn_search_request_reaches_the_search_endpoint_and_scores_come_back_as_cosine(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    server.responses.append({"hits": {"hits": [
+        {"_score": 0.95, "_source": {"key": 11}}, {"_score": 0.5, "_source": {"key": 12}},
+    ]}})
+    scores, keys = store.knn("deep", np.ones((1, 4), np.float32), 3, category="Dairy")
+    method, path, body = server.requests[0]
+    assert (method, path) == ("POST", "/shop/_search")
+    assert body["knn"]["filter"] == {"term": {"category.tree": "Dairy"}}
+    assert body["knn"]["query_vector"] == [1.0, 1.0, 1.0, 1.0]
+    assert keys.tolist() == [[11, 12, -1]]
+    np.testing.assert_allclose(scores[0, :2], [0.9, 0.0], atol=1e-6)
+
+
+def test_bulk_indexing_names_each_document_by_item_id_so_rewrites_replace(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    server.responses += [bulk_ok, bulk_ok]
+    first = store.upsert_items([update("a"), update("b", seed=1)])
+    again = store.upsert_items([update("a")])
+    lines = [json.loads(line) for _, _, body in server.requests for line in body]
+    actions = [line for line in lines if "index" in line]
+    assert [action["index"]["_id"] for action in actions] == ["a", "b", "a"]
+    assert all(action["index"]["_index"] == "shop" for action in actions)
+    source = lines[1]
+    assert source["id"] == "a" and source["key"] == item_key("a") and source["words"] == "w5 w7 w7"
+    assert base64.b64decode(source["keypoints"]) == b"\x00keypoints\xff"
+    assert len(source["deep"]) == 4
+    assert first[0] == again[0] == item_key("a")
+
+
+def test_bulk_chunk_is_retried_with_exponential_backoff_after_a_connection_error(server):
+    sleeps: list[float] = []
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), initial_backoff=1.0, sleep=sleeps.append)
+    server.responses += [ConnectionError("node restarting"), ConnectionError("node restarting"), bulk_ok]
+    store.upsert_items([update("a")])
+    assert sleeps == [1.0, 2.0]
+    assert len(server.requests) == 3
+    assert server.requests[0][2] == server.requests[2][2]  # the same idempotent chunk again
+
+
+def test_bulk_gives_up_after_max_retries(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), max_retries=2, sleep=lambda _: None)
+    server.responses += [ConnectionError("down")] * 3
+    with pytest.raises(ConnectionError):
+        store.upsert_items([update("a")])
+
+
+def test_deleting_an_absent_item_is_not_an_error_but_a_rejected_document_is(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    server.responses.append({"errors": True, "items": [{"delete": {"_id": "gone", "status": 404, "result": "not_found"}}]})
+    assert store.delete_items(["gone", "gone"]) == [item_key("gone")]
+    server.responses.append({"errors": True, "items": [{"index": {"_id": "a", "status": 400, "error": {"type": "mapper_parsing_exception"}}}]})
+    with pytest.raises(RuntimeError, match="rejected 1 document"):
+        store.upsert_items([update("a")])
+
+
+def test_ensure_index_puts_the_template_then_creates_the_index(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    store.ensure_index({"deep": 8})
+    paths = [(method, path) for method, path, _ in server.requests]
+    assert paths == [("HEAD", "/shop"), ("PUT", "/_index_template/shop"), ("PUT", "/shop")]
+    template = server.requests[1][2]
+    assert template["template"]["mappings"]["properties"]["deep"]["dims"] == 8
+
+
+def test_keypoints_are_fetched_for_the_requested_candidates_only(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    blob = base64.b64encode(b"kp").decode()
+    server.responses.append({"hits": {"hits": [{"_source": {"key": 3, "keypoints": blob}}]}})
+    assert store.keypoints([3, 4]) == {3: b"kp"}
+    _, path, body = server.requests[0]
+    assert body["query"] == {"terms": {"key": [3, 4]}}
+    assert body["_source"] == ["key", "keypoints"] and body["size"] == 2
+
+
+def test_categories_come_from_a_terms_aggregation(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    server.responses.append({"hits": {"hits": []}, "aggregations": {"categories": {"buckets": [{"key": "Dairy/Milk", "doc_count": 4}]}}})
+    assert store.categories() == {"Dairy/Milk": 4}
+    assert server.requests[0][2]["aggs"]["categories"]["terms"]["field"] == "category"
+
+
+def test_open_store_picks_elasticsearch_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CATALENS_ES_URL", "http://localhost:9200")
+    store = open_store(tmp_path)
+    assert isinstance(store, ElasticStore) and store.index == "catalens"
+    monkeypatch.delenv("CATALENS_ES_URL")
+    with pytest.raises(ValueError, match="needs --es-url"):
+        open_store(tmp_path, backend="es")
+    with pytest.raises(ValueError, match="unknown backend"):
+        open_store(tmp_path, backend="solr")
+
+
+@pytest.mark.slow
+def test_embedded_store_satisfies_the_store_protocol_and_filters_by_category(grocery_index):
+    from indexer.index import CatalogIndex
+
+    index = CatalogIndex.open(grocery_index)
+    try:
+        store = EmbeddedStore(index)
+        assert isinstance(store, CatalogStore)
+        keys, vectors = index.store.vectors("deep", store.dims()["deep"])
+        category = index.store.items([int(keys[0])])[int(keys[0])].category.split("/")[0]
+        scores, found = store.knn("deep", vectors[:1], 5, category=category)
+        assert found[0, 0] == keys[0] and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+        records = store.items(found[0][found[0] >= 0])
+        assert all(record.category.startswith(category) for record in records.values())
+        assert store.item_by_id(records[int(keys[0])].id).key == keys[0]
+    finally:
+        index.close()
+
+
+# --- integration: the embedded store's scenarios against a live cluster
+
+ES_URL = os.environ.get("CATALENS_ES_URL")
+needs_es = pytest.mark.skipif(not ES_URL, reason="CATALENS_ES_URL is not set: no Elasticsearch to test against")
+
+
+@pytest.fixture()
+def live_store():
+    store = ElasticStore.connect(ES_URL, index=f"catalens-test-{uuid.uuid4().hex[:8]}")
+    yield store
+    store.client.indices.delete(index=store.index, ignore_unavailable=True)
+    store.client.indices.delete_index_template(name=store.index)
+
+
+@pytest.mark.es
+@needs_es
+def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog):
+    from datasets.catalog import load_catalog
+    from indexer.config import IndexConfig
+    from indexer.elastic import index_catalog_to_elastic
+
+    config = IndexConfig(commit_every=4)
+    items = load_catalog(tiny_catalog)
+    report = index_catalog_to_elastic(items, live_store, config, progress=False)
+    assert report.added == len(items) and not report.failures
+    assert live_store.count() == len(items)
+
+    # search: an indexed image finds itself first; a category filter keeps to whole levels
+    from indexer.deep import DeepFeatureExtractor
+    from indexer.imageio import load_rgb
+
+    extractor = DeepFeatureExtractor(config.backbone, runtime=config.runtime)
+    vector = extractor.transform_images([load_rgb(items[0].image)])
+    scores, keys = live_store.knn("deep", vector, 3)
+    assert keys[0, 0] == item_key(items[0].id) and scores[0, 0] == pytest.approx(1.0, abs=1e-3)
+    top = items[0].category.split("/")[0]
+    _, keys = live_store.knn("deep", vector, 12, category=top)
+    records = live_store.items(keys[0][keys[0] >= 0])
+    assert records and all(r.category.split("/")[0] == top for r in records.values())
+    assert set(live_store.categories()) == {item.category for item in items}
+
+    # words: a bag-of-words query finds the item whose words it shares
+    live_store.upsert_items([ItemUpdate(items[1], "x", {"deep": vector[0]}, np.array([1, 2, 2]), b"kp")])
+    live_store.refresh()
+    found, _ = live_store.word_candidates(np.array([2, 2, 9]), 5)
+    assert found[0] == item_key(items[1].id)
+    assert live_store.keypoints([item_key(items[1].id)]) == {item_key(items[1].id): b"kp"}
+
+    # resume: a second run extracts nothing and duplicates nothing (item 1 has a stale fingerprint)
+    again = index_catalog_to_elastic(items, live_store, config, progress=False)
+    assert again.extracted == 1 and live_store.count() == len(items)
+
+    # delete, twice: idempotent; pruning by a shorter catalog removes the rest
+    live_store.delete_items([items[0].id])
+    live_store.delete_items([items[0].id])
+    live_store.refresh()
+    assert live_store.item_by_id(items[0].id) is None and live_store.count() == len(items) - 1
+    pruned = index_catalog_to_elastic(items[:5], live_store, config, progress=False)
+    assert pruned.removed == len(items) - 6 and live_store.count() == 5
