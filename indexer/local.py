@@ -119,6 +119,11 @@ class SiftPreparer:
 
     def __call__(self, image: Image.Image) -> LocalDescriptors:
         if self._sift is None:
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:
+                # A decode worker shares the machine with the network in the main process.
+                cv2.setNumThreads(1)
             self._sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
         width, height = image.size
         scale = self.image_size / max(width, height)
