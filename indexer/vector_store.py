@@ -18,6 +18,18 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+# faiss GPU indexes exist for flat and IVF types only, and return at most this many neighbours.
+_GPU_KINDS = (faiss.IndexFlat, faiss.IndexIVF)
+_GPU_MAX_K = 2048
+
+
+def _log_device_once(message: str, *args) -> None:
+    global _gpu_logged
+    if not _gpu_logged:
+        log.info(message, *args)
+        _gpu_logged = True
+
+
 class FaissVectorStore:
     """Inner-product search over L2-normalised vectors (so scores are cosine similarities).
 
@@ -81,16 +93,20 @@ class FaissVectorStore:
         return np.concatenate(keys).astype(np.int64) if keys else np.zeros(0, np.int64)
 
     def _searchable(self) -> faiss.Index:
-        global _gpu_logged
         if not self.use_gpu:
+            _log_device_once("faiss: searching on the CPU (%s)", "no faiss GPU support or no CUDA device" if not gpu_available() else "GPU off")
+            return self._index
+        inner = self._index.index if isinstance(self._index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else self._index
+        if not isinstance(faiss.downcast_index(inner), _GPU_KINDS):
+            # index_cpu_to_gpu would return a second CPU copy of e.g. HNSW: twice the memory, no gain.
+            _log_device_once("faiss: %s has no GPU version; searching on the CPU", self.factory)
+            self.use_gpu = False
             return self._index
         if self._gpu_index is None:
             try:
                 self._gpu_resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
                 self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
-                if not _gpu_logged:
-                    log.info("faiss: searching on the GPU")
-                    _gpu_logged = True
+                _log_device_once("faiss: searching on the GPU")
             except Exception as error:  # noqa: BLE001 - e.g. HNSW has no GPU version
                 log.info("faiss: %s stays on the CPU (%s)", self.factory, error)
                 self.use_gpu = False
@@ -109,6 +125,8 @@ class FaissVectorStore:
             # Filtered search runs on the CPU index: GPU indexes take no id selector.
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed_keys, np.int64)))
             scores, keys = self._index.search(queries, k, params=params)
+        elif k > _GPU_MAX_K:
+            scores, keys = self._index.search(queries, k)
         else:
             scores, keys = self._searchable().search(queries, k)
         return scores, keys
