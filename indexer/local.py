@@ -123,7 +123,9 @@ class SiftPreparer:
 
             if get_worker_info() is not None:
                 # A decode worker shares the machine with the network in the main process.
-                cv2.setNumThreads(1)
+                # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
+                # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
+                cv2.setNumThreads(0)
             self._sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
         width, height = image.size
         scale = self.image_size / max(width, height)
