@@ -182,21 +182,36 @@ class EmbeddedStore:
 def recommended_factory(n_items: int, dim: int = 1280, memory_budget_bytes: int | None = None) -> str:
     """The faiss factory string for a catalog of ``n_items`` ``dim``-d vectors on one machine.
 
-    Measured by ``benchmarks/bench_scale.py`` (1280-d, 2 cores): exact search costs one pass
-    over n*d*4 bytes per query, fine up to ~200k items (tens of ms, recall 1.0). Beyond that
-    HNSW answers in about a millisecond at recall ~0.9+, but keeps the full vectors plus its
-    graph (~4*d + 300 bytes an item), so it is right while that fits in memory. Past the memory
-    budget (default: half of this machine's RAM), IVF-PQ keeps 64 bytes an item + ids, at lower
-    recall (re-rank its candidates with the exact vectors from the store if that matters).
+    From ``benchmarks/bench_scale.py`` (1280-d, 2 cores; see its table): exact search reads
+    n*d*4 bytes per query, which stays interactive (and exact) up to ~200k items. Beyond that
+    HNSW answers in about a millisecond at recall@10 ~0.99 but keeps the full vectors plus its
+    graph (~4*d + 300 bytes an item), so it is right while that fits the memory budget
+    (default: half of this machine's RAM). Past it, IVF-PQ with an 8-bit re-ranking stage
+    keeps ~1.4 KB an item at 1280-d and is the only one of the three that fits; PQ codes alone
+    lose too much of the top-10 on 1280-d vectors to be worth their smaller size.
+    Search it with ``recommended_search_parameters``.
     """
     if n_items <= 200_000:
         return "Flat"
     budget = memory_budget_bytes if memory_budget_bytes is not None else _half_of_ram()
     if n_items * (4 * dim + 300) <= budget:
         return "HNSW32"
+    # ~4*sqrt(n) cells (a power of two); an HNSW quantizer keeps cell assignment cheap.
     nlist = 2 ** max(10, min(16, round(math.log2(4 * math.sqrt(n_items)))))
-    subquantizers = max(m for m in (8, 16, 32, 48, 64, 96, 128) if dim % m == 0 and m <= 64) if dim % 8 == 0 else 8
-    return f"IVF{nlist},PQ{subquantizers}"
+    subquantizers = max(m for m in (8, 16, 32, 64) if dim % m == 0) if dim % 8 == 0 else 8
+    return f"IVF{nlist}_HNSW32,PQ{subquantizers},Refine(SQ8)"
+
+
+def recommended_search_parameters(factory: str) -> str:
+    """``faiss.ParameterSpace`` string to search ``factory`` with (faiss's defaults are nprobe=1, k_factor=1)."""
+    params = []
+    if "IVF" in factory:
+        params.append("nprobe=16")
+    if "HNSW" in factory and "IVF" not in factory:
+        params.append("efSearch=64")
+    if "Refine" in factory or "RFlat" in factory:
+        params.append("k_factor_rf=10")
+    return ",".join(params)
 
 
 def _half_of_ram() -> int:
