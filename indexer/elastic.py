@@ -15,9 +15,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,8 +121,14 @@ def category_filter(prefix: str | None) -> dict[str, Any] | None:
     return {"term": {"category.tree": prefix.strip("/")}}
 
 
-def knn_body(feature: str, vector: np.ndarray, k: int, category: str | None = None, num_candidates: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of ``Elasticsearch.search`` for an approximate kNN query."""
+def knn_body(
+    feature: str, vector: np.ndarray, k: int, category: str | None = None,
+    num_candidates: int | None = None, keys: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``Elasticsearch.search`` for an approximate kNN query.
+
+    ``category`` filters on a path prefix; ``keys`` (an explicit allowed set) on item keys.
+    """
     knn: dict[str, Any] = {
         "field": feature,
         "query_vector": [float(v) for v in np.asarray(vector, np.float32).ravel()],
@@ -127,9 +136,9 @@ def knn_body(feature: str, vector: np.ndarray, k: int, category: str | None = No
         # More candidates per shard than k buys recall; 10k is the server's ceiling.
         "num_candidates": int(min(10_000, num_candidates or max(100, 4 * k))),
     }
-    flt = category_filter(category)
-    if flt is not None:
-        knn["filter"] = flt
+    filters = [f for f in (category_filter(category), {"terms": {"key": [int(x) for x in keys]}} if keys is not None else None) if f]
+    if filters:
+        knn["filter"] = filters[0] if len(filters) == 1 else {"bool": {"filter": filters}}
     return {"knn": knn, "size": int(k), "source": RECORD_FIELDS}
 
 
@@ -257,12 +266,15 @@ class ElasticStore:
     def count(self) -> int:
         return int(self.client.count(index=self.index)["count"])
 
-    def knn(self, feature, vectors, k, category=None):
+    def knn(self, feature, vectors, k, category=None, keys=None):
+        """As ``CatalogStore.knn``; ``keys`` restricts the search to those item keys."""
         queries = np.atleast_2d(np.asarray(vectors, np.float32))
+        allowed = None if keys is None else np.asarray(keys, np.int64)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         keys = np.full((len(queries), k), -1, np.int64)
         for row, vector in enumerate(queries):
-            hits = self.client.search(index=self.index, **knn_body(feature, vector, k, category))["hits"]["hits"]
+            body = knn_body(feature, vector, k, category, keys=allowed)
+            hits = self.client.search(index=self.index, **body)["hits"]["hits"]
             for column, hit in enumerate(hits[:k]):
                 # Elasticsearch reports cosine similarity as (1 + cos) / 2; give back cos, as FAISS does.
                 scores[row, column] = 2.0 * float(hit["_score"]) - 1.0
@@ -387,6 +399,69 @@ class ElasticStore:
             for item in items
         ]
         self._bulk(actions)
+
+
+class _ElasticVectors:
+    """The ``FaissVectorStore`` search surface over one dense_vector field."""
+
+    def __init__(self, store: ElasticStore, feature: str):
+        self.store, self.feature = store, feature
+
+    @property
+    def ntotal(self) -> int:
+        return self.store.count()
+
+    def search(self, queries: np.ndarray, k: int, allowed_keys: np.ndarray | None = None):
+        return self.store.knn(self.feature, queries, k, keys=allowed_keys)
+
+
+class ElasticIndexView:
+    """Enough of ``CatalogIndex`` for ``SearchEngine`` to run its vector modes against a cluster.
+
+    ``SearchEngine(ElasticIndexView(store))`` answers ``deep`` (and any mode that asks only
+    ``index.vector_store(name)`` and ``index.store``) from Elasticsearch, with no change to
+    the engine. Item lookups and category filters go to the store, which has the
+    ``MetadataStore`` read methods the engine uses.
+    """
+
+    def __init__(self, store: ElasticStore, config: Any = None, models_dir: str | Path | None = None):
+        from indexer.config import load_config
+
+        self.store = store
+        self.config = config or load_config()
+        self.root = f"elasticsearch:{store.index}"
+        # What is fitted on the catalog (heads, vocabulary) stays in files beside the client.
+        default = Path.home() / ".cache" / "catalens" / "elasticsearch" / store.index / "models"
+        self.models_dir = Path(models_dir or os.environ.get("CATALENS_ES_MODELS", default))
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"dims": self.store.dims()}
+
+    def vector_store(self, feature: str) -> _ElasticVectors:
+        if feature not in self.store.dims():
+            from indexer.index import IndexUnavailableError
+
+            raise IndexUnavailableError(f"{self.root}: this index has no {feature!r} vectors")
+        return _ElasticVectors(self.store, feature)
+
+    def deep_extractor(self):
+        from indexer.deep import DeepFeatureExtractor
+
+        return self.cached("deep_extractor", lambda: DeepFeatureExtractor(
+            self.config.backbone, runtime=self.config.runtime, batch_size=self.config.batch_size))
+
+    def cached(self, name: str, build):
+        with self.lock:
+            if name not in self._cache:
+                self._cache[name] = build()
+            return self._cache[name]
+
+    def close(self) -> None:
+        self.store.client.close()
 
 
 def index_catalog_to_elastic(

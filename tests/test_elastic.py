@@ -273,7 +273,7 @@ def live_store():
 
 @pytest.mark.es
 @needs_es
-def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog):
+def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog, tmp_path):
     from datasets.catalog import load_catalog
     from indexer.config import IndexConfig
     from indexer.elastic import index_catalog_to_elastic
@@ -298,6 +298,17 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog):
     assert records and all(r.category.split("/")[0] == top for r in records.values())
     assert set(live_store.categories()) == {item.category for item in items}
 
+    # the search engine's vector modes run unchanged against the cluster
+    from indexer.elastic import ElasticIndexView
+    from search.engine import SearchEngine
+
+    view = ElasticIndexView(live_store, config, models_dir=tmp_path / "models")
+    for mode in ("deep", "ae"):
+        if mode == "ae" and "ae" not in live_store.dims():
+            continue
+        [result] = SearchEngine(view).search([items[0].image], k=3, mode=mode, category=top)
+        assert result.results[0].id == items[0].id
+
     # words: a bag-of-words query finds the item whose words it shares
     live_store.upsert_items([ItemUpdate(items[1], "x", {"deep": vector[0]}, np.array([1, 2, 2]), b"kp")])
     live_store.refresh()
@@ -315,7 +326,7 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog):
     live_store.refresh()
     assert live_store.item_by_id(items[0].id) is None and live_store.count() == len(items) - 1
     pruned = index_catalog_to_elastic(items[:5], live_store, config, progress=False)
-    assert pruned.removed == len(items) - 6 and live_store.count() == 5
+    assert pruned.removed == len(items) - 5 and live_store.count() == 5
 
 
 def test_recommended_factory_grows_from_exact_to_hnsw_to_ivfpq_with_catalog_size():
@@ -331,3 +342,36 @@ def test_recommended_factory_grows_from_exact_to_hnsw_to_ivfpq_with_catalog_size
     index = faiss.index_factory(64, large.replace("PQ64", "PQ16"), faiss.METRIC_INNER_PRODUCT)
     faiss.ParameterSpace().set_index_parameters(index, recommended_search_parameters(large))
     assert faiss.extract_index_ivf(index).nprobe == 16 and faiss.downcast_index(index).k_factor == 10
+
+
+def test_search_engine_runs_deep_mode_against_elasticsearch_through_the_index_view(server, tmp_path):
+    from PIL import Image
+
+    from indexer.elastic import ElasticIndexView
+    from search.engine import SearchEngine
+
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    store._dims = {"deep": 4}
+    view = ElasticIndexView(store, models_dir=tmp_path)
+
+    class FakeExtractor:
+        def transform_images(self, images):
+            return np.ones((len(images), 4), np.float32) / 2
+
+    view._cache["deep_extractor"] = FakeExtractor()
+    shards = {"total": 1, "successful": 1, "skipped": 0, "failed": 0}
+    server.responses += [
+        {"_scroll_id": "s1", "_shards": shards, "hits": {"hits": [{"_source": {"key": 11}}, {"_source": {"key": 12}}]}},
+        {"_scroll_id": "s1", "_shards": shards, "hits": {"hits": []}},
+        {"succeeded": True},
+        {"hits": {"hits": [{"_score": 1.0, "_source": {"key": 12}}, {"_score": 0.75, "_source": {"key": 11}}]}},
+        {"hits": {"hits": [
+            {"_source": {"key": 11, "id": "a", "category": "Dairy/Milk", "title": "A"}},
+            {"_source": {"key": 12, "id": "b", "category": "Dairy/Yoghurt", "title": "B"}},
+        ]}},
+    ]
+    [result] = SearchEngine(view).search([Image.new("RGB", (32, 32))], k=2, mode="deep", category="Dairy")
+    assert [(hit.id, round(hit.score, 3)) for hit in result.results] == [("b", 1.0), ("a", 0.5)]
+    knn = next(body for _, _, body in server.requests if body and "knn" in body)["knn"]
+    # The engine resolves the category to keys first; the kNN query is filtered by them.
+    assert knn["filter"] == {"terms": {"key": [11, 12]}}
