@@ -109,7 +109,7 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             first_category = cards[0].query_selector(".category").inner_text()
             assert first_category == query.category
             scores = [float(card.query_selector(".score").inner_text()) for card in cards]
-            assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1.0
+            assert scores == sorted(scores, reverse=True) and scores[0] > 0  # fused scores may exceed 1
             assert "results in" in page.inner_text("#status")
             classify = page.evaluate("fetch('/stats').then(r => r.json()).then(s => s.features.classify)")
             if classify:
