@@ -245,3 +245,12 @@ def open_store(index_dir: str | Path | None, backend: str | None = None, es_url:
     from indexer.index import CatalogIndex
 
     return EmbeddedStore(CatalogIndex.open(index_dir))
+
+
+def add_backend_arguments(parser) -> None:
+    """``--backend`` and ``--es-url`` for ``catalens index`` / ``catalens search`` (argparse)."""
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=None,
+        help="where items and vectors live (default: es if --es-url or CATALENS_ES_URL is set, else embedded)",
+    )
+    parser.add_argument("--es-url", default=None, help="Elasticsearch URL (or CATALENS_ES_URL)")

@@ -375,3 +375,18 @@ def test_search_engine_runs_deep_mode_against_elasticsearch_through_the_index_vi
     knn = next(body for _, _, body in server.requests if body and "knn" in body)["knn"]
     # The engine resolves the category to keys first; the kNN query is filtered by them.
     assert knn["filter"] == {"terms": {"key": [11, 12]}}
+
+
+def test_backend_arguments_reach_open_store(monkeypatch, tmp_path):
+    import argparse
+
+    from indexer.stores import add_backend_arguments
+
+    monkeypatch.delenv("CATALENS_ES_URL", raising=False)
+    parser = argparse.ArgumentParser()
+    add_backend_arguments(parser)
+    args = parser.parse_args(["--backend", "es", "--es-url", "http://es.example:9200"])
+    store = open_store(tmp_path, args.backend, args.es_url)
+    assert isinstance(store, ElasticStore)
+    with pytest.raises(Exception, match="no catalens index here"):
+        open_store(tmp_path / "absent", *vars(parser.parse_args([])).values())
