@@ -1,0 +1,582 @@
+"""A convolutional autoencoder fitted on the catalog: its bottleneck is the ``ae`` global feature,
+its reconstruction error the anomaly score.
+
+The autoencoder reconstructs the backbone's final feature maps (1280 x 8 x 8 for
+efficientnet_lite0) by default, not pixels: on the grocery benchmark (train on Fruit and
+Vegetables, Packages are the anomalies) feature maps separate the two far better than 64-px
+pixels do, because a pixel autoencoder learns "smooth colourful blobs" and reconstructs a
+carton about as well as an apple (numbers in benchmarks/bench_anomaly.py). ``input="pixels"``
+remains available for catalogs where the backbone is not wanted.
+
+Layout in ``index.models_dir``: ``autoencoder.pt`` (the fitted model, its threshold and loss
+history), ``autoencoder.ckpt`` (per-epoch training state, so an interrupted run resumes),
+``autoencoder_inputs.npz`` (the extracted training inputs, kept until training finishes),
+``autoencoder_loss.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from indexer.deep import DeepPreparer, l2_normalise
+from indexer.features import iter_prepared, register_extension
+
+log = logging.getLogger(__name__)
+
+FEATURE_NAME = "ae"
+SCORE_FEATURE = "ae_score"  # per-item reconstruction error, float32 blob, for the audit
+MODEL_FILE = "autoencoder.pt"
+CHECKPOINT_FILE = "autoencoder.ckpt"
+INPUTS_FILE = "autoencoder_inputs.npz"
+LOSS_PLOT = "autoencoder_loss.png"
+PIXEL_SIZE = 64
+
+
+class NotFittedError(RuntimeError):
+    """The autoencoder was used before ``fit`` (or before ``catalens train-ae``)."""
+
+
+# --- the networks
+
+
+class FeatureMapAutoencoder(nn.Module):
+    """(C, s, s) feature maps -> a (code_channels, ceil(s/2), ceil(s/2)) bottleneck -> (C, s, s)."""
+
+    def __init__(self, channels: int, code_channels: int = 16, width: int = 192, size: int = 7):
+        super().__init__()
+        # Transposed convolution back from ceil(size / 2) lands on 2 * ceil(size / 2) - 1 cells.
+        extra = size - (2 * math.ceil(size / 2) - 1)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, width // 2, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, code_channels, 1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(code_channels, width // 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(width // 2, width // 2, 3, stride=2, padding=1, output_padding=extra),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.encoder(x)
+        return code, self.decoder(code)
+
+
+class PixelAutoencoder(nn.Module):
+    """(3, 64, 64) images -> a (code_channels, 4, 4) bottleneck -> (3, 64, 64)."""
+
+    def __init__(self, channels: int = 3, code_channels: int = 16, width: int = 32):
+        super().__init__()
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.ReLU(inplace=True),  # 32
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.ReLU(inplace=True),  # 16
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.ReLU(inplace=True),  # 8
+            nn.Conv2d(4 * w, code_channels, 4, 2, 1),  # 4
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(code_channels, 4 * w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w, channels, 4, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.encoder(x)
+        return code, self.decoder(code)
+
+
+def _build_network(input_kind: str, shape: tuple[int, ...], code_channels: int, width: int) -> nn.Module:
+    channels = shape[0]
+    if input_kind == "features":
+        return FeatureMapAutoencoder(channels, code_channels, width, size=shape[1])
+    if input_kind == "pixels":
+        return PixelAutoencoder(channels, code_channels, width)
+    raise ValueError(f"autoencoder input must be 'features' or 'pixels', not {input_kind!r}")
+
+
+# --- the estimator
+
+
+class ConvAutoencoder:
+    """sklearn-style: ``fit(X)`` on (n, C, H, W) float arrays, then ``transform`` / ``score_samples``.
+
+    ``noise`` > 0 trains a denoising autoencoder: Gaussian noise of that standard deviation (in
+    standardised units) is added to the inputs and the clean input is the target.
+    ``checkpoint`` names a file written after every epoch; ``fit`` resumes from it when its
+    hyper-parameters and data shape match.
+    """
+
+    def __init__(
+        self,
+        input_kind: str = "features",
+        code_channels: int = 16,
+        width: int = 96,
+        epochs: int = 30,
+        batch_size: int = 64,
+        learning_rate: float = 2e-3,
+        noise: float = 0.0,
+        percentile: float = 95.0,
+        calibration_fraction: float = 0.1,
+        reduce_channels: int = 128,
+        seed: int = 0,
+        checkpoint: Path | None = None,
+        progress: bool = True,
+    ):
+        self.input_kind = input_kind
+        self.code_channels = code_channels
+        self.width = width
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.noise = noise
+        self.percentile = percentile
+        self.calibration_fraction = calibration_fraction
+        self.reduce_channels = reduce_channels
+        self.seed = seed
+        self.checkpoint = checkpoint
+        self.progress = progress
+
+    def _hyper(self) -> dict[str, Any]:
+        return {
+            "input_kind": self.input_kind, "code_channels": self.code_channels, "width": self.width,
+            "batch_size": self.batch_size, "learning_rate": self.learning_rate, "noise": self.noise,
+            "percentile": self.percentile, "calibration_fraction": self.calibration_fraction, "seed": self.seed,
+            "reduce_channels": self.reduce_channels,
+        }
+
+    # -- fitting
+
+    def fit(self, X: np.ndarray, y=None) -> ConvAutoencoder:
+        """Fit on ``X``; a held-out ``calibration_fraction`` of it sets ``threshold_``.
+
+        Scores of the images the model was trained on are optimistic, so the threshold is the
+        ``percentile`` of scores on catalog images it did not see.
+        """
+        X = np.asarray(X)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(len(X))
+        n_cal = int(round(len(X) * self.calibration_fraction)) if len(X) >= 20 else 0
+        cal, train = order[:n_cal], order[n_cal:]
+        self.input_shape_ = tuple(X.shape[1:])
+        self.mean_ = X[train].astype(np.float32).mean(axis=(0, 2, 3))
+        self.std_ = X[train].astype(np.float32).std(axis=(0, 2, 3)) + 1e-3
+        self.components_ = self._fit_projection(X[train], rng)
+        shape = (len(self.components_) if self.components_ is not None else X.shape[1], *X.shape[2:])
+        self.model_ = _build_network(self.input_kind, shape, self.code_channels, self.width)
+        optimiser = torch.optim.Adam(self.model_.parameters(), lr=self.learning_rate)
+        self.loss_history_: list[float] = []
+        start = self._resume(optimiser, X.shape)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(self.epochs, 1), last_epoch=start - 1)
+        bar = tqdm(range(start, self.epochs), desc="training autoencoder", unit="epoch", disable=not self.progress,
+                   initial=start, total=self.epochs, dynamic_ncols=True)
+        for epoch in bar:
+            self.model_.train()
+            total, seen = 0.0, 0
+            for batch in np.array_split(rng.permutation(train), max(1, math.ceil(len(train) / self.batch_size))):
+                clean = self._standardise(X[np.sort(batch)])
+                noisy = clean + self.noise * torch.randn_like(clean) if self.noise > 0 else clean
+                _, reconstruction = self.model_(noisy)
+                loss = torch.mean((reconstruction - clean) ** 2)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(batch)
+                seen += len(batch)
+            schedule.step()
+            self.loss_history_.append(total / max(seen, 1))
+            bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
+            self._save_checkpoint(optimiser, epoch + 1, X.shape)
+        bar.close()
+        self.model_.eval()
+        scores = self.score_samples(X[cal] if n_cal else X[train])
+        self.threshold_ = float(np.percentile(scores, self.percentile))
+        log.info("autoencoder fitted: final loss %.4f, threshold %.4f (p%g of %d %s images)",
+                 self.loss_history_[-1] if self.loss_history_ else float("nan"), self.threshold_,
+                 self.percentile, len(scores), "held-out" if n_cal else "training")
+        return self
+
+    def _fit_projection(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        """PCA of the standardised channels at every map cell, to ``reduce_channels`` components.
+
+        1280 backbone channels make the first layer cost 10x the rest of the network; their top
+        128 principal directions keep most of the variance and keep training to minutes on a CPU.
+        """
+        if self.input_kind != "features" or not self.reduce_channels or X.shape[1] <= self.reduce_channels:
+            return None
+        sample = X[rng.choice(len(X), min(len(X), 1500), replace=False)]
+        rows = self._standardise(sample, project=False).permute(0, 2, 3, 1).reshape(-1, X.shape[1]).numpy()
+        rows = rows[rng.choice(len(rows), min(len(rows), 40_000), replace=False)]
+        _, _, vt = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
+        return np.ascontiguousarray(vt[: self.reduce_channels], dtype=np.float32)
+
+    def _resume(self, optimiser: torch.optim.Optimizer, shape: tuple[int, ...]) -> int:
+        if self.checkpoint is None or not Path(self.checkpoint).is_file():
+            return 0
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        if state["hyper"] != self._hyper() or tuple(state["shape"]) != tuple(shape):
+            log.info("checkpoint %s is for other settings or data; starting afresh", self.checkpoint)
+            return 0
+        self.model_.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        self.loss_history_ = list(state["loss_history"])
+        log.info("resuming autoencoder training at epoch %d of %d", state["epoch"], self.epochs)
+        return min(int(state["epoch"]), self.epochs)
+
+    def _save_checkpoint(self, optimiser: torch.optim.Optimizer, epoch: int, shape: tuple[int, ...]) -> None:
+        if self.checkpoint is None:
+            return
+        state = {"hyper": self._hyper(), "shape": tuple(shape), "epoch": epoch, "model": self.model_.state_dict(),
+                 "optimiser": optimiser.state_dict(), "loss_history": self.loss_history_}
+        tmp = Path(self.checkpoint).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint)
+
+    # -- applying
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError("this autoencoder is not fitted yet; call fit (or run 'catalens train-ae')")
+
+    def _standardise(self, X: np.ndarray, project: bool = True) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(X, dtype=np.float32))
+        x = (x - torch.from_numpy(self.mean_)[:, None, None]) / torch.from_numpy(self.std_)[:, None, None]
+        if project and getattr(self, "components_", None) is not None:
+            x = torch.einsum("nchw,rc->nrhw", x, torch.from_numpy(self.components_))
+        return x
+
+    def _run(self, X: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (n, code_dim) and per-location squared error maps (n, H, W)."""
+        self._check_fitted()
+        self.model_.eval()
+        codes, maps = [], []
+        with torch.inference_mode():
+            for start in range(0, len(X), batch_size):
+                clean = self._standardise(X[start : start + batch_size])
+                code, reconstruction = self.model_(clean)
+                codes.append(code.flatten(1).numpy())
+                maps.append(((reconstruction - clean) ** 2).mean(dim=1).numpy())
+        if not codes:
+            h, w = self.input_shape_[1:]
+            return np.zeros((0, self.code_dim), np.float32), np.zeros((0, h, w), np.float32)
+        return np.concatenate(codes), np.concatenate(maps)
+
+    @property
+    def code_dim(self) -> int:
+        self._check_fitted()
+        with torch.inference_mode():
+            return int(self.model_.encoder(self._standardise(np.zeros((1, *self.input_shape_)))).numel())
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """L2-normalised bottleneck codes, (n, code_dim) float32."""
+        return l2_normalise(self._run(X)[0])
+
+    def error_maps(self, X: np.ndarray) -> np.ndarray:
+        """Mean squared reconstruction error per spatial location (per patch), (n, H, W)."""
+        return self._run(X)[1]
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly score per image: mean squared reconstruction error (higher = more anomalous)."""
+        return self.error_maps(X).mean(axis=(1, 2))
+
+    def analyse(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Codes, scores and error maps in one pass."""
+        codes, maps = self._run(X)
+        return l2_normalise(codes), maps.mean(axis=(1, 2)), maps
+
+    # -- persistence
+
+    def save(self, path: Path) -> None:
+        self._check_fitted()
+        state = {"hyper": self._hyper(), "epochs": self.epochs, "model": self.model_.state_dict(),
+                 "input_shape": self.input_shape_, "mean": self.mean_, "std": self.std_, "components": self.components_,
+                 "threshold": self.threshold_, "loss_history": self.loss_history_}
+        tmp = Path(path).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ConvAutoencoder:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = cls(epochs=state["epochs"], progress=False, **state["hyper"])
+        model.input_shape_ = tuple(state["input_shape"])
+        model.mean_, model.std_, model.components_ = state["mean"], state["std"], state["components"]
+        model.threshold_ = float(state["threshold"])
+        model.loss_history_ = list(state["loss_history"])
+        shape = model.input_shape_ if model.components_ is None else (len(model.components_), *model.input_shape_[1:])
+        model.model_ = _build_network(model.input_kind, shape, model.code_channels, model.width)
+        model.model_.load_state_dict(state["model"])
+        model.model_.eval()
+        return model
+
+
+# --- what the autoencoder reads: pixels, or the backbone's feature maps
+
+
+class PixelPreparer:
+    """Shorter side to 64 px, centre square, CHW float32 in [0, 1]; runs in decode workers."""
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        width, height = image.size
+        scale = PIXEL_SIZE / min(width, height)
+        resized = image.resize((max(PIXEL_SIZE, round(width * scale)), max(PIXEL_SIZE, round(height * scale))),
+                               Image.BILINEAR, reducing_gap=2.0)
+        left, top = (resized.width - PIXEL_SIZE) // 2, (resized.height - PIXEL_SIZE) // 2
+        cropped = resized.crop((left, top, left + PIXEL_SIZE, top + PIXEL_SIZE))
+        return np.ascontiguousarray((np.asarray(cropped, np.float32) / 255.0).transpose(2, 0, 1))
+
+
+class _EfficientNetTrunk(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(images)
+
+
+def _trunk_module(model: nn.Module) -> nn.Module:
+    """The backbone cut before its global pooling: images to (C, h, w) feature maps."""
+    net = getattr(model, "net", None)
+    if net is not None and hasattr(net, "extract_features"):
+        return _EfficientNetTrunk(net)
+    if hasattr(model, "features"):
+        return model.features
+    raise ValueError("this backbone exposes no convolutional trunk; train the autoencoder with input='pixels'")
+
+
+class AutoencoderInputs:
+    """Turns decoded images into what the autoencoder reads, in two steps like every feature:
+    ``preparer`` (decode workers) and ``finish`` (main process, batched)."""
+
+    def __init__(self, input_kind: str, deep_extractor=None):
+        self.input_kind = input_kind
+        if input_kind == "pixels":
+            self.preparer = PixelPreparer()
+            self.draft_size = PIXEL_SIZE * 2
+            self._runner = None
+            return
+        if deep_extractor is None:
+            raise ValueError("feature-map inputs need the index's deep extractor")
+        self.preparer = DeepPreparer(deep_extractor.spec)
+        self.draft_size = deep_extractor.draft_size
+        trunk = _trunk_module(deep_extractor.model).eval()
+        self._runner = None
+        if deep_extractor.runtime == "openvino":
+            try:
+                from indexer.deep import _OpenVinoRunner
+
+                self._runner = _OpenVinoRunner(trunk, deep_extractor.spec, 0, f"{deep_extractor.backbone}-maps")
+            except Exception as error:  # noqa: BLE001 - PyTorch gives the same maps, slower
+                log.warning("OpenVINO trunk unavailable (%s); using PyTorch", error)
+        self._trunk, self._device = trunk, deep_extractor.device
+
+    def finish(self, prepared: list[np.ndarray]) -> np.ndarray:
+        if not prepared:
+            return np.zeros((0, 0, 0, 0), np.float32)
+        batch = np.stack(prepared)
+        if self.input_kind == "pixels":
+            return batch
+        if self._runner is not None:
+            return np.asarray(self._runner(batch), np.float32)
+        with torch.inference_mode():
+            return self._trunk(torch.from_numpy(batch).to(self._device)).float().cpu().numpy()
+
+    def images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.finish([self.preparer(image) for image in images])
+
+
+def extract_inputs(
+    inputs: AutoencoderInputs, sources: Sequence, batch_size: int = 16, num_workers: int = 1, progress: bool = True,
+    dtype=np.float16,
+) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """Autoencoder inputs of ``sources`` (stored as float16: 1280x8x8 maps are 160 kB each).
+
+    Returns (inputs, positions of the readable sources, {position: error} for the others).
+    """
+    chunks, positions, errors = [], [], {}
+    bar = tqdm(total=len(sources), unit="img", desc="autoencoder inputs", disable=not progress, dynamic_ncols=True)
+    for batch in iter_prepared(sources, {"x": inputs.preparer}, batch_size=batch_size, num_workers=num_workers,
+                               draft_size=inputs.draft_size):
+        if batch.positions:
+            chunks.append(inputs.finish(batch.prepared["x"]).astype(dtype))
+            positions.extend(batch.positions)
+        errors.update(batch.errors)
+        bar.update(len(batch.positions) + len(batch.errors))
+    bar.close()
+    if not chunks:
+        return np.zeros((0,), dtype), positions, errors
+    return np.concatenate(chunks), positions, errors
+
+
+def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder training loss") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    axes.plot(range(1, len(history) + 1), history, marker="o", markersize=3)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("reconstruction MSE (standardised)")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# --- the model of an index
+
+
+@dataclass
+class IndexAutoencoder:
+    """A fitted autoencoder together with what feeds it, for one index."""
+
+    model: ConvAutoencoder
+    inputs: AutoencoderInputs
+
+    @property
+    def threshold(self) -> float:
+        return self.model.threshold_
+
+
+def model_path(index) -> Path:
+    return Path(index.models_dir) / MODEL_FILE
+
+
+def has_model(index) -> bool:
+    return model_path(index).is_file()
+
+
+def load_index_autoencoder(index) -> IndexAutoencoder:
+    """The index's trained autoencoder (cached per index until the index changes)."""
+    path = model_path(index)
+    if not path.is_file():
+        raise NotFittedError(f"{index.root}: no autoencoder trained for this index (run 'catalens train-ae --index {index.root}')")
+
+    def build() -> IndexAutoencoder:
+        model = ConvAutoencoder.load(path)
+        deep = index.deep_extractor() if model.input_kind == "features" else None
+        return IndexAutoencoder(model, AutoencoderInputs(model.input_kind, deep))
+
+    stamp = path.stat().st_mtime_ns
+    cached = index.cached(f"autoencoder-{stamp}", build)
+    return cached
+
+
+class AutoencoderCodeFeature:
+    """The ``ae`` global feature: L2-normalised bottleneck codes of the index's autoencoder."""
+
+    name = FEATURE_NAME
+
+    def __init__(self, ae: IndexAutoencoder):
+        self.ae = ae
+        self.dim = ae.model.code_dim
+        self.preparer = ae.inputs.preparer
+        self.draft_size = ae.inputs.draft_size
+
+    def finish(self, prepared: list[Any]) -> np.ndarray:
+        if not prepared:
+            return np.zeros((0, self.dim), np.float32)
+        return self.ae.model.transform(self.ae.inputs.finish(prepared))
+
+    def transform_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.finish([self.preparer(image) for image in images])
+
+
+def train_index_autoencoder(
+    index, epochs: int = 30, input_kind: str = "features", noise: float = 0.0, percentile: float = 95.0,
+    progress: bool = True, fresh: bool = False, **hyper: Any,
+) -> ConvAutoencoder:
+    """Fit the autoencoder on every indexed image, then re-code all items and rebuild ``ae.faiss``.
+
+    Resumable: the extracted inputs and a per-epoch checkpoint stay in ``models/`` until the run
+    completes, so re-running the same command after an interruption continues where it stopped.
+    """
+    models = Path(index.models_dir)
+    checkpoint, inputs_file = models / CHECKPOINT_FILE, models / INPUTS_FILE
+    if fresh:
+        checkpoint.unlink(missing_ok=True)
+        inputs_file.unlink(missing_ok=True)
+    records = index.store.all_items()
+    if not records:
+        raise ValueError(f"{index.root}: the index has no items to train on")
+    keys = np.asarray([record.key for record in records], np.int64)
+    feeder = AutoencoderInputs(input_kind, index.deep_extractor() if input_kind == "features" else None)
+    X = None
+    if inputs_file.is_file():
+        cached = np.load(inputs_file)
+        if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
+            X, keys = cached["x"], cached["keys"]
+            log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
+    if X is None:
+        X, positions, errors = extract_inputs(
+            feeder, [record.image for record in records], batch_size=index.config.batch_size,
+            num_workers=index.config.num_workers, progress=progress,
+        )
+        for position, error in errors.items():
+            log.warning("autoencoder: skipped %s", error)
+        keys = keys[positions]
+        np.savez(inputs_file, x=X, keys=keys, kind=np.asarray(input_kind))
+    model = ConvAutoencoder(input_kind=input_kind, epochs=epochs, noise=noise, percentile=percentile,
+                            checkpoint=checkpoint, progress=progress, **hyper)
+    model.fit(X)
+    codes, scores, _ = model.analyse(X)
+    with index.lock:
+        index.store.delete_feature(FEATURE_NAME)
+        index.store.delete_feature(SCORE_FEATURE)
+        with index.store.transaction() as db:
+            for key, code, score in zip(keys, codes, scores, strict=True):
+                index.store.put_feature(db, FEATURE_NAME, int(key), code.astype(np.float32).tobytes())
+                index.store.put_feature(db, SCORE_FEATURE, int(key), np.float32(score).tobytes())
+        index.drop_vector_store(FEATURE_NAME)
+        index.set_dim(FEATURE_NAME, codes.shape[1])
+        index.replace_vector_store(FEATURE_NAME, index.rebuild_vector_store(FEATURE_NAME, codes.shape[1]))
+        model.save(models / MODEL_FILE)
+        index.meta.setdefault("autoencoder", {}).update(
+            {"input": input_kind, "threshold": model.threshold_, "percentile": percentile, "epochs": epochs,
+             "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1]}
+        )
+        index.save()
+    plot_loss(model.loss_history_, models / LOSS_PLOT)
+    checkpoint.unlink(missing_ok=True)
+    inputs_file.unlink(missing_ok=True)
+    return model
+
+
+class AutoencoderExtension:
+    """Keeps ``ae`` codes of new items coming (from the current model) once a model is trained."""
+
+    name = FEATURE_NAME
+
+    def features(self, index) -> list[Any]:
+        if not has_model(index):
+            return []
+        return [AutoencoderCodeFeature(load_index_autoencoder(index))]
+
+    def after_update(self, index, changed_keys: np.ndarray, removed_keys: np.ndarray) -> None:
+        # A changed image's stored score is stale; the audit rescores items that have none.
+        if len(changed_keys) and has_model(index):
+            with index.store.transaction() as db:
+                db.executemany("DELETE FROM features WHERE feature = ? AND key = ?",
+                               [(SCORE_FEATURE, int(key)) for key in changed_keys])
+
+
+register_extension(AutoencoderExtension())

@@ -1,0 +1,142 @@
+"""Anomaly detection by reconstruction error: does a photo belong in this catalog?
+
+The score is the index autoencoder's mean squared reconstruction error; ``anomalous`` compares it
+with the threshold calibrated on the catalog's own images at training time. Error maps are per
+feature-map cell (8x8 patches of the centre crop) or per pixel, and can be drawn as heatmaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from indexer.autoencoder import SCORE_FEATURE, IndexAutoencoder, load_index_autoencoder
+from indexer.imageio import ImageDecodeError, ImageSource, load_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnomalyResult:
+    query: str
+    score: float | None = None
+    threshold: float | None = None
+    anomalous: bool | None = None
+    error: str | None = None
+    error_map: np.ndarray | None = field(default=None, repr=False)
+    heatmap: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"query": self.query, "error": self.error}
+        return {"query": self.query, "score": round(float(self.score), 6),
+                "threshold": round(float(self.threshold), 6), "anomalous": bool(self.anomalous)}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: str
+    image: str
+    category: str
+    score: float
+    anomalous: bool
+
+
+def centre_crop(image: Image.Image) -> Image.Image:
+    """The square the autoencoder sees (both input kinds crop the centre of the shorter side)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def render_heatmap(image: Image.Image, error_map: np.ndarray, path: Path, vmax: float | None = None) -> Path:
+    """The centre crop beside the same crop overlaid with the error map (red = badly reconstructed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import cm
+
+    crop = centre_crop(image).resize((224, 224), Image.BILINEAR)
+    scale = vmax if vmax and vmax > 0 else float(error_map.max()) or 1.0
+    normed = np.clip(error_map / scale, 0.0, 1.0)
+    heat = Image.fromarray((cm.inferno(normed)[..., :3] * 255).astype(np.uint8)).resize((224, 224), Image.BICUBIC)
+    overlay = Image.blend(crop, heat, 0.55)
+    canvas = Image.new("RGB", (448, 224))
+    canvas.paste(crop, (0, 0))
+    canvas.paste(overlay, (224, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _heatmap_name(position: int, name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem)[:80] or "image"
+    return f"{position:04d}_{stem}.png"
+
+
+def score_images(ae: IndexAutoencoder, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (n,) and error maps (n, h, w) of decoded images."""
+    _, scores, maps = ae.model.analyse(ae.inputs.images(images))
+    return scores, maps
+
+
+def score_anomalies(
+    index, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
+    heatmaps_dir: str | Path | None = None,
+) -> list[AnomalyResult]:
+    """One result per source, in order; an unreadable source gives a result with ``error``."""
+    ae = load_index_autoencoder(index)
+    threshold = ae.threshold
+    results = []
+    for position, source in enumerate(sources):
+        name = names[position] if names else ("<image>" if isinstance(source, (bytes, Image.Image)) else str(source))
+        try:
+            image = source if isinstance(source, Image.Image) else load_rgb(source, index.config.max_pixels)
+        except ImageDecodeError as error:
+            results.append(AnomalyResult(query=name, error=str(error)))
+            continue
+        scores, maps = score_images(ae, [image])
+        result = AnomalyResult(name, float(scores[0]), threshold, bool(scores[0] > threshold), error_map=maps[0])
+        if heatmaps_dir is not None:
+            # One colour scale for every heatmap (twice the threshold), so they compare.
+            result.heatmap = render_heatmap(image, maps[0], Path(heatmaps_dir) / _heatmap_name(position, name),
+                                            vmax=2 * threshold)
+        results.append(result)
+    return results
+
+
+def audit_catalog(index, limit: int | None = None, progress: bool = False) -> list[AuditEntry]:
+    """The catalog's own items, most anomalous first (for catalog cleaning).
+
+    Scores computed at training time are reused; items indexed since then are scored now.
+    """
+    ae = load_index_autoencoder(index)
+    records = index.store.all_items()
+    stored = index.store.feature_blobs(SCORE_FEATURE)
+    missing = [record for record in records if record.key not in stored]
+    if missing:
+        from indexer.autoencoder import extract_inputs
+
+        X, positions, errors = extract_inputs(ae.inputs, [record.image for record in missing], progress=progress)
+        for error in errors.values():
+            log.warning("audit: skipped %s", error)
+        scores = ae.model.score_samples(X) if len(positions) else np.zeros(0)
+        with index.store.transaction() as db:
+            for position, score in zip(positions, scores, strict=True):
+                key = missing[position].key
+                index.store.put_feature(db, SCORE_FEATURE, key, np.float32(score).tobytes())
+                stored[key] = np.float32(score).tobytes()
+    entries = [
+        AuditEntry(record.id, record.image, record.category, float(np.frombuffer(stored[record.key], np.float32)[0]),
+                   bool(np.frombuffer(stored[record.key], np.float32)[0] > ae.threshold))
+        for record in records if record.key in stored
+    ]
+    entries.sort(key=lambda entry: entry.score, reverse=True)
+    return entries[:limit] if limit else entries

@@ -1,0 +1,222 @@
+"""The catalog autoencoder: fitting, resuming, codes in the index, anomaly scores, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer.autoencoder import ConvAutoencoder, NotFittedError, train_index_autoencoder
+
+
+def _smooth(n: int, rng: np.random.Generator, channels: int = 3, size: int = 32) -> np.ndarray:
+    """Smooth images: a colour plus a gentle horizontal gradient (easy to reconstruct)."""
+    base = rng.uniform(0.2, 0.8, (n, channels, 1, 1))
+    ramp = np.linspace(0, 0.2, size)[None, None, None, :] * rng.uniform(-1, 1, (n, 1, 1, 1))
+    return (base + ramp + np.zeros((n, channels, size, size))).astype(np.float32)
+
+
+def _tiny(**kw) -> ConvAutoencoder:
+    defaults = {"input_kind": "pixels", "code_channels": 4, "width": 8, "epochs": 8, "batch_size": 16,
+                "learning_rate": 5e-3, "progress": False}
+    defaults.update(kw)
+    return ConvAutoencoder(**defaults)
+
+
+def test_fit_lowers_loss_and_scores_noise_above_threshold():
+    rng = np.random.default_rng(0)
+    X = _smooth(96, rng)
+    model = _tiny(epochs=15).fit(X)
+    assert model.loss_history_[-1] < model.loss_history_[0]
+    normal = model.score_samples(_smooth(20, rng))
+    noise = model.score_samples(rng.uniform(0, 1, (20, 3, 32, 32)).astype(np.float32))
+    assert noise.min() > normal.max()
+    assert (noise > model.threshold_).all()
+    assert (normal <= model.threshold_).mean() >= 0.8
+
+
+def test_feature_map_autoencoder_codes_are_normalised_and_error_maps_are_per_patch():
+    rng = np.random.default_rng(1)
+    X = rng.gamma(1.0, 1.0, (40, 24, 7, 7)).astype(np.float32)
+    model = ConvAutoencoder(input_kind="features", code_channels=4, width=16, epochs=2, progress=False).fit(X)
+    codes = model.transform(X[:5])
+    assert codes.shape == (5, model.code_dim) == (5, 4 * 4 * 4)
+    np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-5)
+    assert model.error_maps(X[:3]).shape == (3, 7, 7)
+
+
+def test_denoising_trains_against_the_clean_target():
+    rng = np.random.default_rng(2)
+    X = _smooth(64, rng)
+    plain = _tiny(epochs=4).fit(X)
+    denoising = _tiny(epochs=4, noise=0.5).fit(X)
+    # Same seed and data: only the noisy inputs differ, so the training losses must differ.
+    assert denoising.loss_history_ != plain.loss_history_
+    assert np.isfinite(denoising.score_samples(X[:4])).all()
+
+
+def test_unfitted_model_says_how_to_fit_it():
+    with pytest.raises(NotFittedError, match="train-ae"):
+        _tiny().transform(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    rng = np.random.default_rng(3)
+    X = _smooth(48, rng)
+    checkpoint = tmp_path / "ae.ckpt"
+    first = _tiny(epochs=2, checkpoint=checkpoint).fit(X)
+    resumed = _tiny(epochs=4, checkpoint=checkpoint).fit(X)
+    assert len(resumed.loss_history_) == 4
+    assert resumed.loss_history_[:2] == first.loss_history_
+    other = _tiny(epochs=4, width=12, checkpoint=checkpoint).fit(X)  # other settings: starts afresh
+    assert other.loss_history_[:2] != first.loss_history_
+
+
+def test_saved_model_scores_like_the_fitted_one(tmp_path):
+    rng = np.random.default_rng(4)
+    X = _smooth(40, rng)
+    model = _tiny(epochs=3).fit(X)
+    model.save(tmp_path / "ae.pt")
+    loaded = ConvAutoencoder.load(tmp_path / "ae.pt")
+    np.testing.assert_allclose(loaded.score_samples(X[:5]), model.score_samples(X[:5]), rtol=1e-5)
+    assert loaded.threshold_ == model.threshold_
+
+
+# --- with an index
+
+
+@pytest.fixture()
+def ae_index(tiny_catalog, tmp_path):
+    """The tiny catalog indexed, with a few-step pixel autoencoder trained on it."""
+    from indexer.config import IndexConfig
+    from indexer.index import CatalogIndex
+    from indexer.pipeline import index_catalog
+
+    folder = tmp_path / "index"
+    index_catalog(tiny_catalog, folder, IndexConfig(local_features=False), progress=False)
+    index = CatalogIndex.open(folder)
+    train_index_autoencoder(index, epochs=3, input_kind="pixels", progress=False, width=8, code_channels=4)
+    yield index
+    index.close()
+
+
+def test_training_codes_every_item_and_saves_model_and_loss_curve(ae_index):
+    assert ae_index.vector_store("ae").ntotal == ae_index.store.count() == 12
+    models = Path(ae_index.models_dir)
+    assert (models / "autoencoder.pt").is_file() and (models / "autoencoder_loss.png").is_file()
+    assert not (models / "autoencoder.ckpt").exists()  # a finished run leaves nothing to resume
+    assert ae_index.meta["autoencoder"]["threshold"] > 0
+
+
+def test_incremental_indexing_codes_new_items_with_the_current_model(ae_index, tiny_catalog):
+    from tests.conftest import draw_product
+    from indexer.pipeline import index_catalog
+
+    draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=99, text="new")
+    report = index_catalog(tiny_catalog, ae_index, progress=False)
+    assert report.added == 1
+    assert ae_index.vector_store("ae").ntotal == 13
+    new_key = ae_index.store.item_by_id("Fruit/Apple/new.jpg").key
+    assert new_key in set(ae_index.vector_store("ae").keys().tolist())
+    assert new_key in ae_index.store.feature_blobs("ae")
+
+
+def test_retraining_recodes_all_items(ae_index):
+    before = ae_index.store.feature_blobs("ae")
+    train_index_autoencoder(ae_index, epochs=2, input_kind="pixels", progress=False, width=8, code_channels=2,
+                            fresh=True)
+    after = ae_index.store.feature_blobs("ae")
+    assert set(after) == set(before)
+    assert ae_index.meta["dims"]["ae"] == 2 * 4 * 4
+    assert ae_index.vector_store("ae").ntotal == 12
+
+
+def test_ae_mode_finds_the_item_itself(ae_index, tiny_catalog):
+    from search.engine import SearchEngine
+
+    query = sorted(tiny_catalog.rglob("*.jpg"))[0]
+    result = SearchEngine(ae_index).search([query], k=3, mode="ae")[0]
+    assert result.results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert result.results[0].id.endswith(query.name)
+
+
+def test_score_anomalies_json_contract_and_heatmaps(ae_index, tiny_catalog, tmp_path):
+    from search.anomaly import score_anomalies
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(noise)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    normal = sorted(tiny_catalog.rglob("*.jpg"))[0]
+    results = score_anomalies(ae_index, [str(normal), str(noise), str(broken)], heatmaps_dir=tmp_path / "heat")
+    good, odd, bad = (r.to_json() for r in results)
+    assert list(good) == ["query", "score", "threshold", "anomalous"]
+    assert good["query"] == str(normal) and isinstance(good["anomalous"], bool)
+    assert odd["score"] > good["score"] and odd["anomalous"] is True
+    assert list(bad) == ["query", "error"] and "broken.jpg" in bad["error"]
+    assert results[0].error_map.shape == (64, 64)
+    assert all(r.heatmap.is_file() for r in results[:2])
+    assert Image.open(results[1].heatmap).size == (448, 224)
+
+
+def test_audit_puts_a_slipped_in_noise_image_first(ae_index, tiny_catalog, tmp_path):
+    from indexer.pipeline import index_catalog
+    from search.anomaly import audit_catalog
+
+    noise = tiny_catalog / "Fruit/Apple/zz_noise.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(noise)
+    index_catalog(tiny_catalog, ae_index, progress=False)  # indexed after training: scored by the audit
+    entries = audit_catalog(ae_index)
+    assert len(entries) == 13
+    assert entries[0].id.endswith("zz_noise.png") and entries[0].anomalous
+    assert [e.score for e in entries] == sorted((e.score for e in entries), reverse=True)
+
+
+def test_cli_train_and_score(tiny_catalog, tmp_path, capsys):
+    from api.cli import main
+    from indexer.config import IndexConfig
+    from indexer.pipeline import index_catalog
+
+    folder = tmp_path / "index"
+    index_catalog(tiny_catalog, folder, IndexConfig(local_features=False), progress=False)
+    assert main(["anomaly", str(next(tiny_catalog.rglob("*.jpg"))), "--index", str(folder)]) == 2
+    assert "train-ae" in capsys.readouterr().err
+    assert main(["train-ae", "--index", str(folder), "--epochs", "2", "--input", "pixels", "--quiet"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    listing = tmp_path / "queries.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(tiny_catalog.rglob("*.jpg"))[:2]) + "\n")
+    assert main(["anomaly", "--index", str(folder), "--json", "--from-file", str(listing)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and all(set(line) == {"query", "score", "threshold", "anomalous"} for line in lines)
+    assert main(["anomaly", "--index", str(folder), "--audit", "--top", "3"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if "Dairy" in line or "Fruit" in line]) == 3
+
+
+# --- real data
+
+
+@pytest.mark.slow
+def test_feature_map_autoencoder_tells_packages_from_produce(grocery):
+    """Trained on 400 Fruit/Vegetables photos, it scores Packages val photos higher (AUROC)."""
+    from sklearn.metrics import roc_auc_score
+
+    from datasets.grocery import split_photos
+    from indexer.autoencoder import AutoencoderInputs, extract_inputs
+    from indexer.deep import DeepFeatureExtractor
+
+    rng = np.random.default_rng(0)
+    train = [p for p in split_photos("train", grocery) if p.top != "Packages"]
+    train = [train[i] for i in rng.choice(len(train), 400, replace=False)]
+    val = split_photos("val", grocery)
+    normal = [p for p in val if p.top != "Packages"][::4]
+    packages = [p for p in val if p.top == "Packages"][::2]
+    inputs = AutoencoderInputs("features", DeepFeatureExtractor())
+    X, positions, errors = extract_inputs(inputs, [p.path for p in train + normal + packages], progress=False)
+    assert not errors
+    model = ConvAutoencoder(epochs=15, progress=False).fit(X[: len(train)])
+    scores = model.score_samples(X[len(train) :])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(packages))]
+    assert roc_auc_score(labels, scores) >= 0.85
