@@ -87,6 +87,8 @@ def load_rgb(
                 raise ImageDecodeError(name, "not an image (unrecognised format)") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageDecodeError(name, "image too large (decompression bomb refused)") from None
+            except (OSError, SyntaxError, ValueError) as error:  # e.g. cut off inside the header
+                raise ImageDecodeError(name, f"truncated or corrupt image data ({error})") from None
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(

@@ -79,3 +79,12 @@ def test_missing_file_and_bytes_sources(tmp_path):
     assert load_rgb(buffer.getvalue()).size == (5, 7)
     with pytest.raises(ImageDecodeError, match="<upload>: empty upload"):
         load_rgb(b"")
+
+
+def test_jpeg_cut_inside_its_header_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, "JPEG")
+    path = tmp_path / "header.jpg"
+    path.write_bytes(buffer.getvalue()[:30])
+    with pytest.raises(ImageDecodeError, match="header.jpg: "):
+        load_rgb(path)
