@@ -48,7 +48,7 @@ class TripletProjection:
         out_dim: int = 256,
         hidden: int = 512,
         margin: float = 0.2,
-        steps: int = 600,
+        steps: int = 300,
         classes_per_batch: int = 32,
         per_class: int = 4,
         lr: float = 1e-3,

@@ -34,6 +34,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="train a projection head on the index's deep features (CPU)")
     p.add_argument("--index", required=True)
-    p.add_argument("--steps", type=int, default=600, help="training steps (batches of P categories x K items)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (batches of P categories x K items)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_finetune)

@@ -147,9 +147,11 @@ class SearchEngine:
 
 @register_mode("deep")
 def deep_retriever(engine: SearchEngine, query: Query, k: int, allowed: np.ndarray | None):
-    """Cosine nearest neighbours of the query's deep descriptor."""
-    store = engine.index.vector_store("deep")
-    scores, keys = store.search(engine.deep_vector(query)[None], k, allowed)
+    """Cosine nearest neighbours of the query's deep descriptor (through the finetuned head if kept)."""
+    from indexer.finetune import deep_search_space
+
+    store, embed = deep_search_space(engine.index)
+    scores, keys = store.search(embed(engine.deep_vector(query)[None]), k, allowed)
     valid = keys[0] >= 0
     return keys[0][valid], scores[0][valid]
 

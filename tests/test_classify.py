@@ -77,7 +77,7 @@ def test_linear_model_only_for_categories_with_enough_support():
     support, paths = _tree_data(rng, per_leaf=2)
     big, big_paths = _tree_data(np.random.default_rng(4), per_leaf=12)
     keep = np.isin(big_paths, ["T0/M00/L000", "T1/M11/L111"])
-    classifier = HierarchicalFewShotClassifier(linear_min_support=8).fit(
+    classifier = HierarchicalFewShotClassifier(linear_min_support=8, knn_min_support=3).fit(
         np.concatenate([support, big[keep]]), np.concatenate([paths, big_paths[keep]])
     )
     assert sorted(classifier.leaves_[classifier.linear_leaves_]) == ["T0/M00/L000", "T1/M11/L111"]
@@ -171,3 +171,22 @@ def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
     results = classify(index, [photo.path for photo in sample])
     top = np.mean([r.category.split("/")[0] == p.top for r, p in zip(results, sample, strict=True)])
     assert top >= 0.85
+
+
+def test_finetune_cli_reports_and_stores_the_head_only_where_it_helps(tiny_index, capsys):
+    from api.cli import main
+    from indexer.finetune import HEAD_FILE, HEAD_META, project
+    from indexer.index import CatalogIndex
+
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"classify_raw", "classify_projected", "search_raw", "search_projected", "kept_for"} <= set(report)
+    index = CatalogIndex.open(tiny_index)
+    stored = (index.models_dir / HEAD_FILE).is_file()
+    assert stored == bool(report["kept_for"]) == (index.models_dir / HEAD_META).is_file()
+    vectors = np.abs(np.random.default_rng(0).normal(size=(2, index.meta["dims"]["deep"]))).astype(np.float32)
+    projected = project(index, vectors)
+    if "classify" in report["kept_for"]:
+        assert projected.shape == (2, 256)
+    else:
+        assert np.array_equal(projected, vectors)
