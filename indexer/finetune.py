@@ -54,6 +54,7 @@ class TripletProjection:
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         seed: int = 0,
+        threads: int = 1,
     ):
         self.out_dim = out_dim
         self.hidden = hidden
@@ -64,6 +65,7 @@ class TripletProjection:
         self.lr = lr
         self.weight_decay = weight_decay
         self.seed = seed
+        self.threads = threads
 
     def _prepare(self, features: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(_l2(_l2(features) - self.mean_))
@@ -87,6 +89,17 @@ class TripletProjection:
             self.head_.eval()
             return self
         labels_t = torch.from_numpy(labels.astype(np.int64))
+        # Batches are small: one thread trained 3x faster than two on the 2-core dev machine.
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            self._train(x, labels, labels_t, members, anchors, optimiser, rng)
+        finally:
+            torch.set_num_threads(previous_threads)
+        self.head_.eval()
+        return self
+
+    def _train(self, x, labels, labels_t, members, anchors, optimiser, rng) -> None:
         self.head_.train()
         for _step in range(self.steps):
             chosen = rng.choice(anchors, min(self.classes_per_batch, len(anchors)), replace=False)
@@ -106,8 +119,6 @@ class TripletProjection:
             loss.backward()
             optimiser.step()
             self.losses_.append(float(loss.detach()))
-        self.head_.eval()
-        return self
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         if not hasattr(self, "head_"):
