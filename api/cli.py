@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,20 @@ def _open_index(path: str):
         raise UsageError(str(error)) from None
 
 
+def _elastic_store(args: argparse.Namespace):
+    """The Elasticsearch store when ``--backend es`` / ``--es-url`` / ``CATALENS_ES_URL`` asks for one."""
+    from indexer.stores import open_store
+
+    es_url = args.es_url or os.environ.get("CATALENS_ES_URL")
+    backend = args.backend or ("es" if es_url else "embedded")
+    if backend != "es":
+        return None
+    try:
+        return open_store(None, "es", es_url)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from datasets.catalog import CatalogError, load_catalog
     from indexer.config import load_config
@@ -46,7 +61,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         items = load_catalog(args.catalog)
         config = load_config(args.config, backbone=args.backbone, faiss_factory=args.faiss_factory)
-        report = index_catalog(items, args.index, config, prune=not args.keep_missing, progress=not args.quiet)
+        elastic = _elastic_store(args)
+        if elastic is not None:
+            from indexer.elastic import index_catalog_to_elastic
+
+            report = index_catalog_to_elastic(items, elastic, config, prune=not args.keep_missing, progress=not args.quiet)
+        elif not args.index:
+            raise UsageError("--index DIR is required (or --backend es with --es-url URL)")
+        else:
+            report = index_catalog(items, args.index, config, prune=not args.keep_missing, progress=not args.quiet)
     except (CatalogError, IndexUnavailableError) as error:
         raise UsageError(str(error)) from None
     rows = [
@@ -72,8 +95,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {args.mode}: choose one of {', '.join(available_modes())}")
     if args.k < 1:
         raise UsageError("--k must be at least 1")
-    index = _open_index(args.index)
-    engine = SearchEngine(index)
+    elastic = _elastic_store(args)
+    if elastic is not None:
+        from indexer.elastic import ElasticIndexView
+
+        engine = SearchEngine(ElasticIndexView(elastic))
+    elif not args.index:
+        raise UsageError("--index DIR is required (or --backend es with --es-url URL)")
+    else:
+        engine = SearchEngine(_open_index(args.index))
     explain = getattr(args, "explain", None)
     for result in engine.search(queries, k=args.k, mode=args.mode, category=args.category):
         if args.json:
@@ -122,29 +152,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from indexer.stores import add_backend_arguments
+
     parser = argparse.ArgumentParser(prog="catalens", description="Visual search for product catalogs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("index", help="index a catalog (folder tree or JSONL manifest)")
     p.add_argument("catalog")
-    p.add_argument("--index", required=True, help="index folder (created if absent)")
+    p.add_argument("--index", help="index folder (created if absent)")
     p.add_argument("--backbone", help="deep feature backbone (default efficientnet_lite0)")
     p.add_argument("--faiss-factory", help="faiss index type, e.g. Flat, IVF1024,PQ32, HNSW32")
     p.add_argument("--config", help="TOML configuration file")
     p.add_argument("--keep-missing", action="store_true", help="keep indexed items the catalog no longer lists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_arguments(p)
     p.set_defaults(run=cmd_index)
 
     p = commands.add_parser("search", help="find catalog items matching photos")
     p.add_argument("images", nargs="*")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--mode", default=None, help="deep | local | fused | ae (default: fused where available)")
     p.add_argument("--category", help="only items under this category path prefix")
     p.add_argument("--json", action="store_true", help="one JSON object per query per line")
     p.add_argument("--from-file", help="file with one query image path per line")
     p.add_argument("--explain", help="folder for images showing why each result matched")
+    add_backend_arguments(p)
     p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("info", help="describe an index")
@@ -192,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"catalens {args.command}: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if type(error).__module__.startswith("elastic_transport"):
+            print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
