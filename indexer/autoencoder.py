@@ -125,8 +125,8 @@ class ConvAutoencoder:
         self,
         input_kind: str = "features",
         code_channels: int = 16,
-        width: int = 96,
-        epochs: int = 30,
+        width: int = 48,
+        epochs: int = 15,
         batch_size: int = 64,
         learning_rate: float = 2e-3,
         noise: float = 0.0,
@@ -174,14 +174,14 @@ class ConvAutoencoder:
         n_cal = int(round(len(X) * self.calibration_fraction)) if len(X) >= 20 else 0
         cal, train = order[:n_cal], order[n_cal:]
         self.input_shape_ = tuple(X.shape[1:])
-        self.mean_ = X[train].astype(np.float32).mean(axis=(0, 2, 3))
-        self.std_ = X[train].astype(np.float32).std(axis=(0, 2, 3)) + 1e-3
-        self.components_ = self._fit_projection(X[train], rng)
-        shape = (len(self.components_) if self.components_ is not None else X.shape[1], *X.shape[2:])
-        self.model_ = _build_network(self.input_kind, shape, self.code_channels, self.width)
+        shape = X.shape
+        X = self._reduce(X)
+        self.mean_ = X[train].mean(axis=(0, 2, 3))
+        self.std_ = X[train].std(axis=(0, 2, 3)) + 1e-3
+        self.model_ = _build_network(self.input_kind, X.shape[1:], self.code_channels, self.width)
         optimiser = torch.optim.Adam(self.model_.parameters(), lr=self.learning_rate)
         self.loss_history_: list[float] = []
-        start = self._resume(optimiser, X.shape)
+        start = self._resume(optimiser, shape)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(self.epochs, 1), last_epoch=start - 1)
         bar = tqdm(range(start, self.epochs), desc="training autoencoder", unit="epoch", disable=not self.progress,
                    initial=start, total=self.epochs, dynamic_ncols=True)
@@ -189,7 +189,7 @@ class ConvAutoencoder:
             self.model_.train()
             total, seen = 0.0, 0
             for batch in np.array_split(rng.permutation(train), max(1, math.ceil(len(train) / self.batch_size))):
-                clean = self._standardise(X[np.sort(batch)])
+                clean = self._standardise(X[np.sort(batch)], reduce=False)
                 noisy = clean + self.noise * torch.randn_like(clean) if self.noise > 0 else clean
                 _, reconstruction = self.model_(noisy)
                 loss = torch.mean((reconstruction - clean) ** 2)
@@ -201,29 +201,33 @@ class ConvAutoencoder:
             schedule.step()
             self.loss_history_.append(total / max(seen, 1))
             bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
-            self._save_checkpoint(optimiser, epoch + 1, X.shape)
+            self._save_checkpoint(optimiser, epoch + 1, shape)
         bar.close()
         self.model_.eval()
-        scores = self.score_samples(X[cal] if n_cal else X[train])
+        scores = self._run(X[cal] if n_cal else X[train], reduce=False)[1].mean(axis=(1, 2))
         self.threshold_ = float(np.percentile(scores, self.percentile))
         log.info("autoencoder fitted: final loss %.4f, threshold %.4f (p%g of %d %s images)",
                  self.loss_history_[-1] if self.loss_history_ else float("nan"), self.threshold_,
                  self.percentile, len(scores), "held-out" if n_cal else "training")
         return self
 
-    def _fit_projection(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-        """PCA of the standardised channels at every map cell, to ``reduce_channels`` components.
+    def _reduce(self, X: np.ndarray) -> np.ndarray:
+        """Average groups of adjacent backbone channels down to ``reduce_channels``.
 
-        1280 backbone channels make the first layer cost 10x the rest of the network; their top
-        128 principal directions keep most of the variance and keep training to minutes on a CPU.
+        1280 channels made the first layer dominate training (tens of minutes on a shared
+        2-core CPU); averaging groups of 10 costs nothing to fit and keeps training to minutes.
         """
+        X = np.asarray(X)
         if self.input_kind != "features" or not self.reduce_channels or X.shape[1] <= self.reduce_channels:
-            return None
-        sample = X[rng.choice(len(X), min(len(X), 1500), replace=False)]
-        rows = self._standardise(sample, project=False).permute(0, 2, 3, 1).reshape(-1, X.shape[1]).numpy()
-        rows = rows[rng.choice(len(rows), min(len(rows), 40_000), replace=False)]
-        _, _, vt = np.linalg.svd(rows - rows.mean(axis=0), full_matrices=False)
-        return np.ascontiguousarray(vt[: self.reduce_channels], dtype=np.float32)
+            return X.astype(np.float32, copy=False)
+        groups = X.shape[1] // self.reduce_channels
+        kept = groups * self.reduce_channels
+        n, _, h, w = X.shape
+        out = np.empty((n, self.reduce_channels, h, w), np.float32)
+        for start in range(0, n, 256):  # in chunks: the float32 copy of all maps would be large
+            chunk = X[start : start + 256, :kept].astype(np.float32)
+            out[start : start + 256] = chunk.reshape(len(chunk), self.reduce_channels, groups, h, w).mean(axis=2)
+        return out
 
     def _resume(self, optimiser: torch.optim.Optimizer, shape: tuple[int, ...]) -> int:
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
@@ -253,21 +257,18 @@ class ConvAutoencoder:
         if not hasattr(self, "model_"):
             raise NotFittedError("this autoencoder is not fitted yet; call fit (or run 'catalens train-ae')")
 
-    def _standardise(self, X: np.ndarray, project: bool = True) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(X, dtype=np.float32))
-        x = (x - torch.from_numpy(self.mean_)[:, None, None]) / torch.from_numpy(self.std_)[:, None, None]
-        if project and getattr(self, "components_", None) is not None:
-            x = torch.einsum("nchw,rc->nrhw", x, torch.from_numpy(self.components_))
-        return x
+    def _standardise(self, X: np.ndarray, reduce: bool = True) -> torch.Tensor:
+        x = torch.from_numpy(self._reduce(X) if reduce else np.asarray(X, dtype=np.float32))
+        return (x - torch.from_numpy(self.mean_)[:, None, None]) / torch.from_numpy(self.std_)[:, None, None]
 
-    def _run(self, X: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, X: np.ndarray, batch_size: int = 128, reduce: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Codes (n, code_dim) and per-location squared error maps (n, H, W)."""
         self._check_fitted()
         self.model_.eval()
         codes, maps = [], []
         with torch.inference_mode():
             for start in range(0, len(X), batch_size):
-                clean = self._standardise(X[start : start + batch_size])
+                clean = self._standardise(X[start : start + batch_size], reduce)
                 code, reconstruction = self.model_(clean)
                 codes.append(code.flatten(1).numpy())
                 maps.append(((reconstruction - clean) ** 2).mean(dim=1).numpy())
@@ -304,7 +305,7 @@ class ConvAutoencoder:
     def save(self, path: Path) -> None:
         self._check_fitted()
         state = {"hyper": self._hyper(), "epochs": self.epochs, "model": self.model_.state_dict(),
-                 "input_shape": self.input_shape_, "mean": self.mean_, "std": self.std_, "components": self.components_,
+                 "input_shape": self.input_shape_, "mean": self.mean_, "std": self.std_,
                  "threshold": self.threshold_, "loss_history": self.loss_history_}
         tmp = Path(path).with_suffix(".tmp")
         torch.save(state, tmp)
@@ -315,10 +316,10 @@ class ConvAutoencoder:
         state = torch.load(path, map_location="cpu", weights_only=False)
         model = cls(epochs=state["epochs"], progress=False, **state["hyper"])
         model.input_shape_ = tuple(state["input_shape"])
-        model.mean_, model.std_, model.components_ = state["mean"], state["std"], state["components"]
+        model.mean_, model.std_ = state["mean"], state["std"]
         model.threshold_ = float(state["threshold"])
         model.loss_history_ = list(state["loss_history"])
-        shape = model.input_shape_ if model.components_ is None else (len(model.components_), *model.input_shape_[1:])
+        shape = (len(model.mean_), *model.input_shape_[1:])
         model.model_ = _build_network(model.input_kind, shape, model.code_channels, model.width)
         model.model_.load_state_dict(state["model"])
         model.model_.eval()
@@ -502,7 +503,7 @@ class AutoencoderCodeFeature:
 
 
 def train_index_autoencoder(
-    index, epochs: int = 30, input_kind: str = "features", noise: float = 0.0, percentile: float = 95.0,
+    index, epochs: int = 15, input_kind: str = "features", noise: float = 0.0, percentile: float = 95.0,
     progress: bool = True, fresh: bool = False, **hyper: Any,
 ) -> ConvAutoencoder:
     """Fit the autoencoder on every indexed image, then re-code all items and rebuild ``ae.faiss``.
@@ -531,7 +532,7 @@ def train_index_autoencoder(
             feeder, [record.image for record in records], batch_size=index.config.batch_size,
             num_workers=index.config.num_workers, progress=progress,
         )
-        for position, error in errors.items():
+        for error in errors.values():
             log.warning("autoencoder: skipped %s", error)
         keys = keys[positions]
         np.savez(inputs_file, x=X, keys=keys, kind=np.asarray(input_kind))

@@ -84,7 +84,7 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("train-ae", help="train the index's autoencoder (codes for --mode ae, anomaly scores)")
     p.add_argument("--index", required=True)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--input", choices=("features", "pixels"), default="features",
                    help="reconstruct the backbone's feature maps (default, better anomaly detection) or 64-px pixels")
     p.add_argument("--noise", type=float, default=0.0, help="denoising: std of Gaussian input noise (standardised units)")
