@@ -66,11 +66,12 @@ def main() -> None:
     rows.append(("AE on feature maps", f"{roc_auc_score(labels, scores):.3f}", f"{fit_s:.0f}",
                  f"{(scores[~labels] > model.threshold_).mean():.2f} / {(scores[labels] > model.threshold_).mean():.2f}"))
     plot_loss(model.loss_history_, out / "loss_features.png")
+    print("so far:", rows, flush=True)
 
     pixel_feeder = AutoencoderInputs("pixels")
     pixels, _, _ = extract_inputs(pixel_feeder, train + [p.path for p in val], progress=False, dtype=np.float32)
     started = time.perf_counter()
-    pixel_model = ConvAutoencoder(input_kind="pixels", width=32, epochs=args.epochs, noise=args.noise).fit(pixels[: len(train)])
+    pixel_model = ConvAutoencoder(input_kind="pixels", width=16, epochs=args.epochs, noise=args.noise).fit(pixels[: len(train)])
     pixel_s = time.perf_counter() - started
     pixel_scores = pixel_model.score_samples(pixels[len(train) :])
     curves["AE on 64-px pixels"] = pixel_scores
