@@ -55,7 +55,7 @@ def query_latencies(engine: SearchEngine, queries: list[Path], mode: str) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     args = parser.parse_args()
