@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from indexer.backbones import UnknownBackboneError, WeightsNotFoundError, get_backbone, list_backbones
+from indexer.backbones import (
+    UnknownBackboneError,
+    WeightsNotFoundError,
+    get_backbone,
+    list_backbones,
+)
 
 
 def test_registry_lists_the_design_card_backbones():
