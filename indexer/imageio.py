@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,23 @@ def load_rgb(
 def load_rgb_array(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """``load_rgb`` as an HxWx3 uint8 array."""
     return np.asarray(load_rgb(source, max_pixels=max_pixels))
+
+
+def decode_queries(
+    sources: Sequence[ImageSource | Image.Image],
+    names: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[str, Image.Image | None, str | None]]:
+    """(name, image, None) or (name, None, error) per query: a bad query is an answer, not a crash."""
+    for position, source in enumerate(sources):
+        if names:
+            name = names[position]
+        else:
+            name = "<image>" if isinstance(source, (bytes, Image.Image)) else str(source)
+        if isinstance(source, Image.Image):
+            yield name, source, None
+            continue
+        try:
+            yield name, load_rgb(source, max_pixels), None
+        except ImageDecodeError as error:
+            yield name, None, str(error)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.autoencoder import SCORE_FEATURE, IndexAutoencoder, load_index_autoencoder
-from indexer.imageio import ImageDecodeError, ImageSource, load_rgb
+from indexer.imageio import ImageSource, decode_queries
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,9 @@ def score_anomalies(
     ae = load_index_autoencoder(index)
     threshold = ae.threshold
     results = []
-    for position, source in enumerate(sources):
-        name = names[position] if names else ("<image>" if isinstance(source, (bytes, Image.Image)) else str(source))
-        try:
-            image = source if isinstance(source, Image.Image) else load_rgb(source, index.config.max_pixels)
-        except ImageDecodeError as error:
-            results.append(AnomalyResult(query=name, error=str(error)))
+    for position, (name, image, error) in enumerate(decode_queries(sources, names, index.config.max_pixels)):
+        if error is not None:
+            results.append(AnomalyResult(query=name, error=error))
             continue
         scores, maps = score_images(ae, [image])
         result = AnomalyResult(name, float(scores[0]), threshold, bool(scores[0] > threshold), error_map=maps[0])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.imageio import ImageDecodeError, ImageSource, load_rgb
+from indexer.imageio import ImageSource, decode_queries
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +316,9 @@ def classify(
     classifier, ids = fitted_classifier(index)
     results: list[ClassifyResult | None] = []
     images, positions = [], []
-    for position, source in enumerate(sources):
-        name = names[position] if names else ("<image>" if isinstance(source, (bytes, Image.Image)) else str(source))
-        try:
-            image = source if isinstance(source, Image.Image) else load_rgb(source, index.config.max_pixels)
-        except ImageDecodeError as error:
-            results.append(ClassifyResult(query=name, error=str(error)))
+    for position, (name, image, error) in enumerate(decode_queries(sources, names, index.config.max_pixels)):
+        if error is not None:
+            results.append(ClassifyResult(query=name, error=error))
             continue
         results.append(ClassifyResult(query=name))
         images.append(image)

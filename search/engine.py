@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.imageio import ImageDecodeError, ImageSource, load_rgb
+from indexer.imageio import ImageSource, decode_queries
 from indexer.index import CatalogIndex
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,9 @@ class SearchEngine:
         if category:
             allowed = self.index.store.keys_in_category(category)
         results = []
-        for position, source in enumerate(sources):
-            name = names[position] if names else ("<image>" if isinstance(source, (bytes, Image.Image)) else str(source))
-            try:
-                image = source if isinstance(source, Image.Image) else load_rgb(source, self.index.config.max_pixels)
-            except ImageDecodeError as error:
-                results.append(QueryResult(query=name, error=str(error)))
+        for name, image, error in decode_queries(sources, names, self.index.config.max_pixels):
+            if error is not None:
+                results.append(QueryResult(query=name, error=error))
                 continue
             if allowed is not None and len(allowed) == 0:
                 results.append(QueryResult(query=name, results=[]))
