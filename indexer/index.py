@@ -56,6 +56,7 @@ class CatalogIndex:
         # Writers take this lock; searches read a consistent snapshot under it.
         self.lock = threading.RLock()
         self._cache: dict[str, Any] = {}
+        self._deep_extractor = None
 
     # --- opening
 
@@ -179,12 +180,11 @@ class CatalogIndex:
         from indexer.deep import DeepFeatureExtractor
 
         with self.lock:
-            if "deep_extractor" not in self._cache:
-                self._cache["deep_extractor"] = (
-                    None,
-                    DeepFeatureExtractor(self.config.backbone, runtime=self.config.runtime, batch_size=self.config.batch_size),
+            if self._deep_extractor is None:
+                self._deep_extractor = DeepFeatureExtractor(
+                    self.config.backbone, runtime=self.config.runtime, batch_size=self.config.batch_size
                 )
-            return self._cache["deep_extractor"][1]
+            return self._deep_extractor
 
     # --- caches for things fitted on the catalog (vocabulary, classifier...), dropped on writes
 
