@@ -380,9 +380,9 @@ class AutoencoderInputs:
         self._runner = None
         if deep_extractor.runtime == "openvino":
             try:
-                from indexer.deep import _OpenVinoRunner
+                from indexer.deep import OpenVinoRunner
 
-                self._runner = _OpenVinoRunner(trunk, deep_extractor.spec, 0, f"{deep_extractor.backbone}-maps")
+                self._runner = OpenVinoRunner(trunk, deep_extractor.spec, 0, f"{deep_extractor.backbone}-maps")
             except Exception as error:  # noqa: BLE001 - PyTorch gives the same maps, slower
                 log.warning("OpenVINO trunk unavailable (%s); using PyTorch", error)
         self._trunk, self._device = trunk, deep_extractor.device

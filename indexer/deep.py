@@ -58,7 +58,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CATALENS_CACHE", Path.home() / ".cache" / "catalens"))
 
 
-class _OpenVinoRunner:
+class OpenVinoRunner:
     """The backbone compiled by OpenVINO for the CPU, with a dynamic batch dimension.
 
     Converting traces the network (seconds); the converted model is cached on disk per backbone
@@ -138,7 +138,7 @@ class DeepFeatureExtractor:
         if runtime in ("auto", "openvino") and self.device.type == "cpu":
             try:
                 cache_key = f"{backbone}-{_weights_stamp(weights)}" if pretrained else None
-                self._runner = _OpenVinoRunner(self.model, self.spec, threads, cache_key)
+                self._runner = OpenVinoRunner(self.model, self.spec, threads, cache_key)
                 self.runtime = "openvino"
             except Exception as error:  # noqa: BLE001
                 if runtime == "openvino":

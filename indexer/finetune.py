@@ -20,15 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from indexer.deep import l2_normalise
+
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "projection.pt"
 HEAD_META = "projection.json"
-
-
-def _l2(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 class _Head(nn.Module):
@@ -68,12 +65,12 @@ class TripletProjection:
         self.threads = threads
 
     def _prepare(self, features: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(_l2(_l2(features) - self.mean_))
+        return torch.from_numpy(l2_normalise(l2_normalise(features) - self.mean_))
 
     def fit(self, features: np.ndarray, categories: Sequence[str]) -> TripletProjection:
         features = np.asarray(features, dtype=np.float32)
         labels_text, labels = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True)
-        self.mean_ = _l2(features).mean(axis=0)
+        self.mean_ = l2_normalise(features).mean(axis=0)
         x = self._prepare(features)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
@@ -221,7 +218,7 @@ def evaluate_projection(features: np.ndarray, categories: np.ndarray, head: Trip
     space = features if head is None else head.transform(features)
     classifier = HierarchicalFewShotClassifier().fit(space[train], categories[train])
     classify_acc = float((classifier.predict(space[test]) == categories[test]).mean())
-    support, queries = _l2(space[train]), _l2(space[test])
+    support, queries = l2_normalise(space[train]), l2_normalise(space[test])
     nearest = (queries @ support.T).argmax(axis=1)
     search_acc = float((categories[train][nearest] == categories[test]).mean())
     return classify_acc, search_acc

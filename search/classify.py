@@ -18,16 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from indexer.deep import l2_normalise
 from indexer.imageio import ImageSource, decode_queries
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-
-
-def _l2(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,20 +105,20 @@ class HierarchicalFewShotClassifier:
     # --- fitting
 
     def _embed(self, features: np.ndarray) -> np.ndarray:
-        return _l2(_l2(features) - self.mean_)
+        return l2_normalise(l2_normalise(features) - self.mean_)
 
     def fit(self, features: np.ndarray, categories: Sequence[str]) -> HierarchicalFewShotClassifier:
         features = np.asarray(features, dtype=np.float32)
         if len(features) == 0:
             raise ValueError("cannot fit a classifier on an empty catalog")
-        self.mean_ = _l2(features).mean(axis=0)
+        self.mean_ = l2_normalise(features).mean(axis=0)
         self.support_ = self._embed(features)
         self.leaves_, self.support_leaf_ = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True)
         n_leaves = len(self.leaves_)
         self.counts_ = np.bincount(self.support_leaf_, minlength=n_leaves)
         sums = np.zeros((n_leaves, features.shape[1]), dtype=np.float32)
         np.add.at(sums, self.support_leaf_, self.support_)
-        self.prototypes_ = _l2(sums)
+        self.prototypes_ = l2_normalise(sums)
         self._fit_tree()
         self.temperature_ = self._fit_temperature(sums)
         self.unknown_similarity_ = self._fit_unknown_threshold()
@@ -162,7 +158,7 @@ class HierarchicalFewShotClassifier:
         x, own = self.support_[rows], self.support_leaf_[rows]
         scores = x @ self.prototypes_.T
         held_out = sums[own] - x
-        scores[np.arange(len(rows)), own] = np.einsum("ij,ij->i", x, _l2(held_out))
+        scores[np.arange(len(rows)), own] = np.einsum("ij,ij->i", x, l2_normalise(held_out))
         best, best_nll = 0.05, np.inf
         for temperature in np.geomspace(0.005, 0.5, 40):
             probs = _softmax(scores / temperature)
