@@ -1,8 +1,11 @@
 """Anomaly detection by reconstruction error: does a photo belong in this catalog?
 
-The score is the index autoencoder's mean squared reconstruction error; ``anomalous`` compares it
-with the threshold calibrated on the catalog's own images at training time. Error maps are per
-feature-map cell (8x8 patches of the centre crop) or per pixel, and can be drawn as heatmaps.
+The score is the index autoencoder's: the larger of two z-scores against the catalog's own
+held-out images, reconstruction error and distance to the nearest catalog images (the second
+catches blank and noise images, whose feature maps are easy to reconstruct; see
+indexer/autoencoder.py). ``anomalous`` compares it with the threshold calibrated on the catalog at
+training time. Error maps are per feature-map cell (8x8 patches of the centre crop) or per pixel
+reconstruction error, and can be drawn as heatmaps.
 """
 
 from __future__ import annotations
@@ -102,9 +105,8 @@ def score_anomalies(
         scores, maps = score_images(ae, [image])
         result = AnomalyResult(name, float(scores[0]), threshold, bool(scores[0] > threshold), error_map=maps[0])
         if heatmaps_dir is not None:
-            # One colour scale for every heatmap (twice the threshold), so they compare.
             result.heatmap = render_heatmap(image, maps[0], Path(heatmaps_dir) / _heatmap_name(position, name),
-                                            vmax=2 * threshold)
+                                            vmax=ae.heatmap_scale)
         results.append(result)
     return results
 
@@ -112,7 +114,8 @@ def score_anomalies(
 def audit_catalog(index, limit: int | None = None, progress: bool = False) -> list[AuditEntry]:
     """The catalog's own items, most anomalous first (for catalog cleaning).
 
-    Scores computed at training time are reused; items indexed since then are scored now.
+    Scores computed at training time (leave-one-out) are reused; items indexed since then are
+    scored now.
     """
     ae = load_index_autoencoder(index)
     records = index.store.all_items()

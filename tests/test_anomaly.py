@@ -209,6 +209,43 @@ def test_cli_train_and_score(tiny_catalog, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_audit_of_a_grocery_catalog_ranks_slipped_in_foreign_images_first(grocery, tmp_path):
+    """Fruit and vegetable photos with a blank image, a noise image and a Packages photo slipped in:
+    training on that catalog and auditing it puts the three intruders at the top.
+
+    Reconstruction error alone ranks the blank and noise images near the bottom (their feature
+    maps are easy to rebuild); the neighbour term of the score is what catches them.
+    """
+    from datasets.catalog import CatalogItem, write_manifest
+    from datasets.grocery import split_photos
+    from indexer.config import IndexConfig
+    from indexer.index import CatalogIndex
+    from indexer.pipeline import index_catalog
+    from search.anomaly import audit_catalog
+
+    photos = split_photos("train", grocery)
+    produce = [p for p in photos if p.top != "Packages"][::12]  # ~150 photos across all produce classes
+    package = [p for p in photos if p.top == "Packages"][150]
+    blank, noise = tmp_path / "blank.png", tmp_path / "noise.png"
+    Image.new("RGB", (348, 348), (245, 245, 245)).save(blank)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (348, 348, 3), dtype=np.uint8)).save(noise)
+    items = [CatalogItem(p.path.relative_to(grocery).as_posix(), p.path, p.category) for p in produce + [package]]
+    items += [CatalogItem("blank", blank, "Fruit/Apple"), CatalogItem("noise", noise, "Vegetables/Carrots")]
+    manifest = write_manifest(items, tmp_path / "catalog.jsonl")
+    index_catalog(manifest, tmp_path / "index", IndexConfig(local_features=False), progress=False)
+    index = CatalogIndex.open(tmp_path / "index")
+    try:
+        train_index_autoencoder(index, epochs=10, progress=False)
+        entries = audit_catalog(index)
+    finally:
+        index.close()
+    assert len(entries) == len(items)
+    top = [entry.id for entry in entries[:3]]
+    assert set(top) == {"blank", "noise", items[len(produce)].id}, [(e.id, round(e.score, 2)) for e in entries[:6]]
+    assert all(entry.anomalous for entry in entries if entry.id in {"blank", "noise"})
+
+
+@pytest.mark.slow
 def test_feature_map_autoencoder_tells_packages_from_produce(grocery):
     """Trained on 400 Fruit/Vegetables photos, it scores Packages val photos higher (AUROC)."""
     from sklearn.metrics import roc_auc_score
