@@ -17,6 +17,9 @@ class IndexConfig:
     backbone: str = "efficientnet_lite0"
     # faiss index_factory string: "Flat" is exact and right up to ~1M items on one machine.
     faiss_factory: str = "Flat"
+    # faiss.ParameterSpace string applied whenever the index is opened ("nprobe=32,k_factor_rf=4");
+    # "auto" is indexer.vector_store.recommended_search_parameters(faiss_factory).
+    faiss_search_params: str = "auto"
     runtime: str = "auto"  # auto | openvino | torch
     batch_size: int = 16
     num_workers: int = 1  # decode processes; the network uses the other core

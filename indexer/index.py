@@ -128,7 +128,7 @@ class CatalogIndex:
             path = self.root / f"{feature}.faiss"
             generation = self.store.generation
             if path.exists() and self.meta["faiss_generation"].get(feature) == generation:
-                store = FaissVectorStore.load(path, self.config.faiss_factory)
+                store = FaissVectorStore.load(path, self.config.faiss_factory, search_params=self.config.faiss_search_params)
             else:
                 store = self.rebuild_vector_store(feature, dim)
             self._vectors[feature] = store
@@ -145,7 +145,7 @@ class CatalogIndex:
 
     def new_vector_store(self, dim: int, expected_rows: int) -> FaissVectorStore:
         factory = self.config.faiss_factory
-        store = FaissVectorStore(dim, factory)
+        store = FaissVectorStore(dim, factory, search_params=self.config.faiss_search_params)
         if not store.is_trained and expected_rows < 40 * _nlist(factory):
             log.warning("faiss %r needs more rows to train than the %d here; using Flat", factory, expected_rows)
             store = FaissVectorStore(dim, "Flat")
@@ -173,6 +173,12 @@ class CatalogIndex:
             self.meta["updated"] = time.time()
             self.meta["config"] = self.config.to_json()
             write_json_atomic(self.root / META_FILE, self.meta)
+
+    def local_index(self):
+        """The visual vocabulary and inverted file (``indexer.local.LocalIndex``), or None."""
+        from indexer.local import load_local_index
+
+        return load_local_index(self)
 
     # --- what extracts features for this index (built once per process)
 

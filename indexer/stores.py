@@ -23,6 +23,9 @@ import numpy as np
 from datasets.catalog import CatalogItem
 from indexer.metadata import ItemRecord
 
+# Re-exported: the rule for searching sits beside the rule for building (recommended_factory).
+from indexer.vector_store import recommended_search_parameters as recommended_search_parameters
+
 if TYPE_CHECKING:
     from indexer.index import CatalogIndex
 
@@ -37,7 +40,8 @@ class ItemUpdate:
 
     ``vectors`` maps a global feature name to its (dim,) float32 vector; ``words`` are the
     visual-word ids of the image (repeats mean term frequency); ``keypoints`` is the local
-    feature's serialised blob, kept for geometric verification of top candidates.
+    feature's serialised blob, kept for geometric verification of top candidates;
+    ``vocabulary_id`` names the fitted vocabulary ``words`` came from.
     """
 
     item: CatalogItem
@@ -45,6 +49,7 @@ class ItemUpdate:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     words: np.ndarray | None = None
     keypoints: bytes | None = None
+    vocabulary_id: str = ""
 
 
 @runtime_checkable
@@ -63,9 +68,12 @@ class CatalogStore(Protocol):
         """(scores, keys), each (n_queries, k), cosine similarity, best first, -1 keys pad."""
 
     def word_candidates(
-        self, words: np.ndarray, k: int, category: str | None = None
+        self, words: np.ndarray, k: int, category: str | None = None, keys: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, scores) of items sharing visual words with ``words``, best first."""
+        """(keys, scores in (0, 1]) of items sharing visual words with ``words``, best first.
+
+        ``category`` filters on a path prefix, ``keys`` on an explicit set of item keys.
+        """
 
     def keypoints(self, keys: Sequence[int]) -> dict[int, bytes]:
         """Serialised local features of these items only (for geometric verification)."""
@@ -114,15 +122,13 @@ class EmbeddedStore:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         return self.index.vector_store(feature).search(queries, k, allowed)
 
-    def word_candidates(self, words, k, category=None):
-        try:
-            from indexer.local import load_local_index
-        except ModuleNotFoundError:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        local = load_local_index(self.index)
+    def word_candidates(self, words, k, category=None, keys=None):
+        local = self.index.local_index()
         if local is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         allowed = self.index.store.keys_in_category(category) if category else None
+        if keys is not None:
+            allowed = np.asarray(keys, np.int64) if allowed is None else np.intersect1d(allowed, keys)
         return local.bow.search(np.asarray(words), k, allowed)
 
     def keypoints(self, keys):
@@ -202,18 +208,6 @@ def recommended_factory(n_items: int, dim: int = 1280, memory_budget_bytes: int 
     nlist = 2 ** max(10, min(16, round(math.log2(4 * math.sqrt(n_items)))))
     subquantizers = max(m for m in (8, 16, 32, 64) if dim % m == 0) if dim % 8 == 0 else 8
     return f"IVF{nlist}_HNSW32,PQ{subquantizers},Refine(SQ8)"
-
-
-def recommended_search_parameters(factory: str) -> str:
-    """``faiss.ParameterSpace`` string to search ``factory`` with (faiss's defaults are nprobe=1, k_factor=1)."""
-    params = []
-    if "IVF" in factory:
-        params.append("nprobe=16")
-    if "HNSW" in factory and "IVF" not in factory:
-        params.append("efSearch=64")
-    if "Refine" in factory or "RFlat" in factory:
-        params.append("k_factor_rf=10")
-    return ",".join(params)
 
 
 def _half_of_ram() -> int:
