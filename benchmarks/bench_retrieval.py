@@ -2,10 +2,14 @@
 and indexing throughput with local features on against deep-only.
 
     .venv/bin/python benchmarks/bench_retrieval.py [--index DIR] [--throughput-images 200] [--sweep]
+        [--ae-weights 0,0.1,0.2,0.5 [--ae-epochs 15]]
 
 The catalog is iconic + train; queries are the val photos; a hit is right when its fine category
 (the product) is the query's. ``--index`` reuses an index of that catalog built with local
 features (otherwise one is built in a temporary folder, and its build time is reported).
+``--ae-weights`` measures adding ``w * ae_cosine`` (autoencoder codes) to the fused score and to
+the deep cosine alone (``deep+ae``: deep top-40 re-ranked); it trains the index's autoencoder
+first where the index has none (this writes into ``--index``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from indexer.imageio import load_rgb  # noqa: E402
 from indexer.index import CatalogIndex  # noqa: E402
 from indexer.pipeline import index_catalog  # noqa: E402
 from search.engine import Query, SearchEngine, deep_retriever  # noqa: E402
-from search.fusion import fused_retriever  # noqa: E402
+from search.fusion import FusionConfig, ae_cosines, fuse_scores, fused_retriever  # noqa: E402
 from search.local import local_retriever  # noqa: E402
 
 GROUPS = ("Fruit", "Packages", "Vegetables")
@@ -44,7 +48,20 @@ def build(folder: Path, items, local: bool) -> tuple[Path, float, int]:
     return folder / "index", time.perf_counter() - started, report.extracted
 
 
-def top1_table(engine: SearchEngine, photos, sweep: bool) -> dict[str, dict[str, float]]:
+def deep_ae_retriever(weight: float):
+    """Deep top-40 re-ranked by ``deep_cosine + weight * ae_cosine`` (no local side)."""
+
+    def retrieve(engine: SearchEngine, query: Query, k: int, allowed):
+        keys, scores = deep_retriever(engine, query, max(k, 40), allowed)
+        config = FusionConfig(ae_weight=weight)
+        fused_keys, fused_scores = fuse_scores(keys, scores, np.zeros(0, np.int64), {}, config, 1,
+                                               ae_cosines(engine, query, keys))
+        return fused_keys[:k], fused_scores[:k]
+
+    return retrieve
+
+
+def top1_table(engine: SearchEngine, photos, sweep: bool, ae_weights: tuple[float, ...] = ()) -> dict[str, dict[str, float]]:
     queries = [Query(load_rgb(photo.path), str(photo.path)) for photo in photos]
     table: dict[str, dict[str, float]] = {}
     latency: dict[str, float] = {}
@@ -65,13 +82,19 @@ def top1_table(engine: SearchEngine, photos, sweep: bool) -> dict[str, dict[str,
 
     for name, retriever in MODES.items():
         evaluate(name, retriever)
+    extra = engine.index.config.extra
+    saved = extra.get("fusion")
+    for weight in ae_weights:
+        evaluate(f"deep+ae w={weight}", deep_ae_retriever(weight))
+    for weight in ae_weights:
+        extra["fusion"] = {**(saved or {}), "ae_weight": weight}
+        evaluate(f"fused ae_weight={weight}", fused_retriever)
     if sweep:
-        extra = engine.index.config.extra
-        saved = extra.get("fusion")
         for rule, weights in (("weighted", (0.1, 0.25, 0.5, 1.0, 2.0)), ("rrf", (0.5, 1.0, 2.0))):
             for weight in weights:
                 extra["fusion"] = {"rule": rule, "local_weight": weight}
                 evaluate(f"fused {rule} w={weight}", fused_retriever)
+    if sweep or ae_weights:
         if saved is None:
             extra.pop("fusion", None)
         else:
@@ -115,7 +138,10 @@ def main() -> None:
     parser.add_argument("--index", type=Path, help="an index of the grocery iconic+train catalog with local features")
     parser.add_argument("--throughput-images", type=int, default=200, help="images per throughput run (0: skip)")
     parser.add_argument("--sweep", action="store_true", help="also compare fusion rules and weights")
+    parser.add_argument("--ae-weights", default="", help="comma-separated ae_weight values to measure, e.g. 0,0.1,0.2,0.5")
+    parser.add_argument("--ae-epochs", type=int, default=15, help="epochs when the autoencoder must be trained first")
     args = parser.parse_args()
+    ae_weights = tuple(float(w) for w in args.ae_weights.split(",") if w.strip())
     root = grocery_root()
     items = catalog_items(("iconic", "train"), root)
 
@@ -135,8 +161,16 @@ def main() -> None:
             print(f"\nfull catalog with local features: {extracted} images in {seconds:.0f}s ({extracted / seconds:.1f} img/s)")
         index = CatalogIndex.open(index_dir)
         try:
+            if ae_weights:
+                from indexer.autoencoder import has_model, train_index_autoencoder
+
+                if not has_model(index):
+                    started = time.perf_counter()
+                    train_index_autoencoder(index, epochs=args.ae_epochs, progress=False)
+                    print(f"\nautoencoder trained on the catalog ({args.ae_epochs} epochs) in "
+                          f"{time.perf_counter() - started:.0f}s")
             engine = SearchEngine(index)
-            table = top1_table(engine, split_photos("val", root), args.sweep)
+            table = top1_table(engine, split_photos("val", root), args.sweep, ae_weights)
             print(f"\ntop-1 product accuracy (%) on val ({len(split_photos('val', root))} queries), catalog iconic+train:")
             columns = ["all", *GROUPS, "ms/query"]
             print(f"  {'mode':24s}" + "".join(f"{c:>11s}" for c in columns))

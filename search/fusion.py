@@ -18,6 +18,16 @@ Packages queries and halves the verification time. A second vocabulary (the inde
 24 samples a word, 8 k-means rounds) gave 62.5% overall, 61% on Packages at this weight, with
 weights 0.1-2.0 within two queries of each other and rrf again last (55.1% at best).
 ``benchmarks/bench_retrieval.py --sweep`` reprints the comparison.
+
+Where the index has an autoencoder (``catalens train-ae``), the weighted rule can add
+``ae_weight * ae_cosine`` (the candidates' bottleneck-code cosine to the query's). It does not
+help, so the weight stays zero: on the same val split (autoencoder trained on iconic+train, 8
+epochs; ``bench_retrieval.py --ae-weights 0,0.1,0.2,0.5 --ae-epochs 8``) fused top-1 fell from
+62.5% at weight 0 to 61.1, 59.5 and 58.8% at 0.1, 0.2 and 0.5, and deep alone re-ranked by
+``deep + w * ae`` from 56.4% to 55.1, 53.7 and 52.4%; the losses are on Vegetables (71.8% to
+67.1, 63.5 and 58.8%), Packages do not gain. A non-zero weight also costs a second pass of the
+backbone's trunk per query (172 against 103 ms a query for deep alone in that run, on a shared
+2-core machine).
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ class FusionConfig:
     local_weight: float = 0.2
     inlier_cap: int = 30
     rrf_k: float = 60.0
+    # Weight of the autoencoder-code cosine (weighted rule, indexes with an autoencoder only);
+    # zero because it did not help on val (see the module docstring).
+    ae_weight: float = 0.0
 
 
 def fusion_config(engine: SearchEngine) -> FusionConfig:
@@ -55,11 +68,13 @@ def fuse_scores(
     inliers: dict[int, int],
     config: FusionConfig,
     min_inliers: int,
+    ae_cosines: dict[int, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(keys, fused scores) best first over the union of both candidate lists.
 
     ``local_keys`` must be in local order (verified inliers first); ``inliers`` may miss keys
-    that were not verified (they count as zero).
+    that were not verified (they count as zero). ``ae_cosines`` (key to autoencoder-code cosine)
+    adds ``config.ae_weight`` times it under the weighted rule; missing keys count as zero.
     """
     candidates = list(dict.fromkeys([int(k) for k in deep_keys] + [int(k) for k in local_keys]))
     if not candidates:
@@ -73,7 +88,9 @@ def fuse_scores(
 
     if config.rule == "weighted":
         # A key only the local side found gets the deep list's last score: it was no better.
-        scores = [deep.get(key, floor) + config.local_weight * evidence(key) for key in candidates]
+        ae = ae_cosines or {}
+        scores = [deep.get(key, floor) + config.local_weight * evidence(key) + config.ae_weight * ae.get(key, 0.0)
+                  for key in candidates]
     elif config.rule == "rrf":
         deep_rank = {int(k): i for i, k in enumerate(deep_keys)}
         local_rank = {int(k): i for i, k in enumerate(local_keys)}
@@ -89,16 +106,34 @@ def fuse_scores(
     return np.asarray(candidates, np.int64)[order], np.asarray(scores, np.float32)[order]
 
 
+def ae_cosines(engine: SearchEngine, query: Query, keys: np.ndarray) -> dict[int, float] | None:
+    """Autoencoder-code cosine of the query to each of ``keys``; None where the index has no codes."""
+    from indexer.autoencoder import FEATURE_NAME, has_model
+    from search.ae_mode import ae_vector
+
+    if FEATURE_NAME not in engine.index.meta["dims"] or not has_model(engine.index) or not len(keys):
+        return None
+    store = engine.index.vector_store(FEATURE_NAME)
+    # A search restricted to the candidates returns exactly their cosines.
+    scores, found = store.search(ae_vector(engine, query)[None], len(keys), np.asarray(keys, np.int64))
+    return {int(key): float(score) for key, score in zip(found[0], scores[0], strict=True) if key >= 0}
+
+
 @register_mode("fused")
 def fused_retriever(engine: SearchEngine, query: Query, k: int, allowed: np.ndarray | None):
     """Deep and local candidates, fused; falls back to deep where the index has no local side."""
     config = fusion_config(engine)
     local_config = search_config(engine)
     deep_keys, deep_scores = deep_retriever(engine, query, max(k, config.deep_k), allowed)
+    use_ae = config.rule == "weighted" and config.ae_weight != 0
     try:
         local_keys, local_scores = bow_candidates(engine, query, config.local_k, allowed)
     except ValueError:
-        return deep_keys[:k], deep_scores[:k]
+        cosines = ae_cosines(engine, query, deep_keys) if use_ae else None
+        if cosines is None:
+            return deep_keys[:k], deep_scores[:k]
+        keys, scores = fuse_scores(deep_keys, deep_scores, np.zeros(0, np.int64), {}, config, 1, cosines)
+        return keys[:k], scores[:k]
     to_verify = np.unique(np.concatenate([deep_keys[: config.verify_top], local_keys[: config.verify_top]]))
     checks = verified(engine, query, to_verify)
     inliers = {key: check.inliers for key, check in checks.items()}
@@ -107,5 +142,8 @@ def fused_retriever(engine: SearchEngine, query: Query, k: int, allowed: np.ndar
         range(len(local_keys)),
         key=lambda i: -(inliers.get(int(local_keys[i]), 0) * (inliers.get(int(local_keys[i]), 0) >= local_config.min_inliers) + float(local_scores[i])),
     )
-    keys, scores = fuse_scores(deep_keys, deep_scores, local_keys[local_order], inliers, config, local_config.min_inliers)
+    candidates = np.unique(np.concatenate([deep_keys, local_keys]))
+    cosines = ae_cosines(engine, query, candidates) if use_ae else None
+    keys, scores = fuse_scores(deep_keys, deep_scores, local_keys[local_order], inliers, config, local_config.min_inliers,
+                               cosines)
     return keys[:k], scores[:k]

@@ -143,6 +143,30 @@ def test_ae_mode_finds_the_item_itself(ae_index, tiny_catalog):
     assert result.results[0].id.endswith(query.name)
 
 
+def test_fusion_adds_weighted_autoencoder_cosines_only_when_asked():
+    from search.fusion import FusionConfig, fuse_scores
+
+    deep_keys, deep_scores, none = np.array([1, 2]), np.array([0.9, 0.85]), np.zeros(0, np.int64)
+    cosines = {1: 0.1, 2: 0.9}
+    keys, _ = fuse_scores(deep_keys, deep_scores, none, {}, FusionConfig(), 8, cosines)
+    assert list(keys) == [1, 2]  # the default weight is zero
+    keys, scores = fuse_scores(deep_keys, deep_scores, none, {}, FusionConfig(ae_weight=0.5), 8, cosines)
+    assert list(keys) == [2, 1] and scores[0] == pytest.approx(0.85 + 0.5 * 0.9)
+
+
+def test_fused_mode_reads_the_index_autoencoder_codes(ae_index, tiny_catalog):
+    from search.engine import SearchEngine
+
+    query = sorted(tiny_catalog.rglob("*.jpg"))[0]
+    engine = SearchEngine(ae_index)
+    plain = engine.search([query], k=3, mode="fused")[0].results
+    ae_index.config.extra["fusion"] = {"ae_weight": 1.0}
+    with_ae = engine.search([query], k=3, mode="fused")[0].results
+    assert with_ae[0].id == plain[0].id and with_ae[0].id.endswith(query.name)
+    # The item itself: deep cosine 1 plus autoencoder cosine 1.
+    assert with_ae[0].score == pytest.approx(plain[0].score + 1.0, abs=1e-3)
+
+
 def test_score_anomalies_json_contract_and_heatmaps(ae_index, tiny_catalog, tmp_path):
     from search.anomaly import score_anomalies
 
