@@ -7,7 +7,10 @@ whitespace tokens of a text field, so bag-of-words candidates are a BM25-scored 
 term queries on the inverted index; the category path is indexed with a ``path_hierarchy``
 tokenizer so one term query filters on a path prefix, and a ``keyword`` copy aggregates it.
 Keypoints are a ``binary`` field (stored in ``_source``, not indexed), fetched for the top
-candidates of a query only.
+candidates of a query only. The visual vocabulary is fitted on the stored keypoints and kept
+as a file in ``models_dir`` beside the client (``CATALENS_ES_MODELS``); each document records
+which vocabulary its words came from, so a refit or an interrupted run re-quantises exactly
+the items that need it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 RECORD_FIELDS = ["key", "id", "image", "category", "title", "attributes", "fingerprint"]
 # Elasticsearch's default indices.query.bool.max_clause_count is at least 1024.
 MAX_WORD_CLAUSES = 1000
+# ``words_vocab`` of an item whose keypoints are stored but not yet quantised.
+PENDING_WORDS = "pending"
+# Keypoint blobs are ~60-80 kB an item in _source: fetch this many per request.
+KEYPOINT_CHUNK = 128
 
 
 def item_key(item_id: str) -> int:
@@ -86,6 +93,7 @@ def index_template(dims: dict[str, int], settings: ElasticSettings | None = None
             "index_options": "freqs",
         },
         "keypoints": {"type": "binary"},
+        "words_vocab": {"type": "keyword"},
         "updated_at": {"type": "date", "format": "epoch_second"},
     }
     for feature, dim in sorted(dims.items()):
@@ -142,8 +150,19 @@ def knn_body(
     return {"knn": knn, "size": int(k), "source": RECORD_FIELDS}
 
 
-def words_body(words: np.ndarray, k: int, category: str | None = None) -> dict[str, Any] | None:
-    """Keyword arguments of ``Elasticsearch.search`` for bag-of-words candidates, or None."""
+def default_models_dir(index: str) -> Path:
+    """Where what is fitted on an Elasticsearch catalog (the vocabulary) is kept on this machine."""
+    default = Path.home() / ".cache" / "catalens" / "elasticsearch" / index / "models"
+    return Path(os.environ.get("CATALENS_ES_MODELS", default))
+
+
+def words_body(
+    words: np.ndarray, k: int, category: str | None = None, keys: Sequence[int] | None = None
+) -> dict[str, Any] | None:
+    """Keyword arguments of ``Elasticsearch.search`` for bag-of-words candidates, or None.
+
+    ``category`` filters on a path prefix; ``keys`` (an explicit allowed set) on item keys.
+    """
     unique, counts = np.unique(np.asarray(words, np.int64).ravel(), return_counts=True)
     if len(unique) == 0:
         return None
@@ -151,9 +170,9 @@ def words_body(words: np.ndarray, k: int, category: str | None = None) -> dict[s
     order = np.argsort(-counts, kind="stable")[:MAX_WORD_CLAUSES]
     should = [{"term": {"words": {"value": f"w{int(unique[i])}", "boost": float(counts[i])}}} for i in order]
     query: dict[str, Any] = {"bool": {"should": should, "minimum_should_match": 1}}
-    flt = category_filter(category)
-    if flt is not None:
-        query["bool"]["filter"] = [flt]
+    filters = [f for f in (category_filter(category), {"terms": {"key": [int(x) for x in keys]}} if keys is not None else None) if f]
+    if filters:
+        query["bool"]["filter"] = filters
     return {"query": query, "size": int(k), "source": ["key"]}
 
 
@@ -175,6 +194,9 @@ def item_document(update: ItemUpdate) -> dict[str, Any]:
         document["words"] = words_text(update.words)
     if update.keypoints is not None:
         document["keypoints"] = base64.b64encode(update.keypoints).decode("ascii")
+    if update.keypoints is not None or update.words is not None:
+        # Words of an unnamed vocabulary are as good as none: the next run quantises them.
+        document["words_vocab"] = update.vocabulary_id if update.words is not None and update.vocabulary_id else PENDING_WORDS
     return document
 
 
@@ -237,11 +259,12 @@ class ElasticStore:
             mismatched = {f: d for f, d in dims.items() if existing.get(f) not in (None, d)}
             if mismatched:
                 raise ValueError(f"Elasticsearch index {self.index!r} has {existing}, not {mismatched}")
-            missing = {f: d for f, d in dims.items() if f not in existing}
+            # New vector fields, or fields of a newer catalens, can be added to a live index;
+            # existing documents lack them until they are written again.
+            wanted = index_template({**existing, **dims}, self.settings)["template"]["mappings"]["properties"]
+            missing = {name: spec for name, spec in wanted.items() if name not in self._properties()}
             if missing:
-                # dense_vector fields can be added to a live index; existing documents lack them.
-                body = index_template(missing, self.settings)["template"]["mappings"]["properties"]
-                self.client.indices.put_mapping(index=self.index, properties={f: body[f] for f in missing})
+                self.client.indices.put_mapping(index=self.index, properties=missing)
                 self._dims = None
             return
         template = index_template(dims, self.settings)
@@ -250,10 +273,13 @@ class ElasticStore:
         self._dims = dict(dims)
         log.info("created Elasticsearch index %s with vectors %s", self.index, dims)
 
+    def _properties(self) -> dict[str, Any]:
+        mapping = self.client.indices.get_mapping(index=self.index)
+        return next(iter(mapping.values()))["mappings"].get("properties", {})
+
     def dims(self) -> dict[str, int]:
         if self._dims is None:
-            mapping = self.client.indices.get_mapping(index=self.index)
-            properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+            properties = self._properties()
             self._dims = {name: int(spec["dims"]) for name, spec in properties.items() if spec.get("type") == "dense_vector"}
         return dict(self._dims)
 
@@ -281,26 +307,60 @@ class ElasticStore:
                 keys[row, column] = int(hit["_source"]["key"])
         return scores, keys
 
-    def word_candidates(self, words, k, category=None):
-        body = words_body(words, k, category)
+    def word_candidates(self, words, k, category=None, keys=None):
+        """As ``CatalogStore.word_candidates``; ``keys`` restricts the search to those item keys.
+
+        Scores are BM25 divided by the best hit's, so in (0, 1] as the embedded tf-idf cosine
+        is: local search ranks any verified match (8+ inliers) above every unverified one.
+        """
+        body = words_body(words, k, category, keys)
         if body is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         hits = self.client.search(index=self.index, **body)["hits"]["hits"]
-        keys = np.array([int(hit["_source"]["key"]) for hit in hits], np.int64)
-        return keys, np.array([float(hit["_score"]) for hit in hits], np.float32)
+        found = np.array([int(hit["_source"]["key"]) for hit in hits], np.int64)
+        scores = np.array([float(hit["_score"]) for hit in hits], np.float32)
+        if len(scores) and scores[0] > 0:
+            scores /= scores[0]
+        return found, scores
 
     def keypoints(self, keys):
         keys = [int(key) for key in keys]
-        if not keys:
-            return {}
-        response = self.client.search(
-            index=self.index, query={"terms": {"key": keys}}, size=len(keys), source=["key", "keypoints"]
-        )
-        return {
-            int(hit["_source"]["key"]): base64.b64decode(hit["_source"]["keypoints"])
-            for hit in response["hits"]["hits"]
-            if hit["_source"].get("keypoints")
-        }
+        found: dict[int, bytes] = {}
+        for start in range(0, len(keys), KEYPOINT_CHUNK):
+            chunk = keys[start : start + KEYPOINT_CHUNK]
+            response = self.client.search(
+                index=self.index, query={"terms": {"key": chunk}}, size=len(chunk), source=["key", "keypoints"]
+            )
+            found.update({
+                int(hit["_source"]["key"]): base64.b64decode(hit["_source"]["keypoints"])
+                for hit in response["hits"]["hits"]
+                if hit["_source"].get("keypoints")
+            })
+        return found
+
+    def feature_blobs(self, feature: str, keys: Sequence[int]) -> dict[int, bytes]:
+        """``MetadataStore.feature_blobs`` for the local feature: its keypoints, by key."""
+        from indexer.local import FEATURE_NAME
+
+        return self.keypoints(keys) if feature == FEATURE_NAME else {}
+
+    def local_items(self, exclude_vocabulary: str | None = None) -> dict[int, str]:
+        """key -> id of the items with stored keypoints (not yet quantised with ``exclude_vocabulary``)."""
+        from elasticsearch import helpers
+
+        query: dict[str, Any] = {"bool": {"filter": [{"exists": {"field": "words_vocab"}}]}}
+        if exclude_vocabulary is not None:
+            query["bool"]["must_not"] = [{"term": {"words_vocab": exclude_vocabulary}}]
+        hits = helpers.scan(self.client, index=self.index, query={"query": query, "_source": ["key", "id"]})
+        return {int(hit["_source"]["key"]): hit["_source"]["id"] for hit in hits}
+
+    def set_words(self, words: dict[str, np.ndarray], vocabulary_id: str) -> None:
+        """Partial updates: item id -> its visual words under vocabulary ``vocabulary_id``."""
+        self._bulk([
+            {"_op_type": "update", "_index": self.index, "_id": item_id,
+             "doc": {"words": words_text(ids), "words_vocab": vocabulary_id}}
+            for item_id, ids in words.items()
+        ])
 
     def items(self, keys):
         keys = [int(key) for key in keys]
@@ -415,13 +475,25 @@ class _ElasticVectors:
         return self.store.knn(self.feature, queries, k, keys=allowed_keys)
 
 
+class _ElasticWords:
+    """The ``BagOfWords.search`` surface over the ``words`` field: a scored term query."""
+
+    def __init__(self, store: ElasticStore):
+        self.store = store
+
+    def search(self, words: np.ndarray, k: int, allowed: np.ndarray | None = None):
+        return self.store.word_candidates(words, k, keys=allowed)
+
+
 class ElasticIndexView:
     """Enough of ``CatalogIndex`` for ``SearchEngine`` to run its vector modes against a cluster.
 
-    ``SearchEngine(ElasticIndexView(store))`` answers ``deep`` (and any mode that asks only
-    ``index.vector_store(name)`` and ``index.store``) from Elasticsearch, with no change to
-    the engine. Item lookups and category filters go to the store, which has the
-    ``MetadataStore`` read methods the engine uses.
+    ``SearchEngine(ElasticIndexView(store))`` answers every mode from Elasticsearch with no
+    change to the engine: ``deep`` and ``ae`` through ``vector_store(name)`` (filtered kNN),
+    ``local`` and ``fused`` through ``local_index()`` (the vocabulary from ``models_dir``, word
+    candidates from a term query) and the store's ``feature_blobs`` (keypoints of the
+    candidates being verified only). Item lookups and category filters go to the store, which
+    has the ``MetadataStore`` read methods the engine uses.
     """
 
     def __init__(self, store: ElasticStore, config: Any = None, models_dir: str | Path | None = None):
@@ -431,8 +503,7 @@ class ElasticIndexView:
         self.config = config or load_config()
         self.root = f"elasticsearch:{store.index}"
         # What is fitted on the catalog (heads, vocabulary) stays in files beside the client.
-        default = Path.home() / ".cache" / "catalens" / "elasticsearch" / store.index / "models"
-        self.models_dir = Path(models_dir or os.environ.get("CATALENS_ES_MODELS", default))
+        self.models_dir = Path(models_dir or default_models_dir(store.index))
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
         self._cache: dict[str, Any] = {}
@@ -447,6 +518,18 @@ class ElasticIndexView:
 
             raise IndexUnavailableError(f"{self.root}: this index has no {feature!r} vectors")
         return _ElasticVectors(self.store, feature)
+
+    def local_index(self):
+        """``indexer.local.LocalIndex`` whose word search is a term query on the cluster, or None."""
+        from indexer.local import VOCAB_FILE, LocalConfig, LocalIndex, VisualVocabulary
+
+        path = self.models_dir / VOCAB_FILE
+        if not path.is_file():
+            return None
+        # Keyed by the file's mtime: an indexing run elsewhere that refits it is picked up.
+        stamp = f"local_index:{path.stat().st_mtime_ns}"
+        return self.cached(stamp, lambda: LocalIndex(
+            VisualVocabulary.load(path)[0], _ElasticWords(self.store), LocalConfig.from_index(self)))
 
     def deep_extractor(self):
         from indexer.deep import DeepFeatureExtractor
@@ -469,18 +552,19 @@ def index_catalog_to_elastic(
     store: ElasticStore,
     config: Any = None,
     features: Sequence[Any] | None = None,
-    words_of: Callable[[bytes], np.ndarray] | None = None,
     prune: bool = True,
     progress: bool = True,
+    models_dir: str | Path | None = None,
 ) -> Any:
     """Bring an Elasticsearch store in line with ``catalog``, as ``index_catalog`` does locally.
 
     Reuses the embedded pipeline's extraction: ``iter_prepared`` decodes in worker processes,
     each feature's ``preparer``/``finish`` computes vectors (global features, one
-    ``dense_vector`` field each) or blobs (a local feature: stored as keypoints, and turned into
-    visual words by ``words_of`` when a fitted vocabulary is given). Every ``commit_every``
-    images go to the cluster in one bulk request keyed by item id, so a run that dies resumes
-    where it stopped: items whose image fingerprint is already stored are skipped.
+    ``dense_vector`` field each) or blobs (the local feature: stored as keypoints). Every
+    ``commit_every`` images go to the cluster in one bulk request keyed by item id, so a run
+    that dies resumes where it stopped: items whose image fingerprint is already stored are
+    skipped. Then ``update_visual_words`` fits the vocabulary (into ``models_dir``) if needed
+    and quantises the items that lack words from it.
     """
     from datasets.catalog import load_catalog
     from indexer.config import load_config
@@ -491,8 +575,13 @@ def index_catalog_to_elastic(
     started = time.perf_counter()
     config = config or load_config()
     items = catalog if isinstance(catalog, list) else load_catalog(catalog)
+    view = ElasticIndexView(store, config, models_dir)
     if features is None:
         features = [DeepFeatureExtractor(config.backbone, runtime=config.runtime, batch_size=config.batch_size)]
+        if config.local_features:
+            from indexer.local import LocalConfig, SiftFeature
+
+            features.append(SiftFeature(LocalConfig.from_index(view)))
     global_features = [f for f in features if isinstance(f, GlobalFeature)]
     local_features = [f for f in features if not isinstance(f, GlobalFeature)]
     store.ensure_index({f.name: f.dim for f in global_features})
@@ -545,8 +634,6 @@ def index_catalog_to_elastic(
                 update = ItemUpdate(item, fingerprint, {f.name: finished[f.name][row] for f in global_features})
                 if local_features:
                     update.keypoints = finished[local_features[0].name][row]
-                    if words_of is not None:
-                        update.words = words_of(update.keypoints)
                 pending.append(update)
             for position, error in batch.errors.items():
                 item, _ = to_extract[position]
@@ -558,6 +645,8 @@ def index_catalog_to_elastic(
     if pending:
         commit()
     store.refresh()
+    if local_features:
+        update_visual_words(view)
     report.seconds = time.perf_counter() - started
     log.info(
         "indexed into %s: %d added, %d updated, %d metadata-only, %d removed, %d unchanged, %d failed in %.1fs",
@@ -565,3 +654,57 @@ def index_catalog_to_elastic(
         report.unchanged, len(report.failures), report.seconds,
     )
     return report
+
+
+def update_visual_words(view: ElasticIndexView) -> int:
+    """Fit the visual vocabulary on stored keypoints when due, then give items their words.
+
+    The rule is the embedded index's (``indexer.local.LocalExtension``): fit once, refit when
+    the catalog has grown ``refit_growth`` times. Items whose ``words_vocab`` is not the current
+    vocabulary (new, re-extracted, or all of them after a refit) are quantised in chunks and
+    written with partial updates; a run that dies half-way leaves the rest for the next one.
+    Returns how many items were quantised.
+    """
+    from indexer.local import (
+        VOCAB_FILE,
+        LocalConfig,
+        LocalExtension,
+        VisualVocabulary,
+        auto_vocab_size,
+        item_descriptors,
+    )
+
+    started = time.perf_counter()
+    store, config = view.store, LocalConfig.from_index(view)
+    local = store.local_items()
+    path = view.models_dir / VOCAB_FILE
+    if not local:
+        path.unlink(missing_ok=True)
+        return 0
+    vocabulary, fitted_on = None, 0
+    if path.is_file():
+        vocabulary, extra = VisualVocabulary.load(path)
+        fitted_on = int(extra.get("fitted_on", 0))
+    wanted = config.vocab_size or auto_vocab_size(len(local))
+    if vocabulary is None or len(local) >= config.refit_growth * max(fitted_on, 1) or (
+        config.vocab_size and vocabulary.size != config.vocab_size
+    ):
+        vocabulary = LocalExtension._fit(view, sorted(local), wanted, config)
+        vocabulary.save(path, fitted_on=np.array(len(local)))
+        log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(local))
+    todo = store.local_items(exclude_vocabulary=vocabulary.id_)
+    keys = sorted(todo)
+    for start in range(0, len(keys), KEYPOINT_CHUNK):
+        described = item_descriptors(view, keys[start : start + KEYPOINT_CHUNK])
+        if not described:
+            continue
+        # One call per chunk: per-image calls pay faiss's thread start-up each time.
+        assigned = vocabulary.transform(np.concatenate([d.descriptors for d in described.values()]))
+        bounds = np.cumsum([0] + [len(d) for d in described.values()])
+        store.set_words(
+            {todo[key]: assigned[a:b] for key, a, b in zip(described, bounds[:-1], bounds[1:], strict=True)},
+            vocabulary.id_,
+        )
+    store.refresh()
+    log.info("visual words: %d items quantised in %.1fs", len(todo), time.perf_counter() - started)
+    return len(todo)

@@ -16,7 +16,6 @@ from indexer.local import (
     LocalIndex,
     SiftPreparer,
     item_descriptors,
-    load_local_index,
 )
 from search.engine import Query, SearchEngine, register_mode
 from search.geometry import Verification, verify
@@ -41,7 +40,12 @@ def search_config(engine: SearchEngine) -> LocalSearchConfig:
 
 
 def local_index(engine: SearchEngine) -> LocalIndex:
-    loaded = load_local_index(engine.index)
+    """Vocabulary and word search of the engine's index, whichever store holds it.
+
+    The embedded index answers word candidates from its inverted file, Elasticsearch with a
+    term query; verification below reads keypoints of the candidates through ``index.store``.
+    """
+    loaded = engine.index.local_index()
     if loaded is None:
         raise ValueError(
             f"{engine.index.root}: this index has no local features (index with local_features on)"

@@ -37,6 +37,8 @@ class FakeServer:
         self.requests: list[tuple[str, str, object]] = []
         self.responses: list[object] = []
         self.existing: set[str] = set()
+        # Answers requests when no canned response is queued: (method, path, body, params) -> body.
+        self.route = None
         server = self
 
         def perform_request(client, method, path, *, params=None, headers=None, body=None, endpoint_id=None, path_parts=None):
@@ -48,7 +50,12 @@ class FakeServer:
 
                 status = 200 if path.strip("/") in server.existing else 404
                 return HeadApiResponse(ApiResponseMeta(status, "1.1", HttpHeaders(), 0.0, NodeConfig("http", "localhost", 9200)))
-            answer = server.responses.pop(0) if server.responses else {"acknowledged": True}
+            if server.responses:
+                answer = server.responses.pop(0)
+            elif server.route is not None:
+                answer = server.route(method, path, body, params or {})
+            else:
+                answer = {"acknowledged": True}
             if isinstance(answer, Exception):
                 raise answer
             if callable(answer):
@@ -278,11 +285,17 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog, tmp_
     from indexer.config import IndexConfig
     from indexer.elastic import index_catalog_to_elastic
 
-    config = IndexConfig(commit_every=4)
+    config = IndexConfig(commit_every=4, extra={"local": {"vocab_size": 64}})
+    models = tmp_path / "models"
     items = load_catalog(tiny_catalog)
-    report = index_catalog_to_elastic(items, live_store, config, progress=False)
+    report = index_catalog_to_elastic(items, live_store, config, progress=False, models_dir=models)
     assert report.added == len(items) and not report.failures
     assert live_store.count() == len(items)
+    # every item with keypoints has words of the vocabulary fitted on them
+    from indexer.local import VOCAB_FILE, VisualVocabulary
+
+    vocabulary, _ = VisualVocabulary.load(models / VOCAB_FILE)
+    assert live_store.local_items() and not live_store.local_items(exclude_vocabulary=vocabulary.id_)
 
     # search: an indexed image finds itself first; a category filter keeps to whole levels
     from indexer.deep import DeepFeatureExtractor
@@ -298,34 +311,43 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog, tmp_
     assert records and all(r.category.split("/")[0] == top for r in records.values())
     assert set(live_store.categories()) == {item.category for item in items}
 
-    # the search engine's vector modes run unchanged against the cluster
+    # every search mode runs unchanged against the cluster, with and without a category filter
     from indexer.elastic import ElasticIndexView
     from search.engine import SearchEngine
 
-    view = ElasticIndexView(live_store, config, models_dir=tmp_path / "models")
-    for mode in ("deep", "ae"):
+    view = ElasticIndexView(live_store, config, models_dir=models)
+    for mode in ("deep", "local", "fused", "ae"):
         if mode == "ae" and "ae" not in live_store.dims():
             continue
-        [result] = SearchEngine(view).search([items[0].image], k=3, mode=mode, category=top)
-        assert result.results[0].id == items[0].id
+        for category in (None, top):
+            [result] = SearchEngine(view).search([items[0].image], k=3, mode=mode, category=category)
+            assert result.results[0].id == items[0].id, (mode, category)
+            assert category is None or all(hit.category.split("/")[0] == top for hit in result.results)
 
     # words: a bag-of-words query finds the item whose words it shares
-    live_store.upsert_items([ItemUpdate(items[1], "x", {"deep": vector[0]}, np.array([1, 2, 2]), b"kp")])
+    # (word ids past the 64-word vocabulary: no other item has them)
+    live_store.upsert_items([ItemUpdate(items[1], "x", {"deep": vector[0]}, np.array([1000, 1001, 1001]), b"kp")])
     live_store.refresh()
-    found, _ = live_store.word_candidates(np.array([2, 2, 9]), 5)
+    found, _ = live_store.word_candidates(np.array([1001, 1001, 9999]), 5)
     assert found[0] == item_key(items[1].id)
     assert live_store.keypoints([item_key(items[1].id)]) == {item_key(items[1].id): b"kp"}
 
     # resume: a second run extracts nothing and duplicates nothing (item 1 has a stale fingerprint)
-    again = index_catalog_to_elastic(items, live_store, config, progress=False)
+    again = index_catalog_to_elastic(items, live_store, config, progress=False, models_dir=models)
     assert again.extracted == 1 and live_store.count() == len(items)
+    assert not live_store.local_items(exclude_vocabulary=vocabulary.id_)  # item 1 re-quantised
+    [result] = SearchEngine(view).search([items[1].image], k=3, mode="local")
+    assert result.results[0].id == items[1].id
 
     # delete, twice: idempotent; pruning by a shorter catalog removes the rest
     live_store.delete_items([items[0].id])
     live_store.delete_items([items[0].id])
     live_store.refresh()
     assert live_store.item_by_id(items[0].id) is None and live_store.count() == len(items) - 1
-    pruned = index_catalog_to_elastic(items[:5], live_store, config, progress=False)
+    for mode in ("deep", "local", "fused"):
+        [result] = SearchEngine(view).search([items[0].image], k=5, mode=mode)
+        assert items[0].id not in [hit.id for hit in result.results], mode
+    pruned = index_catalog_to_elastic(items[:5], live_store, config, progress=False, models_dir=models)
     assert pruned.removed == len(items) - 5 and live_store.count() == 5
 
 
@@ -390,3 +412,319 @@ def test_backend_arguments_reach_open_store(monkeypatch, tmp_path):
     assert isinstance(store, ElasticStore)
     with pytest.raises(Exception, match="no catalens index here"):
         open_store(tmp_path / "absent", *vars(parser.parse_args([])).values())
+
+
+# --- local and fused search against Elasticsearch, through an in-memory cluster
+
+
+class MiniCluster:
+    """Just enough of one Elasticsearch index, in memory, for catalens' requests.
+
+    It evaluates the query shapes catalens sends (term, terms, exists, bool, kNN, scroll,
+    bulk index/update/delete), so a whole indexing run and searches in every mode can go
+    through the official client; each request stays in ``server.requests`` to be checked.
+    """
+
+    def __init__(self, server: FakeServer, index: str = "shop"):
+        self.server, self.index = server, index
+        self.docs: dict[str, dict] = {}
+        self.properties: dict[str, dict] = {}
+        server.route = self.answer
+
+    # query evaluation
+
+    def matches(self, source: dict, query: dict) -> bool:
+        kind, spec = next(iter(query.items()))
+        if kind == "match_all":
+            return True
+        if kind == "exists":
+            return source.get(spec["field"]) is not None
+        if kind == "terms":
+            field, values = next(iter(spec.items()))
+            return source.get(field) in values
+        if kind == "term":
+            field, value = next(iter(spec.items()))
+            value = value["value"] if isinstance(value, dict) else value
+            if field == "category.tree":  # path_hierarchy: whole levels of the path
+                category = source.get("category", "")
+                return category == value or category.startswith(value + "/")
+            if field == "words":
+                return value in source.get("words", "").split()
+            return source.get(field) == value
+        if kind == "bool":
+            if not all(self.matches(source, q) for q in _as_list(spec.get("filter", []))):
+                return False
+            if any(self.matches(source, q) for q in _as_list(spec.get("must_not", []))):
+                return False
+            should = spec.get("should", [])
+            return not should or any(self.matches(source, q) for q in should)
+        raise AssertionError(f"MiniCluster does not know the {kind!r} query")
+
+    def score(self, source: dict, query: dict) -> float:
+        """Term queries on words: boost x term frequency, summed (BM25 without idf or norms)."""
+        tokens = source.get("words", "").split()
+        total = 0.0
+        for clause in query.get("bool", {}).get("should", []):
+            term = clause["term"]["words"]
+            total += term["boost"] * tokens.count(term["value"])
+        return total or 1.0
+
+    def search(self, body: dict, params: dict) -> dict:
+        fields = body.get("_source", True)
+
+        def hit(item_id, score):
+            source = self.docs[item_id]
+            kept = source if fields is True else {f: source[f] for f in fields if f in source}
+            return {"_id": item_id, "_score": score, "_source": kept}
+
+        if "knn" in body:
+            knn = body["knn"]
+            query = np.asarray(knn["query_vector"], np.float32)
+            scored = []
+            for item_id, source in self.docs.items():
+                if knn["field"] in source and ("filter" not in knn or self.matches(source, knn["filter"])):
+                    vector = np.asarray(source[knn["field"]], np.float32)
+                    cosine = float(vector @ query / (np.linalg.norm(vector) * np.linalg.norm(query)))
+                    scored.append(((1 + cosine) / 2, item_id))
+            scored.sort(reverse=True)
+            return {"hits": {"hits": [hit(i, sc) for sc, i in scored[: knn["k"]]]}}
+        query = body.get("query", {"match_all": {}})
+        found = [(self.score(source, query), item_id) for item_id, source in self.docs.items() if self.matches(source, query)]
+        found.sort(key=lambda pair: -pair[0])
+        size = len(found) if "scroll" in params or "scroll" in body else body.get("size", 10)
+        answer = {"hits": {"hits": [hit(i, sc) for sc, i in found[:size]]}}
+        if "scroll" in params or "scroll" in body:
+            answer.update({"_scroll_id": "all", "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0}})
+        if "aggs" in body:
+            counts: dict[str, int] = {}
+            for source in self.docs.values():
+                counts[source["category"]] = counts.get(source["category"], 0) + 1
+            answer["aggregations"] = {"categories": {"buckets": [{"key": c, "doc_count": n} for c, n in counts.items()]}}
+        return answer
+
+    def bulk(self, body) -> dict:
+        lines = [json.loads(line) for line in body]
+        items, position = [], 0
+        while position < len(lines):
+            op, meta = next(iter(lines[position].items()))
+            item_id = meta["_id"]
+            if op == "delete":
+                status = 200 if self.docs.pop(item_id, None) is not None else 404
+                position += 1
+            else:
+                payload = lines[position + 1]
+                position += 2
+                if op == "index":
+                    self.docs[item_id], status = payload, 200
+                elif item_id in self.docs:
+                    self.docs[item_id].update(payload["doc"])
+                    status = 200
+                else:
+                    status = 404
+            items.append({op: {"_id": item_id, "status": status}})
+        return {"took": 1, "errors": any(i[next(iter(i))]["status"] >= 300 for i in items), "items": items}
+
+    def answer(self, method: str, path: str, body, params: dict):
+        parts = path.strip("/").split("/")
+        if path == "/_bulk":
+            return self.bulk(body)
+        if path == "/_search/scroll":
+            return {"succeeded": True} if method == "DELETE" else {"_scroll_id": "all", "hits": {"hits": []}}
+        if parts[:2] == ["_index_template", self.index]:
+            self.properties.update(body["template"]["mappings"]["properties"])
+            return {"acknowledged": True}
+        if parts == [self.index] and method == "PUT":
+            self.server.existing.add(self.index)
+            return {"acknowledged": True}
+        if parts == [self.index, "_mapping"]:
+            if method == "PUT":
+                self.properties.update(body["properties"])
+                return {"acknowledged": True}
+            return {self.index: {"mappings": {"properties": self.properties}}}
+        if parts == [self.index, "_search"]:
+            return self.search(body or {}, params)
+        if parts == [self.index, "_count"]:
+            return {"count": len(self.docs)}
+        if parts == [self.index, "_refresh"]:
+            return {"_shards": {"total": 1, "successful": 1, "failed": 0}}
+        if parts[:2] == [self.index, "_doc"] and method == "GET":
+            from elasticsearch import NotFoundError
+
+            if parts[2] not in self.docs:
+                meta = ApiResponseMeta(404, "1.1", HttpHeaders(), 0.0, NodeConfig("http", "localhost", 9200))
+                raise NotFoundError("not found", meta, {"found": False})
+            return {"_id": parts[2], "found": True, "_source": self.docs[parts[2]]}
+        raise AssertionError(f"MiniCluster: unexpected {method} {path}")
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def _label_image(seed: int, size: int = 320):
+    """A label-like image with plenty of corners (SIFT needs texture to find keypoints)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    array = np.full((size, size, 3), 235, np.uint8)
+    for _ in range(70):
+        x, y = rng.integers(0, size - 24, 2)
+        w, h = rng.integers(6, 24, 2)
+        array[y : y + h, x : x + w] = rng.integers(0, 200, 3)
+    return Image.fromarray(array)
+
+
+class ColourFeature:
+    """A stand-in deep feature (no network): mean colour of 4 quadrants, L2-normalised."""
+
+    name, dim, draft_size = "deep", 12, 0
+
+    @staticmethod
+    def preparer(image):
+        array = np.asarray(image.convert("RGB").resize((64, 64)), np.float32)
+        return np.concatenate([q.mean(axis=(0, 1)) for r in np.split(array, 2) for q in np.split(r, 2, axis=1)])
+
+    def finish(self, prepared):
+        rows = np.stack(prepared).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def transform_images(self, images):
+        return self.finish([self.preparer(image) for image in images])
+
+
+@pytest.fixture()
+def es_catalog(tmp_path):
+    from datasets.catalog import CatalogItem
+
+    items = []
+    for number in range(8):
+        category = ["Packages/Milk", "Packages/Juice", "Fruit/Apple", "Fruit/Pear"][number % 4]
+        path = tmp_path / "catalog" / f"{number}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _label_image(number).save(path, quality=95)
+        items.append(CatalogItem(f"item{number}", path, category, f"item {number}", {}))
+    return items
+
+
+def _es_local_config():
+    from indexer.config import IndexConfig
+
+    return IndexConfig(num_workers=0, commit_every=3, extra={"local": {"vocab_size": 64}})
+
+
+def _index_into(cluster_store, items, models_dir):
+    from indexer.elastic import index_catalog_to_elastic
+    from indexer.local import LocalConfig, SiftFeature
+
+    config = _es_local_config()
+    features = [ColourFeature(), SiftFeature(LocalConfig(vocab_size=64))]
+    return index_catalog_to_elastic(items, cluster_store, config, features=features, progress=False, models_dir=models_dir)
+
+
+def _searches(server):
+    return [body for method, path, body in server.requests if path.endswith("/_search") and body]
+
+
+def test_local_features_are_indexed_into_elasticsearch_with_words_of_a_vocabulary_fitted_on_them(server, es_catalog, tmp_path):
+    from indexer.local import VOCAB_FILE, VisualVocabulary
+
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    report = _index_into(store, es_catalog, tmp_path / "models")
+    assert report.added == len(es_catalog) and not report.failures
+    vocabulary, extra = VisualVocabulary.load(tmp_path / "models" / VOCAB_FILE)
+    assert vocabulary.size == 64 and int(extra["fitted_on"]) == len(es_catalog)
+    for source in cluster.docs.values():
+        assert source["words_vocab"] == vocabulary.id_
+        assert len(source["words"].split()) > 50  # one word per keypoint
+    assert cluster.properties["words_vocab"] == {"type": "keyword"}
+
+    # resume: nothing extracted, nothing re-quantised; a new item alone gets its words
+    server.requests.clear()
+    again = _index_into(store, es_catalog, tmp_path / "models")
+    assert again.extracted == 0 and again.unchanged == len(es_catalog)
+    assert not [line for _, path, body in server.requests if path == "/_bulk" for line in body]
+    extra_item = es_catalog[0].__class__("item9", es_catalog[1].image, "Fruit/Pear", "copy", {})
+    server.requests.clear()
+    grown = _index_into(store, [*es_catalog, extra_item], tmp_path / "models")
+    assert grown.added == 1
+    updates = [json.loads(line) for _, path, body in server.requests if path == "/_bulk" for line in body]
+    assert [line["update"]["_id"] for line in updates if "update" in line] == ["item9"]
+    assert cluster.docs["item9"]["words"] == cluster.docs["item1"]["words"]
+
+
+def _engine(server, cluster_store, models_dir):
+    from indexer.elastic import ElasticIndexView
+    from search.engine import SearchEngine
+
+    view = ElasticIndexView(cluster_store, _es_local_config(), models_dir=models_dir)
+    view._cache["deep_extractor"] = ColourFeature()
+    return SearchEngine(view)
+
+
+def _crop(image):
+    width, height = image.size
+    return image.crop((width // 5, height // 5, 4 * width // 5, 4 * height // 5)).resize((300, 300))
+
+
+@pytest.mark.parametrize("mode", ["local", "fused"])
+def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_few_keypoint_fetches(server, es_catalog, tmp_path, mode):
+    from search.local import LocalSearchConfig
+
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    _index_into(store, es_catalog, tmp_path / "models")
+    engine = _engine(server, store, tmp_path / "models")
+    server.requests.clear()
+    [result] = engine.search([_crop(_label_image(5))], k=3, mode=mode)
+    assert result.results[0].id == "item5"
+    if mode == "local":
+        assert result.results[0].score >= LocalSearchConfig().min_inliers  # geometrically verified
+
+    searches = _searches(server)
+    [words] = [body for body in searches if "should" in body.get("query", {}).get("bool", {})]
+    clauses = words["query"]["bool"]["should"]
+    assert all(set(c["term"]["words"]) == {"value", "boost"} and c["term"]["words"]["value"].startswith("w") for c in clauses)
+    assert words["_source"] == ["key"]
+    fetches = [body for body in searches if body.get("_source") == ["key", "keypoints"]]
+    fetched = [key for body in fetches for key in body["query"]["terms"]["key"]]
+    # Keypoints of the verified candidates only, each once, never a scan of the catalog.
+    assert fetched and len(fetched) == len(set(fetched)) <= 2 * LocalSearchConfig().verify_top
+    assert len(fetched) <= len(cluster.docs)
+    knn = [body for body in searches if "knn" in body]
+    assert bool(knn) == (mode == "fused")
+
+
+@pytest.mark.parametrize("mode", ["deep", "local", "fused"])
+def test_category_filter_reaches_the_elasticsearch_queries_of_every_mode(server, es_catalog, tmp_path, mode):
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    _index_into(store, es_catalog, tmp_path / "models")
+    engine = _engine(server, store, tmp_path / "models")
+    server.requests.clear()
+    [result] = engine.search([_crop(_label_image(5))], k=4, mode=mode, category="Packages")
+    assert result.results and all(hit.category.startswith("Packages/") for hit in result.results)
+    packages = sorted(item_key(i) for i, s in cluster.docs.items() if s["category"].startswith("Packages/"))
+    for body in _searches(server):
+        if "knn" in body:
+            assert sorted(body["knn"]["filter"]["terms"]["key"]) == packages
+        elif "should" in body.get("query", {}).get("bool", {}):
+            assert [sorted(f["terms"]["key"]) for f in body["query"]["bool"]["filter"]] == [packages]
+
+
+def test_local_mode_on_elasticsearch_without_a_vocabulary_says_so(server, tmp_path):
+    from PIL import Image
+
+    MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    engine = _engine(server, store, tmp_path / "models")
+    with pytest.raises(ValueError, match="no local features"):
+        engine.search([Image.new("RGB", (64, 64))], k=3, mode="local")
+
+
+def test_word_scores_from_elasticsearch_are_relative_to_the_best_hit(server):
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    server.responses.append({"hits": {"hits": [{"_score": 8.0, "_source": {"key": 1}}, {"_score": 2.0, "_source": {"key": 2}}]}})
+    keys, scores = store.word_candidates(np.array([1, 2]), 5, keys=np.array([1, 2, 3]))
+    assert keys.tolist() == [1, 2] and scores.tolist() == [1.0, 0.25]
+    assert server.requests[0][2]["query"]["bool"]["filter"] == [{"terms": {"key": [1, 2, 3]}}]
