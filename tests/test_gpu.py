@@ -43,3 +43,20 @@ def test_filtered_search_on_a_gpu_store_stays_within_the_allowed_keys():
     allowed = np.arange(0, 2_000, 5, dtype=np.int64)
     _, keys = store.search(rows[:3], 10, allowed)
     assert set(keys.ravel()) <= set(allowed)
+
+
+def test_gpu_copy_searches_with_the_configured_nprobe():
+    rows, queries = _data(), _data(100, seed=2)
+    exact = FaissVectorStore(rows.shape[1], "Flat", use_gpu=False)
+    exact.add(np.arange(len(rows), dtype=np.int64), rows)
+    _, truth = exact.search(queries, 10)
+    store = FaissVectorStore(rows.shape[1], "IVF256,Flat", use_gpu=True, search_params="nprobe=1")
+    store.train(rows)
+    store.add(np.arange(len(rows), dtype=np.int64), rows)
+    recalls = []
+    for params in ("nprobe=1", "nprobe=64"):
+        store.set_search_parameters(params)  # drops the GPU copy; the next search makes it with these
+        _, found = store.search(queries, 10)
+        assert store.use_gpu
+        recalls.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
+    assert recalls[1] > recalls[0] + 0.2
