@@ -176,6 +176,33 @@ def words_body(
     return {"query": query, "size": int(k), "source": ["key"]}
 
 
+class CategoryKeys(np.ndarray):
+    """The keys of the items under a category prefix, remembering the prefix.
+
+    The search engine resolves a category filter to keys; queries given this exact array
+    filter with one term on the category path instead of listing every key, which a large
+    category would push past the cluster's 65,536-term limit. Slices and other arrays made
+    from it forget the prefix (they may be subsets) and are filtered key by key.
+    """
+
+    category: str | None
+
+    def __new__(cls, keys: Iterable[int], category: str) -> CategoryKeys:
+        array = np.asarray(list(keys) if not isinstance(keys, np.ndarray) else keys, np.int64).view(cls)
+        array.category = category
+        return array
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.category = None
+
+
+def _filter_terms(category: str | None, keys: Sequence[int] | None) -> tuple[str | None, Sequence[int] | None]:
+    """(category, keys) for a query: a ``CategoryKeys`` becomes its category prefix."""
+    if isinstance(keys, CategoryKeys) and keys.category is not None and category in (None, keys.category):
+        return keys.category, None
+    return category, keys
+
+
 def item_document(update: ItemUpdate) -> dict[str, Any]:
     item = update.item
     document: dict[str, Any] = {
@@ -295,6 +322,7 @@ class ElasticStore:
     def knn(self, feature, vectors, k, category=None, keys=None):
         """As ``CatalogStore.knn``; ``keys`` restricts the search to those item keys."""
         queries = np.atleast_2d(np.asarray(vectors, np.float32))
+        category, keys = _filter_terms(category, keys)
         allowed = None if keys is None else np.asarray(keys, np.int64)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         keys = np.full((len(queries), k), -1, np.int64)
@@ -313,7 +341,7 @@ class ElasticStore:
         Scores are BM25 divided by the best hit's, so in (0, 1] as the embedded tf-idf cosine
         is: local search ranks any verified match (8+ inliers) above every unverified one.
         """
-        body = words_body(words, k, category, keys)
+        body = words_body(words, k, *_filter_terms(category, keys))
         if body is None:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         hits = self.client.search(index=self.index, **body)["hits"]["hits"]
@@ -391,7 +419,8 @@ class ElasticStore:
 
         query = category_filter(prefix) or {"match_all": {}}
         hits = helpers.scan(self.client, index=self.index, query={"query": query, "_source": ["key"]})
-        return np.array(sorted(int(hit["_source"]["key"]) for hit in hits), np.int64)
+        keys = sorted(int(hit["_source"]["key"]) for hit in hits)
+        return CategoryKeys(keys, prefix.strip("/")) if category_filter(prefix) else np.array(keys, np.int64)
 
     def fingerprints(self):
         from elasticsearch import helpers

@@ -395,8 +395,9 @@ def test_search_engine_runs_deep_mode_against_elasticsearch_through_the_index_vi
     [result] = SearchEngine(view).search([Image.new("RGB", (32, 32))], k=2, mode="deep", category="Dairy")
     assert [(hit.id, round(hit.score, 3)) for hit in result.results] == [("b", 1.0), ("a", 0.5)]
     knn = next(body for _, _, body in server.requests if body and "knn" in body)["knn"]
-    # The engine resolves the category to keys first; the kNN query is filtered by them.
-    assert knn["filter"] == {"terms": {"key": [11, 12]}}
+    # The engine resolves the category to keys first; the kNN query filters on the category
+    # path, not on a list of keys that grows with the category.
+    assert knn["filter"] == {"term": {"category.tree": "Dairy"}}
 
 
 def test_backend_arguments_reach_open_store(monkeypatch, tmp_path):
@@ -697,19 +698,28 @@ def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_f
 
 @pytest.mark.parametrize("mode", ["deep", "local", "fused"])
 def test_category_filter_reaches_the_elasticsearch_queries_of_every_mode(server, es_catalog, tmp_path, mode):
-    cluster = MiniCluster(server)
+    MiniCluster(server)
     store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
     _index_into(store, es_catalog, tmp_path / "models")
     engine = _engine(server, store, tmp_path / "models")
     server.requests.clear()
     [result] = engine.search([_crop(_label_image(5))], k=4, mode=mode, category="Packages")
     assert result.results and all(hit.category.startswith("Packages/") for hit in result.results)
-    packages = sorted(item_key(i) for i, s in cluster.docs.items() if s["category"].startswith("Packages/"))
-    for body in _searches(server):
-        if "knn" in body:
-            assert sorted(body["knn"]["filter"]["terms"]["key"]) == packages
-        elif "should" in body.get("query", {}).get("bool", {}):
-            assert [sorted(f["terms"]["key"]) for f in body["query"]["bool"]["filter"]] == [packages]
+    filters = [body["knn"]["filter"] if "knn" in body else body["query"]["bool"]["filter"]
+               for body in _searches(server) if "knn" in body or "should" in body.get("query", {}).get("bool", {})]
+    assert filters and all(f in ({"term": {"category.tree": "Packages"}}, [{"term": {"category.tree": "Packages"}}]) for f in filters)
+
+
+def test_keys_of_a_category_filter_by_its_path_but_a_subset_of_them_by_key(server):
+    from indexer.elastic import CategoryKeys
+
+    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    keys = CategoryKeys([3, 5, 8], "Dairy")
+    server.responses += [{"hits": {"hits": []}}] * 2
+    store.knn("deep", np.ones(4, np.float32), 2, keys=keys)
+    store.knn("deep", np.ones(4, np.float32), 2, keys=keys[:2])
+    assert server.requests[0][2]["knn"]["filter"] == {"term": {"category.tree": "Dairy"}}
+    assert server.requests[1][2]["knn"]["filter"] == {"terms": {"key": [3, 5]}}
 
 
 def test_local_mode_on_elasticsearch_without_a_vocabulary_says_so(server, tmp_path):
