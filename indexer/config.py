@@ -27,6 +27,8 @@ class IndexConfig:
     # How many images between durable commits of an indexing run (what a crash can cost).
     commit_every: int = 128
     local_features: bool = True
+    # The centre's colour histogram (indexer/colour.py): classification leans on it.
+    colour_features: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

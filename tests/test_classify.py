@@ -190,3 +190,45 @@ def test_finetune_cli_reports_and_stores_the_head_only_where_it_helps(tiny_index
         assert projected.shape == (2, 256)
     else:
         assert np.array_equal(projected, vectors)
+
+
+def test_verified_evidence_overrides_a_close_feature_call():
+    """Two leaves the features cannot tell apart: a verified match of one decides."""
+    from search.classify import EvidenceConfig, verified_evidence
+
+    rng = np.random.default_rng(3)
+    base = np.abs(rng.normal(size=64)).astype(np.float32)
+    support = np.stack([base + 0.01 * rng.normal(size=64), base + 0.01 * rng.normal(size=64)]).astype(np.float32)
+    classifier = HierarchicalFewShotClassifier().fit(support, ["P/Milk/A", "P/Milk/B"])
+    query = base[None]
+    inliers = {0: 3, 1: 25}  # support row 1 (leaf B) matches geometrically; row 0 below chance
+    evidence = verified_evidence(classifier, query, lambda row, support_row: inliers[support_row], EvidenceConfig())
+    b = list(classifier.leaves_).index("P/Milk/B")
+    assert evidence[0, b] == pytest.approx(25 / 30) and evidence[0, 1 - b] == 0.0
+    assert classifier.predict(query, evidence)[0] == "P/Milk/B"
+    probs, _, _ = classifier.leaf_proba(query, evidence)
+    assert probs[0, b] > 0.9 and np.isclose(probs.sum(), 1.0)
+
+
+def test_colour_histogram_tells_apart_what_differs_only_in_colour(tmp_path):
+    from PIL import Image
+
+    from indexer.colour import ColourHistogram
+
+    feature = ColourHistogram()
+    red, red_big, green = Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (900, 600), (205, 36, 30)), Image.new("RGB", (300, 200), (30, 180, 40))
+    rows = feature.transform_images([red, red_big, green])
+    assert rows.shape == (3, feature.dim) and np.allclose(np.linalg.norm(rows, axis=1), 1.0)
+    assert rows[0] @ rows[1] > 0.99 > 0.1 > rows[0] @ rows[2]
+
+
+def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog):
+    from indexer.index import CatalogIndex
+    from search.classify import classify, fitted_classifier
+
+    index = CatalogIndex.open(tiny_index)
+    assert index.meta["dims"]["colour"] == 192
+    classifier, ids = fitted_classifier(index)
+    assert classifier.support_.shape[1] == index.meta["dims"]["deep"] + 192
+    query = sorted((tiny_catalog / "Dairy" / "Yoghurt").glob("*.jpg"))[0]
+    assert classify(index, [query])[0].category.startswith("Dairy/Yoghurt")
