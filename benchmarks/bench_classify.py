@@ -1,17 +1,22 @@
 """Few-shot category classification on grocery val, and query latency on a 10,000-leaf tree.
 
-    .venv/bin/python benchmarks/bench_classify.py --index DIR [--features NPZ] [--draws 5]
+    .venv/bin/python benchmarks/bench_classify.py [--draws 3] [--cache benchmarks/out/classify_features.npz]
 
 Catalog = k train photos per fine class (k = 1, 5) or all train photos, drawn ``--draws``
-times; queries = val photos. Each method is the same classifier with its per-support choice
-forced one way, so the table shows what choosing by support size buys; "+ head" adds the
-triplet projection head trained on that same catalog. The synthetic part times one query at a
-time against brute-force 1-NN over the same support (the ratio is what carries across machines).
+times; queries = val photos. Features come from the same code an index uses (deep descriptor,
+colour histogram, RootSIFT), extracted once and cached. The first rows force the classifier's
+per-support choice one way on deep features, so they show what choosing by support size buys;
+"+ head" adds the triplet projection head trained on that same catalog; "+ colour" puts the
+colour histogram beside the deep descriptor; "+ local evidence" verifies the nearest support
+items geometrically (``search.classify.verified_evidence``). The synthetic part times one
+query at a time against brute-force 1-NN over the same support (the ratio is what carries across
+machines).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -22,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.tables import format_table  # noqa: E402
 from indexer.finetune import TripletProjection  # noqa: E402
-from search.classify import HierarchicalFewShotClassifier  # noqa: E402
+from search.classify import (  # noqa: E402
+    COLOUR_WEIGHT,
+    EvidenceConfig,
+    HierarchicalFewShotClassifier,
+    classification_features,
+    verified_evidence,
+)
 
 NEVER = 10**9
 METHODS = {
@@ -33,27 +44,51 @@ METHODS = {
 }
 
 
-def load_features(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train features, train fine paths, val features, val fine paths)."""
-    if args.features:
-        data = np.load(args.features, allow_pickle=True)
-        train = np.array([str(i).startswith("train/") for i in data["catalog_ids"]])
-        return (data["catalog"][train], data["catalog_categories"][train].astype(str),
-                data["val"], data["val_categories"].astype(str))
-    from datasets.grocery import split_photos
-    from indexer.imageio import load_rgb
-    from indexer.index import CatalogIndex
+class Features:
+    """Deep rows, colour rows, RootSIFT sets and fine paths of the train and val photos."""
 
-    index = CatalogIndex.open(args.index)
-    keys, rows = index.store.vectors("deep", index.meta["dims"]["deep"])
-    records = index.store.items(keys.tolist())
-    train = np.array([records[int(k)].id.startswith("train/") for k in keys])
-    paths = np.array([records[int(k)].category for k in keys])[train]
-    val = split_photos("val")
-    extractor = index.deep_extractor()
-    val_rows = np.concatenate([extractor.transform_images([load_rgb(p.path) for p in val[i : i + 32]])
-                               for i in range(0, len(val), 32)])
-    return rows[train], paths, val_rows, np.array([p.category for p in val])
+    def __init__(self, cache: Path):
+        if cache.is_file():
+            with open(cache, "rb") as handle:
+                self.__dict__.update(pickle.load(handle))
+            return
+        from datasets.grocery import split_photos
+
+        train, val = split_photos("train"), split_photos("val")
+        photos = list(train) + list(val)
+        deep, colour, sift = _extract([p.path for p in photos])
+        split = len(train)
+        self.train_deep, self.val_deep = deep[:split], deep[split:]
+        self.train_colour, self.val_colour = colour[:split], colour[split:]
+        self.train_sift, self.val_sift = sift[:split], sift[split:]
+        self.train_paths = np.array([p.category for p in train])
+        self.val_paths = np.array([p.category for p in val])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache, "wb") as handle:
+            pickle.dump(self.__dict__, handle)
+
+
+def _extract(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list]:
+    from tqdm import tqdm
+
+    from indexer.colour import ColourHistogram
+    from indexer.deep import DeepFeatureExtractor
+    from indexer.features import iter_prepared
+    from indexer.local import LocalConfig, SiftPreparer
+
+    deep, colour = DeepFeatureExtractor(), ColourHistogram()
+    local = LocalConfig()
+    preparers = {"deep": deep.preparer, "colour": colour.preparer, "sift": SiftPreparer(local.max_keypoints, local.image_size)}
+    rows: dict[str, list] = {"deep": [], "colour": [], "sift": []}
+    with tqdm(total=len(paths), unit="img", desc="features") as bar:
+        for batch in iter_prepared(paths, preparers, batch_size=16, num_workers=1, draft_size=deep.draft_size):
+            if batch.errors:
+                raise SystemExit(f"unreadable photos: {batch.errors}")
+            rows["deep"].append(deep.finish(batch.prepared["deep"]))
+            rows["colour"].append(colour.finish(batch.prepared["colour"]))
+            rows["sift"].extend(batch.prepared["sift"])
+            bar.update(len(batch.positions))
+    return np.concatenate(rows["deep"]), np.concatenate(rows["colour"]), rows["sift"]
 
 
 def level_accuracy(predicted: np.ndarray, truth: np.ndarray, depth: int) -> float:
@@ -68,25 +103,43 @@ def draw(paths: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarr
                            for leaf in np.unique(paths)])
 
 
-def accuracy_table(train, paths, val, val_paths, draws: int, head_steps: int) -> str:
+def accuracy_table(data: Features, draws: int, head_steps: int) -> str:
+    from search.geometry import verify
+
+    paths, val_paths = data.train_paths, data.val_paths
+    inliers: dict[tuple[int, int], int] = {}  # (val photo, train photo): the same pair recurs across draws
+
+    def evidence_for(classifier, features, support) -> np.ndarray:
+        def verify_pair(row: int, support_row: int) -> int:
+            pair = (row, int(support[support_row]))
+            if pair not in inliers:
+                inliers[pair] = verify(data.val_sift[row], data.train_sift[pair[1]]).inliers
+            return inliers[pair]
+
+        return verified_evidence(classifier, features, verify_pair, EvidenceConfig())
+
     rows = []
     for k in (1, 5, None):
         n_draws = draws if k is not None else 1
         results: dict[str, list[tuple[float, float, float]]] = {}
+
+        def record(name: str, predicted: np.ndarray, results: dict = results) -> None:
+            results.setdefault(name, []).append(tuple(level_accuracy(predicted, val_paths, depth) for depth in (3, 2, 1)))
+
         for seed in range(n_draws):
             support = draw(paths, k, np.random.default_rng(seed))
-            spaces = {"": (train[support], val)}
+            x, q = data.train_deep[support], data.val_deep
+            for method, params in METHODS.items():
+                record(method, HierarchicalFewShotClassifier(**params).fit(x, paths[support]).predict(q))
             if k != 1 and head_steps:  # one item per class gives a triplet no positive
-                head = TripletProjection(steps=head_steps, seed=seed).fit(train[support], paths[support])
-                spaces[" + head"] = (head.transform(train[support]), head.transform(val))
-            for suffix, (x, q) in spaces.items():
-                for method, params in METHODS.items():
-                    if suffix and method != "by support (default)":
-                        continue
-                    predicted = HierarchicalFewShotClassifier(**params).fit(x, paths[support]).predict(q)
-                    results.setdefault(method + suffix, []).append(
-                        tuple(level_accuracy(predicted, val_paths, depth) for depth in (3, 2, 1))
-                    )
+                head = TripletProjection(steps=head_steps, seed=seed).fit(x, paths[support])
+                record("by support + head", HierarchicalFewShotClassifier().fit(head.transform(x), paths[support]).predict(head.transform(q)))
+            for weight in sorted({0.5, COLOUR_WEIGHT, 0.7}):
+                xc = classification_features(x, data.train_colour[support], weight)
+                qc = classification_features(q, data.val_colour, weight)
+                classifier = HierarchicalFewShotClassifier().fit(xc, paths[support])
+                record(f"+ colour {weight}", classifier.predict(qc))
+                record(f"+ colour {weight} + local evidence", classifier.predict(qc, evidence_for(classifier, qc, support)))
         for method, values in results.items():
             fine, coarse, top = np.mean(values, axis=0)
             spread = np.std([v[0] for v in values])
@@ -138,17 +191,17 @@ def latency_table(dim: int, n_queries: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default="/tmp/gro/idx", help="an index of the grocery iconic+train catalog")
-    parser.add_argument("--features", help="npz of cached features (catalog, catalog_ids, catalog_categories, val, val_categories)")
-    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--cache", default="benchmarks/out/classify_features.pkl", help="extracted features (made on first run)")
+    parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--head-steps", type=int, default=300, help="0 skips the finetuned-head rows")
     parser.add_argument("--latency-queries", type=int, default=100)
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
     if not args.skip_accuracy:
-        train, paths, val, val_paths = load_features(args)
-        print(f"grocery: {len(train)} train photos in {len(np.unique(paths))} fine classes; {len(val)} val queries")
-        print(accuracy_table(train, paths, val, val_paths, args.draws, args.head_steps))
+        data = Features(Path(args.cache))
+        print(f"grocery: {len(data.train_paths)} train photos in {len(np.unique(data.train_paths))} fine classes; "
+              f"{len(data.val_paths)} val queries")
+        print(accuracy_table(data, args.draws, args.head_steps))
         print()
     print(latency_table(1280, args.latency_queries))
 
