@@ -4,14 +4,41 @@ For each catalog size it builds each faiss index type, and reports build time, r
 the index added, p50 latency of one-query searches and recall@10 against exact search. It ends
 with the rule the configuration should follow (``indexer.stores.recommended_factory``).
 
-    .venv/bin/python benchmarks/bench_scale.py --sizes 100000       # ~3.5 min on 2 busy cores
-    .venv/bin/python benchmarks/bench_scale.py                       # 100k and 1M (see below)
+    .venv/bin/python benchmarks/bench_scale.py --sizes 100000       # ~7 min on 2 busy cores
+    .venv/bin/python benchmarks/bench_scale.py                       # 100k and 1M: ~45 min
+    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 --skip exact,HNSW \
+        --ivf-params 'nprobe=16,k_factor_rf=100;nprobe=32,k_factor_rf=100'   # other search settings
     .venv/bin/python benchmarks/bench_scale.py --gpu                 # exact 1M x 1280 GPU vs CPU
 
-At 1M x 1280-d the vectors alone are 5.1 GB; on a 2-core machine shared with other jobs the
-exact index built in 60 s and answered in ~2 s a query, and the IVF-PQ build took longer than
-6 minutes (HNSW is skipped above ``--hnsw-max``: extrapolated, ~15-30 min there), so the full
-default run takes well over 10 minutes on such a machine.
+Measured on 2 cores shared with other jobs (faiss 1.15.1, clustered data, k=10; 200 recall
+queries at 100k, 50 at 1M; p50 over 30 one-query searches; IVF/PQ trained on 16 rows a cell,
+at most 65,536; HNSW efConstruction 40). ``--sizes 100000,1000000`` gave rows 1-8 (43 min);
+``--sizes 1000000 --skip exact,HNSW --ivf-params ...`` (the nprobe rows with
+``'nprobe=32,k_factor_rf=10;nprobe=64,...;nprobe=128,...'``, the others as in the example
+above plus ``nprobe=16,k_factor_rf=30``) and ``--skip exact,IVF --ef-search 128,256`` gave the sweeps (their builds, in quieter minutes, took 238-303 s for IVF-PQ and 589 s
+for HNSW: build times here depend on the neighbours' load):
+
+    items      index             factory                          search params              build s  RSS MB  p50 ms   recall@10
+    100,000    exact             Flat                             -                          1.0      489     136.18   1.000
+    100,000    IVF-PQ            IVF256_HNSW32,PQ64,Refine(SQ8)   nprobe=16,k_factor_rf=1    108.1    152     0.49     0.341
+    100,000    IVF-PQ + re-rank  IVF256_HNSW32,PQ64,Refine(SQ8)   nprobe=16,k_factor_rf=10   108.1    152     0.61     0.988
+    100,000    HNSW32            HNSW32                           efSearch=64                151.3    513     0.38     0.999
+    1,000,000  exact             Flat                             -                          63.7     4883    2550.35  1.000
+    1,000,000  IVF-PQ            IVF4096_HNSW32,PQ64,Refine(SQ8)  nprobe=16,k_factor_rf=1    1085.5   1326    0.80     0.312
+    1,000,000  IVF-PQ + re-rank  IVF4096_HNSW32,PQ64,Refine(SQ8)  nprobe=16,k_factor_rf=10   1085.5   1326    0.96     0.840
+    1,000,000  HNSW32            HNSW32                           efSearch=64                820.6    5156    0.87     0.904
+    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=32..128,k_factor_rf=10  -    1359    0.95-3.42  0.840
+    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=16,k_factor_rf=30   -        1359    1.30     0.960
+    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=16,k_factor_rf=100  -        1359    2.26     0.978
+    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=32,k_factor_rf=100  -        1359    2.49     0.978
+    1,000,000  HNSW32            HNSW32                           efSearch=128               -        5160    0.77     0.942
+    1,000,000  HNSW32            HNSW32                           efSearch=256               -        5160    0.99     0.942
+
+So at 1M the configuration picks IVF-PQ with SQ8 re-ranking (``recommended_factory``), searched
+with ``nprobe=16,k_factor_rf=30`` (``recommended_search_parameters``): more recall than HNSW32
+at a quarter of its memory; HNSW's 0.5 ms advantage is nothing next to the query's CNN time.
+Up to 100k it picks exact search. More probes did not help at 1M; a longer re-ranking
+shortlist did: PQ64 codes of 1280-d vectors rank too coarsely to shortlist only 10x k.
 
 Synthetic data: uniformly random vectors have no neighbourhood structure (every point is about
 equally far from every other), which makes any approximate index look useless and is nothing
@@ -27,17 +54,22 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
-import numpy as np
+# Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs, spinning
+# threads made faiss training 3x slower with 2 threads than with 1. Must precede faiss' import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.tables import format_table  # noqa: E402
 from indexer.index import _nlist  # noqa: E402
-from indexer.stores import recommended_factory  # noqa: E402
+from indexer.stores import recommended_factory, recommended_search_parameters  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -81,6 +113,7 @@ class Row:
     n: int
     name: str
     factory: str
+    params: str
     build_s: float
     memory_mb: float
     p50_ms: float
@@ -101,7 +134,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return hits / (k * len(truth))
 
 
-def build(factory: str, data: np.ndarray, train_rows: int) -> faiss.Index:
+def build(factory: str, data: np.ndarray, train_rows: int, ef_construction: int = 40) -> faiss.Index:
     index = faiss.index_factory(data.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -112,7 +145,12 @@ def build(factory: str, data: np.ndarray, train_rows: int) -> faiss.Index:
             ivf.pq.cp.niter = 10
             # The factory turns on polysemous training, which is slow and unused by search here.
             ivf.do_polysemous_training = False
+    hnsw = faiss.downcast_index(index)
+    if isinstance(hnsw, faiss.IndexHNSW):
+        hnsw.hnsw.efConstruction = ef_construction
     if not index.is_trained:
+        # A subsample trains the coarse cells and codebooks: 1M rows would cost minutes more
+        # and move recall by nothing measurable.
         sample = np.random.default_rng(1).choice(len(data), min(train_rows, len(data)), replace=False)
         index.train(data[np.sort(sample)])
     for start in range(0, len(data), 100_000):
@@ -120,38 +158,38 @@ def build(factory: str, data: np.ndarray, train_rows: int) -> faiss.Index:
     return index
 
 
-def set_search_parameters(index: faiss.Index, params: dict) -> None:
-    index = faiss.downcast_index(index)
-    if "k_factor" in params:
-        index.k_factor = params["k_factor"]
-    if "nprobe" in params:
-        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
-    if "efSearch" in params:
-        index.hnsw.efSearch = params["efSearch"]
-
-
-def variants(n: int) -> list[tuple[str, str, dict]]:
-    """(label, factory, search parameters) benchmarked at catalog size ``n``."""
-    nlist = 1024 if n >= 300_000 else 256
-    # An HNSW coarse quantizer assigns a vector to its cell without a scan of all centroids,
-    # which is most of the cost of adding 1M vectors to an IVF index. PQ64 codes alone lose
-    # most of the top-10 on 1280-d vectors; re-ranking 10k candidates with 8-bit scalar
-    # codes (1280 B/item, a quarter of exact) buys it back. Both rows share one build.
-    ivfpq = f"IVF{nlist}_HNSW32,PQ64,Refine(SQ8)"
+def variants(n: int, dim: int, ivf_params: Sequence[str] = (), ef_searches: Sequence[int] = ()) -> list[tuple[str, str, str]]:
+    """(label, factory, ``faiss.ParameterSpace`` string) benchmarked at catalog size ``n``."""
+    # At scale, the IVF-PQ string the configuration picks (``recommended_factory``: ~4*sqrt(n)
+    # cells, e.g. 4096 at 1M). An HNSW coarse quantizer assigns a
+    # vector to its cell without a scan of all centroids. PQ64 codes alone lose most of the
+    # top-10 on 1280-d vectors; re-ranking 10x k candidates with 8-bit scalar codes (1280 B an
+    # item, a quarter of exact) buys it back. All IVF rows share one build.
+    ivfpq = recommended_factory(n, dim) if n >= 300_000 else "IVF256_HNSW32,PQ64,Refine(SQ8)"
+    reranked = recommended_search_parameters(ivfpq)
+    # Other search parameters on the same build: what recall each reaches at what latency.
+    sweep = [("IVF-PQ + re-rank", ivfpq, params) for params in ivf_params if params != reranked]
+    graph = recommended_search_parameters("HNSW32")
+    graph_sweep = [("HNSW32", "HNSW32", f"efSearch={e}") for e in ef_searches if f"efSearch={e}" != graph]
     return [
-        ("exact", "Flat", {}),
-        ("IVF-PQ", ivfpq, {"nprobe": 16, "k_factor": 1}),
-        ("IVF-PQ + re-rank", ivfpq, {"nprobe": 16, "k_factor": 10}),
-        ("HNSW32", "HNSW32", {"efSearch": 64}),
+        ("exact", "Flat", ""),
+        ("IVF-PQ", ivfpq, reranked.replace("k_factor_rf=30", "k_factor_rf=1")),
+        ("IVF-PQ + re-rank", ivfpq, reranked),
+        *sweep,
+        ("HNSW32", "HNSW32", graph),
+        *graph_sweep,
     ]
 
 
-# faiss asks for 39 training points per k-means cell; 16 loses little recall and trains 2.5x faster.
+# faiss asks for 39 training points per k-means cell; 16 loses little recall and trains 2.5x
+# faster. Capped so that 4096 cells at 1M train on 64k rows.
 train_rows_per_cell = 16
+max_train_rows = 65_536
 
 
 def run_size(
-    n: int, synthetic: Synthetic, n_queries: int, latency_queries: int, k: int, skip: set[str], hnsw_max: int
+    n: int, synthetic: Synthetic, n_queries: int, latency_queries: int, k: int, skip: set[str], hnsw_max: int,
+    ef_construction: int = 40, ivf_params: Sequence[str] = (), ef_searches: Sequence[int] = (),
 ) -> list[Row]:
     print(f"\n== {n:,} items x {synthetic.dim}-d: generating", flush=True)
     data = synthetic.base(n)
@@ -161,7 +199,7 @@ def run_size(
     print(f"   exact ground truth for {n_queries} queries in {time.perf_counter() - start:.1f}s", flush=True)
     rows = []
     built: dict[str, tuple[faiss.Index, float, float]] = {}
-    for label, factory, params in variants(n):
+    for label, factory, params in variants(n, synthetic.dim, ivf_params, ef_searches):
         if any(label.startswith(s) for s in skip) or (factory.startswith("HNSW") and n > hnsw_max):
             continue
         if factory not in built:
@@ -170,13 +208,14 @@ def run_size(
             gc.collect()
             before = rss_bytes()
             start = time.perf_counter()
-            index = build(factory, data, train_rows=train_rows_per_cell * max(1, _nlist(factory)))
+            train_rows = min(max_train_rows, train_rows_per_cell * max(1, _nlist(factory)))
+            index = build(factory, data, train_rows, ef_construction)
             built[factory] = (index, time.perf_counter() - start, (rss_bytes() - before) / 2**20)
         index, build_s, memory_mb = built[factory]
-        set_search_parameters(index, params)
+        faiss.ParameterSpace().set_index_parameters(index, params)
         _, found = index.search(queries, k)
         p50 = p50_latency(index.search, queries[:latency_queries], k)
-        row = Row(n, label, factory, build_s, memory_mb, p50, recall_at(found, truth, k))
+        row = Row(n, label, factory, params, build_s, memory_mb, p50, recall_at(found, truth, k))
         print(f"   {label:18s} build {build_s:7.1f}s  mem {memory_mb:8.0f} MB  p50 {p50:8.2f} ms  recall@{k} {row.recall:.3f}", flush=True)
         rows.append(row)
     built.clear()
@@ -221,9 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--skip", default="", help="comma-separated labels to leave out, e.g. HNSW")
     parser.add_argument(
-        "--hnsw-max", type=int, default=200_000,
-        help="largest size to build HNSW at (1M x 1280-d takes ~30 min on 2 cores)",
+        "--hnsw-max", type=int, default=1_000_000,
+        help="largest size to build HNSW at (1M x 1280-d takes ~20 min on 2 cores)",
     )
+    parser.add_argument("--ef-construction", type=int, default=40, help="HNSW build effort (faiss default 40)")
+    parser.add_argument(
+        "--ivf-params", default="",
+        help="extra ParameterSpace strings for the IVF-PQ index, ';'-separated, e.g. 'nprobe=64,k_factor_rf=10'",
+    )
+    parser.add_argument("--ef-search", default="", help="extra efSearch values for HNSW, e.g. 128,256")
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
     parser.add_argument("--gpu", action="store_true", help="only the GPU vs CPU exact-search comparison")
     parser.add_argument("--gpu-size", type=int, default=1_000_000)
@@ -239,20 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for n in (int(size) for size in args.sizes.split(",")):
         n_queries = args.queries if n < 500_000 else max(20, args.queries // 4)
-        rows += run_size(n, synthetic, n_queries, args.latency_queries, args.k, skip, args.hnsw_max)
+        rows += run_size(
+            n, synthetic, n_queries, args.latency_queries, args.k, skip, args.hnsw_max, args.ef_construction,
+            [params.strip() for params in args.ivf_params.split(";") if params.strip()],
+            [int(e) for e in args.ef_search.split(",") if e.strip()],
+        )
     exact = {row.n: row for row in rows if row.factory == "Flat"}
     table = []
     for row in rows:
         base = exact.get(row.n)
         speed = f"{base.p50_ms / row.p50_ms:.1f}x" if base else "-"
         table.append([
-            f"{row.n:,}", row.name, row.factory, f"{row.build_s:.1f}", f"{row.memory_mb:.0f}",
+            f"{row.n:,}", row.name, row.factory, row.params or "-", f"{row.build_s:.1f}", f"{row.memory_mb:.0f}",
             f"{row.p50_ms:.2f}", speed, f"{row.recall:.3f}",
         ])
     print(f"\n{args.data} synthetic vectors, d={args.dim}, k={args.k}, faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads, {time.perf_counter() - started:.0f}s in all")
     print(format_table(
-        ["items", "index", "factory", "build s", "RSS MB", "p50 ms", "vs exact", f"recall@{args.k}"], table
+        ["items", "index", "factory", "search params", "build s", "RSS MB", "p50 ms", "vs exact", f"recall@{args.k}"], table
     ))
     print("\nRule (indexer.stores.recommended_factory):")
     for n in (10_000, 100_000, 1_000_000, 10_000_000):

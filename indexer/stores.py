@@ -185,36 +185,29 @@ class EmbeddedStore:
         return [record.key for record in records if record is not None]
 
 
-def recommended_factory(n_items: int, dim: int = 1280, memory_budget_bytes: int | None = None) -> str:
+def recommended_factory(n_items: int, dim: int = 1280) -> str:
     """The faiss factory string for a catalog of ``n_items`` ``dim``-d vectors on one machine.
 
-    From ``benchmarks/bench_scale.py`` (1280-d clustered vectors, 100k items, 2 shared cores):
-    exact search reads n*d*4 bytes per query (489 MB, 231 ms a query there, recall 1.0): right
-    while the catalog is small enough for that to stay interactive (~100k), and it needs no
-    training. HNSW32 answered in 0.37 ms at recall@10 1.000 for 513 MB, but keeps the full
-    vectors plus its graph (~4*d + 300 bytes an item), so it is the choice while that fits the
-    memory budget (default: half of this machine's RAM; 1M 1280-d items ~5.4 GB). Past it,
-    IVF-PQ with an 8-bit re-ranking stage (154 MB, 0.56 ms, recall 0.989 at 100k: about
-    1.4 KB an item) fits where nothing else does; PQ codes without re-ranking reached only
-    0.341 recall@10 on 1280-d vectors, so the re-ranking stage is part of the rule.
+    From ``benchmarks/bench_scale.py`` (1280-d clustered vectors, 2 shared cores, p50 of one
+    query, recall@10 against exact; the table is in that file's docstring):
+
+    - up to ~100k items, ``Flat``: exact, no training, 489 MB and 136 ms a query at 100k, still
+      interactive next to the network's forward pass; at 1M it is 4.9 GB and 2.6 s a query.
+    - beyond, IVF-PQ with an 8-bit re-ranking stage, ~4*sqrt(n) cells: at 1M
+      (``IVF4096_HNSW32,PQ64,Refine(SQ8)``) 1.36 GB, 1.3 ms, recall 0.960 searched with
+      ``nprobe=16,k_factor_rf=30``. HNSW32 (faiss' default efConstruction) was faster, 0.77 ms,
+      but reached only 0.942 (efSearch 128 and 256 alike) for 5.2 GB, four times the memory:
+      both are far below the query's CNN time, so recall and memory decide. PQ codes without
+      re-ranking reached 0.31-0.34, so the re-ranking stage is part of the rule.
+
     Search it with ``recommended_search_parameters``.
     """
     if n_items <= 100_000:
         return "Flat"
-    budget = memory_budget_bytes if memory_budget_bytes is not None else _half_of_ram()
-    if n_items * (4 * dim + 300) <= budget:
-        return "HNSW32"
     # ~4*sqrt(n) cells (a power of two); an HNSW quantizer keeps cell assignment cheap.
     nlist = 2 ** max(10, min(16, round(math.log2(4 * math.sqrt(n_items)))))
     subquantizers = max(m for m in (8, 16, 32, 64) if dim % m == 0) if dim % 8 == 0 else 8
     return f"IVF{nlist}_HNSW32,PQ{subquantizers},Refine(SQ8)"
-
-
-def _half_of_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError):
-        return 8 * 2**30
 
 
 def open_store(index_dir: str | Path | None, backend: str | None = None, es_url: str | None = None, **es_options) -> CatalogStore:

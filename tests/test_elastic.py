@@ -351,19 +351,18 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog, tmp_
     assert pruned.removed == len(items) - 5 and live_store.count() == 5
 
 
-def test_recommended_factory_grows_from_exact_to_hnsw_to_ivfpq_with_catalog_size():
+def test_recommended_factory_grows_from_exact_to_reranked_ivfpq_with_catalog_size():
     import faiss
 
     from indexer.stores import recommended_factory, recommended_search_parameters
 
-    budget = 16 * 2**30
-    assert recommended_factory(50_000, 1280, budget) == "Flat"
-    assert recommended_factory(1_000_000, 1280, budget) == "HNSW32"  # ~5.4 GB
-    large = recommended_factory(20_000_000, 1280, budget)  # ~108 GB as HNSW: too big
-    assert large.startswith("IVF") and "PQ" in large
+    assert recommended_factory(50_000, 1280) == "Flat"
+    assert recommended_factory(1_000_000, 1280) == "IVF4096_HNSW32,PQ64,Refine(SQ8)"
+    large = recommended_factory(20_000_000, 1280)
+    assert large.startswith("IVF16384") and "PQ" in large
     index = faiss.index_factory(64, large.replace("PQ64", "PQ16"), faiss.METRIC_INNER_PRODUCT)
     faiss.ParameterSpace().set_index_parameters(index, recommended_search_parameters(large))
-    assert faiss.extract_index_ivf(index).nprobe == 16 and faiss.downcast_index(index).k_factor == 10
+    assert faiss.extract_index_ivf(index).nprobe == 16 and faiss.downcast_index(index).k_factor == 30
 
 
 def test_search_engine_runs_deep_mode_against_elasticsearch_through_the_index_view(server, tmp_path):
