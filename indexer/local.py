@@ -437,8 +437,7 @@ class LocalExtension:
 
 def _feature_keys(store: Any) -> list[int]:
     # Keys only: reading every blob here would cost a full scan of the descriptors.
-    rows = store._query("SELECT key FROM features WHERE feature = ?", (FEATURE_NAME,))
-    return [int(row["key"]) for row in rows]
+    return sorted(store.feature_keys(FEATURE_NAME))
 
 
 register_extension(LocalExtension())

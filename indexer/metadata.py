@@ -183,6 +183,10 @@ class MetadataStore:
 
     # --- per-item feature blobs
 
+    def feature_keys(self, feature: str) -> set[int]:
+        """Keys of the items that have ``feature`` stored (without reading the blobs)."""
+        return {int(row["key"]) for row in self._query("SELECT key FROM features WHERE feature = ?", (feature,))}
+
     def feature_blobs(self, feature: str, keys: Iterable[int] | None = None) -> dict[int, bytes]:
         if keys is None:
             rows = self._query("SELECT key, data FROM features WHERE feature = ? ORDER BY key", (feature,))

@@ -112,6 +112,10 @@ def index_catalog(
 def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: bool, report: IndexReport) -> None:
     store = index.store
     existing = {record.id: record for record in store.all_items()}
+    features = _features_for(index)
+    # An item indexed before a feature was configured (or added to catalens) lacks it: extract it
+    # again, so an upgraded index fills in on the next run instead of staying half-built.
+    have_all = set.intersection(*(store.feature_keys(feature.name) for feature in features)) if features else set()
     to_extract: list[tuple[CatalogItem, str]] = []
     metadata_only: list[tuple[CatalogItem, str]] = []
     with store.transaction() as db:
@@ -123,7 +127,8 @@ def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: b
                 report.failures.append(Failure(str(item.image), item.id, reason))
                 continue
             record = existing.get(item.id)
-            if record is None or record.fingerprint != fingerprint or record.image != str(item.image):
+            if (record is None or record.fingerprint != fingerprint or record.image != str(item.image)
+                    or record.key not in have_all):
                 to_extract.append((item, fingerprint))
             elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
                 metadata_only.append((item, fingerprint))
@@ -133,7 +138,6 @@ def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: b
             store.upsert(db, item, fingerprint)
         report.metadata_updated = len(metadata_only)
 
-    features = _features_for(index)
     global_features = [f for f in features if isinstance(f, GlobalFeature)]
     for feature in global_features:
         index.set_dim(feature.name, feature.dim)

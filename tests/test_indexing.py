@@ -72,6 +72,20 @@ def test_incremental_run_extracts_only_new_and_changed_items(tiny_catalog, tmp_p
     assert "Fruit/Apple/item02.jpg" not in ids
 
 
+def test_items_indexed_before_a_feature_existed_get_it_on_the_next_run(tiny_catalog, tmp_path):
+    index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
+    index = CatalogIndex.open(tmp_path / "idx")
+    index.store.delete_feature("colour")  # what an index from before the colour feature looks like
+    index.close()
+    upgrade = index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
+    assert (upgrade.added, upgrade.updated, upgrade.extracted) == (0, 12, 12)
+    index = CatalogIndex.open(tmp_path / "idx")
+    assert len(index.store.feature_keys("colour")) == 12 and index.vector_store("colour").ntotal == 12
+    index.close()
+    settled = index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
+    assert (settled.updated, settled.unchanged, settled.extracted) == (0, 12, 0)
+
+
 def test_metadata_only_change_updates_without_re_extracting(tmp_path):
     image = draw_product(tmp_path / "a.jpg", seed=3)
     manifest = tmp_path / "m.jsonl"
