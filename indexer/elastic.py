@@ -694,14 +694,7 @@ def update_visual_words(view: ElasticIndexView) -> int:
     written with partial updates; a run that dies half-way leaves the rest for the next one.
     Returns how many items were quantised.
     """
-    from indexer.local import (
-        VOCAB_FILE,
-        LocalConfig,
-        LocalExtension,
-        VisualVocabulary,
-        auto_vocab_size,
-        item_descriptors,
-    )
+    from indexer.local import VOCAB_FILE, LocalConfig, item_descriptors, refreshed_vocabulary
 
     started = time.perf_counter()
     store, config = view.store, LocalConfig.from_index(view)
@@ -710,17 +703,7 @@ def update_visual_words(view: ElasticIndexView) -> int:
     if not local:
         path.unlink(missing_ok=True)
         return 0
-    vocabulary, fitted_on = None, 0
-    if path.is_file():
-        vocabulary, extra = VisualVocabulary.load(path)
-        fitted_on = int(extra.get("fitted_on", 0))
-    wanted = config.vocab_size or auto_vocab_size(len(local))
-    if vocabulary is None or len(local) >= config.refit_growth * max(fitted_on, 1) or (
-        config.vocab_size and vocabulary.size != config.vocab_size
-    ):
-        vocabulary = LocalExtension._fit(view, sorted(local), wanted, config)
-        vocabulary.save(path, fitted_on=np.array(len(local)))
-        log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(local))
+    vocabulary = refreshed_vocabulary(view, path, sorted(local), config)
     todo = store.local_items(exclude_vocabulary=vocabulary.id_)
     keys = sorted(todo)
     for start in range(0, len(keys), KEYPOINT_CHUNK):

@@ -387,17 +387,7 @@ class LocalExtension:
             words_path.unlink(missing_ok=True)
             return
 
-        vocabulary, fitted_on = None, 0
-        if vocab_path.is_file():
-            vocabulary, extra = VisualVocabulary.load(vocab_path)
-            fitted_on = int(extra.get("fitted_on", 0))
-        wanted = config.vocab_size or auto_vocab_size(len(live))
-        if vocabulary is None or len(live) >= config.refit_growth * max(fitted_on, 1) or (
-            config.vocab_size and vocabulary.size != config.vocab_size
-        ):
-            vocabulary = self._fit(index, sorted(live), wanted, config)
-            vocabulary.save(vocab_path, fitted_on=np.array(len(live)))
-            log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(live))
+        vocabulary = refreshed_vocabulary(index, vocab_path, sorted(live), config)
 
         table = _WordTable.load(words_path) if words_path.is_file() else _WordTable.empty(vocabulary.id_)
         known = table.to_dict() if table.vocab_id == vocabulary.id_ else {}
@@ -433,6 +423,23 @@ class LocalExtension:
         if len(sample) == 0:
             raise ValueError("no local descriptors to fit a vocabulary on")
         return VisualVocabulary(min(n_words, len(sample)), config.kmeans_iterations, config.seed).fit(sample)
+
+
+def refreshed_vocabulary(index: Any, path: Path, keys: list[int], config: LocalConfig) -> VisualVocabulary:
+    """The vocabulary saved at ``path``, refitted on the items ``keys`` where it is missing, where
+    the catalog has outgrown it ``refit_growth`` times, or where its configured size changed."""
+    vocabulary, fitted_on = None, 0
+    if path.is_file():
+        vocabulary, extra = VisualVocabulary.load(path)
+        fitted_on = int(extra.get("fitted_on", 0))
+    wanted = config.vocab_size or auto_vocab_size(len(keys))
+    if vocabulary is None or len(keys) >= config.refit_growth * max(fitted_on, 1) or (
+        config.vocab_size and vocabulary.size != config.vocab_size
+    ):
+        vocabulary = LocalExtension._fit(index, keys, wanted, config)
+        vocabulary.save(path, fitted_on=np.array(len(keys)))
+        log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(keys))
+    return vocabulary
 
 
 def _feature_keys(store: Any) -> list[int]:

@@ -72,6 +72,17 @@ def draw_product(path: Path, seed: int, text: str = "", size: int = 256) -> Path
     return path
 
 
+def textured_label(seed: int, size: int = 320) -> Image.Image:
+    """A label-like image with plenty of corners (SIFT needs texture to find keypoints)."""
+    rng = np.random.default_rng(seed)
+    array = np.full((size, size, 3), 235, np.uint8)
+    for _ in range(70):
+        x, y = rng.integers(0, size - 24, 2)
+        w, h = rng.integers(6, 24, 2)
+        array[y : y + h, x : x + w] = rng.integers(0, 200, 3)
+    return Image.fromarray(array)
+
+
 @pytest.fixture()
 def tiny_catalog(tmp_path: Path) -> Path:
     """A folder-tree catalog of 12 generated images in 3 categories."""

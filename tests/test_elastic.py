@@ -28,6 +28,7 @@ from indexer.elastic import (
     words_body,
 )
 from indexer.stores import CatalogStore, EmbeddedStore, ItemUpdate, open_store
+from tests.conftest import textured_label
 
 
 class FakeServer:
@@ -561,19 +562,6 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-def _label_image(seed: int, size: int = 320):
-    """A label-like image with plenty of corners (SIFT needs texture to find keypoints)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    array = np.full((size, size, 3), 235, np.uint8)
-    for _ in range(70):
-        x, y = rng.integers(0, size - 24, 2)
-        w, h = rng.integers(6, 24, 2)
-        array[y : y + h, x : x + w] = rng.integers(0, 200, 3)
-    return Image.fromarray(array)
-
-
 class ColourFeature:
     """A stand-in deep feature (no network): mean colour of 4 quadrants, L2-normalised."""
 
@@ -601,7 +589,7 @@ def es_catalog(tmp_path):
         category = ["Packages/Milk", "Packages/Juice", "Fruit/Apple", "Fruit/Pear"][number % 4]
         path = tmp_path / "catalog" / f"{number}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _label_image(number).save(path, quality=95)
+        textured_label(number).save(path, quality=95)
         items.append(CatalogItem(f"item{number}", path, category, f"item {number}", {}))
     return items
 
@@ -676,7 +664,7 @@ def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_f
     _index_into(store, es_catalog, tmp_path / "models")
     engine = _engine(server, store, tmp_path / "models")
     server.requests.clear()
-    [result] = engine.search([_crop(_label_image(5))], k=3, mode=mode)
+    [result] = engine.search([_crop(textured_label(5))], k=3, mode=mode)
     assert result.results[0].id == "item5"
     if mode == "local":
         assert result.results[0].score >= LocalSearchConfig().min_inliers  # geometrically verified
@@ -702,7 +690,7 @@ def test_category_filter_reaches_the_elasticsearch_queries_of_every_mode(server,
     _index_into(store, es_catalog, tmp_path / "models")
     engine = _engine(server, store, tmp_path / "models")
     server.requests.clear()
-    [result] = engine.search([_crop(_label_image(5))], k=4, mode=mode, category="Packages")
+    [result] = engine.search([_crop(textured_label(5))], k=4, mode=mode, category="Packages")
     assert result.results and all(hit.category.startswith("Packages/") for hit in result.results)
     filters = [body["knn"]["filter"] if "knn" in body else body["query"]["bool"]["filter"]
                for body in _searches(server) if "knn" in body or "should" in body.get("query", {}).get("bool", {})]

@@ -28,19 +28,9 @@ from indexer.pipeline import index_catalog
 from search.engine import SearchEngine
 from search.fusion import FusionConfig, fuse_scores
 from search.geometry import verify
+from tests.conftest import textured_label
 
 DATA = Path(__file__).parent / "data"
-
-
-def _textured(seed: int, size: int = 320) -> Image.Image:
-    """A label-like image with plenty of corners: blocks of random glyph-like shapes."""
-    rng = np.random.default_rng(seed)
-    array = np.full((size, size, 3), 235, np.uint8)
-    for _ in range(70):
-        x, y = rng.integers(0, size - 24, 2)
-        w, h = rng.integers(6, 24, 2)
-        array[y : y + h, x : x + w] = rng.integers(0, 200, 3)
-    return Image.fromarray(array)
 
 
 def _config(**extra) -> IndexConfig:
@@ -52,7 +42,7 @@ def _config(**extra) -> IndexConfig:
 
 
 def test_descriptor_blob_round_trips_geometry_and_rootsift_rows():
-    described = SiftPreparer(300, 320)(_textured(1))
+    described = SiftPreparer(300, 320)(textured_label(1))
     assert 50 < len(described) <= 300
     back = LocalDescriptors.from_bytes(described.to_bytes())
     np.testing.assert_allclose(back.keypoints, described.keypoints)
@@ -62,14 +52,14 @@ def test_descriptor_blob_round_trips_geometry_and_rootsift_rows():
 
 
 def test_keypoints_are_in_original_pixel_coordinates_whatever_the_working_size():
-    image = _textured(2, size=640)
+    image = textured_label(2, size=640)
     described = SiftPreparer(300, 320)(image)
     assert described.keypoints[:, :2].max() > 330  # the working copy is 320 px; geometry is not
     assert described.image_size == (640, 640)
 
 
 def test_keypoint_cap_is_honoured():
-    assert len(SiftPreparer(40, 320)(_textured(3))) <= 40
+    assert len(SiftPreparer(40, 320)(textured_label(3))) <= 40
 
 
 def test_vocabulary_must_be_fitted_before_transform():
@@ -107,11 +97,11 @@ def test_inverted_index_ranks_items_sharing_rare_words_first():
 
 def test_verification_separates_a_rotated_scaled_copy_from_another_image():
     preparer = SiftPreparer(400, 320)
-    original = _textured(4)
+    original = textured_label(4)
     copy = original.rotate(20, expand=True, fillcolor=(235, 235, 235)).resize((260, 260))
     query = preparer(copy)
     same = verify(query, preparer(original))
-    other = verify(query, preparer(_textured(5)))
+    other = verify(query, preparer(textured_label(5)))
     assert same.inliers >= 30
     assert other.inliers < 8
     assert same.pairs.shape == (same.inliers, 2)
@@ -133,7 +123,7 @@ def _catalog(root: Path, n: int) -> Path:
     for i in range(n):
         path = root / ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Apple"][i % 3] / f"item{i:02d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _textured(100 + i).save(path, quality=95)
+        textured_label(100 + i).save(path, quality=95)
     return root
 
 
@@ -165,7 +155,7 @@ def test_adding_items_quantises_only_the_new_ones_and_removing_drops_them(tmp_pa
     index_catalog(catalog, tmp_path / "index", _config(refit_growth=100.0), progress=False)
     before = _words(tmp_path / "index")
     vocab_mtime = (tmp_path / "index" / "models" / VOCAB_FILE).stat().st_mtime_ns
-    _textured(500).save(catalog / "Juice/Apple/new.jpg", quality=95)
+    textured_label(500).save(catalog / "Juice/Apple/new.jpg", quality=95)
     report = index_catalog(catalog, tmp_path / "index", _config(refit_growth=100.0), progress=False)
     assert report.added == 1 and report.extracted == 1
     after = _words(tmp_path / "index")
