@@ -128,7 +128,7 @@ def register_extension(extension: IndexExtension) -> IndexExtension:
 
 
 # Modules that register extensions when imported; optional, so the spine works without them.
-EXTENSION_MODULES = ("indexer.local", "indexer.autoencoder", "indexer.colour")
+EXTENSION_MODULES = ("indexer.local", "indexer.autoencoder", "indexer.colour", "indexer.finetune_top")
 
 
 def extensions() -> list[IndexExtension]:

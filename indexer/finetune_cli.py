@@ -12,6 +12,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from indexer.finetune import finetune_index
 
     index = _open_index(args.index)
+    if args.top_block:
+        return _finetune_top_block(index, args)
     try:
         with index.lock:
             report = finetune_index(index, steps=args.steps)
@@ -31,9 +33,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_top_block(index, args: argparse.Namespace) -> int:
+    from api.cli import UsageError
+    from indexer.finetune_top import finetune_top_block
+
+    try:
+        report = finetune_top_block(index, epochs=args.epochs, progress=not args.json)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"fine-tuned the top block on {report['items']} items in {report['categories']} categories "
+              f"({report['epochs']} epochs, final loss {report['final_loss']:.3f}, {report['seconds']:.0f}s); "
+              "classify now uses it")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="train a projection head on the index's deep features (CPU)")
     p.add_argument("--index", required=True)
     p.add_argument("--steps", type=int, default=300, help="training steps (batches of P categories x K items)")
+    p.add_argument("--top-block", action="store_true",
+                   help="instead: fine-tune the backbone's last block on the categories (for classify)")
+    p.add_argument("--epochs", type=int, default=6, help="with --top-block: passes over the catalog")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_finetune)

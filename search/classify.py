@@ -363,20 +363,21 @@ class _Fitted:
     ids: list[str]
     keys: np.ndarray
     uses_colour: bool
+    uses_finetuned: bool = False
 
 
-def _colour_rows(index, keys: np.ndarray) -> np.ndarray | None:
-    """Colour rows aligned with ``keys``, or None where the index lacks them for any item."""
-    from indexer.colour import FEATURE_NAME
+COLOUR, FINETUNED = "colour", "deep_ft"  # indexer.colour / indexer.finetune_top feature names
 
-    dim = index.meta["dims"].get(FEATURE_NAME)
+
+def _rows_for(index, feature: str, keys: np.ndarray) -> np.ndarray | None:
+    """``feature`` rows aligned with ``keys``, or None where the index lacks them for any item."""
+    dim = index.meta["dims"].get(feature)
     if dim is None:
         return None
-    colour_keys, rows = index.store.vectors(FEATURE_NAME, dim)
-    position = {int(key): i for i, key in enumerate(colour_keys)}
+    feature_keys, rows = index.store.vectors(feature, dim)
+    position = {int(key): i for i, key in enumerate(feature_keys)}
     if any(int(key) not in position for key in keys):
-        log.info("%s: some items have no colour histogram (indexed before it existed); "
-                 "classifying on deep features alone until they are re-indexed", index.root)
+        log.info("%s: some items have no %r rows yet; classifying without them until the next index run", index.root, feature)
         return None
     return rows[[position[int(key)] for key in keys]]
 
@@ -392,12 +393,13 @@ def _fit_on_index(index) -> _Fitted:
     keep = np.array([int(key) in records for key in keys], dtype=bool)
     keys, rows = keys[keep], rows[keep]
     categories = [records[int(key)].category for key in keys]
-    colour = _colour_rows(index, keys)
-    features = classification_features(project(index, rows), colour)
-    classifier = HierarchicalFewShotClassifier().fit(features, categories)
-    log.info("classifier fitted on %d items in %d leaf categories (colour %s)",
-             len(keys), len(classifier.leaves_), "on" if colour is not None else "off")
-    return _Fitted(classifier, [records[int(key)].id for key in keys], keys, colour is not None)
+    finetuned = _rows_for(index, FINETUNED, keys)
+    deep = finetuned if finetuned is not None else project(index, rows)
+    colour = _rows_for(index, COLOUR, keys)
+    classifier = HierarchicalFewShotClassifier().fit(classification_features(deep, colour), categories)
+    log.info("classifier fitted on %d items in %d leaf categories (%s features, colour %s)", len(keys),
+             len(classifier.leaves_), FINETUNED if finetuned is not None else "deep", "on" if colour is not None else "off")
+    return _Fitted(classifier, [records[int(key)].id for key in keys], keys, colour is not None, finetuned is not None)
 
 
 def fitted_classifier(index) -> tuple[HierarchicalFewShotClassifier, list[str]]:
@@ -409,7 +411,12 @@ def fitted_classifier(index) -> tuple[HierarchicalFewShotClassifier, list[str]]:
 def _query_features(index, fitted: _Fitted, images: list[Image.Image]) -> np.ndarray:
     from indexer.finetune import project
 
-    deep = project(index, index.deep_extractor().transform_images(images))
+    if fitted.uses_finetuned:
+        from indexer.finetune_top import index_feature
+
+        deep = index_feature(index).transform_images(images)
+    else:
+        deep = project(index, index.deep_extractor().transform_images(images))
     if not fitted.uses_colour:
         return classification_features(deep)
     from indexer.colour import ColourHistogram

@@ -232,3 +232,29 @@ def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog
     assert classifier.support_.shape[1] == index.meta["dims"]["deep"] + 192
     query = sorted((tiny_catalog / "Dairy" / "Yoghurt").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Yoghurt")
+
+
+def test_top_block_finetune_adds_rows_for_every_item_new_ones_too_and_classify_uses_them(tiny_index, tiny_catalog, capsys):
+    from api.cli import main
+    from indexer.config import IndexConfig
+    from indexer.index import CatalogIndex
+    from indexer.pipeline import index_catalog
+    from search.classify import classify, fitted_classifier
+    from tests.conftest import draw_product
+
+    assert main(["finetune", "--index", str(tiny_index), "--top-block", "--epochs", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["items"] == 12 and report["categories"] == 3
+    index = CatalogIndex.open(tiny_index)
+    assert len(index.store.feature_keys("deep_ft")) == 12 and index.vector_store("deep_ft").ntotal == 12
+    index.close()
+
+    draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=77)
+    added = index_catalog(tiny_catalog, tiny_index, IndexConfig(), progress=False)
+    assert added.added == 1 and not added.failures
+    index = CatalogIndex.open(tiny_index)
+    assert len(index.store.feature_keys("deep_ft")) == 13
+    classifier, _ = fitted_classifier(index)
+    assert classifier.support_.shape[1] == index.meta["dims"]["deep_ft"] + 192
+    query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
+    assert classify(index, [query])[0].category.startswith("Dairy/Milk")
