@@ -422,6 +422,20 @@ class ElasticStore:
         keys = sorted(int(hit["_source"]["key"]) for hit in hits)
         return CategoryKeys(keys, prefix.strip("/")) if category_filter(prefix) else np.array(keys, np.int64)
 
+    def vectors(self, feature: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """``MetadataStore.vectors``: every item's ``feature`` vector (keys, rows), ordered by key.
+
+        What classification fits on; one scan of the index (items without the field are left out).
+        """
+        from elasticsearch import helpers
+
+        query = {"query": {"exists": {"field": feature}}, "_source": ["key", feature]}
+        found = sorted((int(hit["_source"]["key"]), hit["_source"][feature])
+                       for hit in helpers.scan(self.client, index=self.index, query=query))
+        keys = np.array([key for key, _ in found], np.int64)
+        rows = np.array([vector for _, vector in found], np.float32).reshape(len(found), dim)
+        return keys, rows
+
     def fingerprints(self):
         from elasticsearch import helpers
 

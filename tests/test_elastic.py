@@ -725,3 +725,20 @@ def test_word_scores_from_elasticsearch_are_relative_to_the_best_hit(server):
     keys, scores = store.word_candidates(np.array([1, 2]), 5, keys=np.array([1, 2, 3]))
     assert keys.tolist() == [1, 2] and scores.tolist() == [1.0, 0.25]
     assert server.requests[0][2]["query"]["bool"]["filter"] == [{"terms": {"key": [1, 2, 3]}}]
+
+
+def test_classify_runs_against_elasticsearch_through_the_index_view(server, es_catalog, tmp_path):
+    """Classification fits on the cluster's stored vectors: the same code as on the embedded index."""
+    from PIL import Image
+
+    from search.classify import classify
+
+    MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    _index_into(store, es_catalog, tmp_path / "models")
+    keys, rows = store.vectors("deep", 12)
+    assert len(keys) == len(es_catalog) and rows.shape == (len(es_catalog), 12) and list(keys) == sorted(keys)
+    view = _engine(server, store, tmp_path / "models").index
+    [result] = classify(view, [Image.open(es_catalog[2].image)])
+    assert result.error is None and result.category == es_catalog[2].category
+    assert result.neighbours[0] == es_catalog[2].id
