@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,25 +55,41 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def server(chromium, grocery_catalog, val_photos, tmp_path_factory):
     """A real uvicorn server on 127.0.0.1 over a small index, and a val photo of an indexed class."""
-    import uvicorn
+    import subprocess
+    import sys
+    import urllib.request
 
-    from api.app import create_app
     from tests.test_api import build_small_index
 
     index_dir, items = build_small_index(grocery_catalog, tmp_path_factory.mktemp("browser"), classes=3)
     categories = {item.category for item in items}
     query = next(photo for photo in val_photos if photo.category in categories)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(index_dir, read_only=True), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", query
-    server.should_exit = True
-    thread.join(timeout=30)
+    # A server process of its own, as a user runs it: the network and OpenCV then never share a
+    # process with playwright's greenlets (a native crash there took the whole test run down).
+    log_path = index_dir.parent / "server.log"
+    log_file = open(log_path, "wb")  # a file, not a pipe: nobody reads the pipe, and a full one blocks the server
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--index", str(index_dir), "--port", str(port), "--read-only"],
+        cwd=Path(__file__).resolve().parents[1], stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, f"server exited: {log_path.read_text(errors='replace')[-2000:]}"
+        assert time.monotonic() < deadline, "server did not start"
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url, query
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log_file.close()
 
 
 def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
