@@ -339,15 +339,18 @@ def verified_evidence(
     features: np.ndarray,
     verify_pair: Callable[[int, int], int],
     config: EvidenceConfig | None = None,
+    nearest: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n, leaves) evidence in [0, 1]: each leaf's best verified match among the nearest support items.
 
     ``verify_pair(query_row, support_row)`` returns the inliers of that pair; below
-    ``min_inliers`` agreement is chance and counts as nothing.
+    ``min_inliers`` agreement is chance and counts as nothing. ``nearest`` (support rows per
+    query, nearest first) saves the search where the caller already made it.
     """
     config = config or EvidenceConfig()
     evidence = np.zeros((len(features), len(classifier.leaves_)), dtype=np.float64)
-    nearest, _ = classifier.nearest_support(features, config.verify_top)
+    if nearest is None:
+        nearest, _ = classifier.nearest_support(features, config.verify_top)
     for row, support_rows in enumerate(nearest):
         for support_row in support_rows:
             inliers = verify_pair(row, int(support_row))
@@ -445,7 +448,7 @@ def _index_evidence(index, fitted: _Fitted, images: list[Image.Image], features:
         item = stored.get(int(fitted.keys[support_row]))
         return verify(queries[row], item).inliers if item is not None else 0
 
-    return verified_evidence(fitted.classifier, features, verify_pair, config)
+    return verified_evidence(fitted.classifier, features, verify_pair, config, nearest)
 
 
 def classify(
