@@ -11,6 +11,10 @@ candidates of a query only. The visual vocabulary is fitted on the stored keypoi
 as a file in ``models_dir`` beside the client (``CATALENS_ES_MODELS``); each document records
 which vocabulary its words came from, so a refit or an interrupted run re-quantises exactly
 the items that need it.
+
+Code written against the embedded ``MetadataStore`` (the autoencoder, the anomaly audit) writes
+per-item rows with ``transaction`` / ``put_feature``: here they become partial updates of the
+item's document, a vector into its ``dense_vector`` field, a score into a ``float`` field.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +77,8 @@ class ElasticSettings:
 
 def index_template(dims: dict[str, int], settings: ElasticSettings | None = None) -> dict[str, Any]:
     """The body of ``PUT _index_template/<index>``: settings, analysers and the item mapping."""
+    from indexer.autoencoder import SCORE_FEATURE
+
     settings = settings or ElasticSettings()
     properties: dict[str, Any] = {
         "key": {"type": "long"},
@@ -95,6 +102,8 @@ def index_template(dims: dict[str, int], settings: ElasticSettings | None = None
         "keypoints": {"type": "binary"},
         "words_vocab": {"type": "keyword"},
         "updated_at": {"type": "date", "format": "epoch_second"},
+        # The autoencoder's per-item anomaly score (train-ae, the audit): a number the cluster can sort.
+        SCORE_FEATURE: {"type": "float"},
     }
     for feature, dim in sorted(dims.items()):
         properties[feature] = {
@@ -243,6 +252,41 @@ def _record(source: dict[str, Any]) -> ItemRecord:
     )
 
 
+def _field(feature: str) -> str:
+    """The document field that holds ``feature``'s rows (the local feature's are its keypoints)."""
+    from indexer.local import FEATURE_NAME
+
+    return "keypoints" if feature == FEATURE_NAME else feature
+
+
+def holding(feature: str) -> dict[str, Any]:
+    """The query for the documents that hold ``feature``.
+
+    Keypoints are a binary field, stored but not indexed, so nothing can search on it: the
+    ``words_vocab`` keyword that every document with keypoints carries answers instead.
+    """
+    from indexer.local import FEATURE_NAME
+
+    return {"exists": {"field": "words_vocab" if feature == FEATURE_NAME else feature}}
+
+
+def field_value(kind: str | None, feature: str, blob: bytes) -> Any:
+    """A ``MetadataStore`` feature row (float32 bytes) as a field of the mapped ``kind`` holds it."""
+    if kind == "dense_vector":
+        return np.frombuffer(blob, np.float32).tolist()
+    if kind == "float":
+        (value,) = np.frombuffer(blob, np.float32)
+        return float(value)
+    raise ValueError(f"{feature!r} rows cannot be written as partial updates: its field is {kind or 'not mapped'}")
+
+
+def feature_blob(value: Any) -> bytes:
+    """A field's value as the embedded store keeps the row: base64 text decoded, numbers as float32."""
+    if isinstance(value, str):
+        return base64.b64decode(value)
+    return np.asarray(value, np.float32).tobytes()
+
+
 class ElasticStore:
     """``CatalogStore`` in an Elasticsearch index (one document per item, ``_id`` = item id)."""
 
@@ -352,52 +396,48 @@ class ElasticStore:
         return found, scores
 
     def keypoints(self, keys):
-        keys = [int(key) for key in keys]
-        found: dict[int, bytes] = {}
-        for start in range(0, len(keys), KEYPOINT_CHUNK):
-            chunk = keys[start : start + KEYPOINT_CHUNK]
-            response = self.client.search(
-                index=self.index, query={"terms": {"key": chunk}}, size=len(chunk), source=["key", "keypoints"]
-            )
-            found.update({
-                int(hit["_source"]["key"]): base64.b64decode(hit["_source"]["keypoints"])
-                for hit in response["hits"]["hits"]
-                if hit["_source"].get("keypoints")
-            })
-        return found
-
-    def feature_blobs(self, feature: str, keys: Sequence[int]) -> dict[int, bytes]:
-        """``MetadataStore.feature_blobs`` for the local feature: its keypoints, by key."""
         from indexer.local import FEATURE_NAME
 
-        return self.keypoints(keys) if feature == FEATURE_NAME else {}
+        return self.feature_blobs(FEATURE_NAME, keys)
+
+    def feature_blobs(self, feature: str, keys: Iterable[int] | None = None) -> dict[int, bytes]:
+        """``MetadataStore.feature_blobs``: each item's ``feature`` row as bytes, by key.
+
+        Vectors and scores come back as float32 bytes, keypoints as their blob; every item
+        holding ``feature`` when ``keys`` is None.
+        """
+        field = _field(feature)
+        if keys is None:
+            sources = self._scan(holding(feature), ["key", field])
+        else:
+            # Keypoint blobs are the largest rows: their chunk size bounds every request's answer.
+            sources = self._by_key(keys, ["key", field], KEYPOINT_CHUNK)
+        # An image without keypoints stores an empty blob: as before, it has none to fetch.
+        return {int(source["key"]): feature_blob(source[field]) for source in sources if source.get(field) not in (None, "")}
+
+    def feature_keys(self, feature: str) -> set[int]:
+        """``MetadataStore.feature_keys``: keys of the items holding ``feature``, rows unread."""
+        return {int(source["key"]) for source in self._scan(holding(feature), ["key"])}
 
     def local_items(self, exclude_vocabulary: str | None = None) -> dict[int, str]:
         """key -> id of the items with stored keypoints (not yet quantised with ``exclude_vocabulary``)."""
-        from elasticsearch import helpers
+        from indexer.local import FEATURE_NAME
 
-        query: dict[str, Any] = {"bool": {"filter": [{"exists": {"field": "words_vocab"}}]}}
+        query: dict[str, Any] = {"bool": {"filter": [holding(FEATURE_NAME)]}}
         if exclude_vocabulary is not None:
             query["bool"]["must_not"] = [{"term": {"words_vocab": exclude_vocabulary}}]
-        hits = helpers.scan(self.client, index=self.index, query={"query": query, "_source": ["key", "id"]})
-        return {int(hit["_source"]["key"]): hit["_source"]["id"] for hit in hits}
+        return {int(source["key"]): source["id"] for source in self._scan(query, ["key", "id"])}
 
     def set_words(self, words: dict[str, np.ndarray], vocabulary_id: str) -> None:
         """Partial updates: item id -> its visual words under vocabulary ``vocabulary_id``."""
-        self._bulk([
-            {"_op_type": "update", "_index": self.index, "_id": item_id,
-             "doc": {"words": words_text(ids), "words_vocab": vocabulary_id}}
-            for item_id, ids in words.items()
-        ])
+        self._update({item_id: {"words": words_text(ids), "words_vocab": vocabulary_id} for item_id, ids in words.items()})
 
     def items(self, keys):
-        keys = [int(key) for key in keys]
-        found: dict[int, ItemRecord] = {}
-        for start in range(0, len(keys), 1000):
-            chunk = keys[start : start + 1000]
-            response = self.client.search(index=self.index, query={"terms": {"key": chunk}}, size=len(chunk), source=RECORD_FIELDS)
-            found.update({int(hit["_source"]["key"]): _record(hit["_source"]) for hit in response["hits"]["hits"]})
-        return found
+        return {int(source["key"]): _record(source) for source in self._by_key(keys, RECORD_FIELDS, 1000)}
+
+    def all_items(self) -> list[ItemRecord]:
+        """``MetadataStore.all_items``: every stored item's record, ordered by key."""
+        return sorted(self.records().values(), key=lambda record: record.key)
 
     def item_by_id(self, item_id):
         from elasticsearch import NotFoundError
@@ -415,11 +455,8 @@ class ElasticStore:
         return {bucket["key"]: int(bucket["doc_count"]) for bucket in response["aggregations"]["categories"]["buckets"]}
 
     def keys_in_category(self, prefix):
-        from elasticsearch import helpers
-
         query = category_filter(prefix) or {"match_all": {}}
-        hits = helpers.scan(self.client, index=self.index, query={"query": query, "_source": ["key"]})
-        keys = sorted(int(hit["_source"]["key"]) for hit in hits)
+        keys = sorted(int(source["key"]) for source in self._scan(query, ["key"]))
         return CategoryKeys(keys, prefix.strip("/")) if category_filter(prefix) else np.array(keys, np.int64)
 
     def vectors(self, feature: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -427,20 +464,30 @@ class ElasticStore:
 
         What classification fits on; one scan of the index (items without the field are left out).
         """
-        from elasticsearch import helpers
-
-        query = {"query": {"exists": {"field": feature}}, "_source": ["key", feature]}
-        found = sorted((int(hit["_source"]["key"]), hit["_source"][feature])
-                       for hit in helpers.scan(self.client, index=self.index, query=query))
-        keys = np.array([key for key, _ in found], np.int64)
-        rows = np.array([vector for _, vector in found], np.float32).reshape(len(found), dim)
+        blobs = self.feature_blobs(feature)
+        keys = np.array(sorted(blobs), np.int64)
+        rows = np.frombuffer(b"".join(blobs[int(key)] for key in keys), np.float32).reshape(len(keys), dim)
         return keys, rows
 
     def fingerprints(self):
+        sources = self._scan({"match_all": {}}, ["key", "id", "fingerprint"])
+        return {source["id"]: (int(source["key"]), source.get("fingerprint", "")) for source in sources}
+
+    def _scan(self, query: dict[str, Any], fields: list[str]) -> Iterator[dict[str, Any]]:
+        """``fields`` of every document matching ``query``, through a scroll."""
         from elasticsearch import helpers
 
-        hits = helpers.scan(self.client, index=self.index, query={"query": {"match_all": {}}, "_source": ["key", "id", "fingerprint"]})
-        return {hit["_source"]["id"]: (int(hit["_source"]["key"]), hit["_source"].get("fingerprint", "")) for hit in hits}
+        for hit in helpers.scan(self.client, index=self.index, query={"query": query, "_source": fields}):
+            yield hit["_source"]
+
+    def _by_key(self, keys: Iterable[int], fields: list[str], chunk: int) -> Iterator[dict[str, Any]]:
+        """``fields`` of the documents of these item keys, ``chunk`` keys a request."""
+        keys = [int(key) for key in keys]
+        for start in range(0, len(keys), chunk):
+            part = keys[start : start + chunk]
+            response = self.client.search(index=self.index, query={"terms": {"key": part}}, size=len(part), source=fields)
+            for hit in response["hits"]["hits"]:
+                yield hit["_source"]
 
     # --- writes
 
@@ -453,6 +500,49 @@ class ElasticStore:
         ids = list(dict.fromkeys(ids))
         self._bulk(list(bulk_actions(self.index, deletes=ids)))
         return [item_key(item_id) for item_id in ids]
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[int, dict[str, bytes]]]:
+        """``MetadataStore.transaction`` for feature rows: ``put_feature`` buffers, the exit sends.
+
+        The buffer (key -> feature -> row) goes out as one partial update per item, in bulk
+        chunks retried with back-off; a block that raises sends nothing, as a rollback keeps
+        nothing. Sending twice is harmless: each update sets fields of the document named by
+        the item's id.
+        """
+        rows: dict[int, dict[str, bytes]] = {}
+        yield rows
+        self._write_rows(rows)
+
+    def put_feature(self, rows: dict[int, dict[str, bytes]], feature: str, key: int, data: bytes) -> None:
+        """``MetadataStore.put_feature`` inside ``transaction``: ``data`` is a float32 vector or score."""
+        rows.setdefault(int(key), {})[feature] = data
+
+    def _write_rows(self, rows: Mapping[int, Mapping[str, bytes]]) -> None:
+        if not rows:
+            return
+        kinds = {name: spec.get("type") for name, spec in self._properties().items()}
+        # Documents are named by item id; the rows by key: one lookup per chunk of keys.
+        ids = {int(source["key"]): source["id"] for source in self._by_key(rows, ["key", "id"], 1000)}
+        if len(ids) < len(rows):
+            log.warning("%d item(s) were deleted before their rows could be written", len(rows) - len(ids))
+        self._update({
+            ids[key]: {_field(name): field_value(kinds.get(_field(name)), name, blob) for name, blob in fields.items()}
+            for key, fields in rows.items() if key in ids
+        })
+
+    def delete_feature(self, feature: str) -> None:
+        """``MetadataStore.delete_feature``: the field leaves every document; its mapping stays.
+
+        One update-by-query on the cluster. A document written meanwhile is skipped (conflicts
+        proceed) rather than failing the whole request: an indexing run that rewrote it wrote
+        it whole, from the current models.
+        """
+        field = _field(feature)
+        self.client.update_by_query(
+            index=self.index, query=holding(feature), conflicts="proceed", refresh=True, slices="auto",
+            script={"source": "ctx._source.remove(params.field)", "lang": "painless", "params": {"field": field}},
+        )
 
     def _bulk(self, actions: list[dict[str, Any]]) -> None:
         """Send ``actions`` in chunks; retry a chunk with exponential back-off on failure.
@@ -489,19 +579,18 @@ class ElasticStore:
 
     def records(self) -> dict[str, ItemRecord]:
         """Every stored item's record (no vectors): what an indexing run compares the catalog with."""
-        from elasticsearch import helpers
-
-        hits = helpers.scan(self.client, index=self.index, query={"query": {"match_all": {}}, "_source": RECORD_FIELDS})
-        return {hit["_source"]["id"]: _record(hit["_source"]) for hit in hits}
+        return {source["id"]: _record(source) for source in self._scan({"match_all": {}}, RECORD_FIELDS)}
 
     def update_metadata(self, items: Sequence[Any]) -> None:
         """Partial updates of category/title/attributes, vectors untouched."""
-        actions = [
-            {"_op_type": "update", "_index": self.index, "_id": item.id,
-             "doc": {"category": item.category, "title": item.title, "attributes": item.attributes}}
-            for item in items
-        ]
-        self._bulk(actions)
+        self._update({item.id: {"category": item.category, "title": item.title, "attributes": item.attributes} for item in items})
+
+    def _update(self, documents: Mapping[str, dict[str, Any]]) -> None:
+        """Partial updates, item id -> the fields to set; the document's other fields stay."""
+        self._bulk([
+            {"_op_type": "update", "_index": self.index, "_id": item_id, "doc": fields}
+            for item_id, fields in documents.items()
+        ])
 
 
 class _ElasticVectors:

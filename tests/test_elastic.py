@@ -422,8 +422,9 @@ class MiniCluster:
     """Just enough of one Elasticsearch index, in memory, for catalens' requests.
 
     It evaluates the query shapes catalens sends (term, terms, exists, bool, kNN, scroll,
-    bulk index/update/delete), so a whole indexing run and searches in every mode can go
-    through the official client; each request stays in ``server.requests`` to be checked.
+    bulk index/update/delete, update-by-query), so a whole indexing run and searches in every
+    mode can go through the official client; each request stays in ``server.requests`` to be
+    checked. Documents are held to the index's strict mapping as a server holds them.
     """
 
     def __init__(self, server: FakeServer, index: str = "shop"):
@@ -503,27 +504,55 @@ class MiniCluster:
             answer["aggregations"] = {"categories": {"buckets": [{"key": c, "doc_count": n} for c, n in counts.items()]}}
         return answer
 
+    def rejection(self, fields: dict) -> dict | None:
+        """The error a strict mapping gives for these document fields, or None."""
+        for name, value in fields.items():
+            spec = self.properties.get(name)
+            if spec is None:
+                return {"type": "strict_dynamic_mapping_exception", "reason": f"[{name}] is not mapped"}
+            if spec["type"] == "dense_vector" and len(value) != spec["dims"]:
+                return {"type": "document_parsing_exception", "reason": f"[{name}] has {len(value)} dims, not {spec['dims']}"}
+            if spec["type"] == "float" and not isinstance(value, int | float):
+                return {"type": "document_parsing_exception", "reason": f"[{name}] is not a number"}
+        return None
+
     def bulk(self, body) -> dict:
         lines = [json.loads(line) for line in body]
         items, position = [], 0
         while position < len(lines):
             op, meta = next(iter(lines[position].items()))
             item_id = meta["_id"]
+            error = None
             if op == "delete":
                 status = 200 if self.docs.pop(item_id, None) is not None else 404
                 position += 1
             else:
                 payload = lines[position + 1]
                 position += 2
-                if op == "index":
+                # An update's line is {"doc": partial document}; an index op's is the document.
+                assert op == "index" or set(payload) == {"doc"}, payload
+                error = self.rejection(payload if op == "index" else payload["doc"])
+                if error is not None:
+                    status = 400
+                elif op == "index":
                     self.docs[item_id], status = payload, 200
                 elif item_id in self.docs:
                     self.docs[item_id].update(payload["doc"])
                     status = 200
                 else:
                     status = 404
-            items.append({op: {"_id": item_id, "status": status}})
+            items.append({op: {"_id": item_id, "status": status, **({"error": error} if error else {})}})
         return {"took": 1, "errors": any(i[next(iter(i))]["status"] >= 300 for i in items), "items": items}
+
+    def update_by_query(self, body: dict, params: dict) -> dict:
+        """Runs the one script catalens sends: remove a field from the matching documents."""
+        script = body["script"]
+        assert script["source"] == "ctx._source.remove(params.field)" and script.get("lang", "painless") == "painless"
+        assert body.get("conflicts", params.get("conflicts")) == "proceed"  # the client sends it in the body
+        matching = [source for source in self.docs.values() if self.matches(source, body.get("query", {"match_all": {}}))]
+        for source in matching:
+            source.pop(script["params"]["field"], None)
+        return {"total": len(matching), "updated": len(matching), "version_conflicts": 0, "failures": []}
 
     def answer(self, method: str, path: str, body, params: dict):
         parts = path.strip("/").split("/")
@@ -544,6 +573,8 @@ class MiniCluster:
             return {self.index: {"mappings": {"properties": self.properties}}}
         if parts == [self.index, "_search"]:
             return self.search(body or {}, params)
+        if parts == [self.index, "_update_by_query"] and method == "POST":
+            return self.update_by_query(body, params)
         if parts == [self.index, "_count"]:
             return {"count": len(self.docs)}
         if parts == [self.index, "_refresh"]:
@@ -742,3 +773,70 @@ def test_classify_runs_against_elasticsearch_through_the_index_view(server, es_c
     [result] = classify(view, [Image.open(es_catalog[2].image)])
     assert result.error is None and result.category == es_catalog[2].category
     assert result.neighbours[0] == es_catalog[2].id
+
+
+# --- feature rows, written as code for the embedded store writes them (autoencoder, audit)
+
+
+def test_feature_rows_are_buffered_then_sent_as_partial_updates_named_by_item_id(server):
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    store.ensure_index({"deep": 4, "ae": 3})
+    store.upsert_items([update("a"), update("b", seed=1)])
+    a, b = item_key("a"), item_key("b")
+    code = np.array([0.6, 0.0, 0.8], np.float32)
+    server.requests.clear()
+    with store.transaction() as rows:
+        store.put_feature(rows, "ae", a, code.tobytes())
+        store.put_feature(rows, "ae_score", a, np.float32(2.5).tobytes())
+        store.put_feature(rows, "ae_score", b, np.float32(0.0).tobytes())
+        assert not [path for _, path, _ in server.requests if path == "/_bulk"]  # nothing before the block ends
+    lines = [json.loads(line) for _, path, body in server.requests if path == "/_bulk" for line in body]
+    assert lines == [
+        {"update": {"_index": "shop", "_id": "a"}}, {"doc": {"ae": code.tolist(), "ae_score": 2.5}},
+        {"update": {"_index": "shop", "_id": "b"}}, {"doc": {"ae_score": 0.0}},
+    ]
+    assert cluster.docs["a"]["deep"] and cluster.docs["a"]["words"] == "w5 w7 w7"  # the rest of the document stays
+    # Read back as the embedded store keeps them: float32 bytes by key, a zero score included.
+    assert store.feature_blobs("ae") == {a: code.tobytes()}
+    assert store.feature_blobs("ae_score", [a, b]) == {a: np.float32(2.5).tobytes(), b: np.float32(0.0).tobytes()}
+    assert store.feature_keys("ae_score") == {a, b} and store.keypoints([b]) == {b: b"\x00keypoints\xff"}
+    assert [record.id for record in store.all_items()] == [r.id for r in sorted(store.records().values(), key=lambda r: r.key)]
+
+
+def test_a_feature_row_transaction_that_raises_sends_nothing_and_unmapped_rows_are_refused(server):
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    store.ensure_index({"deep": 4})
+    store.upsert_items([update("a")])
+    with pytest.raises(KeyError), store.transaction() as rows:
+        store.put_feature(rows, "ae_score", item_key("a"), np.float32(1.0).tobytes())
+        raise KeyError("interrupted")
+    assert "ae_score" not in cluster.docs["a"]
+    with pytest.raises(ValueError, match="not mapped"), store.transaction() as rows:
+        store.put_feature(rows, "deep_ft", item_key("a"), np.ones(4, np.float32).tobytes())
+    # A vector of the wrong size is refused by the cluster's mapping, as a real one refuses it.
+    with pytest.raises(RuntimeError, match="rejected 1 document"), store.transaction() as rows:
+        store.put_feature(rows, "deep", item_key("a"), np.ones(3, np.float32).tobytes())
+    # Rows of an item deleted meanwhile are dropped, not sent to fail.
+    server.requests.clear()
+    with store.transaction() as rows:
+        store.put_feature(rows, "ae_score", item_key("gone"), np.float32(1.0).tobytes())
+    assert not [path for _, path, _ in server.requests if path == "/_bulk"]
+
+
+def test_deleting_a_feature_removes_its_field_from_every_document_with_one_update_by_query(server):
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    store.ensure_index({"deep": 4})
+    store.upsert_items([update("a"), update("b", seed=1)])
+    with store.transaction() as rows:
+        store.put_feature(rows, "ae_score", item_key("a"), np.float32(1.0).tobytes())
+    server.requests.clear()
+    store.delete_feature("ae_score")
+    [(method, path, body)] = server.requests
+    assert (method, path) == ("POST", "/shop/_update_by_query")
+    assert body["query"] == {"exists": {"field": "ae_score"}}
+    assert body["script"]["params"] == {"field": "ae_score"}
+    assert not store.feature_keys("ae_score") and all("deep" in source for source in cluster.docs.values())
+    store.delete_feature("ae_score")  # again: nothing matches, nothing fails
