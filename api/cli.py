@@ -52,6 +52,22 @@ def _elastic_store(args: argparse.Namespace):
         raise UsageError(str(error)) from None
 
 
+def _open_catalog(args: argparse.Namespace):
+    """What a command reads the catalog through: the cluster's index view, or the ``--index`` folder.
+
+    The cluster when ``--backend es`` / ``--es-url`` / ``CATALENS_ES_URL`` asks for it; search,
+    classification and anomaly code take either without knowing which.
+    """
+    elastic = _elastic_store(args)
+    if elastic is not None:
+        from indexer.elastic import ElasticIndexView
+
+        return ElasticIndexView(elastic)
+    if not args.index:
+        raise UsageError("--index DIR is required (or --backend es with --es-url URL)")
+    return _open_index(args.index)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from datasets.catalog import CatalogError, load_catalog
     from indexer.config import load_config
@@ -95,15 +111,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {args.mode}: choose one of {', '.join(available_modes())}")
     if args.k < 1:
         raise UsageError("--k must be at least 1")
-    elastic = _elastic_store(args)
-    if elastic is not None:
-        from indexer.elastic import ElasticIndexView
-
-        engine = SearchEngine(ElasticIndexView(elastic))
-    elif not args.index:
-        raise UsageError("--index DIR is required (or --backend es with --es-url URL)")
-    else:
-        engine = SearchEngine(_open_index(args.index))
+    engine = SearchEngine(_open_catalog(args))
     explain = getattr(args, "explain", None)
     for result in engine.search(queries, k=args.k, mode=args.mode, category=args.category):
         if args.json:

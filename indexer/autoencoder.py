@@ -618,7 +618,7 @@ def load_index_autoencoder(index) -> IndexAutoencoder:
     """The index's trained autoencoder (cached per index until the index changes)."""
     path = model_path(index)
     if not path.is_file():
-        raise NotFittedError(f"{index.root}: no autoencoder trained for this index (run 'catalens train-ae --index {index.root}')")
+        raise NotFittedError(f"{index.root}: no autoencoder trained for this index (run 'catalens train-ae' on it first)")
 
     def build() -> IndexAutoencoder:
         model = ConvAutoencoder.load(path)
@@ -656,15 +656,19 @@ def train_index_autoencoder(
 ) -> ConvAutoencoder:
     """Fit the autoencoder on every indexed image, then re-code all items and rebuild ``ae.faiss``.
 
-    Resumable: the extracted inputs and a per-epoch checkpoint stay in ``models/`` until the run
-    completes, so re-running the same command after an interruption continues where it stopped.
+    ``index`` is a ``CatalogIndex`` or an ``indexer.elastic.ElasticIndexView``: codes and scores
+    go to its store, the model to its ``models_dir``. Resumable: the extracted inputs and a
+    per-epoch checkpoint stay in ``models_dir`` until the run completes, so re-running the same
+    command after an interruption continues where it stopped.
     """
     models = Path(index.models_dir)
     checkpoint, inputs_file = models / CHECKPOINT_FILE, models / INPUTS_FILE
     if fresh:
         checkpoint.unlink(missing_ok=True)
         inputs_file.unlink(missing_ok=True)
-    records = index.store.all_items()
+    # In id order, not key order: keys are the store's own (a counter in SQLite, a hash on
+    # Elasticsearch), and one catalog should train one model whichever store holds it.
+    records = sorted(index.store.all_items(), key=lambda record: record.id)
     if not records:
         raise ValueError(f"{index.root}: the index has no items to train on")
     keys = np.asarray([record.key for record in records], np.int64)
@@ -689,14 +693,16 @@ def train_index_autoencoder(
     model.fit(X)
     codes, scores = model.transform(X), model.catalog_scores_
     with index.lock:
+        # The code size first: a store that cannot take it (an Elasticsearch field keeps its
+        # dims) refuses before the old codes are deleted.
+        index.drop_vector_store(FEATURE_NAME)
+        index.set_dim(FEATURE_NAME, codes.shape[1])
         index.store.delete_feature(FEATURE_NAME)
         index.store.delete_feature(SCORE_FEATURE)
         with index.store.transaction() as db:
             for key, code, score in zip(keys, codes, scores, strict=True):
                 index.store.put_feature(db, FEATURE_NAME, int(key), code.astype(np.float32).tobytes())
                 index.store.put_feature(db, SCORE_FEATURE, int(key), np.float32(score).tobytes())
-        index.drop_vector_store(FEATURE_NAME)
-        index.set_dim(FEATURE_NAME, codes.shape[1])
         index.replace_vector_store(FEATURE_NAME, index.rebuild_vector_store(FEATURE_NAME, codes.shape[1]))
         model.save(models / MODEL_FILE)
         index.meta.setdefault("autoencoder", {}).update(

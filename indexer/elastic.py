@@ -329,7 +329,10 @@ class ElasticStore:
         if existing is not None:
             mismatched = {f: d for f, d in dims.items() if existing.get(f) not in (None, d)}
             if mismatched:
-                raise ValueError(f"Elasticsearch index {self.index!r} has {existing}, not {mismatched}")
+                raise ValueError(
+                    f"Elasticsearch index {self.index!r} has vectors {existing}, not {mismatched}; a vector field "
+                    "keeps its dims: keep the settings, or use another index (CATALENS_ES_INDEX)"
+                )
             # New vector fields, or fields of a newer catalens, can be added to a live index;
             # existing documents lack them until they are written again.
             wanted = index_template({**existing, **dims}, self.settings)["template"]["mappings"]["properties"]
@@ -618,14 +621,16 @@ class _ElasticWords:
 
 
 class ElasticIndexView:
-    """Enough of ``CatalogIndex`` for ``SearchEngine`` to run its vector modes against a cluster.
+    """Enough of ``CatalogIndex`` for search, classification and anomaly code to run on a cluster.
 
     ``SearchEngine(ElasticIndexView(store))`` answers every mode from Elasticsearch with no
     change to the engine: ``deep`` and ``ae`` through ``vector_store(name)`` (filtered kNN),
     ``local`` and ``fused`` through ``local_index()`` (the vocabulary from ``models_dir``, word
     candidates from a term query) and the store's ``feature_blobs`` (keypoints of the
     candidates being verified only). Item lookups and category filters go to the store, which
-    has the ``MetadataStore`` read methods the engine uses.
+    has the ``MetadataStore`` methods that code uses. Code that refits a feature (the
+    autoencoder) calls the index's vector-store upkeep as well: here the cluster indexes
+    vectors as they are written, so that upkeep maps the field and refreshes.
     """
 
     def __init__(self, store: ElasticStore, config: Any = None, models_dir: str | Path | None = None):
@@ -639,10 +644,32 @@ class ElasticIndexView:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
         self._cache: dict[str, Any] = {}
+        self._meta: dict[str, Any] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
-        return {"dims": self.store.dims()}
+        """The cluster's vector dims, beside what this process noted (an autoencoder's summary)."""
+        self._meta["dims"] = self.store.dims()
+        return self._meta
+
+    def set_dim(self, feature: str, dim: int) -> None:
+        """Map ``feature`` as a ``dim``-d vector field; a field of other dims refuses (ValueError)."""
+        self.store.ensure_index({feature: dim})
+
+    def drop_vector_store(self, feature: str) -> None:
+        """Nothing to drop: a mapped field stays on the index (``delete_feature`` empties it)."""
+
+    def rebuild_vector_store(self, feature: str, dim: int) -> _ElasticVectors:
+        """The cluster indexed the vectors as they were written: make them searchable now."""
+        self.store.refresh()
+        return self.vector_store(feature)
+
+    def replace_vector_store(self, feature: str, store: _ElasticVectors) -> None:
+        """Nothing to swap: the cluster is the vector store."""
+
+    def save(self) -> None:
+        """The cluster keeps what was written; make it searchable now."""
+        self.store.refresh()
 
     def vector_store(self, feature: str) -> _ElasticVectors:
         if feature not in self.store.dims():

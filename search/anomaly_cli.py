@@ -14,7 +14,7 @@ def _usage_error(message: str) -> Exception:
 
 
 def cmd_train_ae(args: argparse.Namespace) -> int:
-    from api.cli import _open_index
+    from api.cli import _open_catalog
     from api.tables import format_table
     from indexer.autoencoder import LOSS_PLOT, train_index_autoencoder
 
@@ -24,7 +24,7 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
         raise _usage_error("--noise must be >= 0")
     if not 0 < args.percentile < 100:
         raise _usage_error("--percentile must be between 0 and 100")
-    index = _open_index(args.index)
+    index = _open_catalog(args)
     try:
         model = train_index_autoencoder(
             index, epochs=args.epochs, input_kind=args.input, noise=args.noise, percentile=args.percentile,
@@ -37,19 +37,19 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
     rows = [
         ("input", model.input_kind), ("epochs", model.epochs), ("code dims", model.code_dim),
         ("final loss", f"{model.loss_history_[-1]:.4f}"), ("threshold", f"{model.threshold_:.4f}"),
-        ("loss curve", str(Path(args.index) / "models" / LOSS_PLOT)),
+        ("loss curve", str(Path(index.models_dir) / LOSS_PLOT)),
     ]
     print(format_table(["autoencoder", "value"], rows))
     return 0
 
 
 def cmd_anomaly(args: argparse.Namespace) -> int:
-    from api.cli import _open_index, _read_queries
+    from api.cli import _open_catalog, _read_queries
     from api.tables import format_table
     from indexer.autoencoder import NotFittedError
     from search.anomaly import audit_catalog, score_anomalies
 
-    index = _open_index(args.index)
+    index = _open_catalog(args)
     try:
         if args.audit:
             if args.images or args.from_file:
@@ -82,8 +82,10 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from indexer.stores import add_backend_arguments
+
     p = subparsers.add_parser("train-ae", help="train the index's autoencoder (codes for --mode ae, anomaly scores)")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", help="index folder (or --backend es)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--input", choices=("features", "pixels"), default="features",
                    help="reconstruct the backbone's feature maps (default, better anomaly detection) or 64-px pixels")
@@ -92,14 +94,16 @@ def register(subparsers) -> None:
                    help="threshold = this percentile of held-out catalog images' scores")
     p.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_backend_arguments(p)
     p.set_defaults(run=cmd_train_ae)
 
     p = subparsers.add_parser("anomaly", help="score photos by autoencoder reconstruction error, or audit the catalog")
     p.add_argument("images", nargs="*")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", help="index folder (or --backend es)")
     p.add_argument("--json", action="store_true", help="one JSON object per query per line")
     p.add_argument("--from-file", help="file with one query image path per line")
     p.add_argument("--heatmaps", help="folder for heatmaps of where reconstruction failed")
     p.add_argument("--audit", action="store_true", help="list the catalog's own most anomalous items")
     p.add_argument("--top", type=int, default=20, help="with --audit: how many items to list")
+    add_backend_arguments(p)
     p.set_defaults(run=cmd_anomaly)

@@ -840,3 +840,137 @@ def test_deleting_a_feature_removes_its_field_from_every_document_with_one_updat
     assert body["script"]["params"] == {"field": "ae_score"}
     assert not store.feature_keys("ae_score") and all("deep" in source for source in cluster.docs.values())
     store.delete_feature("ae_score")  # again: nothing matches, nothing fails
+
+
+# --- the autoencoder and anomaly scores on Elasticsearch, as on the embedded store
+
+
+def _blocky_noise(path):
+    """A clearly foreign image: blocky colour noise (per-pixel noise averages to grey at 64 px)."""
+    from PIL import Image
+
+    blocks = np.random.default_rng(5).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((256, 256), Image.NEAREST).save(path)
+    return path
+
+
+def _product_updates(folder) -> list[ItemUpdate]:
+    """Twelve generated products and one noise image, with stand-in deep vectors (no network)."""
+    from PIL import Image
+
+    from indexer.pipeline import file_fingerprint
+    from tests.conftest import draw_product
+
+    paths = [draw_product(folder / f"item{n:02d}.jpg", seed=n, text=f"item {n}") for n in range(12)]
+    paths.append(_blocky_noise(folder / "zz_noise.png"))
+    vectors = ColourFeature().transform_images([Image.open(path) for path in paths])
+    categories = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"]
+    return [
+        ItemUpdate(CatalogItem(path.name, path, categories[n % 3], path.stem, {}), file_fingerprint(path), {"deep": vector})
+        for n, (path, vector) in enumerate(zip(paths, vectors, strict=True))
+    ]
+
+
+def _tiny_ae(index, **overrides):
+    from indexer.autoencoder import train_index_autoencoder
+
+    settings = {"epochs": 4, "input_kind": "pixels", "progress": False, "width": 8, "code_channels": 4, **overrides}
+    return train_index_autoencoder(index, **settings)
+
+
+@pytest.fixture()
+def es_and_embedded(server, tmp_path):
+    """The same catalog in the in-memory cluster (the cluster, its view) and in an embedded index."""
+    from indexer.config import IndexConfig
+    from indexer.elastic import ElasticIndexView
+    from indexer.index import CatalogIndex
+
+    updates = _product_updates(tmp_path / "catalog")
+    config = IndexConfig(local_features=False, num_workers=0)
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    store.ensure_index({"deep": ColourFeature.dim})
+    store.upsert_items(updates)
+    index = CatalogIndex.create(tmp_path / "index", config)
+    EmbeddedStore(index).upsert_items(updates)
+    index.save()
+    yield cluster, ElasticIndexView(store, config, models_dir=tmp_path / "es-models"), index
+    index.close()
+
+
+def test_autoencoder_trained_on_elasticsearch_scores_and_audits_as_on_the_embedded_store(server, es_and_embedded, tmp_path):
+    from search.anomaly import audit_catalog, score_anomalies
+    from search.engine import SearchEngine
+
+    cluster, view, index = es_and_embedded
+    cluster_model, embedded_model = _tiny_ae(view), _tiny_ae(index)
+    # The same catalog and seed train the same model whichever store holds the catalog.
+    assert cluster_model.loss_history_ == pytest.approx(embedded_model.loss_history_, rel=1e-5)
+    assert (view.models_dir / "autoencoder.pt").is_file() and view.meta["dims"]["ae"] == 4 * 4 * 4
+    assert all(len(doc["ae"]) == 64 and isinstance(doc["ae_score"], float) for doc in cluster.docs.values())
+
+    on_cluster, embedded = audit_catalog(view), audit_catalog(index)
+    assert [entry.id for entry in on_cluster] == [entry.id for entry in embedded]
+    np.testing.assert_allclose([e.score for e in on_cluster], [e.score for e in embedded], rtol=1e-4)
+    ranks = [entry.id for entry in on_cluster]
+    assert ranks.index("zz_noise.png") < len(ranks) // 2  # the foreign image ranks high on both
+
+    queries = [str(tmp_path / "catalog" / "item03.jpg"), str(_blocky_noise(tmp_path / "query.png"))]
+    cluster_scores = [r.score for r in score_anomalies(view, queries)]
+    np.testing.assert_allclose(cluster_scores, [r.score for r in score_anomalies(index, queries)], rtol=1e-4)
+    assert cluster_scores[1] > cluster_scores[0]
+
+    # --mode ae: kNN on the codes in their dense_vector field finds the item itself, as FAISS does.
+    [found] = SearchEngine(view).search([queries[0]], k=3, mode="ae")
+    [local] = SearchEngine(index).search([queries[0]], k=3, mode="ae")
+    assert found.results[0].id == "item03.jpg" and found.results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [hit.id for hit in found.results] == [hit.id for hit in local.results]
+    knn = [body["knn"] for _, path, body in server.requests if path == "/shop/_search" and body and "knn" in body]
+    assert knn[-1]["field"] == "ae" and len(knn[-1]["query_vector"]) == 64
+
+
+def test_the_audit_on_elasticsearch_scores_items_added_since_training_and_stores_their_scores(server, es_and_embedded, tmp_path):
+    from search.anomaly import audit_catalog
+
+    _, view, _ = es_and_embedded
+    _tiny_ae(view, epochs=2)
+    extra = _product_updates(tmp_path / "more")[0]
+    extra.item = CatalogItem("late.jpg", extra.item.image, "Fruit/Apple", "late", {})
+    view.store.upsert_items([extra])
+    view.store.refresh()
+    assert item_key("late.jpg") not in view.store.feature_keys("ae_score")
+    entries = audit_catalog(view)
+    assert len(entries) == 14 and "late.jpg" in {entry.id for entry in entries}
+    assert item_key("late.jpg") in view.store.feature_keys("ae_score")  # scored once, kept
+
+
+def test_retraining_on_elasticsearch_with_another_code_size_is_refused_before_the_codes_go(server, es_and_embedded):
+    _, view, _ = es_and_embedded
+    _tiny_ae(view, epochs=1)
+    before = view.store.feature_blobs("ae")
+    with pytest.raises(ValueError, match="keeps its dims"):
+        _tiny_ae(view, epochs=1, code_channels=2, fresh=True)
+    assert view.store.feature_blobs("ae") == before
+
+
+def test_train_ae_and_anomaly_commands_take_the_elasticsearch_backend(server, es_and_embedded, tmp_path, monkeypatch, capsys):
+    from api.cli import main
+
+    monkeypatch.setenv("CATALENS_ES_INDEX", "shop")
+    monkeypatch.setenv("CATALENS_ES_MODELS", str(tmp_path / "cli-models"))
+    monkeypatch.setenv("CATALENS_NUM_WORKERS", "0")
+    backend = ["--backend", "es", "--es-url", "http://localhost:9200"]
+    query = str(tmp_path / "catalog" / "item00.jpg")
+    assert main(["anomaly", query, *backend]) == 2
+    assert "train-ae" in capsys.readouterr().err
+    assert main(["train-ae", *backend, "--epochs", "2", "--input", "pixels", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold" in out and str(tmp_path / "cli-models" / "autoencoder_loss.png") in out
+    assert main(["anomaly", query, *backend, "--json"]) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert set(line) == {"query", "score", "threshold", "anomalous"}
+    # The environment alone picks the cluster, as for index and search.
+    monkeypatch.setenv("CATALENS_ES_URL", "http://localhost:9200")
+    assert main(["anomaly", "--audit", "--top", "3", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(line["id"].endswith((".jpg", ".png")) for line in lines)
