@@ -717,51 +717,38 @@ def index_catalog_to_elastic(
 ) -> Any:
     """Bring an Elasticsearch store in line with ``catalog``, as ``index_catalog`` does locally.
 
-    Reuses the embedded pipeline's extraction: ``iter_prepared`` decodes in worker processes,
-    each feature's ``preparer``/``finish`` computes vectors (global features, one
+    Reuses the embedded pipeline: the same features (``features_for``: deep, then each
+    extension's, such as local keypoints, colour and autoencoder codes once a model exists) and
+    the same plan of what to extract (``plan_run``). ``iter_prepared`` decodes in worker
+    processes, each feature's ``preparer``/``finish`` computes vectors (global features, one
     ``dense_vector`` field each) or blobs (the local feature: stored as keypoints). Every
     ``commit_every`` images go to the cluster in one bulk request keyed by item id, so a run
-    that dies resumes where it stopped: items whose image fingerprint is already stored are
-    skipped. Then ``update_visual_words`` fits the vocabulary (into ``models_dir``) if needed
-    and quantises the items that lack words from it.
+    that dies resumes where it stopped: items whose image fingerprint is already stored, with
+    every feature, are skipped. An item extracted again is written whole, so rows derived from
+    its old image (its anomaly score) go with the old document. Then ``update_visual_words``
+    fits the vocabulary (into ``models_dir``) if needed and quantises the items that lack words.
     """
     from datasets.catalog import load_catalog
     from indexer.config import load_config
-    from indexer.deep import DeepFeatureExtractor
     from indexer.features import GlobalFeature, iter_prepared
-    from indexer.pipeline import Failure, IndexReport, file_fingerprint
+    from indexer.pipeline import Failure, IndexReport, complete_keys, features_for, plan_run
 
     started = time.perf_counter()
     config = config or load_config()
     items = catalog if isinstance(catalog, list) else load_catalog(catalog)
     view = ElasticIndexView(store, config, models_dir)
-    if features is None:
-        features = [DeepFeatureExtractor(config.backbone, runtime=config.runtime, batch_size=config.batch_size)]
-        if config.local_features:
-            from indexer.local import LocalConfig, SiftFeature
-
-            features.append(SiftFeature(LocalConfig.from_index(view)))
+    features = features_for(view) if features is None else features
     global_features = [f for f in features if isinstance(f, GlobalFeature)]
     local_features = [f for f in features if not isinstance(f, GlobalFeature)]
     store.ensure_index({f.name: f.dim for f in global_features})
     report = IndexReport(index=f"elasticsearch:{store.index}")
 
     existing = store.records()
-    to_extract, metadata_only = [], []
-    for item in items:
-        fingerprint = file_fingerprint(item.image)
-        if fingerprint is None:
-            report.failures.append(Failure(str(item.image), item.id, f"{item.image}: file not found"))
-            continue
-        record = existing.get(item.id)
-        if record is None or record.fingerprint != fingerprint or record.image != str(item.image):
-            to_extract.append((item, fingerprint))
-        elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
-            metadata_only.append(item)
-        else:
-            report.unchanged += 1
-    store.update_metadata(metadata_only)
-    report.metadata_updated = len(metadata_only)
+    plan = plan_run(items, existing, complete_keys(store, features))
+    store.update_metadata([item for item, _ in plan.metadata_only])
+    report.failures.extend(plan.missing)
+    report.unchanged, report.metadata_updated = plan.unchanged, len(plan.metadata_only)
+    to_extract = plan.extract
     if prune:
         listed = {item.id for item in items}
         gone = [item_id for item_id in existing if item_id not in listed]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -19,6 +21,7 @@ from datasets.catalog import CatalogItem, load_catalog
 from indexer.config import IndexConfig, load_config
 from indexer.features import GlobalFeature, extensions, iter_prepared
 from indexer.index import CatalogIndex
+from indexer.metadata import ItemRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +62,56 @@ def file_fingerprint(path: Path) -> str | None:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _features_for(index: CatalogIndex) -> list:
+def features_for(index: Any) -> list:
+    """What indexing extracts from each image: the deep feature, then each extension's.
+
+    ``index`` is a ``CatalogIndex`` or an ``indexer.elastic.ElasticIndexView``: both backends
+    index the same features (local keypoints, colour, autoencoder codes once a model exists).
+    """
     features = [index.deep_extractor()]
     for extension in extensions():
         features.extend(extension.features(index))
     return features
+
+
+def complete_keys(store: Any, features: list) -> set[int]:
+    """Keys of the stored items that hold every one of ``features`` (a ``feature_keys`` store)."""
+    return set.intersection(*(store.feature_keys(feature.name) for feature in features)) if features else set()
+
+
+@dataclass
+class RunPlan:
+    """What a run does with each catalog item: ``extract`` and ``metadata_only`` are (item, fingerprint)."""
+
+    extract: list[tuple[CatalogItem, str]] = field(default_factory=list)
+    metadata_only: list[tuple[CatalogItem, str]] = field(default_factory=list)
+    missing: list[Failure] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def plan_run(items: list[CatalogItem], existing: Mapping[str, ItemRecord], complete: Container[int]) -> RunPlan:
+    """Sort the catalog into new or changed images, metadata-only changes, unchanged and missing files.
+
+    ``existing`` is the stored records by id; ``complete`` the keys of those holding every
+    configured feature. An item indexed before a feature was configured (or added to catalens)
+    lacks it and is extracted again, so an upgraded index fills in on its next run instead of
+    staying half-built.
+    """
+    plan = RunPlan()
+    for item in items:
+        fingerprint = file_fingerprint(item.image)
+        if fingerprint is None:
+            plan.missing.append(Failure(str(item.image), item.id, f"{item.image}: file not found"))
+            continue
+        record = existing.get(item.id)
+        if (record is None or record.fingerprint != fingerprint or record.image != str(item.image)
+                or record.key not in complete):
+            plan.extract.append((item, fingerprint))
+        elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
+            plan.metadata_only.append((item, fingerprint))
+        else:
+            plan.unchanged += 1
+    return plan
 
 
 def index_catalog(
@@ -112,31 +160,16 @@ def index_catalog(
 def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: bool, report: IndexReport) -> None:
     store = index.store
     existing = {record.id: record for record in store.all_items()}
-    features = _features_for(index)
-    # An item indexed before a feature was configured (or added to catalens) lacks it: extract it
-    # again, so an upgraded index fills in on the next run instead of staying half-built.
-    have_all = set.intersection(*(store.feature_keys(feature.name) for feature in features)) if features else set()
-    to_extract: list[tuple[CatalogItem, str]] = []
-    metadata_only: list[tuple[CatalogItem, str]] = []
+    features = features_for(index)
+    plan = plan_run(items, existing, complete_keys(store, features))
     with store.transaction() as db:
-        for item in items:
-            fingerprint = file_fingerprint(item.image)
-            if fingerprint is None:
-                reason = f"{item.image}: file not found"
-                store.record_failure(db, str(item.image), item.id, reason)
-                report.failures.append(Failure(str(item.image), item.id, reason))
-                continue
-            record = existing.get(item.id)
-            if (record is None or record.fingerprint != fingerprint or record.image != str(item.image)
-                    or record.key not in have_all):
-                to_extract.append((item, fingerprint))
-            elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
-                metadata_only.append((item, fingerprint))
-            else:
-                report.unchanged += 1
-        for item, fingerprint in metadata_only:
+        for failure in plan.missing:
+            store.record_failure(db, failure.source, failure.item_id, failure.reason)
+        for item, fingerprint in plan.metadata_only:
             store.upsert(db, item, fingerprint)
-        report.metadata_updated = len(metadata_only)
+    report.failures.extend(plan.missing)
+    report.unchanged, report.metadata_updated = plan.unchanged, len(plan.metadata_only)
+    to_extract = plan.extract
 
     global_features = [f for f in features if isinstance(f, GlobalFeature)]
     for feature in global_features:

@@ -974,3 +974,52 @@ def test_train_ae_and_anomaly_commands_take_the_elasticsearch_backend(server, es
     assert main(["anomaly", "--audit", "--top", "3", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3 and all(line["id"].endswith((".jpg", ".png")) for line in lines)
+
+
+# --- indexing into Elasticsearch extracts the embedded pipeline's features
+
+
+def _index_products(store, items, models_dir, monkeypatch, **config):
+    """Index ``items`` with the pipeline's features (a stand-in deep one, no network)."""
+    from indexer.config import IndexConfig
+    from indexer.elastic import ElasticIndexView, index_catalog_to_elastic
+
+    monkeypatch.setattr(ElasticIndexView, "deep_extractor", lambda view: ColourFeature())
+    config = IndexConfig(local_features=False, num_workers=0, **config)
+    return index_catalog_to_elastic(items, store, config, progress=False, models_dir=models_dir)
+
+
+def test_indexing_into_elasticsearch_writes_the_colour_feature_and_fills_it_in_on_older_indexes(server, tmp_path, monkeypatch):
+    from indexer.colour import ColourHistogram
+
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    items = [update.item for update in _product_updates(tmp_path / "catalog")]
+    report = _index_products(store, items, tmp_path / "models", monkeypatch, colour_features=False)
+    assert report.added == len(items) and "colour" not in store.dims()
+    # An index from before the colour feature: the next run extracts every item again, as locally.
+    again = _index_products(store, items, tmp_path / "models", monkeypatch)
+    assert again.extracted == again.updated == len(items) and not again.unchanged
+    assert store.dims()["colour"] == ColourHistogram.dim == 192
+    assert cluster.properties["colour"]["similarity"] == "cosine"
+    keys, rows = store.vectors("colour", 192)  # what classification fits on
+    assert len(keys) == len(items)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
+    third = _index_products(store, items, tmp_path / "models", monkeypatch)
+    assert third.extracted == 0 and third.unchanged == len(items)
+
+
+def test_items_indexed_into_elasticsearch_after_training_get_autoencoder_codes(server, tmp_path, monkeypatch):
+    from indexer.elastic import ElasticIndexView
+
+    cluster = MiniCluster(server)
+    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    items = [update.item for update in _product_updates(tmp_path / "catalog")]
+    _index_products(store, items, tmp_path / "models", monkeypatch, colour_features=False)
+    _tiny_ae(ElasticIndexView(store, models_dir=tmp_path / "models"), epochs=1)
+    late = CatalogItem("late.jpg", items[0].image, "Fruit/Apple", "late", {})
+    report = _index_products(store, [*items, late], tmp_path / "models", monkeypatch, colour_features=False)
+    assert report.added == report.extracted == 1  # the others have their codes from training
+    # The same image, the same code (training coded float16 copies of the inputs: nearly the same).
+    assert np.dot(cluster.docs["late.jpg"]["ae"], cluster.docs[items[0].id]["ae"]) == pytest.approx(1.0, abs=1e-4)
+    assert "ae_score" not in cluster.docs["late.jpg"] and "ae_score" in cluster.docs[items[0].id]
