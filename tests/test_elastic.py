@@ -352,6 +352,40 @@ def test_es_index_search_filter_delete_and_resume(live_store, tiny_catalog, tmp_
     assert pruned.removed == len(items) - 5 and live_store.count() == 5
 
 
+@pytest.mark.es
+@needs_es
+def test_es_autoencoder_audit_scores_and_ae_search_match_the_embedded_store(live_store, tiny_catalog, tmp_path):
+    """The anomaly scenario on a live cluster: index (colour included), train-ae, audit, score, --mode ae."""
+    from datasets.catalog import load_catalog
+    from indexer.config import IndexConfig
+    from indexer.elastic import ElasticIndexView, index_catalog_to_elastic
+    from indexer.index import CatalogIndex
+    from indexer.pipeline import index_catalog
+    from search.anomaly import audit_catalog, score_anomalies
+    from search.engine import SearchEngine
+
+    _blocky_noise(tiny_catalog / "Fruit/Apple/zz_noise.png")
+    config = IndexConfig(local_features=False)
+    items = load_catalog(tiny_catalog)
+    index_catalog_to_elastic(items, live_store, config, progress=False, models_dir=tmp_path / "es-models")
+    assert live_store.dims()["colour"] == 192 and len(live_store.feature_keys("colour")) == len(items)
+    index_catalog(items, tmp_path / "index", config, progress=False)
+    view = ElasticIndexView(live_store, config, models_dir=tmp_path / "es-models")
+    index = CatalogIndex.open(tmp_path / "index")
+    try:
+        _tiny_ae(view), _tiny_ae(index)
+        on_cluster, embedded = audit_catalog(view), audit_catalog(index)
+        assert [entry.id for entry in on_cluster] == [entry.id for entry in embedded]
+        np.testing.assert_allclose([e.score for e in on_cluster], [e.score for e in embedded], rtol=1e-4)
+        query = str(items[3].image)
+        [cluster_result], [embedded_result] = score_anomalies(view, [query]), score_anomalies(index, [query])
+        assert cluster_result.score == pytest.approx(embedded_result.score, rel=1e-4)
+        [found] = SearchEngine(view).search([query], k=3, mode="ae")
+        assert found.results[0].id == items[3].id and found.results[0].score == pytest.approx(1.0, abs=1e-3)
+    finally:
+        index.close()
+
+
 def test_recommended_factory_grows_from_exact_to_reranked_ivfpq_with_catalog_size():
     import faiss
 
@@ -593,6 +627,11 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+def on_cluster(server: FakeServer) -> tuple[MiniCluster, ElasticStore]:
+    """An in-memory cluster and a store of its index ("shop") that retries without sleeping."""
+    return MiniCluster(server), ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+
+
 class ColourFeature:
     """A stand-in deep feature (no network): mean colour of 4 quadrants, L2-normalised."""
 
@@ -647,8 +686,7 @@ def _searches(server):
 def test_local_features_are_indexed_into_elasticsearch_with_words_of_a_vocabulary_fitted_on_them(server, es_catalog, tmp_path):
     from indexer.local import VOCAB_FILE, VisualVocabulary
 
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     report = _index_into(store, es_catalog, tmp_path / "models")
     assert report.added == len(es_catalog) and not report.failures
     vocabulary, extra = VisualVocabulary.load(tmp_path / "models" / VOCAB_FILE)
@@ -690,8 +728,7 @@ def _crop(image):
 def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_few_keypoint_fetches(server, es_catalog, tmp_path, mode):
     from search.local import LocalSearchConfig
 
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     _index_into(store, es_catalog, tmp_path / "models")
     engine = _engine(server, store, tmp_path / "models")
     server.requests.clear()
@@ -716,8 +753,7 @@ def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_f
 
 @pytest.mark.parametrize("mode", ["deep", "local", "fused"])
 def test_category_filter_reaches_the_elasticsearch_queries_of_every_mode(server, es_catalog, tmp_path, mode):
-    MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    _, store = on_cluster(server)
     _index_into(store, es_catalog, tmp_path / "models")
     engine = _engine(server, store, tmp_path / "models")
     server.requests.clear()
@@ -743,8 +779,7 @@ def test_keys_of_a_category_filter_by_its_path_but_a_subset_of_them_by_key(serve
 def test_local_mode_on_elasticsearch_without_a_vocabulary_says_so(server, tmp_path):
     from PIL import Image
 
-    MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"))
+    _, store = on_cluster(server)
     engine = _engine(server, store, tmp_path / "models")
     with pytest.raises(ValueError, match="no local features"):
         engine.search([Image.new("RGB", (64, 64))], k=3, mode="local")
@@ -764,8 +799,7 @@ def test_classify_runs_against_elasticsearch_through_the_index_view(server, es_c
 
     from search.classify import classify
 
-    MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    _, store = on_cluster(server)
     _index_into(store, es_catalog, tmp_path / "models")
     keys, rows = store.vectors("deep", 12)
     assert len(keys) == len(es_catalog) and rows.shape == (len(es_catalog), 12) and list(keys) == sorted(keys)
@@ -779,8 +813,7 @@ def test_classify_runs_against_elasticsearch_through_the_index_view(server, es_c
 
 
 def test_feature_rows_are_buffered_then_sent_as_partial_updates_named_by_item_id(server):
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     store.ensure_index({"deep": 4, "ae": 3})
     store.upsert_items([update("a"), update("b", seed=1)])
     a, b = item_key("a"), item_key("b")
@@ -805,8 +838,7 @@ def test_feature_rows_are_buffered_then_sent_as_partial_updates_named_by_item_id
 
 
 def test_a_feature_row_transaction_that_raises_sends_nothing_and_unmapped_rows_are_refused(server):
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     store.ensure_index({"deep": 4})
     store.upsert_items([update("a")])
     with pytest.raises(KeyError), store.transaction() as rows:
@@ -826,8 +858,7 @@ def test_a_feature_row_transaction_that_raises_sends_nothing_and_unmapped_rows_a
 
 
 def test_deleting_a_feature_removes_its_field_from_every_document_with_one_update_by_query(server):
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     store.ensure_index({"deep": 4})
     store.upsert_items([update("a"), update("b", seed=1)])
     with store.transaction() as rows:
@@ -887,8 +918,7 @@ def es_and_embedded(server, tmp_path):
 
     updates = _product_updates(tmp_path / "catalog")
     config = IndexConfig(local_features=False, num_workers=0)
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     store.ensure_index({"deep": ColourFeature.dim})
     store.upsert_items(updates)
     index = CatalogIndex.create(tmp_path / "index", config)
@@ -992,8 +1022,7 @@ def _index_products(store, items, models_dir, monkeypatch, **config):
 def test_indexing_into_elasticsearch_writes_the_colour_feature_and_fills_it_in_on_older_indexes(server, tmp_path, monkeypatch):
     from indexer.colour import ColourHistogram
 
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     items = [update.item for update in _product_updates(tmp_path / "catalog")]
     report = _index_products(store, items, tmp_path / "models", monkeypatch, colour_features=False)
     assert report.added == len(items) and "colour" not in store.dims()
@@ -1012,8 +1041,7 @@ def test_indexing_into_elasticsearch_writes_the_colour_feature_and_fills_it_in_o
 def test_items_indexed_into_elasticsearch_after_training_get_autoencoder_codes(server, tmp_path, monkeypatch):
     from indexer.elastic import ElasticIndexView
 
-    cluster = MiniCluster(server)
-    store = ElasticStore(server.client, ElasticSettings(index="shop"), sleep=lambda _: None)
+    cluster, store = on_cluster(server)
     items = [update.item for update in _product_updates(tmp_path / "catalog")]
     _index_products(store, items, tmp_path / "models", monkeypatch, colour_features=False)
     _tiny_ae(ElasticIndexView(store, models_dir=tmp_path / "models"), epochs=1)
