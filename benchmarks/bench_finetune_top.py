@@ -1,6 +1,6 @@
 """Classification with the backbone's last block fine-tuned on the catalog (``catalens finetune --top-block``).
 
-    .venv/bin/python benchmarks/bench_finetune_top.py [--epochs 6] [--small-epochs 12] [--draws 2]
+    .venv/bin/python benchmarks/bench_finetune_top.py [--epochs 6] [--small-epochs 12] [--draws 3] [--all-seeds 2] [--first-block 14]
 
 Grocery val, fine accuracy. Catalog = every train photo, then 5 train photos per leaf (``--draws``
 draws, trained for ``--small-epochs`` since an epoch of 405 photos is only 6 steps). Each row
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_classify import Features, draw  # noqa: E402
 
 from api.tables import format_table  # noqa: E402
-from indexer.finetune_top import TopBlockClassifier, TrunkMaps  # noqa: E402
+from indexer.finetune_top import FIRST_TRAINED_BLOCK, TopBlockClassifier, TrunkMaps  # noqa: E402
 from search.classify import (  # noqa: E402
     HierarchicalFewShotClassifier,
     classification_features,
@@ -34,14 +34,14 @@ from search.classify import (  # noqa: E402
 from search.geometry import verify  # noqa: E402
 
 
-def trunk_maps(paths: list[Path], cache: Path) -> np.ndarray:
+def trunk_maps(paths: list[Path], cache: Path, first_block: int) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)
     from tqdm import tqdm
 
     from indexer.imageio import load_rgb
 
-    trunk = TrunkMaps()
+    trunk = TrunkMaps(first_block=first_block)
     maps = np.concatenate([trunk.finish([trunk.preparer(load_rgb(path, draft_size=trunk.draft_size))])
                            for path in tqdm(paths, unit="img", desc="trunk")])
     np.save(cache, maps)
@@ -60,26 +60,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--small-epochs", type=int, default=12)
-    parser.add_argument("--draws", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-block", type=int, default=FIRST_TRAINED_BLOCK,
+                        help="train the backbone's blocks from this one up (15: the last only)")
+    parser.add_argument("--all-seeds", type=int, default=2, help="training seeds for the every-photo catalog")
     parser.add_argument("--cache", default="benchmarks/out/classify_features.pkl")
     args = parser.parse_args()
     from datasets.grocery import split_photos
 
     data = Features(Path(args.cache))
     photos = list(split_photos("train")) + list(split_photos("val"))
-    maps = trunk_maps([p.path for p in photos], Path(args.cache).with_name("trunk_maps.npy"))
+    maps = trunk_maps([p.path for p in photos], Path(args.cache).with_name(f"trunk_maps_b{args.first_block}.npy"),
+                      args.first_block)
     train_maps, val_maps = maps[: len(data.train_paths)], maps[len(data.train_paths) :]
     rows = []
-    settings = [("all", None, 0, args.epochs)] + [(5, 5, seed, args.small_epochs) for seed in range(args.draws)]
+    settings = ([("all", None, seed, args.epochs) for seed in range(args.all_seeds)]
+                + [(5, 5, seed, args.small_epochs) for seed in range(args.draws)])
     for label, k, seed, epochs in settings:
         support = draw(data.train_paths, k, np.random.default_rng(seed))
         started = time.perf_counter()
-        model = TopBlockClassifier(epochs=epochs, seed=seed).fit(train_maps[support], data.train_paths[support])
+        model = TopBlockClassifier(epochs=epochs, first_block=args.first_block, seed=seed).fit(train_maps[support], data.train_paths[support])
         seconds = time.perf_counter() - started
         frozen = accuracy(data, support, data.train_deep[support], data.val_deep)
         tuned = accuracy(data, support, model.transform(train_maps[support]), model.transform(val_maps))
         rows.append((label, seed, len(support), epochs, f"{seconds:.0f}", f"{frozen:.3f}", f"{tuned:.3f}"))
         print(rows[-1], flush=True)
+    for label in dict.fromkeys(row[0] for row in rows):
+        mine = [row for row in rows if row[0] == label]
+        rows.append((label, "mean", "", "", "", *(f"{np.mean([float(row[c]) for row in mine]):.3f}" for c in (5, 6))))
     print(format_table(["k", "draw", "items", "epochs", "train s", "deep + colour + local", "deep_ft + colour + local"], rows))
 
 

@@ -23,8 +23,9 @@ measured on grocery val (fine accuracy, mean of 3 draws of the support;
 
 The triplet head (``catalens finetune``) moved the deep row by +1.5 (k=5) and -1.0 (all).
 Where ``catalens finetune --top-block`` has run, ``deep_ft`` rows (the backbone's last block
-fine-tuned on the catalog, ``indexer/finetune_top.py``) replace ``deep`` here: 74.3% -> 78.7% with
-every train photo, 63.9% -> 64.5% with five per leaf (``benchmarks/bench_finetune_top.py``).
+fine-tuned on the catalog, ``indexer/finetune_top.py``) replace ``deep`` here: 74.3% -> 81.2% with
+every train photo (two training seeds), 63.9% -> 65.7% with five per leaf (three draws;
+``benchmarks/bench_finetune_top.py``).
 """
 
 from __future__ import annotations

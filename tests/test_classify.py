@@ -258,3 +258,35 @@ def test_top_block_finetune_adds_rows_for_every_item_new_ones_too_and_classify_u
     assert classifier.support_.shape[1] == index.meta["dims"]["deep_ft"] + 192
     query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Milk")
+
+
+def test_top_block_model_keeps_which_blocks_it_trained_and_older_files_load_as_block_15(tmp_path):
+    import torch
+
+    from indexer.finetune_top import FIRST_TRAINED_BLOCK, TopBlockClassifier
+
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(8, 2, 192, 8, 8)).astype(np.float16)  # blocks 14 and 15 both read 192 x 8 x 8
+    categories = ["A/x", "A/y"] * 4
+    model = TopBlockClassifier(epochs=1, progress=False).fit(maps, categories, pretrained=False)
+    assert model.first_block == FIRST_TRAINED_BLOCK == 14 and len(model.top_.blocks) == 2
+    model.save(tmp_path / "top.pt")
+    loaded = TopBlockClassifier.load(tmp_path / "top.pt", pretrained=False)
+    np.testing.assert_allclose(loaded.transform(maps), model.transform(maps), atol=1e-5)
+
+    legacy = TopBlockClassifier(epochs=1, first_block=15, progress=False).fit(maps, categories, pretrained=False)
+    legacy.save(tmp_path / "legacy.pt")
+    saved = torch.load(tmp_path / "legacy.pt", weights_only=True)
+    del saved["first_block"]  # files written before the choice was stored
+    torch.save(saved, tmp_path / "legacy.pt")
+    reloaded = TopBlockClassifier.load(tmp_path / "legacy.pt", pretrained=False)
+    assert reloaded.first_block == 15 and len(reloaded.top_.blocks) == 1
+    np.testing.assert_allclose(reloaded.transform(maps), legacy.transform(maps), atol=1e-5)
+
+
+def test_top_block_training_length_grows_for_small_catalogs_within_a_cap():
+    from indexer.finetune_top import epochs_for
+
+    assert epochs_for(2640, 64) == 6  # grocery's whole train split: 41 steps a pass
+    assert epochs_for(405, 64) == 12  # five photos per leaf: 6 steps a pass, 72 steps in all
+    assert epochs_for(12, 64) == 30  # a tiny catalog: one step a pass, capped
