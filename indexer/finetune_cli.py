@@ -7,13 +7,17 @@ import json
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from api.cli import UsageError, _open_index
+    from api.cli import UsageError, _open_catalog
     from api.tables import format_table
     from indexer.finetune import finetune_index
+    from indexer.index import CatalogIndex
 
-    index = _open_index(args.index)
+    index = _open_catalog(args)
     if args.top_block:
         return _finetune_top_block(index, args)
+    if not isinstance(index, CatalogIndex):
+        # The head re-embeds every deep vector into a FAISS index beside the folder index.
+        raise UsageError(f"{index.root}: the projection head needs an --index folder; on Elasticsearch use --top-block")
     try:
         with index.lock:
             report = finetune_index(index, steps=args.steps)
@@ -37,6 +41,8 @@ def _finetune_top_block(index, args: argparse.Namespace) -> int:
     from api.cli import UsageError
     from indexer.finetune_top import finetune_top_block
 
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
     try:
         report = finetune_top_block(index, epochs=args.epochs, progress=not args.json)
     except ValueError as error:
@@ -51,11 +57,15 @@ def _finetune_top_block(index, args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from indexer.stores import add_backend_arguments
+
     p = subparsers.add_parser("finetune", help="train a projection head on the index's deep features (CPU)")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", help="the index folder (not needed with --backend es)")
+    add_backend_arguments(p)
     p.add_argument("--steps", type=int, default=300, help="training steps (batches of P categories x K items)")
     p.add_argument("--top-block", action="store_true",
                    help="instead: fine-tune the backbone's last block on the categories (for classify)")
-    p.add_argument("--epochs", type=int, default=6, help="with --top-block: passes over the catalog")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="with --top-block: passes over the catalog (default: 6, more for small catalogs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_finetune)

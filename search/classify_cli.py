@@ -7,12 +7,12 @@ import json
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from api.cli import _open_index, _read_queries
+    from api.cli import _open_catalog, _read_queries
     from api.tables import format_table
     from search.classify import classify
 
     queries = _read_queries(args)
-    index = _open_index(args.index)
+    index = _open_catalog(args)
     failed = 0
     for result in classify(index, queries):
         if args.json:
@@ -32,9 +32,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from indexer.stores import add_backend_arguments
+
     p = subparsers.add_parser("classify", help="propose a category path for item photos")
     p.add_argument("images", nargs="*")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", help="the index folder (not needed with --backend es)")
+    add_backend_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object per query per line")
     p.add_argument("--from-file", help="file with one query image path per line")
     p.set_defaults(run=cmd_classify)

@@ -1006,6 +1006,29 @@ def test_train_ae_and_anomaly_commands_take_the_elasticsearch_backend(server, es
     assert len(lines) == 3 and all(line["id"].endswith((".jpg", ".png")) for line in lines)
 
 
+def test_top_block_finetune_and_classify_take_the_elasticsearch_backend(server, es_and_embedded, tmp_path, monkeypatch, capsys):
+    """finetune --top-block maps deep_ft on the cluster before writing it; classify then reads it there."""
+    from api.cli import main
+
+    cluster, _, _ = es_and_embedded
+    monkeypatch.setenv("CATALENS_ES_INDEX", "shop")
+    monkeypatch.setenv("CATALENS_ES_MODELS", str(tmp_path / "cli-models"))
+    monkeypatch.setenv("CATALENS_NUM_WORKERS", "0")
+    backend = ["--backend", "es", "--es-url", "http://localhost:9200"]
+    assert main(["finetune", *backend]) == 2
+    assert "--top-block" in capsys.readouterr().err  # the projection head needs a folder index
+    assert main(["finetune", *backend, "--top-block", "--epochs", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["items"] == len(cluster.docs) == 13 and report["categories"] == 3
+    assert all(len(doc["deep_ft"]) == 1280 for doc in cluster.docs.values())
+    assert (tmp_path / "cli-models" / "top_block.pt").is_file()
+    query = str(tmp_path / "catalog" / "item04.jpg")
+    assert main(["classify", query, *backend, "--json"]) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # The query's own catalog photo is its nearest support item: queries and support share deep_ft.
+    assert line["neighbours"][0] == "item04.jpg" and line["category"].split("/")[0] in {"Dairy", "Fruit", "unknown"}
+
+
 # --- indexing into Elasticsearch extracts the embedded pipeline's features
 
 
