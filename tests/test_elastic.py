@@ -1074,3 +1074,18 @@ def test_items_indexed_into_elasticsearch_after_training_get_autoencoder_codes(s
     # The same image, the same code (training coded float16 copies of the inputs: nearly the same).
     assert np.dot(cluster.docs["late.jpg"]["ae"], cluster.docs[items[0].id]["ae"]) == pytest.approx(1.0, abs=1e-4)
     assert "ae_score" not in cluster.docs["late.jpg"] and "ae_score" in cluster.docs[items[0].id]
+
+
+def test_items_indexed_into_elasticsearch_after_top_block_finetuning_get_deep_ft_rows(server, tmp_path, monkeypatch):
+    from indexer.elastic import ElasticIndexView
+    from indexer.finetune_top import finetune_top_block
+
+    cluster, store = on_cluster(server)
+    items = [update.item for update in _product_updates(tmp_path / "catalog")]
+    _index_products(store, items, tmp_path / "models", monkeypatch, colour_features=False)
+    finetune_top_block(ElasticIndexView(store, models_dir=tmp_path / "models"), epochs=1, progress=False)
+    late = CatalogItem("late.jpg", items[0].image, "Fruit/Apple", "late", {})
+    report = _index_products(store, [*items, late], tmp_path / "models", monkeypatch, colour_features=False)
+    assert report.added == report.extracted == 1  # the others have their rows from fine-tuning
+    # The same image, the same row (fine-tuning read float16 copies of the trunk maps: nearly the same).
+    assert np.dot(cluster.docs["late.jpg"]["deep_ft"], cluster.docs[items[0].id]["deep_ft"]) == pytest.approx(1.0, abs=1e-3)
