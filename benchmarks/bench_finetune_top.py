@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_classify import Features, draw  # noqa: E402
 
 from api.tables import format_table  # noqa: E402
+from indexer.features import extract_rows  # noqa: E402
 from indexer.finetune_top import FIRST_TRAINED_BLOCK, TopBlockClassifier, TrunkMaps  # noqa: E402
 from search.classify import (  # noqa: E402
     HierarchicalFewShotClassifier,
@@ -37,13 +38,9 @@ from search.geometry import verify  # noqa: E402
 def trunk_maps(paths: list[Path], cache: Path, first_block: int) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)
-    from tqdm import tqdm
-
-    from indexer.imageio import load_rgb
-
-    trunk = TrunkMaps(first_block=first_block)
-    maps = np.concatenate([trunk.finish([trunk.preparer(load_rgb(path, draft_size=trunk.draft_size))])
-                           for path in tqdm(paths, unit="img", desc="trunk")])
+    maps, positions, errors = extract_rows(TrunkMaps(first_block=first_block), paths, desc="trunk")
+    if errors:
+        raise SystemExit(f"unreadable grocery photos: {sorted(errors.values())[:3]}")
     np.save(cache, maps)
     return maps
 

@@ -59,7 +59,8 @@ from torch import nn
 from tqdm import tqdm
 
 from indexer.deep import DeepPreparer, l2_normalise
-from indexer.features import iter_prepared, register_extension
+from indexer.features import extract_rows, register_extension
+from indexer.stores import replace_feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -549,23 +550,9 @@ def extract_inputs(
     inputs: AutoencoderInputs, sources: Sequence, batch_size: int = 16, num_workers: int = 1, progress: bool = True,
     dtype=np.float16,
 ) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Autoencoder inputs of ``sources`` (stored as float16: 1280x8x8 maps are 160 kB each).
-
-    Returns (inputs, positions of the readable sources, {position: error} for the others).
-    """
-    chunks, positions, errors = [], [], {}
-    bar = tqdm(total=len(sources), unit="img", desc="autoencoder inputs", disable=not progress, dynamic_ncols=True)
-    for batch in iter_prepared(sources, {"x": inputs.preparer}, batch_size=batch_size, num_workers=num_workers,
-                               draft_size=inputs.draft_size):
-        if batch.positions:
-            chunks.append(inputs.finish(batch.prepared["x"]).astype(dtype))
-            positions.extend(batch.positions)
-        errors.update(batch.errors)
-        bar.update(len(batch.positions) + len(batch.errors))
-    bar.close()
-    if not chunks:
-        return np.zeros((0,), dtype), positions, errors
-    return np.concatenate(chunks), positions, errors
+    """Autoencoder inputs of ``sources`` (``indexer.features.extract_rows``; float16: 1280x8x8 maps are 160 kB each)."""
+    return extract_rows(inputs, sources, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                        desc="autoencoder inputs", dtype=dtype)
 
 
 def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder training loss") -> Path:
@@ -693,17 +680,7 @@ def train_index_autoencoder(
     model.fit(X)
     codes, scores = model.transform(X), model.catalog_scores_
     with index.lock:
-        # The code size first: a store that cannot take it (an Elasticsearch field keeps its
-        # dims) refuses before the old codes are deleted.
-        index.drop_vector_store(FEATURE_NAME)
-        index.set_dim(FEATURE_NAME, codes.shape[1])
-        index.store.delete_feature(FEATURE_NAME)
-        index.store.delete_feature(SCORE_FEATURE)
-        with index.store.transaction() as db:
-            for key, code, score in zip(keys, codes, scores, strict=True):
-                index.store.put_feature(db, FEATURE_NAME, int(key), code.astype(np.float32).tobytes())
-                index.store.put_feature(db, SCORE_FEATURE, int(key), np.float32(score).tobytes())
-        index.replace_vector_store(FEATURE_NAME, index.rebuild_vector_store(FEATURE_NAME, codes.shape[1]))
+        replace_feature_rows(index, FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores})
         model.save(models / MODEL_FILE)
         index.meta.setdefault("autoencoder", {}).update(
             {"input": input_kind, "threshold": model.threshold_, "percentile": percentile, "epochs": epochs,

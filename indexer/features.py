@@ -105,6 +105,41 @@ def iter_prepared(
         )
 
 
+class TwoStepTransform(Protocol):
+    """What ``extract_rows`` runs: ``preparer`` in the decode workers, ``finish`` on each batch."""
+
+    preparer: Preparer
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> np.ndarray: ...
+
+
+def extract_rows(
+    transform: TwoStepTransform, sources: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, desc: str = "extracting", dtype=np.float16,
+) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """``transform``'s rows of every readable source, in order, with a progress bar.
+
+    Returns (rows, positions of the readable sources, {position: error} for the others): an
+    unreadable file is reported, never fatal. Rows are kept as ``dtype`` (float16 by default:
+    what the trainers cache are feature maps of 100 kB and more an image).
+    """
+    from tqdm import tqdm
+
+    chunks, positions, errors = [], [], {}
+    with tqdm(total=len(sources), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in iter_prepared(sources, {"x": transform.preparer}, batch_size=batch_size, num_workers=num_workers,
+                                   max_pixels=max_pixels, draft_size=transform.draft_size):
+            if batch.positions:
+                chunks.append(transform.finish(batch.prepared["x"]).astype(dtype))
+                positions.extend(batch.positions)
+            errors.update(batch.errors)
+            bar.update(len(batch.positions) + len(batch.errors))
+    if not chunks:
+        return np.zeros((0,), dtype), positions, errors
+    return np.concatenate(chunks), positions, errors
+
+
 class IndexExtension(Protocol):
     """Something an index keeps beside the deep vectors (local words, autoencoder codes...).
 

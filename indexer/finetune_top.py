@@ -32,7 +32,8 @@ from torch import nn
 
 from indexer.backbones import get_backbone
 from indexer.deep import DeepPreparer, OpenVinoRunner, l2_normalise
-from indexer.features import iter_prepared, register_extension
+from indexer.features import extract_rows, register_extension
+from indexer.stores import replace_feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ def finetune_top_block(index, epochs: int | None = None, progress: bool = True) 
 
     ``epochs=None`` picks the training length from the catalog's size (``epochs_for``).
     """
-    from tqdm import tqdm
 
     if index.config.backbone != BACKBONE:
         raise ValueError(f"{index.root}: fine-tuning the top block needs the {BACKBONE} backbone, not {index.config.backbone}")
@@ -241,30 +241,20 @@ def finetune_top_block(index, epochs: int | None = None, progress: bool = True) 
         raise ValueError(f"{index.root}: fine-tuning needs at least two categories of items")
     started = time.perf_counter()
     trunk = TrunkMaps()
-    maps, keys, categories = [], [], []
-    with tqdm(total=len(records), unit="img", desc="trunk", disable=not progress) as bar:
-        for batch in iter_prepared([record.image for record in records], {"crop": trunk.preparer},
-                                   batch_size=index.config.batch_size, num_workers=index.config.num_workers,
-                                   max_pixels=index.config.max_pixels, draft_size=trunk.draft_size):
-            for error in batch.errors.values():
-                log.warning("fine-tuning: skipped %s", error)
-            if batch.positions:
-                maps.append(trunk.finish(batch.prepared["crop"]))
-                keys.extend(records[position].key for position in batch.positions)
-                categories.extend(records[position].category for position in batch.positions)
-            bar.update(len(batch.positions) + len(batch.errors))
-    maps_array = np.concatenate(maps)
+    maps_array, positions, errors = extract_rows(
+        trunk, [record.image for record in records], batch_size=index.config.batch_size,
+        num_workers=index.config.num_workers, max_pixels=index.config.max_pixels, progress=progress, desc="trunk",
+    )
+    for error in errors.values():
+        log.warning("fine-tuning: skipped %s", error)
+    if not positions:
+        raise ValueError(f"{index.root}: none of the items' images could be read")
+    keys = [records[position].key for position in positions]
+    categories = [records[position].category for position in positions]
     model = TopBlockClassifier(epochs=epochs, progress=progress).fit(maps_array, categories)
     rows = model.transform(maps_array)
     with index.lock:
-        # Dims before rows: on Elasticsearch set_dim maps the field the rows are written to.
-        index.drop_vector_store(FEATURE_NAME)
-        index.set_dim(FEATURE_NAME, rows.shape[1])
-        index.store.delete_feature(FEATURE_NAME)
-        with index.store.transaction() as db:
-            for key, row in zip(keys, rows, strict=True):
-                index.store.put_feature(db, FEATURE_NAME, int(key), row.astype(np.float32).tobytes())
-        index.replace_vector_store(FEATURE_NAME, index.rebuild_vector_store(FEATURE_NAME, rows.shape[1]))
+        replace_feature_rows(index, FEATURE_NAME, keys, rows)
         model.save(model_path(index))
         index.save()
     return {"items": len(keys), "categories": len(model.classes_), "epochs": model.n_epochs_,

@@ -185,6 +185,29 @@ class EmbeddedStore:
         return [record.key for record in records if record is not None]
 
 
+def replace_feature_rows(
+    index, feature: str, keys: Sequence[int], rows: np.ndarray, scalars: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Every item's ``feature`` row (and one value a key of each ``scalars`` entry) replaced, the vectors re-indexed.
+
+    What a model trained on the whole catalog (autoencoder codes, fine-tuned rows) does once it
+    has re-coded every item. ``index`` is a ``CatalogIndex`` or an ``ElasticIndexView``; the
+    caller holds ``index.lock``. The dims go first: on Elasticsearch ``set_dim`` maps the field
+    the rows are written to, and a field of other dims refuses before the old rows are deleted.
+    """
+    scalars = scalars or {}
+    index.drop_vector_store(feature)
+    index.set_dim(feature, rows.shape[1])
+    for name in (feature, *scalars):
+        index.store.delete_feature(name)
+    with index.store.transaction() as db:
+        for position, key in enumerate(keys):
+            index.store.put_feature(db, feature, int(key), rows[position].astype(np.float32).tobytes())
+            for name, values in scalars.items():
+                index.store.put_feature(db, name, int(key), np.float32(values[position]).tobytes())
+    index.replace_vector_store(feature, index.rebuild_vector_store(feature, rows.shape[1]))
+
+
 def recommended_factory(n_items: int, dim: int = 1280) -> str:
     """The faiss factory string for a catalog of ``n_items`` ``dim``-d vectors on one machine.
 
