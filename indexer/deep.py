@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +59,29 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CATALENS_CACHE", Path.home() / ".cache" / "catalens"))
 
 
+_openvino_core = None
+_openvino_core_lock = threading.Lock()
+
+
+def openvino_core():
+    """The process's one OpenVINO ``Core``, kept until exit.
+
+    Each ``Core`` loads its own CPU plugin, and the plugin swaps an alternate signal stack of its
+    own into the thread that loads it, restoring the previous one when it is freed. Plugins freed
+    in any order but the reverse of their creation left the main thread pointing at an unmapped
+    stack, and the next signal handled there (SIGCHLD from a decode worker or a subprocess, once
+    torch's DataLoader has installed its handler) killed the process with SIGSEGV: seen in the
+    test suite and in a server process. One ``Core`` means one plugin and one stack.
+    """
+    global _openvino_core
+    import openvino as ov
+
+    with _openvino_core_lock:  # two server threads loading models at once must still share one
+        if _openvino_core is None:
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
 class OpenVinoRunner:
     """The backbone compiled by OpenVINO for the CPU, with a dynamic batch dimension.
 
@@ -68,7 +92,7 @@ class OpenVinoRunner:
     def __init__(self, model: torch.nn.Module, spec: BackboneSpec, threads: int, cache_key: str | None):
         import openvino as ov
 
-        core = ov.Core()
+        core = openvino_core()
         version = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in ov.__version__)
         cached = _cache_dir() / f"{cache_key}-ov{version}.xml" if cache_key else None
         if cached is not None and cached.is_file():

