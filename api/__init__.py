@@ -1,1 +1,3 @@
-"""The HTTP API, the command line and the web page: they translate, the logic lives elsewhere."""
+"""Every entry point, over one service layer (``service``): the command line (``cli/``), the HTTP
+API (``http/``) and the web page (``static/``). They translate; the logic lives below them.
+"""

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.tables import format_table
+from catalens.api.tables import format_table
 
 
 def run_demo(workdir: Path) -> int:
-    from datasets.sample import shop_photo, write_sample_catalog
-    from indexer.config import IndexConfig
-    from indexer.index import CatalogIndex
-    from indexer.pipeline import index_catalog
-    from search.engine import SearchEngine, default_mode
+    from catalens.api.service import CatalogService, index
+    from catalens.datasets.sample import shop_photo, write_sample_catalog
+    from catalens.indexer.config import IndexConfig
 
     workdir.mkdir(parents=True, exist_ok=True)
     manifest, items = write_sample_catalog(workdir / "catalog")
     print(f"sample catalog: {len(items)} items in {len({i.category for i in items})} categories -> {manifest}")
-    report = index_catalog(manifest, workdir / "index", IndexConfig(), progress=True)
+    report = index(manifest, workdir / "index", IndexConfig(), progress=True)
     print(f"indexed {report.added} new, {report.unchanged} unchanged, {len(report.failures)} failed "
           f"in {report.seconds:.1f}s")
 
@@ -26,9 +24,10 @@ def run_demo(workdir: Path) -> int:
 
     query_path = workdir / "query-shop-photo.jpg"
     shop_photo(Image.open(wanted.image).convert("RGB"), seed=7).save(query_path, quality=90)
-    index = CatalogIndex.open(workdir / "index")
-    mode = default_mode()
-    result = SearchEngine(index).search([query_path], k=5, mode=mode)[0]
+    service = CatalogService.open(workdir / "index")
+    mode = service.settings.mode or "fused"
+    result = service.search([query_path], k=5)[0]
+    service.close()
     print(f"\nquery: {query_path} (a shop photo of {wanted.id}, '{wanted.title}'), mode {mode}")
     rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
     print(format_table(["#", "id", "score", "category", "title"], rows))

@@ -7,7 +7,7 @@ item in deep-feature space), writes the ROC curves, a few heatmaps, and audits a
 slipped-in foreign images (blank, noise, Packages photos): their ranks under reconstruction error
 alone and under the anomaly score.
 
-    .venv/bin/python benchmarks/bench_anomaly.py [--epochs 15] [--out benchmarks/out/anomaly]
+    .venv/bin/python benchmarks/bench_anomaly.py [--epochs 15] [--noise 0] [--out benchmarks/out/anomaly]
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from api.tables import format_table
-from datasets.grocery import split_photos
-from indexer.autoencoder import AutoencoderInputs, ConvAutoencoder, extract_inputs, plot_loss
-from indexer.deep import DeepFeatureExtractor, l2_normalise
-from search.anomaly import render_heatmap
+from catalens.api.tables import format_table
+from catalens.datasets.grocery import split_photos
+from catalens.indexer.features import l2_normalise
+from catalens.indexer.features.autoencoder import AutoencoderInputs, extract_inputs
+from catalens.indexer.features.deep import DeepFeature
+from catalens.indexer.training.autoencoder import ConvAutoencoder, plot_loss
+from catalens.search.anomaly import render_heatmap
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     blank, noise = Image.new("RGB", (348, 348), (245, 245, 245)), Image.fromarray(
         np.random.default_rng(0).integers(0, 255, (348, 348, 3), dtype=np.uint8))
 
-    deep = DeepFeatureExtractor()
+    deep = DeepFeature()
     feeder = AutoencoderInputs("features", deep)
     started = time.perf_counter()
     maps, _, errors = extract_inputs(feeder, train + [p.path for p in val] + foreign_packages)

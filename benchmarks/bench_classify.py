@@ -1,6 +1,6 @@
 """Few-shot category classification on grocery val, and query latency on a 10,000-leaf tree.
 
-    .venv/bin/python benchmarks/bench_classify.py [--draws 3] [--cache benchmarks/out/classify_features.npz]
+    .venv/bin/python benchmarks/bench_classify.py [--draws 3] [--head-steps 300] [--cache benchmarks/out/classify_features.pkl]
 
 Catalog = k train photos per fine class (k = 1, 5) or all train photos, drawn ``--draws``
 times; queries = val photos. Features come from the same code an index uses (deep descriptor,
@@ -8,7 +8,7 @@ colour histogram, RootSIFT), extracted once and cached. The first rows force the
 per-support choice one way on deep features, so they show what choosing by support size buys;
 "+ head" adds the triplet projection head trained on that same catalog; "+ colour" puts the
 colour histogram beside the deep descriptor; "+ local evidence" verifies the nearest support
-items geometrically (``search.classify.verified_evidence``). The synthetic part times one
+items geometrically (``catalens.search.classify.verified_evidence``). The synthetic part times one
 query at a time against brute-force 1-NN over the same support (the ratio is what carries across
 machines).
 """
@@ -17,25 +17,24 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from api.tables import format_table  # noqa: E402
-from indexer.finetune import TripletProjection  # noqa: E402
-from search.classify import (  # noqa: E402
-    COLOUR_WEIGHT,
+from catalens.api.tables import format_table
+from catalens.indexer.features import feature_spec
+from catalens.indexer.training.projection import TripletProjection
+from catalens.search.classify import (
     EvidenceConfig,
     HierarchicalFewShotClassifier,
-    classification_features,
     verified_evidence,
+    weighted_features,
 )
 
 NEVER = 10**9
+# The colour histogram's default weight beside the deep descriptor in classification.
+COLOUR_WEIGHT = feature_spec("colour").classify_weight
 METHODS = {
     "prototypes": {"knn_min_support": NEVER, "linear_min_support": NEVER},
     "prototypes + kNN": {"knn_min_support": 1, "linear_min_support": NEVER},
@@ -49,10 +48,13 @@ class Features:
 
     def __init__(self, cache: Path):
         if cache.is_file():
-            with open(cache, "rb") as handle:
-                self.__dict__.update(pickle.load(handle))
-            return
-        from datasets.grocery import split_photos
+            try:
+                with open(cache, "rb") as handle:
+                    self.__dict__.update(pickle.load(handle))
+                return
+            except (ModuleNotFoundError, AttributeError) as error:  # pickled by an older catalens
+                print(f"{cache}: stale cache ({error}); extracting again", flush=True)
+        from catalens.datasets.grocery import split_photos
 
         train, val = split_photos("train"), split_photos("val")
         photos = list(train) + list(val)
@@ -71,13 +73,13 @@ class Features:
 def _extract(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list]:
     from tqdm import tqdm
 
-    from indexer.colour import ColourHistogram
-    from indexer.deep import DeepFeatureExtractor
-    from indexer.features import iter_prepared
-    from indexer.local import LocalConfig, SiftPreparer
+    from catalens.indexer.features.colour import ColourHistogram
+    from catalens.indexer.features.decode import iter_prepared
+    from catalens.indexer.features.deep import DeepFeature
+    from catalens.indexer.features.sift import SiftOptions, SiftPreparer
 
-    deep, colour = DeepFeatureExtractor(), ColourHistogram()
-    local = LocalConfig()
+    deep, colour = DeepFeature(), ColourHistogram()
+    local = SiftOptions()
     preparers = {"deep": deep.preparer, "colour": colour.preparer, "sift": SiftPreparer(local.max_keypoints, local.image_size)}
     rows: dict[str, list] = {"deep": [], "colour": [], "sift": []}
     with tqdm(total=len(paths), unit="img", desc="features") as bar:
@@ -89,6 +91,11 @@ def _extract(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list]:
             rows["sift"].extend(batch.prepared["sift"])
             bar.update(len(batch.positions))
     return np.concatenate(rows["deep"]), np.concatenate(rows["colour"]), rows["sift"]
+
+
+def classification_features(deep: np.ndarray, colour: np.ndarray, colour_weight: float = COLOUR_WEIGHT) -> np.ndarray:
+    """What ``catalens classify`` fits on for an index of deep and colour features."""
+    return weighted_features({"deep": deep, "colour": colour}, {"deep": 1.0, "colour": colour_weight})
 
 
 def level_accuracy(predicted: np.ndarray, truth: np.ndarray, depth: int) -> float:
@@ -104,7 +111,7 @@ def draw(paths: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarr
 
 
 def accuracy_table(data: Features, draws: int, head_steps: int) -> str:
-    from search.geometry import verify
+    from catalens.search.verification import verify
 
     paths, val_paths = data.train_paths, data.val_paths
     inliers: dict[tuple[int, int], int] = {}  # (val photo, train photo): the same pair recurs across draws

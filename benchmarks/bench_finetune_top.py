@@ -1,44 +1,49 @@
-"""Classification with the backbone's last block fine-tuned on the catalog (``catalens finetune --top-block``).
+"""Classification with the backbone's top stages fine-tuned on the catalog (``catalens finetune --top-block``).
 
     .venv/bin/python benchmarks/bench_finetune_top.py [--epochs 6] [--small-epochs 12] [--draws 3] [--all-seeds 2] [--first-block 14]
 
 Grocery val, fine accuracy. Catalog = every train photo, then 5 train photos per leaf (``--draws``
 draws, trained for ``--small-epochs`` since an epoch of 405 photos is only 6 steps). Each row
-pairs the frozen ``deep`` features with ``deep_ft`` from ``indexer.finetune_top`` trained on that
-same catalog, with colour and verified local evidence on both sides as ``catalens classify`` uses
-them. Deep, colour and RootSIFT come from ``bench_classify.py``'s cache (made on first use); trunk
-maps are cached beside it.
+pairs the frozen ``deep`` features with ``deep_ft`` from ``catalens.indexer.training.top_blocks``
+(blocks from ``--first-block`` up and the head convolution) trained on that same catalog, with
+colour and verified local evidence on both sides as ``catalens classify`` uses them. Deep, colour
+and RootSIFT come from ``bench_classify.py``'s cache (made on first use); trunk maps are cached
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from catalens.api.tables import format_table
+from catalens.indexer.backbones import get_backbone
+from catalens.indexer.features.decode import extract_rows
+from catalens.indexer.training.top_blocks import FineTunedTop, FrozenTrunk, first_trained_stage
+from catalens.search.classify import HierarchicalFewShotClassifier, verified_evidence
+from catalens.search.verification import verify
 
-from bench_classify import Features, draw  # noqa: E402
+if __package__:  # python -m benchmarks.bench_finetune_top
+    from .bench_classify import Features, classification_features, draw
+else:  # python benchmarks/bench_finetune_top.py
+    from bench_classify import Features, classification_features, draw
 
-from api.tables import format_table  # noqa: E402
-from indexer.features import extract_rows  # noqa: E402
-from indexer.finetune_top import FIRST_TRAINED_BLOCK, TopBlockClassifier, TrunkMaps  # noqa: E402
-from search.classify import (  # noqa: E402
-    HierarchicalFewShotClassifier,
-    classification_features,
-    verified_evidence,
-)
-from search.geometry import verify  # noqa: E402
+BACKBONE = "efficientnet_lite0"
+
+
+def default_first_block() -> int:
+    """The block ``catalens finetune --top-block`` trains from. Stage 0 of EfficientNet-Lite is
+    the stem, so block N is stage N + 1."""
+    return first_trained_stage(get_backbone(BACKBONE).create(pretrained=False)) - 1
 
 
 def trunk_maps(paths: list[Path], cache: Path, first_block: int) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)
-    maps, positions, errors = extract_rows(TrunkMaps(first_block=first_block), paths, desc="trunk")
+    maps, positions, errors = extract_rows(FrozenTrunk(BACKBONE, first_stage=first_block + 1), paths, desc="trunk")
     if errors:
         raise SystemExit(f"unreadable grocery photos: {sorted(errors.values())[:3]}")
     np.save(cache, maps)
@@ -58,12 +63,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--small-epochs", type=int, default=12)
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--first-block", type=int, default=FIRST_TRAINED_BLOCK,
-                        help="train the backbone's blocks from this one up (15: the last only)")
+    parser.add_argument("--first-block", type=int, default=None,
+                        help="train the backbone's blocks from this one up, and the head (default: as catalens "
+                             "finetune, 14; 15: the last block only)")
     parser.add_argument("--all-seeds", type=int, default=2, help="training seeds for the every-photo catalog")
     parser.add_argument("--cache", default="benchmarks/out/classify_features.pkl")
     args = parser.parse_args()
-    from datasets.grocery import split_photos
+    if args.first_block is None:
+        args.first_block = default_first_block()
+    from catalens.datasets.grocery import split_photos
 
     data = Features(Path(args.cache))
     photos = list(split_photos("train")) + list(split_photos("val"))
@@ -76,7 +84,8 @@ def main() -> None:
     for label, k, seed, epochs in settings:
         support = draw(data.train_paths, k, np.random.default_rng(seed))
         started = time.perf_counter()
-        model = TopBlockClassifier(epochs=epochs, first_block=args.first_block, seed=seed).fit(train_maps[support], data.train_paths[support])
+        model = FineTunedTop(BACKBONE, first_stage=args.first_block + 1, epochs=epochs, seed=seed).fit(
+            train_maps[support], data.train_paths[support])
         seconds = time.perf_counter() - started
         frozen = accuracy(data, support, data.train_deep[support], data.val_deep)
         tuned = accuracy(data, support, model.transform(train_maps[support]), model.transform(val_maps))

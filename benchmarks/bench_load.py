@@ -5,8 +5,9 @@ Starts the server (read-only, 127.0.0.1 only) in a subprocess over an index, the
 throughput and the error count. Two baselines run in the same script, so the table reads as
 ratios on a noisy shared machine: the same search in-process (no HTTP), and HTTP one at a time.
 
-    .venv/bin/python benchmarks/bench_load.py                     # builds a 200-item grocery index
-    .venv/bin/python benchmarks/bench_load.py --index DIR --mode fused --requests 200
+    .venv/bin/python benchmarks/bench_load.py [--index DIR | --items 200] [--mode deep] [--requests 500] [--concurrency 8]
+
+Without ``--index`` it builds a grocery index of ``--items`` photos in a temporary folder.
 """
 
 from __future__ import annotations
@@ -25,17 +26,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from catalens.api.tables import format_table
 
-from api.tables import format_table  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_index(folder: Path, items: int) -> Path:
     """A grocery index of ``items`` catalog photos spread over every class."""
-    from datasets.grocery import catalog_items
-    from indexer.config import IndexConfig
-    from indexer.pipeline import index_catalog
+    from catalens.datasets.grocery import catalog_items
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     catalog = catalog_items(("iconic", "train"))
     step = max(1, len(catalog) // items)
@@ -46,7 +46,7 @@ def build_index(folder: Path, items: int) -> Path:
 
 
 def query_photos(limit: int) -> list[bytes]:
-    from datasets.grocery import split_photos
+    from catalens.datasets.grocery import split_photos
 
     photos = split_photos("val")
     step = max(1, len(photos) // limit)
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 def start_server(index: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "api.cli", "serve", "--index", str(index), "--port", str(port), "--read-only"]
+    command = [sys.executable, "-m", "catalens.api.cli", "serve", "--index", str(index), "--port", str(port), "--read-only"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -82,10 +82,10 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 
 
 def in_process(index: Path, photos: list[bytes], count: int, mode: str | None, k: int) -> list[float]:
-    from indexer.index import CatalogIndex
-    from search.engine import SearchEngine
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.engine import SearchEngine
 
-    opened = CatalogIndex.open(index)
+    opened = open_catalog(index)
     engine = SearchEngine(opened)
     engine.search([photos[0]], k=k, mode=mode)  # load the network
     latencies = []
@@ -132,7 +132,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--baseline", type=int, default=40, help="requests of each baseline")
-    parser.add_argument("--mode", default="deep", help="search mode (deep | local | fused | ae)")
+    parser.add_argument("--mode", default="deep",
+                        help="search mode: fused, local, or a feature of the index (deep, colour, sift, ae, ...)")
     parser.add_argument("--k", type=int, default=10)
     args = parser.parse_args()
 

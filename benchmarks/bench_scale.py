@@ -1,44 +1,15 @@
 """Embedded vector store at catalog scale: exact vs IVF-PQ vs HNSW on synthetic 1280-d vectors.
 
-For each catalog size it builds each faiss index type, and reports build time, resident memory
-the index added, p50 latency of one-query searches and recall@10 against exact search. It ends
-with the rule the configuration should follow (``indexer.stores.recommended_factory``).
+    .venv/bin/python benchmarks/bench_scale.py [--sizes 100000,1000000] [--skip exact,HNSW] [--gpu]
 
-    .venv/bin/python benchmarks/bench_scale.py --sizes 100000       # ~7 min on 2 busy cores
-    .venv/bin/python benchmarks/bench_scale.py                       # 100k and 1M: ~45 min
-    .venv/bin/python benchmarks/bench_scale.py --sizes 1000000 --skip exact,HNSW \
-        --ivf-params 'nprobe=16,k_factor_rf=100;nprobe=32,k_factor_rf=100'   # other search settings
-    .venv/bin/python benchmarks/bench_scale.py --gpu                 # exact 1M x 1280 GPU vs CPU
-
-Measured on 2 cores shared with other jobs (faiss 1.15.1, clustered data, k=10; 200 recall
-queries at 100k, 50 at 1M; p50 over 30 one-query searches; IVF/PQ trained on 16 rows a cell,
-at most 65,536; HNSW efConstruction 40). ``--sizes 100000,1000000`` gave rows 1-8 (43 min);
-``--sizes 1000000 --skip exact,HNSW --ivf-params ...`` (the nprobe rows with
-``'nprobe=32,k_factor_rf=10;nprobe=64,...;nprobe=128,...'``, the others as in the example
-above plus ``nprobe=16,k_factor_rf=30``) and ``--skip exact,IVF --ef-search 128,256`` gave the sweeps (their builds, in quieter minutes, took 238-303 s for IVF-PQ and 589 s
-for HNSW: build times here depend on the neighbours' load):
-
-    items      index             factory                          search params              build s  RSS MB  p50 ms   recall@10
-    100,000    exact             Flat                             -                          1.0      489     136.18   1.000
-    100,000    IVF-PQ            IVF256_HNSW32,PQ64,Refine(SQ8)   nprobe=16,k_factor_rf=1    108.1    152     0.49     0.341
-    100,000    IVF-PQ + re-rank  IVF256_HNSW32,PQ64,Refine(SQ8)   nprobe=16,k_factor_rf=10   108.1    152     0.61     0.988
-    100,000    HNSW32            HNSW32                           efSearch=64                151.3    513     0.38     0.999
-    1,000,000  exact             Flat                             -                          63.7     4883    2550.35  1.000
-    1,000,000  IVF-PQ            IVF4096_HNSW32,PQ64,Refine(SQ8)  nprobe=16,k_factor_rf=1    1085.5   1326    0.80     0.312
-    1,000,000  IVF-PQ + re-rank  IVF4096_HNSW32,PQ64,Refine(SQ8)  nprobe=16,k_factor_rf=10   1085.5   1326    0.96     0.840
-    1,000,000  HNSW32            HNSW32                           efSearch=64                820.6    5156    0.87     0.904
-    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=32..128,k_factor_rf=10  -    1359    0.95-3.42  0.840
-    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=16,k_factor_rf=30   -        1359    1.30     0.960
-    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=16,k_factor_rf=100  -        1359    2.26     0.978
-    1,000,000  IVF-PQ + re-rank  (same)                           nprobe=32,k_factor_rf=100  -        1359    2.49     0.978
-    1,000,000  HNSW32            HNSW32                           efSearch=128               -        5160    0.77     0.942
-    1,000,000  HNSW32            HNSW32                           efSearch=256               -        5160    0.99     0.942
-
-So at 1M the configuration picks IVF-PQ with SQ8 re-ranking (``recommended_factory``), searched
-with ``nprobe=16,k_factor_rf=30`` (``recommended_search_parameters``): more recall than HNSW32
-at a quarter of its memory; HNSW's 0.5 ms advantage is nothing next to the query's CNN time.
-Up to 100k it picks exact search. More probes did not help at 1M; a longer re-ranking
-shortlist did: PQ64 codes of 1280-d vectors rank too coarsely to shortlist only 10x k.
+For each catalog size it builds each faiss index type, then prints a table of build time,
+resident memory the index added, p50 latency of one-query searches (``--latency-queries``) and
+recall@k against exact search (``--queries``; a quarter of them from 500k items up), and the rule
+the configuration follows (``catalens.indexer.stores.faiss_vectors.recommended_factory``). IVF and
+PQ train on a subsample of 16 rows a cell (at most 65,536) with 10 k-means rounds; HNSW is built
+with ``--ef-construction``. ``--ivf-params`` and ``--ef-search`` add rows for other search
+settings on the same builds; ``--gpu`` instead compares exact search on the GPU with the CPU.
+The run takes minutes at 100k items and most of an hour at 1M on two cores.
 
 Synthetic data: uniformly random vectors have no neighbourhood structure (every point is about
 equally far from every other), which makes any approximate index look useless and is nothing
@@ -52,11 +23,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on cores shared with other jobs, spinning
 # threads made faiss training 3x slower with 2 threads than with 1. Must precede faiss' import.
@@ -65,11 +34,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from api.tables import format_table  # noqa: E402
-from indexer.index import _nlist  # noqa: E402
-from indexer.stores import recommended_factory, recommended_search_parameters  # noqa: E402
+from catalens.api.tables import format_table  # noqa: E402
+from catalens.indexer.stores.faiss_vectors import (  # noqa: E402
+    recommended_factory,
+    recommended_search_parameters,
+)
+from catalens.indexer.stores.folder import _nlist  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -303,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(
         ["items", "index", "factory", "search params", "build s", "RSS MB", "p50 ms", "vs exact", f"recall@{args.k}"], table
     ))
-    print("\nRule (indexer.stores.recommended_factory):")
+    print("\nRule (catalens.indexer.stores.faiss_vectors.recommended_factory):")
     for n in (10_000, 100_000, 1_000_000, 10_000_000):
         print(f"  {n:>12,} items -> {recommended_factory(n, args.dim)}")
     return 0

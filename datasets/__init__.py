@@ -1,6 +1,6 @@
 """Reading product catalogs (folder trees and JSONL manifests) into `CatalogItem`s."""
 
-from datasets.catalog import (
+from catalens.datasets.catalog import (
     IMAGE_SUFFIXES,
     CatalogError,
     CatalogItem,

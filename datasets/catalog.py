@@ -27,9 +27,13 @@ class CatalogItem:
     title: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """The item as a manifest line; the image path relative to ``relative_to`` where it lies below it."""
         record = asdict(self)
-        record["image"] = str(self.image)
+        image = Path(self.image).absolute()
+        if relative_to is not None and image.is_relative_to(relative_to):
+            image = image.relative_to(relative_to)
+        record["image"] = image.as_posix()
         return record
 
 
@@ -119,10 +123,16 @@ def load_catalog(source: str | Path) -> list[CatalogItem]:
 
 
 def write_manifest(items: Iterable[CatalogItem], path: str | Path) -> Path:
-    """Write ``items`` as a JSONL manifest (absolute image paths)."""
+    """Write ``items`` as a JSONL manifest that ``read_manifest`` reads back to the same files.
+
+    Images below the manifest's folder are written relative to it (the folder can move as a
+    whole); others as absolute paths. Relative paths given in ``items`` are taken from the
+    current directory.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.absolute()
     with path.open("w", encoding="utf-8") as handle:
         for item in items:
-            handle.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+            handle.write(json.dumps(item.to_json(relative_to=base), ensure_ascii=False) + "\n")
     return path

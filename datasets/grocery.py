@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.catalog import CatalogItem
+from catalens.datasets.catalog import CatalogItem
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "grocery-store"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from datasets.catalog import CatalogItem, write_manifest
+from catalens.datasets.catalog import CatalogItem, write_manifest
 
 _BRANDS = ["NORDA", "SOLMA", "KVIST", "BERGO", "LUMEN", "FJORD"]
 _CATEGORIES = [

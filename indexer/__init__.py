@@ -1,1 +1,4 @@
-"""Feature extraction and the stores an index keeps (FAISS, SQLite, Elasticsearch)."""
+"""Building an index: features by registry (``features/``), the stores behind one contract
+(``stores/``: folder and Elasticsearch backends), what is fitted on a catalog (``training/``),
+and the one pipeline that ties them together (``pipeline``). ``backends.open_catalog`` opens one.
+"""

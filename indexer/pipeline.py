@@ -1,36 +1,33 @@
-"""Indexing runs: bring an index in line with a catalog, incrementally, durably, resumably.
+"""Indexing runs: bring a catalog's index in line with the catalog, incrementally, durably, resumably.
 
-Only new and changed images are decoded; removed items are deleted; a bad file is recorded and
-skipped. Every ``commit_every`` images the work done is committed to SQLite in one transaction,
-so a run killed at any point loses at most that batch, and the next run picks up from there.
+One pipeline for every backend: ``run(items, catalog, features)``. Only new and changed images
+are decoded; removed items are deleted; a bad file is recorded and skipped. Every
+``commit_every`` images the work done is written durably (one SQLite transaction, or one bulk
+request), so a run killed at any point loses at most that batch, and the next run picks up
+from there. Then each feature brings what depends on the whole catalog in line (the visual
+vocabulary and words).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets.catalog import CatalogItem, load_catalog
-from indexer.config import IndexConfig, load_config
-from indexer.features import GlobalFeature, extensions, iter_prepared
-from indexer.index import CatalogIndex
-from indexer.metadata import ItemRecord
+from catalens.datasets.catalog import CatalogItem, load_catalog
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.catalog import Catalog
+from catalens.indexer.config import IndexConfig, load_config
+from catalens.indexer.features import Feature
+from catalens.indexer.features.decode import iter_prepared
+from catalens.indexer.stores import Failure, ItemRecord, ItemUpdate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Failure:
-    source: str
-    item_id: str | None
-    reason: str
 
 
 @dataclass
@@ -46,11 +43,13 @@ class IndexReport:
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     extracted: int = 0
+    extract_seconds: float = 0.0
     log_path: str = ""
 
     @property
     def images_per_second(self) -> float:
-        return self.extracted / self.seconds if self.seconds else 0.0
+        """Extraction rate, as the progress bar shows it (model loading and upkeep not counted)."""
+        return self.extracted / self.extract_seconds if self.extract_seconds else 0.0
 
 
 def file_fingerprint(path: Path) -> str | None:
@@ -62,40 +61,22 @@ def file_fingerprint(path: Path) -> str | None:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def features_for(index: Any) -> list:
-    """What indexing extracts from each image: the deep feature, then each extension's.
-
-    ``index`` is a ``CatalogIndex`` or an ``indexer.elastic.ElasticIndexView``: both backends
-    index the same features (local keypoints, colour, autoencoder codes once a model exists).
-    """
-    features = [index.deep_extractor()]
-    for extension in extensions():
-        features.extend(extension.features(index))
-    return features
-
-
-def complete_keys(store: Any, features: list) -> set[int]:
-    """Keys of the stored items that hold every one of ``features`` (a ``feature_keys`` store)."""
-    return set.intersection(*(store.feature_keys(feature.name) for feature in features)) if features else set()
-
-
 @dataclass
 class RunPlan:
     """What a run does with each catalog item: ``extract`` and ``metadata_only`` are (item, fingerprint)."""
 
     extract: list[tuple[CatalogItem, str]] = field(default_factory=list)
-    metadata_only: list[tuple[CatalogItem, str]] = field(default_factory=list)
+    metadata_only: list[CatalogItem] = field(default_factory=list)
     missing: list[Failure] = field(default_factory=list)
     unchanged: int = 0
 
 
-def plan_run(items: list[CatalogItem], existing: Mapping[str, ItemRecord], complete: Container[int]) -> RunPlan:
+def plan_run(items: Sequence[CatalogItem], existing: Mapping[str, ItemRecord], complete: Container[int]) -> RunPlan:
     """Sort the catalog into new or changed images, metadata-only changes, unchanged and missing files.
 
     ``existing`` is the stored records by id; ``complete`` the keys of those holding every
-    configured feature. An item indexed before a feature was configured (or added to catalens)
-    lacks it and is extracted again, so an upgraded index fills in on its next run instead of
-    staying half-built.
+    configured feature. An item indexed before a feature was configured lacks it and is
+    extracted again, so an upgraded index fills in on its next run instead of staying half-built.
     """
     plan = RunPlan()
     for item in items:
@@ -108,154 +89,132 @@ def plan_run(items: list[CatalogItem], existing: Mapping[str, ItemRecord], compl
                 or record.key not in complete):
             plan.extract.append((item, fingerprint))
         elif (record.category, record.title, record.attributes) != (item.category, item.title, item.attributes):
-            plan.metadata_only.append((item, fingerprint))
+            plan.metadata_only.append(item)
         else:
             plan.unchanged += 1
     return plan
 
 
-def index_catalog(
-    catalog: str | Path | list[CatalogItem],
-    index_dir: str | Path | CatalogIndex,
-    config: IndexConfig | None = None,
+def run(
+    items: Sequence[CatalogItem],
+    catalog: Catalog,
+    features: Sequence[Feature] | None = None,
     prune: bool = True,
     progress: bool = True,
+    report: IndexReport | None = None,
 ) -> IndexReport:
-    """Index ``catalog`` (a folder, a manifest, or items) into ``index_dir``.
-
-    ``prune`` deletes indexed items the catalog no longer lists. ``index_dir`` may be an open
-    ``CatalogIndex`` (a server adding items); it is then left open.
-    """
-    started = time.perf_counter()
-    items = catalog if isinstance(catalog, list) else load_catalog(catalog)
-    owned = not isinstance(index_dir, CatalogIndex)
-    index = CatalogIndex.open_or_create(index_dir, config or load_config()) if owned else index_dir
-    log_path = index.root / "logs" / time.strftime("index-%Y%m%d-%H%M%S.log")
-    handler = logging.FileHandler(log_path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    previous_level = logging.getLogger().level
-    if previous_level > logging.INFO or previous_level == logging.NOTSET:
-        logging.getLogger().setLevel(logging.INFO)
-    report = IndexReport(index=str(index.root), log_path=str(log_path))
-    try:
-        _run(index, items, prune, progress, report)
-    finally:
-        report.seconds = time.perf_counter() - started
-        log.info(
-            "indexed %s: %d added, %d updated, %d metadata-only, %d removed, %d unchanged, %d failed in %.1fs",
-            index.root, report.added, report.updated, report.metadata_updated, report.removed,
-            report.unchanged, len(report.failures), report.seconds,
-        )
-        for failure in report.failures:
-            log.warning("skipped %s", failure.reason)
-        logging.getLogger().removeHandler(handler)
-        logging.getLogger().setLevel(previous_level)
-        handler.close()
-        if owned:
-            index.close()
-    return report
-
-
-def _run(index: CatalogIndex, items: list[CatalogItem], prune: bool, progress: bool, report: IndexReport) -> None:
-    store = index.store
-    existing = {record.id: record for record in store.all_items()}
-    features = features_for(index)
-    plan = plan_run(items, existing, complete_keys(store, features))
-    with store.transaction() as db:
-        for failure in plan.missing:
-            store.record_failure(db, failure.source, failure.item_id, failure.reason)
-        for item, fingerprint in plan.metadata_only:
-            store.upsert(db, item, fingerprint)
+    """Bring ``catalog`` in line with ``items``, extracting ``features`` (default: the catalog's own)."""
+    report = report or IndexReport(index=catalog.location)
+    features = list(catalog.features() if features is None else features)
+    existing = catalog.items.records()
+    complete = set.intersection(*(catalog.items.row_keys(f.name) for f in features)) if features else set()
+    plan = plan_run(items, existing, complete)
+    catalog.items.record_failures(plan.missing)
+    catalog.items.update_metadata(plan.metadata_only)
     report.failures.extend(plan.missing)
     report.unchanged, report.metadata_updated = plan.unchanged, len(plan.metadata_only)
-    to_extract = plan.extract
 
-    global_features = [f for f in features if isinstance(f, GlobalFeature)]
-    for feature in global_features:
-        index.set_dim(feature.name, feature.dim)
-
-    removed_keys = np.zeros(0, np.int64)
+    removed = np.zeros(0, np.int64)
     if prune:
         listed = {item.id for item in items}
         gone = [item_id for item_id in existing if item_id not in listed]
         if gone:
-            with store.transaction() as db:
-                removed_keys = np.asarray(store.delete(db, gone), np.int64)
-            for feature in global_features:
-                index.vector_store(feature.name).remove(removed_keys)
-            report.removed = len(removed_keys)
+            with catalog.lock:
+                removed = catalog.delete(gone)
+            report.removed = len(removed)
 
-    changed_keys: list[int] = []
-    if to_extract:
-        _extract(index, to_extract, features, global_features, existing, progress, report, changed_keys)
-    for extension in extensions():
-        extension.after_update(index, np.asarray(changed_keys, np.int64), removed_keys)
-    index.save()
+    changed = _extract(catalog, plan.extract, features, existing, progress, report)
+    catalog.refresh(np.asarray(changed, np.int64), removed)
+    catalog.save()
+    return report
 
 
-def _extract(index, to_extract, features, global_features, existing, progress, report, changed_keys) -> None:
-    store, config = index.store, index.config
-    sources = [item.image for item, _ in to_extract]
-    preparers = {feature.name: feature.preparer for feature in features}
-    draft = max(getattr(feature, "draft_size", 0) or 0 for feature in features) or None
-    vector_stores = {f.name: index.vector_store(f.name) for f in global_features}
-    pending: list = []
+def _extract(catalog: Catalog, to_extract: list[tuple[CatalogItem, str]], features: list[Feature],
+             existing: Mapping[str, ItemRecord], progress: bool, report: IndexReport) -> list[int]:
+    config = catalog.config
+    changed: list[int] = []
+    if not to_extract or not features:
+        return changed
+    pending: list[ItemUpdate] = []
+    failed: list[Failure] = []
     started = time.perf_counter()
-    bar = tqdm(total=len(sources), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
 
     def commit() -> None:
-        if not pending:
-            return
-        with store.transaction() as db:
-            additions: dict[str, tuple[list[int], list[np.ndarray]]] = {f.name: ([], []) for f in global_features}
-            for position, results, error in pending:
-                item, fingerprint = to_extract[position]
-                if error is not None:
-                    store.record_failure(db, str(item.image), item.id, error)
-                    report.failures.append(Failure(str(item.image), item.id, error))
-                    continue
-                key = store.upsert(db, item, fingerprint)
-                for name, value in results.items():
-                    data = value.astype(np.float32).tobytes() if isinstance(value, np.ndarray) else value
-                    store.put_feature(db, name, key, data)
-                    if name in additions:
-                        additions[name][0].append(key)
-                        additions[name][1].append(value)
-                changed_keys.append(key)
-                if item.id in existing:
+        catalog.items.record_failures(failed)
+        report.failures.extend(failed)
+        failed.clear()
+        if pending:
+            changed.extend(catalog.write(pending))
+            for update in pending:
+                if update.item.id in existing:
                     report.updated += 1
                 else:
                     report.added += 1
-        # SQLite has committed; FAISS follows in memory and is saved at the end of the run
-        # (a crash before that is repaired from SQLite when the index is next opened).
-        with index.lock:
-            for name, (keys, rows) in additions.items():
-                if keys:
-                    vector_stores[name].remove(np.asarray(keys, np.int64))
-                    if vector_stores[name].is_trained:
-                        vector_stores[name].add(np.asarray(keys, np.int64), np.stack(rows))
-        pending.clear()
+            pending.clear()
 
-    try:
+    preparers = {feature.name: feature.preparer for feature in features}
+    draft = max(feature.draft_size or 0 for feature in features) or None
+    with tqdm(total=len(to_extract), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True) as bar:
         for batch in iter_prepared(
-            sources, preparers, batch_size=config.batch_size, num_workers=config.num_workers,
-            max_pixels=config.max_pixels, draft_size=draft,
+            [item.image for item, _ in to_extract], preparers, batch_size=config.batch_size,
+            num_workers=config.num_workers, max_pixels=config.max_pixels, draft_size=draft,
         ):
             finished = {feature.name: feature.finish(batch.prepared[feature.name]) for feature in features}
             for row, position in enumerate(batch.positions):
-                pending.append((position, {name: values[row] for name, values in finished.items()}, None))
+                item, fingerprint = to_extract[position]
+                pending.append(ItemUpdate(item, fingerprint, {name: values[row] for name, values in finished.items()}))
             for position, error in batch.errors.items():
-                pending.append((position, {}, error))
+                item, _ = to_extract[position]
+                failed.append(Failure(str(item.image), item.id, error))
             report.extracted += len(batch.positions)
             bar.update(len(batch.positions) + len(batch.errors))
-            if len(pending) >= config.commit_every:
+            if len(pending) + len(failed) >= config.commit_every:
                 commit()
         commit()
+    report.extract_seconds = time.perf_counter() - started
+    log.info("extracted %d images in %.1fs", report.extracted, report.extract_seconds)
+    return changed
+
+
+def index_catalog(
+    source: str | Path | Sequence[CatalogItem],
+    index: str | Path | Catalog,
+    config: IndexConfig | None = None,
+    prune: bool = True,
+    progress: bool = True,
+) -> IndexReport:
+    """Index ``source`` (a folder, a manifest, or items) into ``index`` (a location or an open catalog).
+
+    ``prune`` deletes indexed items the catalog no longer lists. An open ``Catalog`` (a server
+    adding items) is left open. Each run appends to the day's log in the index's ``logs/``.
+    """
+    started = time.perf_counter()
+    items = list(source) if not isinstance(source, (str, Path)) else load_catalog(source)
+    owned = not isinstance(index, Catalog)
+    catalog = open_catalog(index, config or load_config(), create=True) if owned else index
+    log_path = catalog.logs_dir / time.strftime("index-%Y%m%d.log")
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    if previous_level > logging.INFO or previous_level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    report = IndexReport(index=catalog.location, log_path=str(log_path))
+    try:
+        run(items, catalog, prune=prune, progress=progress, report=report)
     finally:
-        bar.close()
-    for name, vector_store in vector_stores.items():
-        if not vector_store.is_trained:
-            # An index type that needs training is built from all stored rows in one go.
-            index.replace_vector_store(name, index.rebuild_vector_store(name, index.meta["dims"][name]))
-    log.info("extracted %d images in %.1fs", report.extracted, time.perf_counter() - started)
+        report.seconds = time.perf_counter() - started
+        log.info(
+            "indexed %s: %d added, %d updated, %d metadata-only, %d removed, %d unchanged, %d failed in %.1fs",
+            catalog.location, report.added, report.updated, report.metadata_updated, report.removed,
+            report.unchanged, len(report.failures), report.seconds,
+        )
+        for failure in report.failures:
+            log.warning("skipped %s", failure.reason)
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+        if owned:
+            catalog.close()
+    return report

@@ -3,7 +3,7 @@
 The score is the index autoencoder's: the larger of two z-scores against the catalog's own
 held-out images, reconstruction error and distance to the nearest catalog images (the second
 catches blank and noise images, whose feature maps are easy to reconstruct; see
-indexer/autoencoder.py). ``anomalous`` compares it with the threshold calibrated on the catalog at
+catalens.indexer.training.autoencoder). ``anomalous`` compares it with the threshold calibrated on the catalog at
 training time. Error maps are per feature-map cell (8x8 patches of the centre crop) or per pixel
 reconstruction error, and can be drawn as heatmaps.
 """
@@ -20,8 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.autoencoder import SCORE_FEATURE, IndexAutoencoder, load_index_autoencoder
-from indexer.imageio import ImageSource, decode_queries
+from catalens.indexer.features.autoencoder import (
+    SCORE_FEATURE,
+    IndexAutoencoder,
+    extract_inputs,
+    load_autoencoder,
+)
+from catalens.indexer.imageio import ImageSource, decode_queries
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +96,14 @@ def score_images(ae: IndexAutoencoder, images: Sequence[Image.Image]) -> tuple[n
 
 
 def score_anomalies(
-    index, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
+    catalog, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
     heatmaps_dir: str | Path | None = None,
 ) -> list[AnomalyResult]:
     """One result per source, in order; an unreadable source gives a result with ``error``."""
-    ae = load_index_autoencoder(index)
+    ae = load_autoencoder(catalog)
     threshold = ae.threshold
     results = []
-    for position, (name, image, error) in enumerate(decode_queries(sources, names, index.config.max_pixels)):
+    for position, (name, image, error) in enumerate(decode_queries(sources, names, catalog.config.max_pixels)):
         if error is not None:
             results.append(AnomalyResult(query=name, error=error))
             continue
@@ -111,28 +116,24 @@ def score_anomalies(
     return results
 
 
-def audit_catalog(index, limit: int | None = None, progress: bool = False) -> list[AuditEntry]:
+def audit_catalog(catalog, limit: int | None = None, progress: bool = False) -> list[AuditEntry]:
     """The catalog's own items, most anomalous first (for catalog cleaning).
 
     Scores computed at training time (leave-one-out) are reused; items indexed since then are
     scored now.
     """
-    ae = load_index_autoencoder(index)
-    records = index.store.all_items()
-    stored = index.store.feature_blobs(SCORE_FEATURE)
+    ae = load_autoencoder(catalog)
+    records = sorted(catalog.items.records().values(), key=lambda record: record.key)
+    stored = catalog.items.rows(SCORE_FEATURE)
     missing = [record for record in records if record.key not in stored]
     if missing:
-        from indexer.autoencoder import extract_inputs
-
         X, positions, errors = extract_inputs(ae.inputs, [record.image for record in missing], progress=progress)
         for error in errors.values():
             log.warning("audit: skipped %s", error)
         scores = ae.model.score_samples(X) if len(positions) else np.zeros(0)
-        with index.store.transaction() as db:
-            for position, score in zip(positions, scores, strict=True):
-                key = missing[position].key
-                index.store.put_feature(db, SCORE_FEATURE, key, np.float32(score).tobytes())
-                stored[key] = np.float32(score).tobytes()
+        fresh = {missing[position].key: np.float32(score).tobytes() for position, score in zip(positions, scores, strict=True)}
+        catalog.items.put_rows(SCORE_FEATURE, fresh)
+        stored.update(fresh)
     entries = [
         AuditEntry(record.id, record.image, record.category, float(np.frombuffer(stored[record.key], np.float32)[0]),
                    bool(np.frombuffer(stored[record.key], np.float32)[0] > ae.threshold))

@@ -2,30 +2,17 @@
 
 A category with one item is described by its prototype (the mean of its centred, L2-normalised
 features); with more items the prototype is averaged with a k-NN vote, and a linear model
-shares out the probability of all leaves that have at least ``linear_min_support`` items. On
-grocery val the linear model already beats prototypes at 5 items per leaf (51.8% against 46.5%
-fine accuracy; benchmarks/bench_classify.py), hence its low default threshold. Level
+shares out the probability of all leaves that have at least ``linear_min_support`` items. Level
 probabilities are sums of leaf probabilities, so a leaf always implies its parents, and the
 answer stops at the deepest level whose confidence clears a threshold.
 
-The features are the deep descriptor and, where the index has it, the colour histogram
-(``indexer/colour.py``) beside it at ``COLOUR_WEIGHT``; where the index has local features, the
-nearest support items are verified geometrically against the query and a leaf with a verified
-match gains ``evidence_weight`` x (inliers, scaled 0-1) in log-probability: a printed label
-that matches decides between two cartons the pooled features cannot tell apart. Each one
-measured on grocery val (fine accuracy, mean of 3 draws of the support;
-``python benchmarks/bench_classify.py --draws 3``):
-
-    support per leaf                     1       5     all train (2,640)
-    deep                               33.2%   51.8%   68.9%
-    + colour at 0.5 / 0.6 / 0.7        43.2 / 43.6 / 44.4   59.5 / 59.7 / 59.0   72.3 / 71.6 / 68.6
-    + local evidence (weight 4)        46.8 / 48.0 / 49.0   63.1 / 63.9 / 63.4   75.0 / 74.3 / 71.6
-
-The triplet head (``catalens finetune``) moved the deep row by +1.5 (k=5) and -1.0 (all).
-Where ``catalens finetune --top-block`` has run, ``deep_ft`` rows (the backbone's last block
-fine-tuned on the catalog, ``indexer/finetune_top.py``) replace ``deep`` here: 74.3% -> 81.2% with
-every train photo (two training seeds), 63.9% -> 65.7% with five per leaf (three draws;
-``benchmarks/bench_finetune_top.py``).
+The features are whatever the index holds with a classification weight (``deep``, or the
+fine-tuned ``deep_ft`` in its place; the ``colour`` histogram beside it, since ImageNet features
+ignore the colour that tells two apple varieties apart), each L2-normalised and weighted. Where
+the index has local features, the nearest support items are verified geometrically against the
+query, and a leaf with a verified match gains ``evidence_weight`` x (inliers, scaled 0-1) in
+log-probability: a printed label that matches decides between two cartons the pooled features
+cannot tell apart. ``benchmarks/bench_classify.py`` measures each part.
 """
 
 from __future__ import annotations
@@ -38,8 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexer.deep import l2_normalise
-from indexer.imageio import ImageSource, decode_queries
+from catalens.indexer.estimator import Estimator
+from catalens.indexer.features import embed, feature_spec, feature_weights, l2_normalise
+from catalens.indexer.imageio import ImageSource, decode_queries
+from catalens.indexer.stores import vectors_of
+from catalens.search.verification import verify
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +40,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits - logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     return logits / logits.sum(axis=1, keepdims=True)
-
-
-class NotFittedError(RuntimeError):
-    """The classifier was used before ``fit``."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +77,7 @@ class Prediction:
     neighbours: np.ndarray  # support row positions, nearest first
 
 
-class HierarchicalFewShotClassifier:
+class HierarchicalFewShotClassifier(Estimator):
     """Fit on (deep features, category paths) of a catalog; predict a path with per-level confidence.
 
     Hyper-parameters:
@@ -218,15 +204,11 @@ class HierarchicalFewShotClassifier:
         # predict_proba columns follow classes_, which are leaf positions in ascending order.
         self.linear_leaves_ = self.linear_.classes_.astype(np.int64)
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "prototypes_"):
-            raise NotFittedError("call fit() before predicting")
-
     # --- predicting
 
     def nearest_support(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(support row positions (n, k) nearest first, their similarities) in the classifier's space."""
-        self._check_fitted()
+        self.check_is_fitted()
         return self._nearest(self._embed(np.asarray(features, dtype=np.float32)), k)
 
     def _nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +225,7 @@ class HierarchicalFewShotClassifier:
         ``evidence`` (n, leaves) in [0, 1], if given, multiplies each leaf's probability by
         ``exp(evidence_weight * evidence)`` before renormalising.
         """
-        self._check_fitted()
+        self.check_is_fitted()
         queries = self._embed(np.asarray(features, dtype=np.float32))
         probs = _softmax((queries @ self.prototypes_.T) / self.temperature_)
         k = min(self.n_neighbours, len(self.support_))
@@ -311,23 +293,15 @@ class HierarchicalFewShotClassifier:
 
 # --- features and evidence
 
-# Weight of the colour histogram beside the deep descriptor (both L2-normalised): 0.5 and 0.7
-# were within a point of each other on grocery val, 0.7 better with one item per leaf, 0.5 with
-# many.
-COLOUR_WEIGHT = 0.6
 
-
-def classification_features(deep: np.ndarray, colour: np.ndarray | None = None, colour_weight: float = COLOUR_WEIGHT) -> np.ndarray:
-    """What the classifier fits on: the deep rows, with the colour histogram beside them if given."""
-    deep = l2_normalise(deep)
-    if colour is None:
-        return deep
-    return np.hstack([deep, colour_weight * l2_normalise(colour)]).astype(np.float32)
+def weighted_features(rows: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """What the classifier fits on: each feature's rows L2-normalised, times its weight, side by side."""
+    return np.hstack([weights[name] * l2_normalise(rows[name]) for name in weights]).astype(np.float32)
 
 
 @dataclass
 class EvidenceConfig:
-    """Geometric verification for classification; overrides from ``config.extra["classify_evidence"]``."""
+    """Geometric verification for classification."""
 
     # Verifying ~1 ms a pair: the nearest 20 support items hold the right leaf for most queries.
     verify_top: int = 20
@@ -361,108 +335,94 @@ def verified_evidence(
     return evidence
 
 
-# --- on an index
+# --- on a catalog
 
 
 @dataclass
-class _Fitted:
+class FittedClassifier:
+    """A classifier fitted on a catalog's items: which items, and with which features and weights."""
+
     classifier: HierarchicalFewShotClassifier
     ids: list[str]
     keys: np.ndarray
-    uses_colour: bool
-    uses_finetuned: bool = False
+    weights: dict[str, float]
 
 
-COLOUR, FINETUNED = "colour", "deep_ft"  # indexer.colour / indexer.finetune_top feature names
-
-
-def _rows_for(index, feature: str, keys: np.ndarray) -> np.ndarray | None:
-    """``feature`` rows aligned with ``keys``, or None where the index lacks them for any item."""
-    dim = index.meta["dims"].get(feature)
-    if dim is None:
-        return None
-    feature_keys, rows = index.store.vectors(feature, dim)
-    position = {int(key): i for i, key in enumerate(feature_keys)}
-    if any(int(key) not in position for key in keys):
-        log.info("%s: some items have no %r rows yet; classifying without them until the next index run", index.root, feature)
-        return None
-    return rows[[position[int(key)] for key in keys]]
-
-
-def _fit_on_index(index) -> _Fitted:
-    from indexer.finetune import project
-
-    dim = index.meta["dims"].get("deep")
-    if dim is None:
-        raise ValueError(f"{index.root}: this index has no deep features to classify with")
-    keys, rows = index.store.vectors("deep", dim)
-    records = index.store.items(keys.tolist())
+def _fit_on_catalog(catalog: Any) -> FittedClassifier:
+    specs = [feature_spec(name) for name in catalog.global_features()]
+    weights = feature_weights(specs, "classify")
+    if not weights:
+        raise ValueError(f"{catalog.location}: this index has no features to classify with")
+    dims = catalog.dims()
+    rows: dict[str, np.ndarray] = {}
+    keys = None
+    for name in sorted(weights, key=lambda n: -weights[n]):
+        found, found_rows = vectors_of(catalog.items, name, dims[name])
+        if keys is None:
+            keys, rows[name] = found, found_rows
+            continue
+        position = {int(key): i for i, key in enumerate(found)}
+        if any(int(key) not in position for key in keys):
+            log.info("%s: some items have no %r rows yet; classifying without them until the next index run",
+                     catalog.location, name)
+            weights.pop(name)
+            continue
+        rows[name] = found_rows[[position[int(key)] for key in keys]]
+    records = catalog.items.items(keys.tolist())
     keep = np.array([int(key) in records for key in keys], dtype=bool)
-    keys, rows = keys[keep], rows[keep]
+    keys = keys[keep]
+    weights = {name: weights[name] for name in rows if name in weights}
+    features = weighted_features({name: rows[name][keep] for name in weights}, weights)
     categories = [records[int(key)].category for key in keys]
-    finetuned = _rows_for(index, FINETUNED, keys)
-    deep = finetuned if finetuned is not None else project(index, rows)
-    colour = _rows_for(index, COLOUR, keys)
-    classifier = HierarchicalFewShotClassifier().fit(classification_features(deep, colour), categories)
-    log.info("classifier fitted on %d items in %d leaf categories (%s features, colour %s)", len(keys),
-             len(classifier.leaves_), FINETUNED if finetuned is not None else "deep", "on" if colour is not None else "off")
-    return _Fitted(classifier, [records[int(key)].id for key in keys], keys, colour is not None, finetuned is not None)
+    classifier = HierarchicalFewShotClassifier().fit(features, categories)
+    log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
+             ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
+    return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
 
 
-def fitted_classifier(index) -> tuple[HierarchicalFewShotClassifier, list[str]]:
-    """The classifier of this index state (refitted after any write), and its support rows' ids."""
-    fitted = index.cached("classifier", lambda: _fit_on_index(index))
-    return fitted.classifier, fitted.ids
+def fitted_classifier(catalog: Any) -> FittedClassifier:
+    """The classifier of this catalog state (refitted after any write)."""
+    return catalog.cached("classifier", lambda: _fit_on_catalog(catalog))
 
 
-def _query_features(index, fitted: _Fitted, images: list[Image.Image]) -> np.ndarray:
-    from indexer.finetune import project
-
-    if fitted.uses_finetuned:
-        from indexer.finetune_top import index_feature
-
-        deep = index_feature(index).transform_images(images)
-    else:
-        deep = project(index, index.deep_extractor().transform_images(images))
-    if not fitted.uses_colour:
-        return classification_features(deep)
-    from indexer.colour import ColourHistogram
-
-    return classification_features(deep, ColourHistogram().transform_images(images))
+def _query_features(catalog: Any, fitted: FittedClassifier, images: list[Image.Image]) -> np.ndarray:
+    return weighted_features({name: embed(catalog.feature(name), images) for name in fitted.weights}, fitted.weights)
 
 
-def _index_evidence(index, fitted: _Fitted, images: list[Image.Image], features: np.ndarray) -> np.ndarray | None:
-    """Verified-match evidence against the index's stored keypoints, or None without local features."""
-    from indexer.local import LocalConfig, SiftPreparer, item_descriptors, load_local_index
-    from search.geometry import verify
-
-    if not index.config.local_features or load_local_index(index) is None:
+def _catalog_evidence(catalog: Any, fitted: FittedClassifier, images: list[Image.Image],
+                      features: np.ndarray) -> np.ndarray | None:
+    """Verified-match evidence against the catalog's stored keypoints, or None without local features."""
+    local = [name for name in catalog.local_features() if catalog.items.row_keys(name)]
+    if not local:
         return None
-    local = LocalConfig.from_index(index)
-    preparer = SiftPreparer(local.max_keypoints, local.image_size)
-    queries = [preparer(image) for image in images]
-    config = EvidenceConfig(**index.config.extra.get("classify_evidence", {}))
+    config = EvidenceConfig()
     nearest, _ = fitted.classifier.nearest_support(features, config.verify_top)
-    stored = item_descriptors(index, fitted.keys[np.unique(nearest)])
+    support_keys = fitted.keys[np.unique(nearest)]
+    total = np.zeros((len(images), len(fitted.classifier.leaves_)))
+    for name in local:
+        feature = catalog.feature(name)
+        queries = [feature.preparer(image) for image in images]
+        stored = {key: feature.decode(blob) for key, blob in catalog.items.rows(name, support_keys).items()}
 
-    def verify_pair(row: int, support_row: int) -> int:
-        item = stored.get(int(fitted.keys[support_row]))
-        return verify(queries[row], item).inliers if item is not None else 0
+        def verify_pair(row: int, support_row: int, stored=stored, queries=queries) -> int:
+            item = stored.get(int(fitted.keys[support_row]))
+            return verify(queries[row], item).inliers if item is not None else 0
 
-    return verified_evidence(fitted.classifier, features, verify_pair, config, nearest)
+        total = np.maximum(total, verified_evidence(fitted.classifier, features, verify_pair, config, nearest))
+    return total
 
 
 def classify(
-    index,
+    catalog: Any,
     sources: Sequence[ImageSource | Image.Image],
     names: Sequence[str] | None = None,
     n_neighbours: int = 5,
 ) -> list[ClassifyResult]:
-    """Classify query images into the index's category tree; unreadable ones get an error."""
-    fitted = index.cached("classifier", lambda: _fit_on_index(index))
-    results: list[ClassifyResult | None] = []
+    """Classify query images into the catalog's category tree; unreadable ones get an error."""
+    fitted = fitted_classifier(catalog)
+    results: list[ClassifyResult] = []
     images, positions = [], []
-    for position, (name, image, error) in enumerate(decode_queries(sources, names, index.config.max_pixels)):
+    for position, (name, image, error) in enumerate(decode_queries(sources, names, catalog.config.max_pixels)):
         if error is not None:
             results.append(ClassifyResult(query=name, error=error))
             continue
@@ -470,8 +430,8 @@ def classify(
         images.append(image)
         positions.append(position)
     if images:
-        features = _query_features(index, fitted, images)
-        evidence = _index_evidence(index, fitted, images, features)
+        features = _query_features(catalog, fitted, images)
+        evidence = _catalog_evidence(catalog, fitted, images, features)
         for position, prediction in zip(positions, fitted.classifier.predict_paths(features, evidence), strict=True):
             result = results[position]
             result.category = prediction.category

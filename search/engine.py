@@ -1,24 +1,35 @@
 """Search by photo: each query image to the best-matching catalog items, in one of several modes.
 
-A mode is a retriever registered by name (``deep`` here; ``local``, ``fused`` and ``ae`` come
-from their own modules); the engine decodes queries, applies the category filter and turns
-item keys into results.
+The modes of a catalog are ``fused`` (every feature with a weight, in one ranking), ``local``
+(the local features alone) and one per global feature (its cosine k nearest neighbours), so
+a feature added to the index is searchable by its name at once. The engine decodes queries,
+applies the category filter and turns item keys into results; ``search.retrieval`` and
+``search.fusion`` rank.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from indexer.imageio import ImageSource, decode_queries
-from indexer.index import CatalogIndex
+from catalens.indexer.catalog import Catalog
+from catalens.indexer.features import feature_spec, feature_weights
+from catalens.indexer.imageio import ImageSource, decode_queries
+from catalens.indexer.stores import ItemFilter
+from catalens.search.settings import SearchSettings
 
 log = logging.getLogger(__name__)
+
+FUSED, LOCAL = "fused", "local"
+
+
+class ModeUnavailableError(ValueError):
+    """A mode this catalog cannot answer (unknown, or its feature not built yet): the message says which exist."""
 
 
 @dataclass(frozen=True)
@@ -48,107 +59,103 @@ class QueryResult:
 
 @dataclass
 class Query:
-    """A decoded query image and what retrievers computed from it (shared between modes)."""
+    """A decoded query image and what was computed from it (shared between modes and features)."""
 
     image: Image.Image
     name: str
     cache: dict[str, Any] = field(default_factory=dict)
 
 
-# A retriever returns (keys, scores) best first, at most k, restricted to allowed keys if given.
-Retriever = Callable[["SearchEngine", Query, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
-_MODES: dict[str, Retriever] = {}
-
-
-def register_mode(name: str) -> Callable[[Retriever], Retriever]:
-    def decorate(retriever: Retriever) -> Retriever:
-        _MODES[name] = retriever
-        return retriever
-
-    return decorate
-
-
-def available_modes() -> list[str]:
-    _load_mode_modules()
-    return sorted(_MODES)
-
-
-def default_mode() -> str:
-    return "fused" if "fused" in available_modes() else "deep"
-
-
-def _load_mode_modules() -> None:
-    # Importing these registers their modes; they are optional so the spine works without them.
-    for module in ("search.local", "search.fusion", "search.ae_mode"):
-        try:
-            __import__(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+def available_modes(catalog: Catalog) -> list[str]:
+    """The modes this catalog can answer now, ``fused`` first."""
+    globals_ = catalog.global_features()
+    locals_ = catalog.local_features()
+    modes = [FUSED] if globals_ or locals_ else []
+    if locals_:
+        modes.append(LOCAL)
+    return modes + [name for name in (*globals_, *locals_) if name not in modes]
 
 
 class SearchEngine:
-    """Answers queries against one open index."""
+    """Answers queries against one open catalog with ``settings`` (defaults: ``SearchSettings()``)."""
 
-    def __init__(self, index: CatalogIndex):
-        self.index = index
+    def __init__(self, catalog: Catalog, settings: SearchSettings | None = None):
+        self.catalog = catalog
+        self.settings = settings or SearchSettings()
 
-    @property
-    def deep(self):
-        return self.index.deep_extractor()
+    def modes(self) -> list[str]:
+        return available_modes(self.catalog)
 
-    def deep_vector(self, query: Query) -> np.ndarray:
-        if "deep" not in query.cache:
-            query.cache["deep"] = self.deep.transform_images([query.image])[0]
-        return query.cache["deep"]
+    def check_mode(self, mode: str | None) -> str:
+        """``mode`` (default ``fused``) if this catalog can answer it, else ``ModeUnavailableError``."""
+        mode = mode or FUSED
+        modes = self.modes()
+        if mode in modes:
+            return mode
+        reason = "unknown mode"
+        try:
+            spec = feature_spec(mode)
+            if spec.fitted_by:
+                reason = f"this index has no {mode!r} feature yet (run '{spec.fitted_by}' first)"
+            else:
+                reason = f"this index was built without the {mode!r} feature"
+        except KeyError:
+            pass
+        raise ModeUnavailableError(f"--mode {mode}: {reason}; this index answers: {', '.join(modes)}")
+
+    def weights(self, settings: SearchSettings | None = None) -> dict[str, float]:
+        """The fused-search weight of each feature this catalog holds (settings override the defaults)."""
+        present = [feature_spec(name) for name in (*self.catalog.global_features(), *self.catalog.local_features())]
+        return feature_weights(present, "search", (settings or self.settings).weights)
+
+    def item_filter(self, category: str | None) -> ItemFilter | None:
+        return self.catalog.items.category_filter(category) if category else None
 
     def search(
         self,
         sources: Sequence[ImageSource | Image.Image],
-        k: int = 10,
+        k: int | None = None,
         mode: str | None = None,
         category: str | None = None,
         names: Sequence[str] | None = None,
+        settings: SearchSettings | None = None,
     ) -> list[QueryResult]:
-        mode = mode or default_mode()
-        if mode not in available_modes():
-            raise ValueError(f"unknown mode {mode!r}; available: {', '.join(available_modes())}")
-        if k < 1:
-            raise ValueError("k must be at least 1")
-        allowed = None
-        if category:
-            allowed = self.index.store.keys_in_category(category)
+        """One result per source, in order; an unreadable source gives a result with ``error``."""
+        settings = (settings or self.settings).merged(k=k, mode=mode)
+        mode = self.check_mode(settings.mode)
+        filter = self.item_filter(category)
         results = []
-        for name, image, error in decode_queries(sources, names, self.index.config.max_pixels):
+        for name, image, error in decode_queries(sources, names, self.catalog.config.max_pixels):
             if error is not None:
                 results.append(QueryResult(query=name, error=error))
                 continue
-            if allowed is not None and len(allowed) == 0:
+            if filter is not None and filter.empty:
                 results.append(QueryResult(query=name, results=[]))
                 continue
-            keys, scores = _MODES[mode](self, Query(image, name), k, allowed)
+            keys, scores = self.rank(Query(image, name), mode, settings.k, filter, settings)
             results.append(QueryResult(query=name, results=self.hits(keys, scores)))
         return results
 
-    def hits(self, keys: np.ndarray, scores: np.ndarray, details: Sequence[dict] | None = None) -> list[SearchHit]:
-        records = self.index.store.items(int(key) for key in keys if key >= 0)
+    def rank(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
+             settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, scores) of one decoded query in ``mode``, best first. What a query computes is kept
+        on it, so ranking the same ``Query`` in several modes extracts each feature once."""
+        from catalens.search.fusion import fused_search
+        from catalens.search.retrieval import global_search, local_search
+
+        settings = settings or self.settings
+        if mode == FUSED:
+            return fused_search(self, query, k, filter, settings)
+        if mode == LOCAL or feature_spec(mode).kind == "local":
+            return local_search(self, query, k, filter, settings, None if mode == LOCAL else [mode])
+        return global_search(self, query, mode, k, filter)
+
+    def hits(self, keys: np.ndarray, scores: np.ndarray) -> list[SearchHit]:
+        records = self.catalog.items.items(int(key) for key in keys if key >= 0)
         hits = []
-        for position, (key, score) in enumerate(zip(keys, scores, strict=True)):
+        for key, score in zip(keys, scores, strict=True):
             record = records.get(int(key))
-            if record is None:
-                continue
-            extra = details[position] if details else {}
-            hits.append(SearchHit(record.id, float(score), record.category, record.title, int(key), extra))
+            if record is not None:
+                hits.append(SearchHit(record.id, float(score), record.category, record.title, int(key)))
         return hits
-
-
-@register_mode("deep")
-def deep_retriever(engine: SearchEngine, query: Query, k: int, allowed: np.ndarray | None):
-    """Cosine nearest neighbours of the query's deep descriptor (through the finetuned head if kept)."""
-    from indexer.finetune import deep_search_space
-
-    store, embed = deep_search_space(engine.index)
-    scores, keys = store.search(embed(engine.deep_vector(query)[None]), k, allowed)
-    valid = keys[0] >= 0
-    return keys[0][valid], scores[0][valid]
 

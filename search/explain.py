@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from indexer.imageio import ImageDecodeError, load_rgb
-from search.engine import Query, QueryResult, SearchEngine
-from search.local import query_descriptors, search_config, verified
+from catalens.indexer.features import FeatureUnavailableError
+from catalens.indexer.imageio import ImageDecodeError, load_rgb
+from catalens.search.engine import Query, QueryResult, SearchEngine
+from catalens.search.retrieval import query_descriptors, verified
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +54,30 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path)
     if result.error is not None or not result.results:
         return []
     try:
-        query_image = load_rgb(result.query, engine.index.config.max_pixels)
+        query_image = load_rgb(result.query, engine.catalog.config.max_pixels)
     except ImageDecodeError as error:
         log.warning("cannot explain %s: %s", result.query, error)
         return []
     query = Query(query_image, result.query)
     keys = np.array([hit.key for hit in result.results], np.int64)
-    try:
-        checks = verified(engine, query, keys)
-        query_points = query_descriptors(engine, query).keypoints
-        from indexer.local import item_descriptors
-
-        items = item_descriptors(engine.index, keys)
-    except ValueError as error:  # an index without local features: draw the pairs without lines
-        log.info("no local features to explain with (%s)", error)
-        checks, items, query_points = {}, {}, np.zeros((0, 4), np.float32)
+    local = engine.catalog.local_features()
+    checks, items, query_points = {}, {}, np.zeros((0, 4), np.float32)
+    if local:  # the first local feature's matches; an index without one draws the pairs without lines
+        try:
+            checks = verified(engine, query, local[0], keys, engine.settings)
+            query_points = query_descriptors(engine, query, local[0]).keypoints
+            feature = engine.catalog.feature(local[0])
+            items = {key: feature.decode(blob) for key, blob in engine.catalog.items.rows(local[0], keys).items()}
+        except FeatureUnavailableError as error:
+            log.info("no local features to explain with (%s)", error)
     folder = Path(out_dir) / _slug(Path(result.query).stem)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    min_inliers = search_config(engine).min_inliers
+    min_inliers = engine.settings.min_inliers
     for rank, hit in enumerate(result.results, start=1):
-        record = engine.index.store.item_by_id(hit.id)
+        record = engine.catalog.items.item_by_id(hit.id)
         try:
-            item_image = load_rgb(record.image, engine.index.config.max_pixels)
+            item_image = load_rgb(record.image, engine.catalog.config.max_pixels)
         except (ImageDecodeError, AttributeError) as error:
             log.warning("cannot explain result %s: %s", hit.id, error)
             continue

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from datasets.catalog import CatalogItem, write_manifest
-from datasets.grocery import LabelledPhoto, catalog_items, grocery_root, split_photos
+from catalens.datasets.catalog import CatalogItem, write_manifest
+from catalens.datasets.grocery import LabelledPhoto, catalog_items, grocery_root, split_photos
 
 
 def _require_grocery() -> Path:
@@ -42,8 +42,8 @@ def val_photos(grocery: Path) -> list[LabelledPhoto]:
 @pytest.fixture(scope="session")
 def grocery_index(grocery_catalog, tmp_path_factory) -> Path:
     """One index of the grocery catalog, built through a manifest as a user would."""
-    from indexer.config import IndexConfig
-    from indexer.pipeline import index_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     folder = tmp_path_factory.mktemp("grocery")
     manifest = write_manifest(grocery_catalog, folder / "catalog.jsonl")

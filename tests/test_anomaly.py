@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.autoencoder import ConvAutoencoder, NotFittedError, train_index_autoencoder
+from catalens.indexer.estimator import NotFittedError
+from catalens.indexer.training.autoencoder import ConvAutoencoder
+from catalens.indexer.training.train_autoencoder import train_autoencoder
 
 
 def _smooth(n: int, rng: np.random.Generator, channels: int = 3, size: int = 32) -> np.ndarray:
@@ -91,51 +93,52 @@ def test_saved_model_scores_like_the_fitted_one(tmp_path):
 @pytest.fixture()
 def ae_index(tiny_catalog, tmp_path):
     """The tiny catalog indexed, with a few-step pixel autoencoder trained on it."""
-    from indexer.config import IndexConfig
-    from indexer.index import CatalogIndex
-    from indexer.pipeline import index_catalog
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     folder = tmp_path / "index"
-    index_catalog(tiny_catalog, folder, IndexConfig(local_features=False), progress=False)
-    index = CatalogIndex.open(folder)
-    train_index_autoencoder(index, epochs=3, input_kind="pixels", progress=False, width=8, code_channels=4)
+    index_catalog(tiny_catalog, folder, IndexConfig(features=["deep", "colour"]), progress=False)
+    index = open_catalog(folder)
+    train_autoencoder(index, epochs=3, input_kind="pixels", progress=False, width=8, code_channels=4)
     yield index
     index.close()
 
 
 def test_training_codes_every_item_and_saves_model_and_loss_curve(ae_index):
-    assert ae_index.vector_store("ae").ntotal == ae_index.store.count() == 12
+    assert ae_index.vectors("ae").ntotal == ae_index.items.count() == 12
     models = Path(ae_index.models_dir)
-    assert (models / "autoencoder.pt").is_file() and (models / "autoencoder_loss.png").is_file()
-    assert not (models / "autoencoder.ckpt").exists()  # a finished run leaves nothing to resume
+    assert (models / "ae_autoencoder.pt").is_file() and (models / "ae_loss.png").is_file()
+    assert not (models / "ae_training.ckpt").exists()  # a finished run leaves nothing to resume
     assert ae_index.meta["autoencoder"]["threshold"] > 0
+    assert "ae" in ae_index.config.features  # fitted, the feature joins the index's features
 
 
 def test_incremental_indexing_codes_new_items_with_the_current_model(ae_index, tiny_catalog):
-    from indexer.pipeline import index_catalog
+    from catalens.indexer.pipeline import index_catalog
     from tests.conftest import draw_product
 
     draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=99, text="new")
     report = index_catalog(tiny_catalog, ae_index, progress=False)
     assert report.added == 1
-    assert ae_index.vector_store("ae").ntotal == 13
-    new_key = ae_index.store.item_by_id("Fruit/Apple/new.jpg").key
-    assert new_key in set(ae_index.vector_store("ae").keys().tolist())
-    assert new_key in ae_index.store.feature_blobs("ae")
+    assert ae_index.vectors("ae").ntotal == 13
+    new_key = ae_index.items.item_by_id("Fruit/Apple/new.jpg").key
+    assert new_key in set(ae_index.vectors("ae").keys().tolist())
+    assert new_key in ae_index.items.rows("ae")
 
 
 def test_retraining_recodes_all_items(ae_index):
-    before = ae_index.store.feature_blobs("ae")
-    train_index_autoencoder(ae_index, epochs=2, input_kind="pixels", progress=False, width=8, code_channels=2,
+    before = ae_index.items.rows("ae")
+    train_autoencoder(ae_index, epochs=2, input_kind="pixels", progress=False, width=8, code_channels=2,
                             fresh=True)
-    after = ae_index.store.feature_blobs("ae")
+    after = ae_index.items.rows("ae")
     assert set(after) == set(before)
-    assert ae_index.meta["dims"]["ae"] == 2 * 4 * 4
-    assert ae_index.vector_store("ae").ntotal == 12
+    assert ae_index.dims()["ae"] == 2 * 4 * 4
+    assert ae_index.vectors("ae").ntotal == 12
 
 
 def test_ae_mode_finds_the_item_itself(ae_index, tiny_catalog):
-    from search.engine import SearchEngine
+    from catalens.search.engine import SearchEngine
 
     query = sorted(tiny_catalog.rglob("*.jpg"))[0]
     result = SearchEngine(ae_index).search([query], k=3, mode="ae")[0]
@@ -143,32 +146,22 @@ def test_ae_mode_finds_the_item_itself(ae_index, tiny_catalog):
     assert result.results[0].id.endswith(query.name)
 
 
-def test_fusion_adds_weighted_autoencoder_cosines_only_when_asked():
-    from search.fusion import FusionConfig, fuse_scores
-
-    deep_keys, deep_scores, none = np.array([1, 2]), np.array([0.9, 0.85]), np.zeros(0, np.int64)
-    cosines = {1: 0.1, 2: 0.9}
-    keys, _ = fuse_scores(deep_keys, deep_scores, none, {}, FusionConfig(), 8, cosines)
-    assert list(keys) == [1, 2]  # the default weight is zero
-    keys, scores = fuse_scores(deep_keys, deep_scores, none, {}, FusionConfig(ae_weight=0.5), 8, cosines)
-    assert list(keys) == [2, 1] and scores[0] == pytest.approx(0.85 + 0.5 * 0.9)
-
-
-def test_fused_mode_reads_the_index_autoencoder_codes(ae_index, tiny_catalog):
-    from search.engine import SearchEngine
+def test_fused_mode_adds_autoencoder_cosines_only_when_weighted(ae_index, tiny_catalog):
+    from catalens.search.engine import SearchEngine
+    from catalens.search.settings import SearchSettings
 
     query = sorted(tiny_catalog.rglob("*.jpg"))[0]
     engine = SearchEngine(ae_index)
+    assert "ae" not in engine.weights()  # registered without a search weight: fused ignores it
     plain = engine.search([query], k=3, mode="fused")[0].results
-    ae_index.config.extra["fusion"] = {"ae_weight": 1.0}
-    with_ae = engine.search([query], k=3, mode="fused")[0].results
+    with_ae = engine.search([query], k=3, mode="fused", settings=SearchSettings(weights={"deep": 1.0, "ae": 1.0}))[0].results
     assert with_ae[0].id == plain[0].id and with_ae[0].id.endswith(query.name)
     # The item itself: deep cosine 1 plus autoencoder cosine 1.
     assert with_ae[0].score == pytest.approx(plain[0].score + 1.0, abs=1e-3)
 
 
 def test_score_anomalies_json_contract_and_heatmaps(ae_index, tiny_catalog, tmp_path):
-    from search.anomaly import score_anomalies
+    from catalens.search.anomaly import score_anomalies
 
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(noise)
@@ -188,8 +181,8 @@ def test_score_anomalies_json_contract_and_heatmaps(ae_index, tiny_catalog, tmp_
 
 
 def test_audit_ranks_all_items_and_scores_a_noise_image_above_the_typical_item(ae_index, tiny_catalog, tmp_path):
-    from indexer.pipeline import index_catalog
-    from search.anomaly import audit_catalog
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.search.anomaly import audit_catalog
 
     noise = tiny_catalog / "Fruit/Apple/zz_noise.png"
     # Blocky noise: per-pixel noise would average to flat grey at the 64-px input.
@@ -197,7 +190,7 @@ def test_audit_ranks_all_items_and_scores_a_noise_image_above_the_typical_item(a
     Image.fromarray(blocks).resize((256, 256), Image.NEAREST).save(noise)
     index_catalog(tiny_catalog, ae_index, progress=False)  # indexed after training: scored by the audit
     assert len(audit_catalog(ae_index)) == 13
-    train_index_autoencoder(ae_index, epochs=20, input_kind="pixels", progress=False, width=8, code_channels=4,
+    train_autoencoder(ae_index, epochs=20, input_kind="pixels", progress=False, width=8, code_channels=4,
                             fresh=True)
     entries = audit_catalog(ae_index)
     assert len(entries) == 13
@@ -210,12 +203,12 @@ def test_audit_ranks_all_items_and_scores_a_noise_image_above_the_typical_item(a
 
 
 def test_cli_train_and_score(tiny_catalog, tmp_path, capsys):
-    from api.cli import main
-    from indexer.config import IndexConfig
-    from indexer.pipeline import index_catalog
+    from catalens.api.cli import main
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     folder = tmp_path / "index"
-    index_catalog(tiny_catalog, folder, IndexConfig(local_features=False), progress=False)
+    index_catalog(tiny_catalog, folder, IndexConfig(features=["deep", "colour"]), progress=False)
     assert main(["anomaly", str(next(tiny_catalog.rglob("*.jpg"))), "--index", str(folder)]) == 2
     assert "train-ae" in capsys.readouterr().err
     assert main(["train-ae", "--index", str(folder), "--epochs", "2", "--input", "pixels", "--quiet"]) == 0
@@ -240,12 +233,12 @@ def test_audit_of_a_grocery_catalog_ranks_slipped_in_foreign_images_first(grocer
     Reconstruction error alone ranks the blank and noise images near the bottom (their feature
     maps are easy to rebuild); the neighbour term of the score is what catches them.
     """
-    from datasets.catalog import CatalogItem, write_manifest
-    from datasets.grocery import split_photos
-    from indexer.config import IndexConfig
-    from indexer.index import CatalogIndex
-    from indexer.pipeline import index_catalog
-    from search.anomaly import audit_catalog
+    from catalens.datasets.catalog import CatalogItem, write_manifest
+    from catalens.datasets.grocery import split_photos
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.search.anomaly import audit_catalog
 
     photos = split_photos("train", grocery)
     produce = [p for p in photos if p.top != "Packages"][::12]  # ~150 photos across all produce classes
@@ -256,10 +249,10 @@ def test_audit_of_a_grocery_catalog_ranks_slipped_in_foreign_images_first(grocer
     items = [CatalogItem(p.path.relative_to(grocery).as_posix(), p.path, p.category) for p in produce + [package]]
     items += [CatalogItem("blank", blank, "Fruit/Apple"), CatalogItem("noise", noise, "Vegetables/Carrots")]
     manifest = write_manifest(items, tmp_path / "catalog.jsonl")
-    index_catalog(manifest, tmp_path / "index", IndexConfig(local_features=False), progress=False)
-    index = CatalogIndex.open(tmp_path / "index")
+    index_catalog(manifest, tmp_path / "index", IndexConfig(features=["deep", "colour"]), progress=False)
+    index = open_catalog(tmp_path / "index")
     try:
-        train_index_autoencoder(index, epochs=10, progress=False)
+        train_autoencoder(index, epochs=10, progress=False)
         entries = audit_catalog(index)
     finally:
         index.close()
@@ -274,9 +267,9 @@ def test_feature_map_autoencoder_tells_packages_from_produce(grocery):
     """Trained on 400 Fruit/Vegetables photos, it scores Packages val photos higher (AUROC)."""
     from sklearn.metrics import roc_auc_score
 
-    from datasets.grocery import split_photos
-    from indexer.autoencoder import AutoencoderInputs, extract_inputs
-    from indexer.deep import DeepFeatureExtractor
+    from catalens.datasets.grocery import split_photos
+    from catalens.indexer.features.autoencoder import AutoencoderInputs, extract_inputs
+    from catalens.indexer.features.deep import DeepFeature
 
     rng = np.random.default_rng(0)
     train = [p for p in split_photos("train", grocery) if p.top != "Packages"]
@@ -284,7 +277,7 @@ def test_feature_map_autoencoder_tells_packages_from_produce(grocery):
     val = split_photos("val", grocery)
     normal = [p for p in val if p.top != "Packages"][::4]
     packages = [p for p in val if p.top == "Packages"][::2]
-    inputs = AutoencoderInputs("features", DeepFeatureExtractor())
+    inputs = AutoencoderInputs("features", DeepFeature())
     X, positions, errors = extract_inputs(inputs, [p.path for p in train + normal + packages], progress=False)
     assert not errors
     model = ConvAutoencoder(epochs=15, progress=False).fit(X[: len(train)])

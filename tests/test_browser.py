@@ -70,7 +70,7 @@ def server(chromium, grocery_catalog, val_photos, tmp_path_factory):
     log_path = index_dir.parent / "server.log"
     log_file = open(log_path, "wb")  # a file, not a pipe: nobody reads the pipe, and a full one blocks the server
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--index", str(index_dir), "--port", str(port), "--read-only"],
+        [sys.executable, "-m", "catalens.api.cli", "serve", "--index", str(index_dir), "--port", str(port), "--read-only"],
         cwd=Path(__file__).resolve().parents[1], stdout=log_file, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from datasets.catalog import CatalogError, load_catalog, read_folder_tree, read_manifest
+from catalens.datasets.catalog import CatalogError, load_catalog, read_folder_tree, read_manifest
 
 
 def test_folder_tree_folders_become_the_category_path(tiny_catalog):

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from search.classify import UNKNOWN, ClassifyResult, HierarchicalFewShotClassifier, LevelPrediction
+from catalens.search.classify import (
+    UNKNOWN,
+    ClassifyResult,
+    HierarchicalFewShotClassifier,
+    LevelPrediction,
+)
 
 
 def _tree_data(rng, per_leaf, dim=64, spread=0.15):
@@ -86,7 +91,7 @@ def test_linear_model_only_for_categories_with_enough_support():
 
 
 def test_predict_before_fit_fails_clearly():
-    from search.classify import NotFittedError
+    from catalens.indexer.estimator import NotFittedError
 
     with pytest.raises(NotFittedError):
         HierarchicalFewShotClassifier().predict(np.ones((1, 4), dtype=np.float32))
@@ -102,7 +107,7 @@ def test_result_json_matches_the_contract():
 
 
 def test_triplet_head_separates_classes_the_raw_features_confuse():
-    from indexer.finetune import TripletProjection
+    from catalens.indexer.training.projection import TripletProjection
 
     rng = np.random.default_rng(5)
     # Two classes that differ only in 2 of 64 dims, drowned by shared noise in the rest.
@@ -130,15 +135,15 @@ def test_triplet_head_separates_classes_the_raw_features_confuse():
 
 @pytest.fixture()
 def tiny_index(tiny_catalog, tmp_path):
-    from indexer.config import IndexConfig
-    from indexer.pipeline import index_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
 
     index_catalog(tiny_catalog, tmp_path / "index", IndexConfig(), progress=False)
     return tmp_path / "index"
 
 
 def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, tmp_path, capsys):
-    from api.cli import main
+    from catalens.api.cli import main
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
@@ -153,7 +158,7 @@ def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, 
 
 
 def test_classify_cli_prints_a_table(tiny_index, tiny_catalog, capsys):
-    from api.cli import main
+    from catalens.api.cli import main
 
     query = sorted((tiny_catalog / "Fruit" / "Apple").glob("*.jpg"))[0]
     assert main(["classify", str(query), "--index", str(tiny_index)]) == 0
@@ -163,38 +168,44 @@ def test_classify_cli_prints_a_table(tiny_index, tiny_catalog, capsys):
 
 @pytest.mark.slow
 def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
-    from indexer.index import CatalogIndex
-    from search.classify import classify
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.classify import classify
 
-    index = CatalogIndex.open(grocery_index)
+    index = open_catalog(grocery_index)
     sample = val_photos[::12]
     results = classify(index, [photo.path for photo in sample])
     top = np.mean([r.category.split("/")[0] == p.top for r, p in zip(results, sample, strict=True)])
     assert top >= 0.85
 
 
-def test_finetune_cli_reports_and_stores_the_head_only_where_it_helps(tiny_index, capsys):
-    from api.cli import main
-    from indexer.finetune import HEAD_FILE, HEAD_META, project
-    from indexer.index import CatalogIndex
+def test_finetune_cli_reports_and_stores_the_head_only_where_it_helps(tiny_index, tiny_catalog, capsys):
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.training.projection import HEAD_FEATURE, HEAD_FILE
+    from catalens.search.engine import SearchEngine
 
     assert main(["finetune", "--index", str(tiny_index), "--steps", "20", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"classify_raw", "classify_projected", "search_raw", "search_projected", "kept_for"} <= set(report)
-    index = CatalogIndex.open(tiny_index)
-    stored = (index.models_dir / HEAD_FILE).is_file()
-    assert stored == bool(report["kept_for"]) == (index.models_dir / HEAD_META).is_file()
-    vectors = np.abs(np.random.default_rng(0).normal(size=(2, index.meta["dims"]["deep"]))).astype(np.float32)
-    projected = project(index, vectors)
-    if "classify" in report["kept_for"]:
-        assert projected.shape == (2, 256)
-    else:
-        assert np.array_equal(projected, vectors)
+    assert {"search_raw", "search_projected", "kept"} <= set(report)
+    assert report["kept"] == (report["search_projected"] >= report["search_raw"] + 0.005)
+    index = open_catalog(tiny_index)
+    try:
+        assert (index.models_dir / HEAD_FILE).is_file() == report["kept"] == (HEAD_FEATURE in index.config.features)
+        engine = SearchEngine(index)
+        if report["kept"]:  # kept, it stands in for deep in search, and every item has its row
+            assert engine.weights() == {HEAD_FEATURE: 1.0, "sift": 0.2}
+            assert index.vectors(HEAD_FEATURE).ntotal == 12
+        else:
+            assert engine.weights() == {"deep": 1.0, "sift": 0.2}
+        query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
+        assert engine.search([query], k=1)[0].results[0].id.endswith(query.name)
+    finally:
+        index.close()
 
 
 def test_verified_evidence_overrides_a_close_feature_call():
     """Two leaves the features cannot tell apart: a verified match of one decides."""
-    from search.classify import EvidenceConfig, verified_evidence
+    from catalens.search.classify import EvidenceConfig, verified_evidence
 
     rng = np.random.default_rng(3)
     base = np.abs(rng.normal(size=64)).astype(np.float32)
@@ -213,79 +224,81 @@ def test_verified_evidence_overrides_a_close_feature_call():
 def test_colour_histogram_tells_apart_what_differs_only_in_colour(tmp_path):
     from PIL import Image
 
-    from indexer.colour import ColourHistogram
+    from catalens.indexer.features import embed
+    from catalens.indexer.features.colour import ColourHistogram
 
     feature = ColourHistogram()
     red, red_big, green = Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (900, 600), (205, 36, 30)), Image.new("RGB", (300, 200), (30, 180, 40))
-    rows = feature.transform_images([red, red_big, green])
+    rows = embed(feature, [red, red_big, green])
     assert rows.shape == (3, feature.dim) and np.allclose(np.linalg.norm(rows, axis=1), 1.0)
     assert rows[0] @ rows[1] > 0.99 > 0.1 > rows[0] @ rows[2]
 
 
 def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog):
-    from indexer.index import CatalogIndex
-    from search.classify import classify, fitted_classifier
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.classify import classify, fitted_classifier
 
-    index = CatalogIndex.open(tiny_index)
-    assert index.meta["dims"]["colour"] == 192
-    classifier, ids = fitted_classifier(index)
-    assert classifier.support_.shape[1] == index.meta["dims"]["deep"] + 192
+    index = open_catalog(tiny_index)
+    assert index.dims()["colour"] == 192
+    fitted = fitted_classifier(index)
+    assert fitted.weights == {"deep": 1.0, "colour": 0.6}
+    assert fitted.classifier.support_.shape[1] == index.dims()["deep"] + 192
     query = sorted((tiny_catalog / "Dairy" / "Yoghurt").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Yoghurt")
 
 
 def test_top_block_finetune_adds_rows_for_every_item_new_ones_too_and_classify_uses_them(tiny_index, tiny_catalog, capsys):
-    from api.cli import main
-    from indexer.config import IndexConfig
-    from indexer.index import CatalogIndex
-    from indexer.pipeline import index_catalog
-    from search.classify import classify, fitted_classifier
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.search.classify import classify, fitted_classifier
     from tests.conftest import draw_product
 
     assert main(["finetune", "--index", str(tiny_index), "--top-block", "--epochs", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["items"] == 12 and report["categories"] == 3
-    index = CatalogIndex.open(tiny_index)
-    assert len(index.store.feature_keys("deep_ft")) == 12 and index.vector_store("deep_ft").ntotal == 12
+    index = open_catalog(tiny_index)
+    assert len(index.items.row_keys("deep_ft")) == 12 and index.vectors("deep_ft").ntotal == 12
     index.close()
 
     draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=77)
     added = index_catalog(tiny_catalog, tiny_index, IndexConfig(), progress=False)
     assert added.added == 1 and not added.failures
-    index = CatalogIndex.open(tiny_index)
-    assert len(index.store.feature_keys("deep_ft")) == 13
-    classifier, _ = fitted_classifier(index)
-    assert classifier.support_.shape[1] == index.meta["dims"]["deep_ft"] + 192
+    index = open_catalog(tiny_index)
+    assert len(index.items.row_keys("deep_ft")) == 13
+    fitted = fitted_classifier(index)
+    assert fitted.weights == {"deep_ft": 1.0, "colour": 0.6}  # the fine-tuned rows stand in for deep
+    assert fitted.classifier.support_.shape[1] == index.dims()["deep_ft"] + 192
     query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Milk")
 
 
-def test_top_block_model_keeps_which_blocks_it_trained_and_older_files_load_as_block_15(tmp_path):
-    import torch
-
-    from indexer.finetune_top import FIRST_TRAINED_BLOCK, TopBlockClassifier
+def test_fine_tuned_top_keeps_which_stages_it_trained_and_loads_as_it_was_saved(tmp_path):
+    from catalens.indexer.estimator import ModelFileError
+    from catalens.indexer.training.top_blocks import FineTunedTop
 
     rng = np.random.default_rng(0)
-    maps = rng.normal(size=(8, 2, 192, 8, 8)).astype(np.float16)  # blocks 14 and 15 both read 192 x 8 x 8
+    maps = rng.normal(size=(8, 2, 192, 8, 8)).astype(np.float16)  # the last two blocks both read 192 x 8 x 8
     categories = ["A/x", "A/y"] * 4
-    model = TopBlockClassifier(epochs=1, progress=False).fit(maps, categories, pretrained=False)
-    assert model.first_block == FIRST_TRAINED_BLOCK == 14 and len(model.top_.blocks) == 2
+    model = FineTunedTop(epochs=1, progress=False, pretrained=False).fit(maps, categories)
+    # EfficientNet-Lite0: stem, 16 blocks, head; the last three stages (blocks 14, 15, head) train.
+    assert model.first_stage_ == 15 and len(model.top_.stages) == 3
     model.save(tmp_path / "top.pt")
-    loaded = TopBlockClassifier.load(tmp_path / "top.pt", pretrained=False)
+    loaded = FineTunedTop.load(tmp_path / "top.pt")
+    assert loaded.first_stage_ == 15 and list(loaded.classes_) == ["A/x", "A/y"]
     np.testing.assert_allclose(loaded.transform(maps), model.transform(maps), atol=1e-5)
 
-    legacy = TopBlockClassifier(epochs=1, first_block=15, progress=False).fit(maps, categories, pretrained=False)
-    legacy.save(tmp_path / "legacy.pt")
-    saved = torch.load(tmp_path / "legacy.pt", weights_only=True)
-    del saved["first_block"]  # files written before the choice was stored
-    torch.save(saved, tmp_path / "legacy.pt")
-    reloaded = TopBlockClassifier.load(tmp_path / "legacy.pt", pretrained=False)
-    assert reloaded.first_block == 15 and len(reloaded.top_.blocks) == 1
-    np.testing.assert_allclose(reloaded.transform(maps), legacy.transform(maps), atol=1e-5)
+    one_block = FineTunedTop(first_stage=16, epochs=1, progress=False, pretrained=False).fit(maps, categories)
+    one_block.save(tmp_path / "one.pt")
+    assert len(FineTunedTop.load(tmp_path / "one.pt").top_.stages) == 2
+    (tmp_path / "old.pt").write_bytes(b"a file of an older catalens")
+    with pytest.raises(ModelFileError, match="old.pt"):
+        FineTunedTop.load(tmp_path / "old.pt")
 
 
 def test_top_block_training_length_grows_for_small_catalogs_within_a_cap():
-    from indexer.finetune_top import epochs_for
+    from catalens.indexer.training.top_blocks import epochs_for
 
     assert epochs_for(2640, 64) == 6  # grocery's whole train split: 41 steps a pass
     assert epochs_for(405, 64) == 12  # five photos per leaf: 6 steps a pass, 72 steps in all

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.vector_store import FaissVectorStore, gpu_available
+from catalens.indexer.stores import ItemFilter
+from catalens.indexer.stores.faiss_vectors import FaissVectorStore, gpu_available
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +42,7 @@ def test_filtered_search_on_a_gpu_store_stays_within_the_allowed_keys():
     store = FaissVectorStore(rows.shape[1], "Flat", use_gpu=True)
     store.add(np.arange(len(rows), dtype=np.int64), rows)
     allowed = np.arange(0, 2_000, 5, dtype=np.int64)
-    _, keys = store.search(rows[:3], 10, allowed)
+    _, keys = store.search(rows[:3], 10, ItemFilter(allowed))
     assert set(keys.ravel()) <= set(allowed)
 
 

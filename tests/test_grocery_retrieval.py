@@ -4,13 +4,13 @@ from collections import Counter
 
 import pytest
 
-from indexer.index import CatalogIndex
-from search.engine import SearchEngine
+from catalens.indexer.backends import open_catalog
+from catalens.search.engine import SearchEngine
 
 
 @pytest.mark.slow
 def test_deep_top1_product_accuracy_on_val_is_at_least_54_percent(grocery_index, val_photos):
-    engine = SearchEngine(CatalogIndex.open(grocery_index))
+    engine = SearchEngine(open_catalog(grocery_index))
     results = engine.search([photo.path for photo in val_photos], k=1, mode="deep")
     hits, totals = Counter(), Counter()
     for photo, result in zip(val_photos, results, strict=True):

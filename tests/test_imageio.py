@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.imageio import ImageDecodeError, load_rgb
+from catalens.indexer.imageio import ImageDecodeError, load_rgb
 
 
 def _save(image: Image.Image, path, **kwargs):

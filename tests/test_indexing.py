@@ -10,10 +10,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from indexer.config import IndexConfig
-from indexer.index import CatalogIndex
-from indexer.pipeline import index_catalog
-from search.engine import SearchEngine
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.pipeline import index_catalog
+from catalens.search.engine import SearchEngine
 from tests.conftest import draw_product
 
 
@@ -45,9 +45,9 @@ def test_bad_files_are_skipped_and_reported_and_nothing_is_lost(tiny_catalog, tm
         assert name in reasons[name] and reason in reasons[name]
     log_text = open(report.log_path).read()
     assert "bomb.png" in log_text and "text.jpg: not an image" in log_text
-    index = CatalogIndex.open(tmp_path / "idx")
-    assert index.store.count() == 12 and len(index.store.failures()) == 5
-    assert index.vector_store("deep").ntotal == 12
+    index = open_catalog(tmp_path / "idx")
+    assert index.items.count() == 12 and len(index.items.failures()) == 5
+    assert index.vectors("deep").ntotal == 12
 
 
 def test_incremental_run_extracts_only_new_and_changed_items(tiny_catalog, tmp_path):
@@ -64,8 +64,8 @@ def test_incremental_run_extracts_only_new_and_changed_items(tiny_catalog, tmp_p
     third = index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
     assert (third.added, third.updated, third.removed, third.unchanged) == (1, 1, 1, 10)
 
-    index = CatalogIndex.open(tmp_path / "idx")
-    assert index.store.count() == 12 and index.vector_store("deep").ntotal == 12
+    index = open_catalog(tmp_path / "idx")
+    assert index.items.count() == 12 and index.vectors("deep").ntotal == 12
     hits = SearchEngine(index).search([changed], k=1, mode="deep")[0].results
     assert hits[0].id == "Dairy/Milk/item00.jpg" and hits[0].score > 0.99
     ids = {hit.id for hit in SearchEngine(index).search([changed], k=20, mode="deep")[0].results}
@@ -74,13 +74,13 @@ def test_incremental_run_extracts_only_new_and_changed_items(tiny_catalog, tmp_p
 
 def test_items_indexed_before_a_feature_existed_get_it_on_the_next_run(tiny_catalog, tmp_path):
     index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
-    index = CatalogIndex.open(tmp_path / "idx")
-    index.store.delete_feature("colour")  # what an index from before the colour feature looks like
+    index = open_catalog(tmp_path / "idx")
+    index.items.delete_feature("colour")  # what an index from before the colour feature looks like
     index.close()
     upgrade = index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
     assert (upgrade.added, upgrade.updated, upgrade.extracted) == (0, 12, 12)
-    index = CatalogIndex.open(tmp_path / "idx")
-    assert len(index.store.feature_keys("colour")) == 12 and index.vector_store("colour").ntotal == 12
+    index = open_catalog(tmp_path / "idx")
+    assert len(index.items.row_keys("colour")) == 12 and index.vectors("colour").ntotal == 12
     index.close()
     settled = index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
     assert (settled.updated, settled.unchanged, settled.extracted) == (0, 12, 0)
@@ -94,18 +94,18 @@ def test_metadata_only_change_updates_without_re_extracting(tmp_path):
     manifest.write_text(json.dumps({"id": "a", "image": str(image), "category": "X/Z", "title": "new"}) + "\n")
     report = index_catalog(manifest, tmp_path / "idx", _config(), progress=False)
     assert (report.metadata_updated, report.extracted) == (1, 0)
-    record = CatalogIndex.open(tmp_path / "idx").store.item_by_id("a")
+    record = open_catalog(tmp_path / "idx").items.item_by_id("a")
     assert (record.category, record.title) == ("X/Z", "new")
 
 
 def test_remove_command_deletes_from_every_store(tiny_catalog, tmp_path):
     index_catalog(tiny_catalog, tmp_path / "idx", _config(), progress=False)
-    from api.cli import main
+    from catalens.api.cli import main
 
     assert main(["remove", "Dairy/Milk/item00.jpg", "--index", str(tmp_path / "idx")]) == 0
     assert main(["remove", "nope", "--index", str(tmp_path / "idx")]) == 1
-    index = CatalogIndex.open(tmp_path / "idx")
-    assert index.store.count() == 11 and index.vector_store("deep").ntotal == 11
+    index = open_catalog(tmp_path / "idx")
+    assert index.items.count() == 11 and index.vectors("deep").ntotal == 11
 
 
 def _count(db_path) -> int:
@@ -121,7 +121,7 @@ def test_killed_run_resumes_to_the_same_index_as_a_clean_run(tmp_path):
     for number in range(160):
         draw_product(root / f"C{number % 4}" / f"p{number:03d}.jpg", seed=number, size=320)
     env = dict(os.environ, CATALENS_COMMIT_EVERY="16", CATALENS_NUM_WORKERS="0")
-    command = [sys.executable, "-m", "api.cli", "index", str(root), "--index", str(tmp_path / "idx"), "--quiet"]
+    command = [sys.executable, "-m", "catalens.api.cli", "index", str(root), "--index", str(tmp_path / "idx"), "--quiet"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while _count(tmp_path / "idx" / "items.sqlite") < 32 and time.time() < deadline:
@@ -133,10 +133,10 @@ def test_killed_run_resumes_to_the_same_index_as_a_clean_run(tmp_path):
 
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     clean = index_catalog(root, tmp_path / "clean", _config(), progress=False)
-    resumed = CatalogIndex.open(tmp_path / "idx")
-    assert resumed.store.count() == clean.added == 160
-    assert resumed.vector_store("deep").ntotal == 160
-    keys = resumed.vector_store("deep").keys()
+    resumed = open_catalog(tmp_path / "idx")
+    assert resumed.items.count() == clean.added == 160
+    assert resumed.vectors("deep").ntotal == 160
+    keys = resumed.vectors("deep").keys()
     assert len(set(keys.tolist())) == 160
     query = root / "C1" / "p001.jpg"
     assert SearchEngine(resumed).search([query], k=1, mode="deep")[0].results[0].id == "C1/p001.jpg"

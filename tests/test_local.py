@@ -9,25 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.config import IndexConfig
-from indexer.index import CatalogIndex
-from indexer.local import (
-    VOCAB_FILE,
-    WORDS_FILE,
-    BagOfWords,
-    LocalDescriptors,
-    LocalExtension,
-    NotFittedError,
-    SiftPreparer,
-    VisualVocabulary,
-    _WordTable,
-    auto_vocab_size,
-    load_local_index,
-)
-from indexer.pipeline import index_catalog
-from search.engine import SearchEngine
-from search.fusion import FusionConfig, fuse_scores
-from search.geometry import verify
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.estimator import NotFittedError
+from catalens.indexer.features import sift
+from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer, vocabulary_path
+from catalens.indexer.pipeline import index_catalog
+from catalens.indexer.stores.inverted_file import BagOfWords, decode_words, words_feature
+from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
+from catalens.search.engine import SearchEngine
+from catalens.search.settings import SearchSettings
+from catalens.search.verification import verify
 from tests.conftest import textured_label
 
 DATA = Path(__file__).parent / "data"
@@ -35,7 +27,7 @@ DATA = Path(__file__).parent / "data"
 
 def _config(**extra) -> IndexConfig:
     # Tiny catalogs: a small vocabulary so that words are shared at all.
-    return IndexConfig(num_workers=0, extra={"local": {"vocab_size": 64, **extra}})
+    return IndexConfig(num_workers=0, feature_options={"sift": {"vocab_size": 64, **extra}})
 
 
 # --- units
@@ -74,9 +66,10 @@ def test_vocabulary_assigns_descriptors_to_their_cluster(tmp_path):
     vocabulary = VisualVocabulary(4, seed=0, restarts=5).fit(points)
     words = vocabulary.transform(points).reshape(4, 50)
     assert all(len(set(row)) == 1 for row in words) and len({row[0] for row in words}) == 4
-    vocabulary.save(tmp_path / "v.npz")
-    loaded, _ = VisualVocabulary.load(tmp_path / "v.npz")
+    vocabulary.save(tmp_path / "v.pt")
+    loaded = VisualVocabulary.load(tmp_path / "v.pt")
     np.testing.assert_array_equal(loaded.transform(points), vocabulary.transform(points))
+    assert loaded.id_ == vocabulary.id_
 
 
 def test_auto_vocabulary_grows_with_the_catalog():
@@ -107,13 +100,32 @@ def test_verification_separates_a_rotated_scaled_copy_from_another_image():
     assert same.pairs.shape == (same.inliers, 2)
 
 
-def test_weighted_fusion_lets_a_verified_match_overtake_a_closer_deep_neighbour():
-    config = FusionConfig(local_weight=0.5, inlier_cap=30)
-    keys, _ = fuse_scores(np.array([1, 2, 3]), np.array([0.9, 0.85, 0.8]), np.array([3, 4]), {3: 30, 4: 5}, config, 8)
-    assert keys[0] == 3
-    assert list(keys).index(4) > list(keys).index(2)  # 5 inliers is chance: no boost
-    keys, _ = fuse_scores(np.array([1, 2]), np.array([0.9, 0.85]), np.array([2]), {}, config, 8)
-    assert list(keys) == [1, 2]
+def test_weighted_fusion_lets_a_verified_match_overtake_a_closer_deep_neighbour(tmp_path):
+    # Two look-alike labels: the photo of one is closer by deep features to the other, but only
+    # its own label verifies; fused ranks the verified one first at a large enough local weight.
+    root = tmp_path / "catalog"
+    base = textured_label(40)
+    (root / "A").mkdir(parents=True)
+    base.save(root / "A" / "a.jpg")
+    twin = base.copy()
+    twin.paste(textured_label(41).crop((0, 0, 160, 320)), (0, 0))
+    (root / "B").mkdir()
+    twin.save(root / "B" / "b.jpg")
+    index_catalog(root, tmp_path / "index", _config(), progress=False)
+    catalog = open_catalog(tmp_path / "index")
+    try:
+        engine = SearchEngine(catalog)
+        query = twin.rotate(8, fillcolor=(235, 235, 235))
+        weighted = engine.search([query], k=2, settings=SearchSettings(weights={"deep": 1.0, "sift": 2.0}))[0]
+        deep_only = engine.search([query], k=2, settings=SearchSettings(weights={"deep": 1.0}))[0]
+        local = engine.search([query], k=2, mode="local")[0]
+        assert local.results[0].id == "B/b.jpg"
+        assert weighted.results[0].id == "B/b.jpg"
+        assert weighted.results[0].score > 1.0 > deep_only.results[0].score  # the evidence is what lifted it
+        with pytest.raises(ValueError, match="no feature 'ae' in this index"):
+            engine.search([query], k=2, settings=SearchSettings(weights={"ae": 1.0}))
+    finally:
+        catalog.close()
 
 
 # --- through the pipeline
@@ -127,17 +139,27 @@ def _catalog(root: Path, n: int) -> Path:
     return root
 
 
-def _words(index_dir: Path) -> _WordTable:
-    return _WordTable.load(index_dir / "models" / WORDS_FILE)
+def _words(index_dir: Path) -> dict[int, tuple[bytes, np.ndarray]]:
+    """Each item's (vocabulary id, words) as the index stores them."""
+    catalog = open_catalog(index_dir)
+    try:
+        rows = catalog.items.rows(words_feature("sift"))
+    finally:
+        catalog.close()
+    return {key: (blob[:32], decode_words(blob)) for key, blob in rows.items()}
+
+
+def _vocabulary_file(index_dir: Path) -> Path:
+    return index_dir / "models" / "sift_vocabulary.pt"
 
 
 def test_indexing_fits_vocabulary_and_finds_an_item_from_a_crop(tmp_path):
     catalog = _catalog(tmp_path / "catalog", 9)
     report = index_catalog(catalog, tmp_path / "index", _config(), progress=False)
     assert report.added == 9 and not report.failures
-    assert (tmp_path / "index" / "models" / VOCAB_FILE).is_file()
-    assert len(_words(tmp_path / "index").keys) == 9
-    index = CatalogIndex.open(tmp_path / "index")
+    assert _vocabulary_file(tmp_path / "index").is_file()
+    assert len(_words(tmp_path / "index")) == 9
+    index = open_catalog(tmp_path / "index")
     try:
         target = catalog / "Dairy/Yoghurt/item04.jpg"
         crop = Image.open(target).convert("RGB").crop((60, 60, 220, 220)).resize((240, 240))
@@ -154,47 +176,47 @@ def test_adding_items_quantises_only_the_new_ones_and_removing_drops_them(tmp_pa
     catalog = _catalog(tmp_path / "catalog", 6)
     index_catalog(catalog, tmp_path / "index", _config(refit_growth=100.0), progress=False)
     before = _words(tmp_path / "index")
-    vocab_mtime = (tmp_path / "index" / "models" / VOCAB_FILE).stat().st_mtime_ns
+    vocab_mtime = _vocabulary_file(tmp_path / "index").stat().st_mtime_ns
     textured_label(500).save(catalog / "Juice/Apple/new.jpg", quality=95)
     report = index_catalog(catalog, tmp_path / "index", _config(refit_growth=100.0), progress=False)
     assert report.added == 1 and report.extracted == 1
     after = _words(tmp_path / "index")
-    assert after.vocab_id == before.vocab_id
-    assert (tmp_path / "index" / "models" / VOCAB_FILE).stat().st_mtime_ns == vocab_mtime
-    assert len(after.keys) == 7
-    kept = {k: w for k, (_, w) in after.to_dict().items()}
-    for key, (_, words) in before.to_dict().items():
-        np.testing.assert_array_equal(kept[key], words)
+    assert {vocab for vocab, _ in after.values()} == {vocab for vocab, _ in before.values()}
+    assert _vocabulary_file(tmp_path / "index").stat().st_mtime_ns == vocab_mtime
+    assert len(after) == 7
+    for key, (_, words) in before.items():
+        np.testing.assert_array_equal(after[key][1], words)
     (catalog / "Dairy/Milk/item00.jpg").unlink()
     index_catalog(catalog, tmp_path / "index", _config(refit_growth=100.0), progress=False)
-    assert len(_words(tmp_path / "index").keys) == 6
+    assert len(_words(tmp_path / "index")) == 6
 
 
 def test_a_run_killed_before_the_local_index_was_derived_is_repaired_by_the_next(tmp_path, monkeypatch):
     catalog = _catalog(tmp_path / "catalog", 6)
 
-    def killed(self, index, changed, removed):
+    def killed(catalog, keys, options):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LocalExtension, "after_update", killed)
+    monkeypatch.setattr(sift, "refreshed_vocabulary", killed)
     with pytest.raises(KeyboardInterrupt):
         index_catalog(catalog, tmp_path / "index", _config(), progress=False)
     monkeypatch.undo()
-    assert not (tmp_path / "index" / "models" / WORDS_FILE).exists()
+    assert not _words(tmp_path / "index")
     report = index_catalog(catalog, tmp_path / "index", _config(), progress=False)
     assert report.extracted == 0  # SIFT blobs were committed: nothing is decoded again
-    assert len(_words(tmp_path / "index").keys) == 6
+    assert len(_words(tmp_path / "index")) == 6
 
 
 def test_local_features_off_extracts_no_sift(tmp_path):
     catalog = _catalog(tmp_path / "catalog", 3)
     config = _config()
-    config.local_features = False
+    config.features = ["deep", "colour"]
     index_catalog(catalog, tmp_path / "index", config, progress=False)
-    index = CatalogIndex.open(tmp_path / "index")
+    index = open_catalog(tmp_path / "index")
     try:
-        assert index.store.feature_blobs("sift") == {}
-        assert load_local_index(index) is None
+        assert index.items.rows("sift") == {}
+        assert not vocabulary_path(index).exists()
+        assert "local" not in SearchEngine(index).modes()
         (result,) = SearchEngine(index).search([catalog / "Dairy/Milk/item00.jpg"], k=2, mode="fused")
         assert result.results[0].id.endswith("item00.jpg")  # fused falls back to deep
     finally:
@@ -202,11 +224,11 @@ def test_local_features_off_extracts_no_sift(tmp_path):
 
 
 def test_explanations_write_one_image_per_result_with_matches(tmp_path):
-    from search.explain import write_explanations
+    from catalens.search.explain import write_explanations
 
     catalog = _catalog(tmp_path / "catalog", 6)
     index_catalog(catalog, tmp_path / "index", _config(), progress=False)
-    index = CatalogIndex.open(tmp_path / "index")
+    index = open_catalog(tmp_path / "index")
     try:
         engine = SearchEngine(index)
         (result,) = engine.search([catalog / "Juice/Apple/item02.jpg"], k=3, mode="local")
@@ -245,10 +267,10 @@ def product_average_precision(categories: list[str], brand: str, relevant: int) 
 
 @pytest.mark.slow
 def test_logo_crops_find_products_of_their_brand(grocery, grocery_index):
-    index = CatalogIndex.open(grocery_index)
+    index = open_catalog(grocery_index)
     try:
         engine = SearchEngine(index)
-        products = set(index.store.categories())
+        products = set(index.items.categories())
         by_brand: dict[str, list[float]] = {}
         for crop, brand in _logo_crops(grocery):
             relevant = sum(brand_of(c).startswith(brand) for c in products)
@@ -265,12 +287,19 @@ def test_logo_crops_find_products_of_their_brand(grocery, grocery_index):
 
 @pytest.mark.slow
 def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
-    from indexer.imageio import load_rgb
-    from search.engine import Query, deep_retriever
-    from search.fusion import fused_retriever
+    from catalens.indexer.imageio import load_rgb
+    from catalens.search.engine import Query
+    from catalens.search.fusion import fused_search
+    from catalens.search.retrieval import global_search
+
+    def deep_retriever(engine, query, k, filter):
+        return global_search(engine, query, "deep", k, filter)
+
+    def fused_retriever(engine, query, k, filter):
+        return fused_search(engine, query, k, filter, engine.settings)
 
     photos = [photo for photo in val_photos if photo.top == "Packages"]
-    index = CatalogIndex.open(grocery_index)
+    index = open_catalog(grocery_index)
     try:
         engine = SearchEngine(index)
         correct = {"deep": 0, "fused": 0}
@@ -278,7 +307,7 @@ def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
             query = Query(load_rgb(photo.path), str(photo.path))  # shared: deep runs once per query
             for name, retriever in (("deep", deep_retriever), ("fused", fused_retriever)):
                 keys, _ = retriever(engine, query, 1, None)
-                correct[name] += index.store.items([int(keys[0])])[int(keys[0])].category == photo.category
+                correct[name] += index.items.items([int(keys[0])])[int(keys[0])].category == photo.category
         deep, fused = (100 * correct[name] / len(photos) for name in ("deep", "fused"))
         print(f"Packages top-1 on val: deep {deep:.1f}%, fused {fused:.1f}%")
         assert fused >= deep + 10

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from api.cli import main
-from indexer.config import IndexConfig
-from indexer.pipeline import index_catalog
+from catalens.api.cli import main
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.pipeline import index_catalog
 
 
 @pytest.fixture()
@@ -59,14 +59,14 @@ def test_info_reports_counts_backbone_and_size(tiny_index, capsys):
     ],
 )
 def test_usage_errors_exit_non_zero_with_one_line(argv, message):
-    done = subprocess.run([sys.executable, "-m", "api.cli", *argv], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "catalens.api.cli", *argv], capture_output=True, text=True)
     assert done.returncode != 0
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_mode_is_a_usage_error(tiny_index, tiny_catalog, capsys):
     assert main(["search", str(tiny_catalog / "Dairy/Milk/item00.jpg"), "--index", str(tiny_index), "--mode", "psychic"]) == 2
-    assert "--mode psychic: choose one of" in capsys.readouterr().err
+    assert "--mode psychic: unknown mode; this index answers: fused, local, deep" in capsys.readouterr().err
 
 
 def test_table_output_is_readable(tiny_catalog, tiny_index, capsys):

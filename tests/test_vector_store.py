@@ -6,8 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.config import IndexConfig
-from indexer.vector_store import FaissVectorStore, recommended_search_parameters
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.stores import ItemFilter
+from catalens.indexer.stores.faiss_vectors import FaissVectorStore, recommended_search_parameters
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 64, seed: int = 0) -> np.ndarray:
@@ -89,13 +90,13 @@ def test_parameters_that_do_not_apply_fail_with_one_sentence():
 
 
 def test_catalog_index_applies_the_configured_parameters(tmp_path):
-    from indexer.index import CatalogIndex
+    from catalens.indexer.stores.folder import FolderCatalog
 
-    index = CatalogIndex.create(tmp_path / "idx", IndexConfig(faiss_factory="IVF64,Flat", faiss_search_params="nprobe=5"))
+    index = FolderCatalog.create(tmp_path / "idx", IndexConfig(faiss_factory="IVF64,Flat", faiss_search_params="nprobe=5"))
     try:
-        store = index.new_vector_store(32, expected_rows=10_000)
+        store = index._new_vector_store(32, expected_rows=10_000)
         assert faiss.extract_index_ivf(store._index).nprobe == 5
-        assert index.new_vector_store(32, expected_rows=10).factory == "Flat"  # too few rows to train
+        assert index._new_vector_store(32, expected_rows=10).factory == "Flat"  # too few rows to train
     finally:
         index.close()
     assert IndexConfig.from_json({"faiss_factory": "HNSW32"}).faiss_search_params == "auto"
@@ -107,7 +108,7 @@ def test_filtered_search_keeps_to_allowed_keys_on_every_index_kind(data, factory
     store = built(factory, rows, keys)
     allowed = keys[::7]
     queries = rows[::7][:40]
-    _, found = store.search(queries, 5, allowed)
+    _, found = store.search(queries, 5, ItemFilter(allowed))
     assert set(found.ravel()) <= set(allowed.tolist()) | {-1}
     # Each query is an allowed item: it finds itself, so the filter carried nprobe/k_factor.
     assert np.mean(found[:, 0] == allowed[:40]) >= 0.95
@@ -119,6 +120,6 @@ def test_filtered_ivf_search_uses_the_index_nprobe_not_the_faiss_default(data):
     _, truth = faiss.knn(queries, rows[::2], 10, metric=faiss.METRIC_INNER_PRODUCT)
     truth = allowed[truth]
     store = built("IVF128,Flat", rows, keys, search_params="nprobe=1")
-    single = recall_at_10(store.search(queries, 10, allowed)[1], truth)
+    single = recall_at_10(store.search(queries, 10, ItemFilter(allowed))[1], truth)
     store.set_search_parameters("nprobe=32")
-    assert recall_at_10(store.search(queries, 10, allowed)[1], truth) > single + 0.2
+    assert recall_at_10(store.search(queries, 10, ItemFilter(allowed))[1], truth) > single + 0.2

@@ -1,0 +1,70 @@
+"""The ``catalens`` command line. It parses and prints; ``catalens.api.service`` does the work.
+
+Each module of this package registers its sub-commands: ``catalog`` (index, info, remove,
+demo), ``queries`` (search, classify, anomaly), ``training`` (train-ae, finetune), ``serve``;
+``arguments`` is what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from catalens.api.cli.arguments import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from catalens.api.cli import catalog, queries, serve, training
+
+    parser = argparse.ArgumentParser(prog="catalens", description="Visual search for product catalogs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in (catalog, queries, training, serve):
+        module.register(commands)
+    return parser
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """What a command may raise that is the user's to fix: printed as one line, exit 2."""
+    from catalens.api.service import ModelMissingError
+    from catalens.datasets.catalog import CatalogError
+    from catalens.indexer.backbones import UnknownBackboneError, WeightsNotFoundError
+    from catalens.indexer.catalog import IndexUnavailableError
+    from catalens.indexer.config import ConfigError
+    from catalens.indexer.estimator import ModelFileError, NotFittedError
+    from catalens.indexer.features import FeatureUnavailableError, UnknownFeatureError
+    from catalens.search.engine import ModeUnavailableError
+
+    return (UsageError, CatalogError, ConfigError, IndexUnavailableError, ModelMissingError, NotFittedError,
+            ModelFileError, FeatureUnavailableError, UnknownFeatureError, ModeUnavailableError, UnknownBackboneError,
+            WeightsNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = logging.StreamHandler()
+    # The handler's level, not the root's: indexing runs raise the root to INFO for their log file.
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(console)
+    logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return args.run(args)
+    except _one_line_errors() as error:
+        print(f"catalens {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if type(error).__module__.startswith("elastic_transport"):
+            print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``catalens train-ae`` and ``catalens finetune``: models fitted on the index's own catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from catalens.api.cli.arguments import UsageError, add_location_arguments, open_service
+from catalens.api.tables import format_table
+
+
+def cmd_train_ae(args: argparse.Namespace) -> int:
+    from catalens.indexer.training.train_autoencoder import LOSS_PLOT
+
+    if args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if args.noise < 0:
+        raise UsageError("--noise must be >= 0")
+    if not 0 < args.percentile < 100:
+        raise UsageError("--percentile must be between 0 and 100")
+    service = open_service(args)
+    try:
+        model = service.train_autoencoder(epochs=args.epochs, input_kind=args.input, noise=args.noise,
+                                          percentile=args.percentile, progress=not args.quiet, fresh=args.fresh)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        service.close()
+    rows = [
+        ("input", model.input_kind), ("epochs", model.epochs), ("code dims", model.code_dim),
+        ("final loss", f"{model.loss_history_[-1]:.4f}"), ("threshold", f"{model.threshold_:.4f}"),
+        ("loss curve", str(Path(service.catalog.models_dir) / LOSS_PLOT)),
+    ]
+    print(format_table(["autoencoder", "value"], rows))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    service = open_service(args)
+    try:
+        report = service.finetune(top_block=args.top_block, epochs=args.epochs, steps=args.steps, progress=not args.json)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        service.close()
+    if args.top_block:
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(f"fine-tuned the top stages on {report['items']} items in {report['categories']} categories "
+                  f"({report['epochs']} epochs, final loss {report['final_loss']:.3f}, {report['seconds']:.0f}s); "
+                  "classify now uses them")
+        return 0
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return 0
+    print(format_table(["held-out search (1-NN product accuracy)", "frozen features", "finetuned head"],
+                       [("", f"{report.search_raw:.3f}", f"{report.search_projected:.3f}")]))
+    kept = "kept: search and classify now use it" if report.kept else "not kept (it did not help; none stored)"
+    print(f"\n{report.items} items, {report.categories} categories, {report.holdout} held out; head {kept}; "
+          f"{report.seconds:.0f}s")
+    return 0
+
+
+def register(commands) -> None:
+    p = commands.add_parser("train-ae", help="train the index's autoencoder (codes for --mode ae, anomaly scores)")
+    add_location_arguments(p)
+    p.add_argument("--epochs", type=int, default=15, help="passes over the catalog (default 15)")
+    p.add_argument("--input", choices=("features", "pixels"), default="features",
+                   help="reconstruct the backbone's feature maps (default, better anomaly detection) or 64-px pixels")
+    p.add_argument("--noise", type=float, default=0.0, help="denoising: std of Gaussian input noise (standardised units)")
+    p.add_argument("--percentile", type=float, default=95.0,
+                   help="threshold = this percentile of held-out catalog images' scores (default 95)")
+    p.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_train_ae)
+
+    p = commands.add_parser("finetune", help="adapt the index's features to its catalog (CPU)")
+    add_location_arguments(p)
+    p.add_argument("--steps", type=int, default=300, help="projection head: training steps (default 300)")
+    p.add_argument("--top-block", action="store_true",
+                   help="instead: fine-tune the backbone's top stages on the categories (for classify)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="with --top-block: passes over the catalog (default: 6, more for small catalogs)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_finetune)

@@ -1,0 +1,106 @@
+"""The HTTP API and web page: search by photo, classify, anomaly check and catalog updates.
+
+The HTTP layer only translates: it validates uploads, calls ``catalens.api.service`` (as the
+CLI does) in a worker pool, and turns results and errors into typed JSON. Routes live in
+``routers/``, what they share in ``state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from catalens.api.http.routers import items, search, system
+from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
+from catalens.api.service import CatalogService
+from catalens.indexer.catalog import IndexUnavailableError
+from catalens.indexer.imageio import ImageDecodeError
+from catalens.search.settings import SearchSettings, load_search_settings
+
+log = logging.getLogger(__name__)
+
+# A phone photo is a few MB; anything far beyond that is a mistake or an attack.
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Uploads are product photos: a 40-megapixel limit refuses bombs early and still fits any camera.
+DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+
+__all__ = ["API_KEY_ENV", "create_app"]
+
+
+def create_app(
+    location: str | Path,
+    read_only: bool = False,
+    api_key: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    workers: int | None = None,
+    settings: SearchSettings | None = None,
+) -> FastAPI:
+    """The FastAPI app over the index at ``location``, opened once here.
+
+    Writes need ``api_key`` (or ``$CATALENS_API_KEY``) unless ``read_only``; without one this
+    raises ``ValueError`` rather than serve an open write endpoint.
+    """
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not read_only and not api_key:
+        raise ValueError(f"writes are enabled but no API key is set: set {API_KEY_ENV} or run read-only")
+    service = CatalogService.open(location, settings or load_search_settings())
+    # Import what is loaded lazily here, once: torch imported from two worker threads at the same
+    # time fails half-initialised.
+    import catalens.search.anomaly  # noqa: F401
+    import catalens.search.classify  # noqa: F401
+    import catalens.search.explain  # noqa: F401
+    import catalens.search.fusion  # noqa: F401
+
+    state = ServerState(
+        service=service, read_only=read_only, api_key=api_key,
+        max_upload_bytes=max_upload_bytes, max_upload_pixels=max_upload_pixels,
+        executor=ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2), thread_name_prefix="catalens"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load the network now so the first visitor does not wait for it.
+        warm = state.executor.submit(service.catalog.features)
+        try:
+            yield
+        finally:
+            warm.cancel()
+            state.executor.shutdown(wait=True, cancel_futures=True)
+            service.close()
+
+    app = FastAPI(
+        title="catalens", version="0.2.0", lifespan=lifespan,
+        description="Visual search for product catalogs: find products by photo, file them, flag anomalies.",
+    )
+    app.state.catalens = state
+
+    @app.exception_handler(ImageDecodeError)
+    async def _image_error(request: Request, error: ImageDecodeError) -> JSONResponse:
+        http = decode_error(error)
+        return JSONResponse({"detail": http.detail}, status_code=http.status_code)
+
+    @app.exception_handler(IndexUnavailableError)
+    async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        # Refuse an oversized body before the multipart parser spools it to disk.
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.max_upload_bytes + 1024 * 1024:
+            return JSONResponse({"detail": f"request larger than the {state.max_upload_bytes} byte upload limit"},
+                                status_code=413)
+        return await call_next(request)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for router in (system.router, search.router, items.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,146 @@
+"""The catalog's items: GET /items/{id} and its image, POST /items, DELETE /items/{id}."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import mimetypes
+import os
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Query
+from fastapi.responses import FileResponse, Response
+
+from catalens.api.http.routers.search import _FORMAT_SUFFIX, clean_category, image_url
+from catalens.api.http.schemas import DeleteResponse, Item, Problem, WriteResponse
+from catalens.api.http.state import ImageFile, ServerState, StateDep, Upload, WriterDep, read_upload
+from catalens.datasets.catalog import CatalogItem
+from catalens.indexer.imageio import ImageDecodeError, load_rgb
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/items", tags=["catalog items"])
+
+
+def item_model(record) -> Item:
+    return Item(id=record.id, category=record.category, title=record.title, attributes=record.attributes,
+                image_url=image_url(record.id))
+
+
+def clean_id(item_id: str) -> str:
+    item_id = item_id.strip()
+    if not item_id or len(item_id) > 512 or any(ord(ch) < 32 for ch in item_id):
+        raise HTTPException(422, "id must be 1-512 printable characters")
+    return item_id
+
+
+@router.get("/{item_id:path}/image", responses={200: {"content": {"image/*": {}}}, 404: {"model": Problem}})
+async def item_image(state: StateDep, item_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None) -> Response:
+    """The item's catalog image; `size` gives a JPEG thumbnail at most that many pixels wide/high."""
+    record = await state.run(state.catalog.items.item_by_id, item_id)
+    if record is None:
+        raise HTTPException(404, f"no item {item_id!r}")
+    path = Path(record.image)
+    if not path.is_file():
+        raise HTTPException(404, f"the image of {item_id!r} is gone")
+    if size is None:
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    def thumbnail() -> bytes:
+        image = load_rgb(path, draft_size=size)
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    try:
+        data = await state.run(thumbnail)
+    except ImageDecodeError as error:
+        raise HTTPException(404, f"the image of {item_id!r} cannot be read: {error.reason}") from None
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+
+
+@router.get("/{item_id:path}", response_model=Item, responses={404: {"model": Problem}})
+async def get_item(state: StateDep, item_id: str) -> Item:
+    record = await state.run(state.catalog.items.item_by_id, item_id)
+    if record is None:
+        raise HTTPException(404, f"no item {item_id!r}")
+    return item_model(record)
+
+
+@router.post("", response_model=WriteResponse, responses={401: {"model": Problem}, 403: {"model": Problem},
+                                                          422: {"model": Problem}})
+async def put_item(
+    state: WriterDep,
+    image: ImageFile = None,
+    id: Annotated[str, Form(description="the catalog id; an existing id is replaced")] = "",
+    category: Annotated[str, Form(description="category path, e.g. Packages/Milk")] = "",
+    title: Annotated[str, Form()] = "",
+    attributes: Annotated[str, Form(description="a JSON object")] = "{}",
+) -> WriteResponse:
+    """Add an item, or replace the one with this id; every store is updated durably."""
+    item_id = clean_id(id)
+    try:
+        attrs = json.loads(attributes or "{}")
+    except json.JSONDecodeError as error:
+        raise HTTPException(422, f"attributes must be a JSON object ({error.msg})") from None
+    if not isinstance(attrs, dict):
+        raise HTTPException(422, "attributes must be a JSON object")
+    upload = await read_upload(state, image)
+    return await state.run(_write_item, state, item_id, clean_category(category) or "", title.strip(), attrs, upload)
+
+
+@router.delete("/{item_id:path}", response_model=DeleteResponse, responses={404: {"model": Problem}})
+async def delete_item(state: WriterDep, item_id: str) -> DeleteResponse:
+    """Remove an item from every store, durably."""
+
+    def run() -> bool:
+        with state.rw.gen_wlock():
+            record = state.catalog.items.item_by_id(item_id)
+            removed, _ = state.service.remove([item_id])
+            if removed and record is not None:
+                _drop_upload(state, Path(record.image))
+            return bool(removed)
+
+    if not await state.run(run):
+        raise HTTPException(404, f"no item {item_id!r}")
+    return DeleteResponse(removed=item_id)
+
+
+def _drop_upload(state: ServerState, path: Path) -> None:
+    """Delete an uploaded image no item uses any more (catalog files outside uploads/ stay)."""
+    try:
+        if path.resolve().parent == state.uploads_dir.resolve():
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("could not delete an upload: %s", error)
+
+
+def _write_item(state: ServerState, item_id: str, category: str, title: str, attributes: dict,
+                upload: Upload) -> WriteResponse:
+    state.uploads_dir.mkdir(exist_ok=True)
+    digest = hashlib.sha256(upload.data).hexdigest()[:20]
+    name = hashlib.sha1(item_id.encode()).hexdigest()[:12]
+    path = state.uploads_dir / f"{name}-{digest}{_FORMAT_SUFFIX.get(upload.format or '', '.img')}"
+    with state.rw.gen_wlock():
+        previous = state.catalog.items.item_by_id(item_id)
+        if not path.exists():
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(upload.data)
+            os.replace(tmp, path)
+        item = CatalogItem(id=item_id, image=path, category=category, title=title, attributes=attributes)
+        with state.compute:
+            report = state.service.add_items([item])
+        if report.failures:
+            if previous is None or Path(previous.image) != path:
+                path.unlink(missing_ok=True)
+            raise HTTPException(400, f"the item could not be indexed: {report.failures[0].reason}")
+        if previous is not None and Path(previous.image) != path:
+            _drop_upload(state, Path(previous.image))
+        record = state.catalog.items.item_by_id(item_id)
+    status = ("added" if report.added else "updated" if report.updated
+              else "metadata_updated" if report.metadata_updated else "unchanged")
+    return WriteResponse(status=status, item=item_model(record))

@@ -1,0 +1,134 @@
+"""Questions asked with a photo: POST /search, /classify, /anomaly, /explain."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, HTTPException
+from fastapi.responses import Response
+
+from catalens.api.http.schemas import (
+    AnomalyResponse,
+    ClassifyResponse,
+    Hit,
+    Problem,
+    SearchResponse,
+)
+from catalens.api.http.state import ImageFile, SettingsDep, StateDep, read_upload
+from catalens.api.service import ModelMissingError
+from catalens.indexer.features import FeatureUnavailableError
+
+router = APIRouter(tags=["search by photo"])
+
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+_ERRORS = {400: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem}, 422: {"model": Problem},
+           503: {"model": Problem}}
+
+
+def image_url(item_id: str) -> str:
+    from urllib.parse import quote
+
+    return f"/items/{quote(item_id, safe='')}/image"
+
+
+def clean_category(category: str | None) -> str | None:
+    if not category:
+        return None
+    return "/".join(part.strip() for part in category.replace("\\", "/").split("/") if part.strip()) or None
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS)
+async def search(
+    state: StateDep,
+    settings: SettingsDep,
+    image: ImageFile = None,
+    category: Annotated[str | None, Form(description="only items under this category path prefix")] = None,
+) -> SearchResponse:
+    """Catalog items that best match the photo, best first."""
+    upload = await read_upload(state, image)
+    category = clean_category(category)
+
+    def run():
+        started = time.perf_counter()
+        with state.rw.gen_rlock(), state.compute:
+            result = state.service.search([upload.image], category=category, names=[upload.name],
+                                          **settings.model_dump(include={"k", "mode", "weights"}))[0]
+        return result, time.perf_counter() - started
+
+    try:
+        result, seconds = await state.run(run)
+    except FeatureUnavailableError as error:
+        raise HTTPException(503, f"mode {settings.mode!r} is not available for this index: {error}") from None
+    if result.error:
+        raise HTTPException(400, result.error)
+    hits = [Hit(**hit.to_json(), image_url=image_url(hit.id)) for hit in result.results or []]
+    return SearchResponse(query=upload.name, mode=settings.mode, k=settings.k, category=category, results=hits,
+                          seconds=round(seconds, 4))
+
+
+async def _ask(state, image, method: str, feature: str) -> dict[str, Any]:
+    upload = await read_upload(state, image)
+
+    def run() -> dict[str, Any]:
+        with state.rw.gen_rlock(), state.compute:
+            return getattr(state.service, method)([upload.image], names=[upload.name])[0].to_json()
+
+    try:
+        result = await state.run(run)
+    except (ModelMissingError, FeatureUnavailableError, ValueError) as error:
+        raise HTTPException(503, f"{feature} is not available for this index: {error}") from None
+    if result.get("error"):
+        raise HTTPException(400, str(result["error"]))
+    return result
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify(state: StateDep, image: ImageFile = None) -> dict[str, Any]:
+    """The proposed category path of a photo (as `catalens classify --json`)."""
+    return await _ask(state, image, "classify", "classification")
+
+
+@router.post("/anomaly", response_model=AnomalyResponse, responses=_ERRORS)
+async def anomaly(state: StateDep, image: ImageFile = None) -> dict[str, Any]:
+    """Whether a photo looks unlike the catalog (as `catalens anomaly --json`)."""
+    return await _ask(state, image, "anomaly", "anomaly scoring")
+
+
+@router.post("/explain", responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": Problem}, **_ERRORS})
+async def explain(
+    state: StateDep,
+    settings: SettingsDep,
+    image: ImageFile = None,
+    id: Annotated[str, Form(description="the result to explain")] = "",
+    category: Annotated[str | None, Form()] = None,
+) -> Response:
+    """An image of the keypoints the photo and result `id` share (modes local and fused)."""
+    upload = await read_upload(state, image)
+    if settings.mode not in ("local", "fused"):
+        raise HTTPException(422, f"matched keypoints exist for modes local and fused, not {settings.mode!r}")
+    category = clean_category(category)
+
+    def run() -> bytes | None:
+        # The explanation reads the query from the path named in the result.
+        with tempfile.TemporaryDirectory(prefix="catalens-explain-") as folder:
+            query_path = Path(folder) / f"query{_FORMAT_SUFFIX.get(upload.format or '', '.img')}"
+            query_path.write_bytes(upload.data)
+            with state.rw.gen_rlock(), state.compute:
+                result = state.service.search([upload.image], category=category, names=[str(query_path)],
+                                              k=settings.k, mode=settings.mode)[0]
+                hits = [hit for hit in result.results or [] if hit.id == id]
+                if not hits:
+                    return None
+                result.results = hits
+                drawn = state.service.explain(result, Path(folder) / "out")
+            return Path(drawn[0]).read_bytes() if drawn else b""
+
+    drawn = await state.run(run)
+    if drawn is None:
+        raise HTTPException(404, f"{id!r} is not among the top {settings.k} results of this photo in mode {settings.mode}")
+    if not drawn:
+        raise HTTPException(404, f"no matched keypoints to draw for {id!r}")
+    return Response(drawn, media_type="image/jpeg")

@@ -1,0 +1,90 @@
+"""The HTTP API's request and response bodies: the OpenAPI page is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    category: str
+    title: str
+    image_url: str = Field(description="where to fetch the item's catalog image")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    mode: str
+    k: int
+    category: str | None = None
+    results: list[Hit]
+    seconds: float
+
+
+class Level(BaseModel):
+    name: str
+    confidence: float
+
+
+class ClassifyResponse(BaseModel):
+    query: str
+    category: str = Field(description="the deepest confident category path, or 'unknown'")
+    levels: list[Level]
+    neighbours: list[str] = Field(description="ids of the nearest catalog items")
+
+
+class AnomalyResponse(BaseModel):
+    query: str
+    score: float
+    threshold: float
+    anomalous: bool
+
+
+class Item(BaseModel):
+    id: str
+    category: str
+    title: str
+    attributes: dict[str, Any]
+    image_url: str
+
+
+class WriteResponse(BaseModel):
+    status: str = Field(description="added | updated | metadata_updated | unchanged")
+    item: Item
+
+
+class DeleteResponse(BaseModel):
+    removed: str
+
+
+class Features(BaseModel):
+    classify: bool
+    anomaly: bool
+    explain: bool
+
+
+class Stats(BaseModel):
+    items: int
+    categories: int
+    failures: int
+    backbone: str
+    dims: dict[str, int]
+    faiss_factory: str | None = None
+    size_bytes: int | None = None
+    modes: list[str]
+    default_mode: str
+    features: Features
+    read_only: bool
+    top_categories: dict[str, int]
+
+
+class Health(BaseModel):
+    status: str
+    items: int
+
+
+class Problem(BaseModel):
+    detail: str

@@ -1,0 +1,148 @@
+"""What every request shares, and what routes receive through ``Depends``: the open catalog's
+service, the locks, the worker pool, the caller's write permission, uploads and search settings."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.security import APIKeyHeader
+from PIL import Image
+from pydantic import ValidationError
+from readerwriterlock import rwlock
+
+from catalens.api.service import CatalogService
+from catalens.indexer.imageio import ImageDecodeError, load_rgb
+from catalens.search.settings import SearchSettings
+
+T = TypeVar("T")
+
+API_KEY_ENV = "CATALENS_API_KEY"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+MAX_K = 100
+
+
+@dataclass
+class ServerState:
+    """The catalog opened once, its service, the locks and the worker pool."""
+
+    service: CatalogService
+    read_only: bool
+    api_key: str | None
+    max_upload_bytes: int
+    max_upload_pixels: int
+    executor: ThreadPoolExecutor
+    # Many searches at once, or one write; a waiting writer holds new searches back.
+    rw: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite)
+    # The backbone's OpenVINO runner keeps one infer request, which is not thread-safe: model
+    # work is serialised, while decoding and request handling stay parallel.
+    compute: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def catalog(self):
+        return self.service.catalog
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.catalog.models_dir.parent / "uploads"
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.catalens
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"the server's key (${API_KEY_ENV})")
+
+
+def require_writer(state: StateDep, key: Annotated[str | None, Depends(api_key_header)] = None) -> ServerState:
+    """Write endpoints: refused on a read-only server, and without the right X-API-Key."""
+    if state.read_only:
+        raise HTTPException(403, "this server is read-only")
+    if not key or not hmac.compare_digest(key.encode(), (state.api_key or "").encode()):
+        raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
+    return state
+
+
+WriterDep = Annotated[ServerState, Depends(require_writer)]
+
+
+def search_settings(
+    state: StateDep,
+    k: Annotated[int, Form(ge=1, le=MAX_K, description="results per photo")] = 10,
+    mode: Annotated[str | None, Form(description="fused (default), local, or a global feature: deep, colour, ...")] = None,
+    weights: Annotated[str | None, Form(description='fused search: a JSON object of feature weights, e.g. {"deep": 1, "sift": 0.5}')] = None,
+) -> SearchSettings:
+    """The server's search settings with this request's ``k``, ``mode`` and ``weights``; what cannot be used is a 422."""
+    from catalens.search.engine import ModeUnavailableError
+
+    parsed = None
+    if weights:
+        try:
+            parsed = json.loads(weights)
+            settings = state.service.settings.merged(k=k, mode=mode, weights=parsed)
+            state.service.engine.weights(settings)
+        except (json.JSONDecodeError, ValidationError, ValueError) as error:
+            raise HTTPException(422, f"weights: {str(error).splitlines()[0]}") from None
+    settings = state.service.settings.merged(k=k, mode=mode, weights=parsed)
+    try:
+        state.service.engine.check_mode(settings.mode)
+    except ModeUnavailableError as error:
+        raise HTTPException(422, str(error).replace("--mode ", "mode ")) from None
+    return settings.merged(mode=settings.mode or "fused")
+
+
+SettingsDep = Annotated[SearchSettings, Depends(search_settings)]
+ImageFile = Annotated[UploadFile | None, File(description="the photo")]
+
+
+def decode_error(error: ImageDecodeError) -> HTTPException:
+    reason = error.reason
+    if reason.startswith("not an image"):
+        return HTTPException(415, f"upload is not an image: {reason}")
+    if "too large" in reason:
+        return HTTPException(413, f"upload refused: {reason}")
+    return HTTPException(400, f"upload cannot be decoded: {reason}")
+
+
+@dataclass
+class Upload:
+    name: str
+    data: bytes
+    image: Image.Image
+    format: str | None
+
+
+async def read_upload(state: ServerState, upload: UploadFile | None) -> Upload:
+    if upload is None:
+        raise HTTPException(422, "no image file in the request (send it as multipart field 'image')")
+    content_type = (upload.content_type or "").lower()
+    if content_type and not (content_type.startswith("image/") or content_type == "application/octet-stream"):
+        raise HTTPException(415, f"upload is not an image (content type {content_type})")
+    data = await upload.read(state.max_upload_bytes + 1)
+    if len(data) > state.max_upload_bytes:
+        raise HTTPException(413, f"upload larger than the {state.max_upload_bytes} byte limit")
+    try:
+        image = await state.run(load_rgb, data, state.max_upload_pixels)
+    except ImageDecodeError as error:
+        raise decode_error(error) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        # PIL can fail while still reading a header (a JPEG cut short), before load_rgb's checks.
+        raise HTTPException(400, f"upload cannot be decoded: truncated or corrupt image ({error})") from None
+    try:
+        image_format = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - the bytes decoded above; the format name is cosmetic
+        image_format = None
+    return Upload(upload.filename or "<upload>", data, image, image_format)

@@ -1,0 +1,226 @@
+"""A catalog's index on one backend: items, a vector store per global feature, words per local
+feature, and the models fitted on the catalog.
+
+``Catalog`` is what indexing, search, classification, anomaly scoring and training work on;
+they never ask which backend is underneath (``catalens.indexer.backends.open_catalog`` opens one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.features import (
+    Feature,
+    FeatureSpec,
+    FeatureUnavailableError,
+    feature_spec,
+)
+from catalens.indexer.stores import ItemStore, ItemUpdate, VectorStore, WordIndex
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class IndexUnavailableError(RuntimeError):
+    """An index that cannot be opened or used as asked; the message names it and what to do."""
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Catalog(ABC):
+    """One catalog's index. Open one with ``open_catalog``.
+
+    ``items`` is the item store (the source of truth); ``vectors(name)`` and ``words(name)``
+    the backend's search structures; ``models_dir`` holds what was fitted on the catalog;
+    ``meta`` what the index records about itself (``catalens.json``). Writers take ``lock``.
+    """
+
+    backend: str
+
+    def __init__(self, location: str, config: IndexConfig, items: ItemStore, models_dir: Path, meta: dict[str, Any]):
+        self.location = location
+        self.config = config
+        self.items = items
+        self.models_dir = Path(models_dir)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.meta = meta
+        self.lock = threading.RLock()
+        self._cache: dict[str, tuple[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+    # --- the backend's stores
+
+    @abstractmethod
+    def vectors(self, feature: str) -> VectorStore:
+        """The vector store of a global feature (``IndexUnavailableError`` if the index has none)."""
+
+    @abstractmethod
+    def words(self, feature: str) -> WordIndex:
+        """The word index of a local feature."""
+
+    @abstractmethod
+    def dims(self) -> dict[str, int]:
+        """Dimension of every global feature the index holds vectors of."""
+
+    @property
+    @abstractmethod
+    def generation(self) -> int:
+        """Changes whenever the catalog is written: what ``cached`` results are checked against."""
+
+    @property
+    def logs_dir(self) -> Path:
+        path = self.models_dir.parent / "logs"
+        path.mkdir(exist_ok=True)
+        return path
+
+    # --- writes
+
+    @abstractmethod
+    def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
+        """Items with their feature rows, durably, and into the vector stores; returns their keys."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> np.ndarray:
+        """Remove items from every store, durably, without the upkeep ``remove`` adds; returns their keys."""
+
+    @abstractmethod
+    def _prepare_replace(self, feature: str, dim: int, scalars: Sequence[str]) -> None:
+        """Before a feature's rows are replaced: forget the old vectors, set up ``dim`` (and the scalars)."""
+
+    @abstractmethod
+    def _reindex(self, feature: str) -> None:
+        """After a feature's rows were replaced: make them searchable."""
+
+    @abstractmethod
+    def save(self) -> None:
+        """Make everything written durable and searchable, and record the index's metadata."""
+
+    def close(self) -> None:
+        self.items.close()
+
+    def remove(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Delete ``ids`` from every store durably; returns (removed, not found)."""
+        ids = list(dict.fromkeys(ids))
+        with self.lock:
+            found = [item_id for item_id in ids if self.items.item_by_id(item_id) is not None]
+            missing = [item_id for item_id in ids if item_id not in found]
+            if found:
+                keys = self.delete(found)
+                self.refresh(np.zeros(0, np.int64), keys)
+                self.save()
+        return found, missing
+
+    def replace_feature(self, feature: str, keys: Sequence[int], rows: np.ndarray,
+                        scalars: dict[str, np.ndarray] | None = None) -> None:
+        """Every item's ``feature`` row replaced (and one value a key of each ``scalars`` entry),
+        the vectors re-indexed: what a model fitted on the whole catalog does once it has
+        re-coded every item."""
+        scalars = scalars or {}
+        with self.lock:
+            self._prepare_replace(feature, int(rows.shape[1]), list(scalars))
+            for name in (feature, *scalars):
+                self.items.delete_feature(name)
+            self.items.put_rows(feature, {int(key): rows[i].astype(np.float32).tobytes() for i, key in enumerate(keys)})
+            for name, values in scalars.items():
+                self.items.put_rows(name, {int(key): np.float32(values[i]).tobytes() for i, key in enumerate(keys)})
+            self._reindex(feature)
+            self.save()
+
+    def refresh(self, changed_keys: np.ndarray, removed_keys: np.ndarray) -> None:
+        """Bring what depends on the whole catalog (visual words...) in line after writes."""
+        for spec in self.feature_specs():
+            if spec.refresh is not None:
+                spec.refresh(self, changed_keys, removed_keys)
+
+    # --- features
+
+    def feature_specs(self) -> list[FeatureSpec]:
+        """The registry entries of the configured features, in configuration order."""
+        return [feature_spec(name) for name in self.config.features]
+
+    def feature(self, name: str) -> Feature:
+        """The built feature ``name`` (cached; rebuilt when its fitted model changes).
+
+        Raises ``FeatureUnavailableError`` where a fitted model it needs is missing.
+        """
+        spec = feature_spec(name)
+        stamp: Any = "static"
+        if spec.model_file is not None:
+            path = self.models_dir / spec.model_file
+            stamp = path.stat().st_mtime_ns if path.is_file() else None
+            if stamp is None:
+                raise FeatureUnavailableError(
+                    f"{name}: no model fitted for this index yet (run '{spec.fitted_by or 'the training command'}')")
+        return self.cached(f"feature:{name}", lambda: spec.build(self), stamp=stamp)
+
+    def features(self) -> list[Feature]:
+        """Every configured feature this catalog can compute now; one whose model is missing is
+        skipped with a warning (items get it once the model is fitted again)."""
+        built = []
+        for spec in self.feature_specs():
+            try:
+                built.append(self.feature(spec.name))
+            except FeatureUnavailableError as error:
+                log.warning("%s: %s", self.location, error)
+        return built
+
+    def enable_feature(self, name: str) -> None:
+        """Add a feature to the configuration (a model fitted for it now exists) and save."""
+        if name not in self.config.features:
+            self.config.features = [*self.config.features, name]
+            self.save()
+
+    def global_features(self) -> list[str]:
+        """Names of the configured global features this index holds vectors of."""
+        dims = self.dims()
+        return [spec.name for spec in self.feature_specs() if spec.kind == "global" and spec.name in dims]
+
+    def local_features(self) -> list[str]:
+        return [spec.name for spec in self.feature_specs() if spec.kind == "local"]
+
+    # --- caches for what is derived from the catalog (classifier, inverted file, built features)
+
+    def cached(self, name: str, build: Callable[[], T], stamp: Any = None) -> T:
+        """``build()``, kept until ``stamp`` changes (by default: until the catalog is written)."""
+        with self.lock:
+            stamp = self.generation if stamp is None else stamp
+            entry = self._cache.get(name)
+            if entry is None or entry[0] != stamp:
+                entry = (stamp, build())
+                self._cache[name] = entry
+            return entry[1]
+
+    # --- reporting
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "index": self.location,
+            "backend": self.backend,
+            "items": self.items.count(),
+            "categories": len(self.items.categories()),
+            "failures": len(self.items.failures()),
+            "backbone": self.config.backbone,
+            "features": list(self.config.features),
+            "dims": self.dims(),
+            "created": self.meta.get("created"),
+            "updated": self.meta.get("updated"),
+        }

@@ -1,0 +1,171 @@
+"""The features an index holds, by registry: each module of this package registers one.
+
+As in LIRE, a feature is global (one L2-normalised vector per image: deep, colour, style,
+autoencoder codes) or local (many descriptors per image: RootSIFT). Both do their work in two
+steps: ``preparer`` runs in a decode worker process on the decoded image, ``finish`` in the main
+process on a batch of what the preparers returned. Indexing, search, fusion and
+classification loop over the registered features; none of them knows a feature by name.
+
+A registry entry declares the feature's kind, dimension, similarity, what must be fitted on the
+catalog before it can be extracted, and its default weights in fused search and in
+classification. Adding a descriptor is one module here plus its name in
+``IndexConfig.features``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+
+Preparer = Callable[[Image.Image], Any]
+
+
+class FeatureUnavailableError(RuntimeError):
+    """A feature this catalog cannot compute (yet): the message says why and what to run."""
+
+
+class UnknownFeatureError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+@runtime_checkable
+class GlobalFeature(Protocol):
+    """One L2-normalised float32 vector per image."""
+
+    name: str
+    dim: int
+    preparer: Preparer
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+
+
+@runtime_checkable
+class LocalFeature(Protocol):
+    """Many descriptors per image, stored as one blob an image, matched by geometric verification."""
+
+    name: str
+    preparer: Preparer  # image -> LocalDescriptors
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> list[bytes]:
+        """One serialised descriptor set per image."""
+
+    def decode(self, blob: bytes) -> Any:
+        """A stored blob back to its descriptors."""
+
+    def quantise(self, descriptors: Any) -> np.ndarray:
+        """Visual word ids of ``descriptors`` under the catalog's current vocabulary."""
+
+
+Feature = GlobalFeature | LocalFeature
+
+
+def embed(feature: Feature, images: Sequence[Image.Image]) -> Any:
+    """``feature`` of already-decoded images: (n, dim) rows, or descriptor blobs."""
+    return feature.finish([feature.preparer(image) for image in images])
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A registered feature: what it is, and how a catalog builds it.
+
+    ``build(catalog)`` returns the feature, or raises ``FeatureUnavailableError`` where what it
+    needs is missing. A feature fitted on the catalog names its ``model_file`` (in the
+    catalog's models folder) and ``fitted_by``, the command that fits it. ``refresh(catalog, changed_keys, removed_keys)`` keeps what depends on the whole
+    catalog (a visual vocabulary and words) in line after a run. ``search_weight`` and
+    ``classify_weight`` are its default weights in fused search and classification; a feature
+    with ``replaces`` set stands in for that one wherever both are present.
+    """
+
+    name: str
+    kind: Literal["global", "local"]
+    build: Callable[[Catalog], Feature]
+    dim: int | None = None  # None: it depends on the backbone or on the fitted model
+    similarity: Literal["cosine", "inliers"] = "cosine"
+    fitted_by: str | None = None
+    model_file: str | None = None  # in the catalog's models folder: the feature is rebuilt when it changes
+    refresh: Callable[[Catalog, np.ndarray, np.ndarray], None] | None = None
+    search_weight: float = 0.0
+    classify_weight: float = 0.0
+    replaces: str | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, FeatureSpec] = {}
+
+
+def register_feature(name: str, kind: Literal["global", "local"], **spec: Any) -> Callable[[Callable], Callable]:
+    """Decorator over a ``build(catalog)`` function: registers ``name`` as a feature."""
+
+    def decorate(build: Callable[[Catalog], Feature]) -> Callable[[Catalog], Feature]:
+        _REGISTRY[name] = FeatureSpec(name=name, kind=kind, build=build, **spec)
+        return build
+
+    return decorate
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module of this package once: each registers its feature on import."""
+    global _discovered
+    if _discovered:
+        return
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_") and module.name != "decode":
+            importlib.import_module(f"{__name__}.{module.name}")
+    _discovered = True
+
+
+def list_features(pattern: str = "*") -> list[str]:
+    _discover()
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def feature_spec(name: str) -> FeatureSpec:
+    _discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownFeatureError(f"unknown feature {name!r}; available: {', '.join(list_features())}") from None
+
+
+def feature_weights(specs: Sequence[FeatureSpec], use: Literal["search", "classify"],
+                    overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """Each present feature's weight for ``use``, non-zero ones only.
+
+    ``overrides`` replaces the registered defaults (names the catalog does not hold are an
+    error). By default a feature with ``replaces`` set takes the place of that feature in each
+    use where it has a weight of its own.
+    """
+    present = {spec.name: spec for spec in specs}
+    if overrides is not None:
+        unknown = sorted(set(overrides) - set(present))
+        if unknown:
+            raise ValueError(f"no feature {', '.join(map(repr, unknown))} in this index; it has {', '.join(present)}")
+        return {name: float(weight) for name, weight in overrides.items() if weight}
+    weights = {spec.name: spec.search_weight if use == "search" else spec.classify_weight for spec in specs}
+    for spec in specs:
+        if spec.replaces and weights.get(spec.name):
+            weights.pop(spec.replaces, None)
+    return {name: weight for name, weight in weights.items() if weight}

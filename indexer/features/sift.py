@@ -1,0 +1,238 @@
+"""The ``sift`` local feature: RootSIFT keypoints per image, quantised into visual words.
+
+Per-item keypoints and descriptors are rows of the item store (written by the indexing run).
+What depends on the whole catalog, the visual vocabulary and each item's words, is kept in
+line by ``refresh_words`` after every run, on either backend: the vocabulary is fitted once
+and refitted when the catalog has outgrown it, and only the items whose words are missing or
+from another vocabulary are quantised, so a run that adds a few items quantises those alone
+and a run killed at any point is repaired by the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from catalens.indexer.features import FeatureUnavailableError, register_feature
+from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+FEATURE_NAME = "sift"
+_BLOB_VERSION = 1
+# RootSIFT components lie in [0, ~0.5]; this scale keeps them in a uint8 with ~0.002 steps.
+_DESCRIPTOR_SCALE = 512.0
+
+
+@dataclass
+class SiftOptions:
+    """How RootSIFT is extracted and its vocabulary fitted; ``IndexConfig.feature_options["sift"]``."""
+
+    max_keypoints: int = 400
+    # Long side of the copy SIFT runs on: product photos are ~350 px; more pixels cost time
+    # (SIFT upsamples 2x internally) without finding more of the printed label.
+    image_size: int = 320
+    # 0 chooses from the catalog size (see ``auto_vocab_size``).
+    vocab_size: int = 0
+    sample_per_word: int = 24
+    kmeans_iterations: int = 8
+    # Refit the vocabulary once the catalog has this many times the images it was fitted on.
+    refit_growth: float = 2.0
+    seed: int = 1234
+
+    @classmethod
+    def from_catalog(cls, catalog: Any) -> SiftOptions:
+        overrides = dict(catalog.config.feature_options.get(FEATURE_NAME, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown sift settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        return cls(**overrides)
+
+
+# --- extraction
+
+
+@dataclass
+class LocalDescriptors:
+    """Keypoints of one image, in the original image's pixel coordinates, with RootSIFT rows."""
+
+    keypoints: np.ndarray  # (n, 4) float32: x, y, size, angle
+    descriptors: np.ndarray  # (n, 128) float32, L2 norm 1
+    image_size: tuple[int, int] = (0, 0)  # width, height of the original image
+
+    def __len__(self) -> int:
+        return len(self.keypoints)
+
+    def to_bytes(self) -> bytes:
+        header = np.array([_BLOB_VERSION, len(self), *self.image_size], np.uint32).tobytes()
+        quantised = np.clip(np.rint(self.descriptors * _DESCRIPTOR_SCALE), 0, 255).astype(np.uint8)
+        return header + self.keypoints.astype(np.float32).tobytes() + quantised.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LocalDescriptors:
+        version, n, width, height = np.frombuffer(data, np.uint32, count=4)
+        if version != _BLOB_VERSION:
+            raise ValueError(f"local descriptor blob version {version}, expected {_BLOB_VERSION}")
+        offset = 16
+        keypoints = np.frombuffer(data, np.float32, count=int(n) * 4, offset=offset).reshape(-1, 4)
+        offset += keypoints.nbytes
+        quantised = np.frombuffer(data, np.uint8, count=int(n) * 128, offset=offset).reshape(-1, 128)
+        return cls(keypoints.copy(), quantised.astype(np.float32) / _DESCRIPTOR_SCALE, (int(width), int(height)))
+
+
+def root_sift(descriptors: np.ndarray) -> np.ndarray:
+    """Hellinger-kernel SIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root."""
+    descriptors = np.asarray(descriptors, np.float32)
+    descriptors = descriptors / np.maximum(descriptors.sum(axis=1, keepdims=True), 1e-7)
+    return np.sqrt(descriptors)
+
+
+class SiftPreparer:
+    """RGB image to its strongest ``max_keypoints`` RootSIFT keypoints; runs in decode workers."""
+
+    def __init__(self, max_keypoints: int, image_size: int):
+        self.max_keypoints, self.image_size = max_keypoints, image_size
+        self._sift = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # cv2 objects do not pickle; each worker makes its own detector.
+        return {"max_keypoints": self.max_keypoints, "image_size": self.image_size, "_sift": None}
+
+    def __call__(self, image: Image.Image) -> LocalDescriptors:
+        if self._sift is None:
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:
+                # A decode worker shares the machine with the network in the main process.
+                # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
+                # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
+                cv2.setNumThreads(0)
+            self._sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
+        width, height = image.size
+        scale = self.image_size / max(width, height)
+        gray = image.convert("L")
+        if abs(scale - 1.0) > 0.02:
+            gray = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR, reducing_gap=2.0)
+        else:
+            scale = 1.0
+        keypoints, descriptors = self._sift.detectAndCompute(np.asarray(gray), None)
+        if descriptors is None or not keypoints:
+            return LocalDescriptors(np.zeros((0, 4), np.float32), np.zeros((0, 128), np.float32), (width, height))
+        # nfeatures keeps ties at the cut, so a few extra may come back.
+        keypoints, descriptors = keypoints[: self.max_keypoints], descriptors[: self.max_keypoints]
+        geometry = np.array([(k.pt[0], k.pt[1], k.size, k.angle) for k in keypoints], np.float32)
+        geometry[:, :3] /= scale
+        return LocalDescriptors(geometry, root_sift(descriptors), (width, height))
+
+
+class SiftFeature:
+    """RootSIFT as a ``LocalFeature``: one serialised ``LocalDescriptors`` blob per image."""
+
+    name = FEATURE_NAME
+
+    def __init__(self, options: SiftOptions | None = None, catalog: Any = None):
+        self.options = options or SiftOptions()
+        self.preparer = SiftPreparer(self.options.max_keypoints, self.options.image_size)
+        self.draft_size = self.options.image_size
+        self.catalog = catalog
+
+    def finish(self, prepared: list[LocalDescriptors]) -> list[bytes]:
+        return [descriptors.to_bytes() for descriptors in prepared]
+
+    def decode(self, blob: bytes) -> LocalDescriptors:
+        return LocalDescriptors.from_bytes(blob)
+
+    def quantise(self, descriptors: LocalDescriptors) -> np.ndarray:
+        vocabulary = load_vocabulary(self.catalog) if self.catalog is not None else None
+        if vocabulary is None:
+            raise FeatureUnavailableError(
+                f"{getattr(self.catalog, 'location', 'this index')}: no visual vocabulary yet (run 'catalens index')")
+        return vocabulary.transform(descriptors.descriptors)
+
+
+# --- the vocabulary and the words, kept in line with the catalog
+
+
+def vocabulary_path(catalog: Any, feature: str = FEATURE_NAME) -> Path:
+    return Path(catalog.models_dir) / f"{feature}_vocabulary.pt"
+
+
+def load_vocabulary(catalog: Any, feature: str = FEATURE_NAME) -> VisualVocabulary | None:
+    """The catalog's fitted vocabulary (cached until its file changes), or None before the first fit."""
+    path = vocabulary_path(catalog, feature)
+    if not path.is_file():
+        return None
+    return catalog.cached(f"{feature}-vocabulary:{path.stat().st_mtime_ns}", lambda: VisualVocabulary.load(path))
+
+
+def _fit_vocabulary(catalog: Any, keys: list[int], n_words: int, options: SiftOptions) -> VisualVocabulary:
+    rng = np.random.default_rng(options.seed)
+    wanted = n_words * options.sample_per_word
+    per_image = max(1, options.max_keypoints // 2)
+    sample_keys = rng.permutation(keys)[: max(1, -(-wanted // per_image))]
+    rows = []
+    for start in range(0, len(sample_keys), 512):
+        for blob in catalog.items.rows(FEATURE_NAME, sample_keys[start : start + 512]).values():
+            descriptors = LocalDescriptors.from_bytes(blob)
+            if len(descriptors):
+                rows.append(descriptors.descriptors[rng.permutation(len(descriptors))[:per_image]])
+    sample = np.concatenate(rows) if rows else np.zeros((0, 128), np.float32)
+    if len(sample) == 0:
+        raise ValueError("no local descriptors to fit a vocabulary on")
+    return VisualVocabulary(min(n_words, len(sample)), options.kmeans_iterations, options.seed).fit(sample, fitted_on=len(keys))
+
+
+def refreshed_vocabulary(catalog: Any, keys: list[int], options: SiftOptions) -> VisualVocabulary:
+    """The saved vocabulary, refitted on the items ``keys`` where it is missing, where the catalog
+    has outgrown it ``refit_growth`` times, or where its configured size changed."""
+    vocabulary = load_vocabulary(catalog)
+    if vocabulary is None or len(keys) >= options.refit_growth * max(vocabulary.fitted_on_, 1) or (
+        options.vocab_size and vocabulary.size != options.vocab_size
+    ):
+        vocabulary = _fit_vocabulary(catalog, keys, options.vocab_size or auto_vocab_size(len(keys)), options)
+        vocabulary.save(vocabulary_path(catalog))
+        log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(keys))
+    return vocabulary
+
+
+def refresh_words(catalog: Catalog, changed_keys: Collection[int], removed_keys: Collection[int]) -> int:
+    """Fit the vocabulary when due, then quantise the items whose words are stale; returns how many."""
+    started = time.perf_counter()
+    keys = sorted(catalog.items.row_keys(FEATURE_NAME))
+    if not keys:
+        vocabulary_path(catalog).unlink(missing_ok=True)
+        return 0
+    vocabulary = refreshed_vocabulary(catalog, keys, SiftOptions.from_catalog(catalog))
+    words_index = catalog.words(FEATURE_NAME)
+    todo = words_index.stale(vocabulary.id_, {int(key) for key in changed_keys})
+    for start in range(0, len(todo), 512):
+        blobs = catalog.items.rows(FEATURE_NAME, todo[start : start + 512])
+        described = {key: LocalDescriptors.from_bytes(blob) for key, blob in blobs.items()}
+        if not described:
+            continue
+        # One call per chunk: per-image calls pay faiss's thread start-up ~500 times over.
+        assigned = vocabulary.transform(np.concatenate([d.descriptors for d in described.values()]))
+        bounds = np.cumsum([0] + [len(d) for d in described.values()])
+        words_index.put({key: assigned[a:b] for key, a, b in zip(described, bounds[:-1], bounds[1:], strict=True)},
+                        vocabulary.id_)
+    log.info("visual words: %d items quantised in %.1fs", len(todo), time.perf_counter() - started)
+    return len(todo)
+
+
+@register_feature("sift", "local", similarity="inliers", refresh=refresh_words, search_weight=0.2,
+                  description="RootSIFT keypoints, visual words, geometric verification")
+def build_sift(catalog: Catalog) -> SiftFeature:
+    return SiftFeature(SiftOptions.from_catalog(catalog), catalog)

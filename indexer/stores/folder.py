@@ -1,0 +1,239 @@
+"""The folder backend: one catalog's index in one directory, for one machine.
+
+Layout of ``DIR``::
+
+    catalens.json    format version, configuration, dimensions, counts, times
+    items.sqlite     items, categories, feature rows, visual words, failures (the source of truth)
+    <feature>.faiss  one vector index per global feature, rebuilt from SQLite when stale
+    models/          what was fitted on the catalog (vocabulary, autoencoder, fine-tuned network)
+    logs/            one log per indexing run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalens.indexer.catalog import Catalog, IndexUnavailableError, write_json_atomic
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.stores import ItemUpdate, vectors_of
+from catalens.indexer.stores.faiss_vectors import FaissVectorStore
+from catalens.indexer.stores.inverted_file import SqliteWordIndex
+from catalens.indexer.stores.sqlite_items import SqliteItemStore
+
+log = logging.getLogger(__name__)
+
+# 2: items keyed by item_key(id) (1 numbered them), words as item rows, one file per fitted model.
+FORMAT_VERSION = 2
+META_FILE = "catalens.json"
+
+
+class FolderCatalog(Catalog):
+    """SQLite items, FAISS vectors and inverted files in one folder. Use ``open`` / ``create``."""
+
+    backend = "folder"
+
+    def __init__(self, root: Path, config: IndexConfig, meta: dict[str, Any]):
+        self.root = Path(root)
+        super().__init__(str(self.root), config, SqliteItemStore(self.root / "items.sqlite"), self.root / "models", meta)
+        self._vectors: dict[str, FaissVectorStore] = {}
+        if meta.get("format_version", 1) < FORMAT_VERSION:
+            self._upgrade()
+
+    # --- opening
+
+    @classmethod
+    def create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
+        root = Path(root)
+        if (root / META_FILE).exists():
+            raise IndexUnavailableError(f"{root}: an index already exists here")
+        root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        meta = {"format_version": FORMAT_VERSION, "config": config.to_json(), "dims": {}, "faiss_generation": {},
+                "counts": {"items": 0}, "created": now, "updated": now}
+        write_json_atomic(root / META_FILE, meta)
+        return cls(root, config, meta)
+
+    @classmethod
+    def open(cls, root: str | Path) -> FolderCatalog:
+        root = Path(root)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise IndexUnavailableError(f"{root}: no catalens index here (run 'catalens index CATALOG --index {root}')")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as error:
+            raise IndexUnavailableError(f"{meta_path}: unreadable index metadata ({error})") from None
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise IndexUnavailableError(
+                f"{root}: index format {meta['format_version']} is newer than this catalens ({FORMAT_VERSION})")
+        return cls(root, IndexConfig.from_json(meta.get("config", {})), meta)
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
+        root = Path(root)
+        if not (root / META_FILE).exists():
+            return cls.create(root, config)
+        catalog = cls.open(root)
+        if catalog.config.backbone != config.backbone:
+            catalog.close()
+            raise IndexUnavailableError(
+                f"{root}: index was built with backbone {catalog.config.backbone!r}, not {config.backbone!r}; "
+                "use another --index folder")
+        return catalog
+
+    def _upgrade(self) -> None:
+        """A format-1 index: the item store re-keyed itself on open; what was derived from the old
+        keys (FAISS files, visual words) is derived again, and models saved in the old file
+        format are named so they can be fitted again."""
+        log.warning("%s: upgrading the index from format %s to %s", self.root, self.meta.get("format_version", 1),
+                    FORMAT_VERSION)
+        for feature in list(self.meta.get("dims", {})):
+            (self.root / f"{feature}.faiss").unlink(missing_ok=True)
+        self.meta["faiss_generation"] = {}
+        stale = [name for name in ("local_vocab.npz", "local_words.npz", "autoencoder.pt", "top_block.pt",
+                                   "projection.pt", "projection.json") if (self.models_dir / name).exists()]
+        for name in stale:
+            (self.models_dir / name).rename(self.models_dir / f"{name}.format1")
+        if any(name in stale for name in ("autoencoder.pt", "top_block.pt", "projection.pt")):
+            log.warning("%s: models from the previous format were set aside (models/*.format1); fit them again "
+                        "with 'catalens train-ae' / 'catalens finetune'", self.root)
+        self.config.features = [name for name in self.config.features if name in ("deep", "colour", "sift", "style")]
+        self.meta["format_version"] = FORMAT_VERSION
+        self.refresh(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self.save()
+
+    # --- stores
+
+    @property
+    def generation(self) -> int:
+        return self.items.generation
+
+    def dims(self) -> dict[str, int]:
+        return dict(self.meta["dims"])
+
+    def set_dim(self, feature: str, dim: int) -> None:
+        known = self.meta["dims"].get(feature)
+        if known is not None and known != dim:
+            raise IndexUnavailableError(f"{self.root}: feature {feature!r} has {known} dims here, not {dim}")
+        self.meta["dims"][feature] = dim
+
+    def vectors(self, feature: str) -> FaissVectorStore:
+        """The FAISS index of ``feature``, loaded, or rebuilt from SQLite if it is stale."""
+        with self.lock:
+            if feature in self._vectors:
+                return self._vectors[feature]
+            dim = self.meta["dims"].get(feature)
+            if dim is None:
+                raise IndexUnavailableError(f"{self.root}: this index has no {feature!r} vectors")
+            path = self.root / f"{feature}.faiss"
+            if path.exists() and self.meta["faiss_generation"].get(feature) == self.generation:
+                store = FaissVectorStore.load(path, self.config.faiss_factory, search_params=self.config.faiss_search_params)
+            else:
+                store = self._rebuild(feature, dim)
+            self._vectors[feature] = store
+            return store
+
+    def _rebuild(self, feature: str, dim: int) -> FaissVectorStore:
+        keys, rows = vectors_of(self.items, feature, dim)
+        log.info("rebuilding %s.faiss from %d stored vectors", feature, len(keys))
+        store = self._new_vector_store(dim, len(keys))
+        if not store.is_trained:
+            store.train(rows)
+        store.add(keys, rows)
+        return store
+
+    def _new_vector_store(self, dim: int, expected_rows: int) -> FaissVectorStore:
+        factory = self.config.faiss_factory
+        store = FaissVectorStore(dim, factory, search_params=self.config.faiss_search_params)
+        if not store.is_trained and expected_rows < 40 * _nlist(factory):
+            log.warning("faiss %r needs more rows to train than the %d here; using Flat", factory, expected_rows)
+            store = FaissVectorStore(dim, "Flat")
+        return store
+
+    def words(self, feature: str) -> SqliteWordIndex:
+        return SqliteWordIndex(self.items, feature, self.cached)
+
+    # --- writes
+
+    def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
+        vectors: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        with self.lock:
+            for update in updates:
+                for name, row in update.rows.items():
+                    if isinstance(row, np.ndarray):
+                        self.set_dim(name, len(row))
+            keys = self.items.write(updates)
+            for key, update in zip(keys, updates, strict=True):
+                for name, row in update.rows.items():
+                    if isinstance(row, np.ndarray):
+                        vectors.setdefault(name, ([], []))[0].append(key)
+                        vectors[name][1].append(row)
+            # SQLite has committed; FAISS follows in memory and is saved by ``save`` (a crash
+            # before that is repaired from SQLite when the index is next opened).
+            for name, (added, rows) in vectors.items():
+                store = self.vectors(name)
+                store.remove(np.asarray(added, np.int64))
+                if store.is_trained:
+                    store.add(np.asarray(added, np.int64), np.stack(rows))
+        return keys
+
+    def delete(self, ids: Sequence[str]) -> np.ndarray:
+        keys = np.asarray(self.items.delete(ids), np.int64)
+        for feature in list(self.meta["dims"]):
+            self.vectors(feature).remove(keys)
+        return keys
+
+    def _prepare_replace(self, feature: str, dim: int, scalars: Sequence[str]) -> None:
+        self._vectors.pop(feature, None)
+        self.meta["faiss_generation"].pop(feature, None)
+        (self.root / f"{feature}.faiss").unlink(missing_ok=True)
+        self.meta["dims"][feature] = dim
+
+    def _reindex(self, feature: str) -> None:
+        self._vectors[feature] = self._rebuild(feature, self.meta["dims"][feature])
+
+    def save(self) -> None:
+        """Write every loaded FAISS index and the metadata file, each atomically.
+
+        An index type that needs training (IVF) is trained on all stored rows first.
+        """
+        with self.lock:
+            for feature, store in list(self._vectors.items()):
+                if not store.is_trained:
+                    self._vectors[feature] = store = self._rebuild(feature, self.meta["dims"][feature])
+            generation = self.generation
+            for feature, store in self._vectors.items():
+                store.save(self.root / f"{feature}.faiss")
+                self.meta["faiss_generation"][feature] = generation
+            self.meta["counts"] = {"items": self.items.count(), "failures": len(self.items.failures())}
+            self.meta["updated"] = time.time()
+            self.meta["config"] = self.config.to_json()
+            write_json_atomic(self.root / META_FILE, self.meta)
+
+    @property
+    def logs_dir(self) -> Path:
+        path = self.root / "logs"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["faiss_factory"] = self.config.faiss_factory
+        info["size_bytes"] = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return info
+
+
+def _nlist(factory: str) -> int:
+    """The number of coarse cells an IVF factory string asks for (0 for untrained kinds)."""
+    for part in factory.split(","):
+        if part.startswith("IVF"):
+            digits = "".join(ch for ch in part[3:] if ch.isdigit())
+            return int(digits) if digits else 0
+    return 0

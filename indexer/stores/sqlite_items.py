@@ -1,0 +1,270 @@
+"""The folder backend's ``ItemStore``: one SQLite file of items, feature rows and failures.
+
+SQLite is the folder index's source of truth: every write is one transaction, and the FAISS
+files and inverted files are rebuilt from it after a crash. A generation counter, bumped by
+every write, tells derived files and caches whether they are stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalens.datasets.catalog import CatalogItem
+from catalens.indexer.stores import Failure, ItemFilter, ItemRecord, ItemUpdate, item_key
+
+SCHEMA_VERSION = 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    image TEXT NOT NULL,
+    category TEXT NOT NULL DEFAULT '',
+    title TEXT NOT NULL DEFAULT '',
+    attributes TEXT NOT NULL DEFAULT '{}',
+    fingerprint TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_category ON items(category);
+CREATE TABLE IF NOT EXISTS features (
+    feature TEXT NOT NULL,
+    key INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (feature, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    source TEXT PRIMARY KEY,
+    item_id TEXT,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# SQLite's default limit on host parameters in one statement is 999.
+_CHUNK = 900
+
+
+def _record(row: sqlite3.Row) -> ItemRecord:
+    return ItemRecord(
+        key=row["key"], id=row["id"], image=row["image"], category=row["category"],
+        title=row["title"], attributes=json.loads(row["attributes"]), fingerprint=row["fingerprint"],
+    )
+
+
+def category_clause(prefix: str) -> tuple[str, tuple[str, ...]]:
+    """SQL matching a category path prefix on whole levels: 'Packages/Milk' is not 'Packages/Milky'."""
+    prefix = prefix.strip("/")
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "(category = ? OR category LIKE ? ESCAPE '\\')", (prefix, escaped + "/%")
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+class SqliteItemStore:
+    """Thread-safe ``ItemStore`` over one ``items.sqlite`` (WAL: readers never wait for a writer)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        fresh = not self._query("SELECT name FROM sqlite_master WHERE type='table' AND name='items'")
+        self._db.executescript(_SCHEMA)
+        if fresh:
+            self._set_state("schema", str(SCHEMA_VERSION))
+        elif self.schema_version < SCHEMA_VERSION:
+            self._migrate_keys()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing; bumps the generation that derived files are checked against."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute(
+                    "INSERT INTO state(name, value) VALUES('generation', '1') "
+                    "ON CONFLICT(name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def _state(self, name: str) -> str | None:
+        rows = self._query("SELECT value FROM state WHERE name = ?", (name,))
+        return rows[0]["value"] if rows else None
+
+    def _set_state(self, name: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO state(name, value) VALUES(?, ?)", (name, value))
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every write: what derived files (FAISS, inverted files) are checked against."""
+        return int(self._state("generation") or 0)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._state("schema") or 1)
+
+    def _migrate_keys(self) -> None:
+        """Schema 1 numbered items with a counter; now every backend keys them by ``item_key(id)``."""
+        with self._transaction() as db:
+            db.create_function("item_key", 1, item_key, deterministic=True)
+            db.execute("UPDATE features SET key = (SELECT item_key(items.id) FROM items WHERE items.key = features.key)")
+            db.execute("DELETE FROM features WHERE key IS NULL")
+            db.execute("UPDATE items SET key = item_key(id)")
+            db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+
+    # --- reading items
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM items")[0]["n"])
+
+    def records(self) -> dict[str, ItemRecord]:
+        return {row["id"]: _record(row) for row in self._query("SELECT * FROM items ORDER BY key")}
+
+    def items(self, keys: Iterable[int]) -> dict[int, ItemRecord]:
+        found: dict[int, ItemRecord] = {}
+        for chunk in _chunks([int(key) for key in keys]):
+            rows = self._query(f"SELECT * FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            found.update({row["key"]: _record(row) for row in rows})
+        return found
+
+    def item_by_id(self, item_id: str) -> ItemRecord | None:
+        rows = self._query("SELECT * FROM items WHERE id = ?", (item_id,))
+        return _record(rows[0]) if rows else None
+
+    def categories(self) -> dict[str, int]:
+        return {row["category"]: row["n"] for row in self._query("SELECT category, COUNT(*) AS n FROM items GROUP BY category")}
+
+    def category_filter(self, prefix: str) -> ItemFilter:
+        clause, params = category_clause(prefix)
+        keys = np.array([row["key"] for row in self._query(f"SELECT key FROM items WHERE {clause}", params)], np.int64)
+        return ItemFilter(keys=keys, category=prefix.strip("/"))
+
+    # --- reading rows
+
+    def row_keys(self, feature: str) -> set[int]:
+        return {int(row["key"]) for row in self._query("SELECT key FROM features WHERE feature = ?", (feature,))}
+
+    def rows(self, feature: str, keys: Iterable[int] | None = None) -> dict[int, bytes]:
+        if keys is None:
+            rows = self._query("SELECT key, data FROM features WHERE feature = ? ORDER BY key", (feature,))
+            return {row["key"]: row["data"] for row in rows}
+        found: dict[int, bytes] = {}
+        for chunk in _chunks([int(key) for key in keys]):
+            rows = self._query(
+                f"SELECT key, data FROM features WHERE feature = ? AND key IN ({','.join('?' * len(chunk))})",
+                (feature, *chunk),
+            )
+            found.update({row["key"]: row["data"] for row in rows})
+        return found
+
+    def keys_with_row_prefix(self, feature: str, prefix: bytes) -> set[int]:
+        """Keys whose ``feature`` row starts with ``prefix`` (which vocabulary words came from), unread."""
+        rows = self._query("SELECT key FROM features WHERE feature = ? AND substr(data, 1, ?) = ?",
+                           (feature, len(prefix), prefix))
+        return {int(row["key"]) for row in rows}
+
+    # --- writing
+
+    def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
+        keys = []
+        with self._transaction() as db:
+            for update in updates:
+                item, key = update.item, item_key(update.item.id)
+                db.execute(
+                    "INSERT OR REPLACE INTO items(key, id, image, category, title, attributes, fingerprint, updated_at) "
+                    "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, item.id, str(item.image), item.category, item.title,
+                     json.dumps(item.attributes, ensure_ascii=False), update.fingerprint, time.time()),
+                )
+                # Rows of the item's previous image (an anomaly score, words) go with it.
+                db.execute("DELETE FROM features WHERE key = ?", (key,))
+                db.executemany(
+                    "INSERT INTO features(feature, key, data) VALUES(?, ?, ?)",
+                    [(name, key, _blob(row)) for name, row in update.rows.items()],
+                )
+                db.execute("DELETE FROM failures WHERE item_id = ?", (item.id,))
+                keys.append(key)
+        return keys
+
+    def update_metadata(self, items: Sequence[CatalogItem]) -> None:
+        if not items:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE items SET category = ?, title = ?, attributes = ?, image = ?, updated_at = ? WHERE id = ?",
+                [(item.category, item.title, json.dumps(item.attributes, ensure_ascii=False), str(item.image),
+                  time.time(), item.id) for item in items],
+            )
+
+    def delete(self, ids: Sequence[str]) -> list[int]:
+        keys = []
+        with self._transaction() as db:
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                marks = ",".join("?" * len(chunk))
+                found = [int(row[0]) for row in db.execute(f"SELECT key FROM items WHERE id IN ({marks})", chunk)]
+                db.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
+                for key_chunk in _chunks(found):
+                    db.execute(f"DELETE FROM features WHERE key IN ({','.join('?' * len(key_chunk))})", key_chunk)
+                keys.extend(found)
+        return keys
+
+    def put_rows(self, feature: str, rows: dict[int, bytes]) -> None:
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO features(feature, key, data) VALUES(?, ?, ?)",
+                           [(feature, int(key), _blob(data)) for key, data in rows.items()])
+
+    def delete_rows(self, feature: str, keys: Collection[int]) -> None:
+        if not keys:
+            return
+        with self._transaction() as db:
+            db.executemany("DELETE FROM features WHERE feature = ? AND key = ?", [(feature, int(key)) for key in keys])
+
+    def delete_feature(self, feature: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM features WHERE feature = ?", (feature,))
+
+    # --- failures
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        if not failures:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO failures(source, item_id, reason, at) VALUES(?, ?, ?, ?)",
+                [(failure.source, failure.item_id, failure.reason, time.time()) for failure in failures],
+            )
+
+    def failures(self) -> list[Failure]:
+        return [Failure(row["source"], row["item_id"], row["reason"]) for row in self._query("SELECT * FROM failures ORDER BY source")]
+
+
+def _blob(row: np.ndarray | bytes) -> bytes:
+    return np.asarray(row, np.float32).tobytes() if isinstance(row, np.ndarray) else bytes(row)

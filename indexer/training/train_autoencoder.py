@@ -1,0 +1,85 @@
+"""``catalens train-ae``: fit the autoencoder on a catalog and re-code its items."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from catalens.indexer.features.autoencoder import (
+    FEATURE_NAME,
+    MODEL_FILE,
+    SCORE_FEATURE,
+    AutoencoderInputs,
+    extract_inputs,
+)
+from catalens.indexer.training.autoencoder import ConvAutoencoder, plot_loss
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "ae_training.ckpt"
+INPUTS_FILE = "ae_training_inputs.npz"
+LOSS_PLOT = "ae_loss.png"
+
+
+def train_autoencoder(
+    catalog: Catalog, epochs: int = 15, input_kind: str = "features", noise: float = 0.0, percentile: float = 95.0,
+    progress: bool = True, fresh: bool = False, **hyper: Any,
+) -> ConvAutoencoder:
+    """Fit the autoencoder on every indexed image, then re-code all items (the ``ae`` feature,
+    which joins the catalog's features) and store their anomaly scores.
+
+    Resumable: the extracted inputs and a per-epoch checkpoint stay in ``models_dir`` until the
+    run completes, so re-running the same command after an interruption continues where it
+    stopped.
+    """
+    models = Path(catalog.models_dir)
+    checkpoint, inputs_file = models / CHECKPOINT_FILE, models / INPUTS_FILE
+    if fresh:
+        checkpoint.unlink(missing_ok=True)
+        inputs_file.unlink(missing_ok=True)
+    # In id order: one catalog trains one model whichever backend holds it.
+    records = sorted(catalog.items.records().values(), key=lambda record: record.id)
+    if not records:
+        raise ValueError(f"{catalog.location}: the index has no items to train on")
+    keys = np.asarray([record.key for record in records], np.int64)
+    feeder = AutoencoderInputs(input_kind, catalog.feature("deep") if input_kind == "features" else None)
+    X = None
+    if inputs_file.is_file():
+        cached = np.load(inputs_file)
+        if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
+            X, keys = cached["x"], cached["keys"]
+            log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
+    if X is None:
+        X, positions, errors = extract_inputs(
+            feeder, [record.image for record in records], batch_size=catalog.config.batch_size,
+            num_workers=catalog.config.num_workers, progress=progress,
+        )
+        for error in errors.values():
+            log.warning("autoencoder: skipped %s", error)
+        keys = keys[positions]
+        np.savez(inputs_file, x=X, keys=keys, kind=np.asarray(input_kind))
+    model = ConvAutoencoder(input_kind=input_kind, epochs=epochs, noise=noise, percentile=percentile,
+                            checkpoint=checkpoint, progress=progress, **hyper)
+    model.fit(X)
+    codes, scores = model.transform(X), model.catalog_scores_
+    with catalog.lock:
+        catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores})
+        model.save(models / MODEL_FILE)
+        catalog.meta.setdefault("autoencoder", {}).update(
+            {"input": input_kind, "threshold": model.threshold_, "percentile": percentile, "epochs": epochs,
+             "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1]}
+        )
+        catalog.enable_feature(FEATURE_NAME)
+        catalog.save()
+    plot_loss(model.loss_history_, models / LOSS_PLOT)
+    checkpoint.unlink(missing_ok=True)
+    inputs_file.unlink(missing_ok=True)
+    return model
+
+

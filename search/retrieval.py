@@ -1,0 +1,114 @@
+"""Candidates and their evidence, per feature: k nearest neighbours of a global feature, words and
+geometric verification of a local one. Each is computed once per query and kept on it, so
+fusion and the single-feature modes share the work.
+
+The local side is the logo mode: a small crop of a logo finds the items that print it, because
+the word index only needs the crop's few words and RANSAC only needs a handful of inliers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from catalens.indexer.features import embed, l2_normalise
+from catalens.indexer.stores import ItemFilter, stack_rows
+from catalens.search.settings import SearchSettings
+from catalens.search.verification import Verification, verify
+
+if TYPE_CHECKING:
+    from catalens.search.engine import Query, SearchEngine
+
+
+# --- global features
+
+
+def query_vector(engine: SearchEngine, query: Query, feature: str) -> np.ndarray:
+    """The query's L2-normalised ``feature`` vector."""
+    key = f"vector:{feature}"
+    if key not in query.cache:
+        query.cache[key] = embed(engine.catalog.feature(feature), [query.image])[0]
+    return query.cache[key]
+
+
+def global_search(engine: SearchEngine, query: Query, feature: str, k: int,
+                  filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, cosines) of the ``k`` nearest items by ``feature``, best first."""
+    scores, keys = engine.catalog.vectors(feature).search(query_vector(engine, query, feature)[None], k, filter)
+    valid = keys[0] >= 0
+    return keys[0][valid], scores[0][valid]
+
+
+def candidate_cosines(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int]) -> dict[int, float]:
+    """Cosine of the query to each of ``keys`` by ``feature``, from the stored rows (absent rows are left out)."""
+    dim = engine.catalog.dims()[feature]
+    found, rows = stack_rows(engine.catalog.items.rows(feature, [int(key) for key in keys]), dim)
+    cosines = l2_normalise(rows) @ query_vector(engine, query, feature) if len(found) else np.zeros(0, np.float32)
+    return dict(zip(found.tolist(), cosines.tolist(), strict=True))
+
+
+# --- local features
+
+
+def query_descriptors(engine: SearchEngine, query: Query, feature: str) -> Any:
+    key = f"descriptors:{feature}"
+    if key not in query.cache:
+        query.cache[key] = engine.catalog.feature(feature).preparer(query.image)
+    return query.cache[key]
+
+
+def word_candidates(engine: SearchEngine, query: Query, feature: str, k: int,
+                    filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, tf-idf scores in (0, 1]) of the ``k`` items sharing the most weighted words with the query."""
+    key = f"words:{feature}"
+    if key not in query.cache:
+        query.cache[key] = engine.catalog.feature(feature).quantise(query_descriptors(engine, query, feature))
+    return engine.catalog.words(feature).search(query.cache[key], k, filter)
+
+
+def verified(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int],
+             settings: SearchSettings) -> dict[int, Verification]:
+    """Geometric verification of ``keys`` against the query, each pair once per query."""
+    cache: dict[int, Verification] = query.cache.setdefault(f"verified:{feature}", {})
+    todo = [int(key) for key in keys if int(key) not in cache]
+    if todo:
+        local = engine.catalog.feature(feature)
+        descriptors = query_descriptors(engine, query, feature)
+        stored = engine.catalog.items.rows(feature, todo)
+        for key in todo:
+            blob = stored.get(key)
+            cache[key] = (verify(descriptors, local.decode(blob), settings.geometry, settings.ratio)
+                          if blob is not None else Verification(0, 0))
+    return {int(key): cache[int(key)] for key in keys}
+
+
+def evidence(verification: Verification, settings: SearchSettings) -> float:
+    """A verified match as evidence in [0, 1]: zero below ``min_inliers`` (chance agreement)."""
+    if verification.inliers < settings.min_inliers:
+        return 0.0
+    return min(verification.inliers, settings.inlier_cap) / settings.inlier_cap
+
+
+def local_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter | None, settings: SearchSettings,
+                 features: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bag-of-words shortlist, its top ``local_verify_top`` re-ranked by RANSAC inliers.
+
+    A verified item scores its inliers plus its word score, so any verified match ranks above
+    every unverified one; the rest keep the word score (< 1). Several local features add up.
+    """
+    scores: dict[int, float] = {}
+    for feature in features or engine.catalog.local_features():
+        keys, word_scores = word_candidates(engine, query, feature, max(k, settings.local_verify_top), filter)
+        checks = verified(engine, query, feature, keys[: settings.local_verify_top], settings)
+        for key, word_score in zip(keys.tolist(), word_scores.tolist(), strict=True):
+            check = checks.get(key)
+            inliers = check.inliers if check is not None and check.inliers >= settings.min_inliers else 0
+            scores[key] = scores.get(key, 0.0) + inliers + word_score
+    if not scores:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    keys = np.fromiter(scores, np.int64, len(scores))
+    values = np.fromiter(scores.values(), np.float32, len(scores))
+    order = np.argsort(-values, kind="stable")[:k]
+    return keys[order], values[order]

@@ -1,0 +1,73 @@
+"""How searches run: one typed object, separate from how the index was built.
+
+``SearchSettings`` never freezes into the index: defaults here, then the ``[search]`` table of
+the configuration file, then ``CATALENS_SEARCH_<FIELD>`` variables, then what a request or a
+command line gives. The HTTP API takes per-request overrides of the fields that make sense per
+request (``k``, ``mode``, ``weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from catalens.indexer.config import ConfigError, read_toml_table
+
+
+class SearchSettings(BaseModel):
+    """Query-time settings; every default was measured on the grocery val split (bench_retrieval)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: str | None = Field(None, description="fused (default), local, or the name of a global feature (deep, colour, ...)")
+    k: int = Field(10, ge=1, le=1000, description="results per query")
+    # Weight of each feature in fused search; None takes each registered feature's default
+    # (deep 1.0, sift 0.2): a verified label match overrides a few hundredths of cosine.
+    weights: dict[str, float] | None = None
+    # How many candidates each global feature's kNN and each local feature's words contribute.
+    candidates: int = Field(40, ge=1)
+    word_candidates: int = Field(40, ge=1)
+    # How many of each candidate list are verified in fused search (~1 ms a candidate)...
+    verify_top: int = Field(20, ge=0)
+    # ...and of the bag-of-words list in local search.
+    local_verify_top: int = Field(40, ge=0)
+    # Fewer inliers than this is chance agreement (non-matching grocery pairs give 4-7).
+    min_inliers: int = Field(8, ge=1)
+    # Inliers beyond this count as certain: evidence is min(inliers, cap) / cap.
+    inlier_cap: int = Field(30, ge=1)
+    geometry: Literal["similarity", "affine", "homography"] = "similarity"
+    ratio: float = Field(0.8, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
+
+    def merged(self, **overrides: Any) -> SearchSettings:
+        """These settings with ``overrides`` (None values ignored), validated."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return SearchSettings(**{**self.model_dump(), **given}) if given else self
+
+
+def _layer(values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
+    merged = {**base, **values}
+    try:
+        SearchSettings(**merged)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in issue['loc']) or 'value'}: {issue['msg']}" for issue in error.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+    return merged
+
+
+def load_search_settings(path: str | Path | None = None, **overrides: Any) -> SearchSettings:
+    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[search]``, then ``CATALENS_SEARCH_<FIELD>``, then overrides."""
+    values: dict[str, Any] = {}
+    path = path or os.environ.get("CATALENS_CONFIG")
+    if path:
+        values = _layer(read_toml_table(path, "search"), f"{path} [search]", values)
+    for name in SearchSettings.model_fields:
+        raw = os.environ.get(f"CATALENS_SEARCH_{name.upper()}")
+        if raw is not None:
+            value: Any = json.loads(raw) if name == "weights" else raw
+            values = _layer({name: value}, f"CATALENS_SEARCH_{name.upper()}", values)
+    values = _layer({key: value for key, value in overrides.items() if value is not None}, "arguments", values)
+    return SearchSettings(**values)
