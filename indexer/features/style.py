@@ -1,0 +1,106 @@
+"""The ``style`` global feature: Gram matrices of the backbone's early feature maps, as in neural style transfer.
+
+A Gram matrix holds which low-level filters fire together across the whole image, whatever
+the layout: the palette, strokes and textures of a package design, not the product's shape. It
+is meant for "more from this brand's line": products that share a design language (every Arla
+carton, every Tropicana bottle). Each chosen stage's maps (averaged down to at most
+``max_channels`` channels, so the vector stays small) give the C x C covariance of the channels
+over positions; its upper triangle, signed-square-rooted, is concatenated over stages and
+L2-normalised. ``IndexConfig.feature_options["style"]["stages"]``
+picks the stages (``benchmarks/bench_style.py`` measures the choice).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from catalens.indexer.backbones import Backbone, get_backbone
+from catalens.indexer.features import l2_normalise, register_feature
+from catalens.indexer.features.deep import DeepPreparer, resolve_device
+from catalens.indexer.runtime import compile_network
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+
+# EfficientNet-Lite0 stages 9 and 12 end blocks 8 and 11 (112 and 192 channels, at 1/16 of the
+# input). Measured with bench_style.py: centred Gram matrices of these late stages found brand
+# lines best; early stages (blocks 1 and 3) and uncentred matrices fell far below; averaging
+# channels down to 48 keeps the vector at 1,879 numbers and costs some of that.
+DEFAULT_STAGES = (9, 12)
+MAX_CHANNELS = 48
+
+
+class GramVectors(nn.Module):
+    """Images to the concatenated upper triangles of the Gram matrices at ``stages``."""
+
+    def __init__(self, backbone: Backbone, stages: tuple[int, ...], input_size: int = 224,
+                 max_channels: int = MAX_CHANNELS):
+        super().__init__()
+        self.layers = nn.ModuleList(backbone.stages()[: max(stages) + 1])
+        self.taps = sorted(stages)
+        self.groups: dict[int, tuple[int, int]] = {}
+        # Per tapped stage: how channels are averaged in groups, and where the upper triangle lies
+        # in the flattened C x C matrix; fixed here, since OpenVINO converts a fixed gather and
+        # not torch.triu_indices.
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, input_size, input_size)
+            for index, layer in enumerate(self.layers):
+                x = layer(x)
+                if index in self.taps:
+                    group = -(-x.shape[1] // max_channels)
+                    channels = x.shape[1] // group
+                    self.groups[index] = (channels, group)
+                    rows, cols = torch.triu_indices(channels, channels)
+                    self.register_buffer(f"upper{index}", rows * channels + cols)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grams, x = [], images
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index in self.taps:
+                channels, group = self.groups[index]
+                maps = x[:, : channels * group].flatten(2)
+                maps = maps.reshape(maps.shape[0], channels, group, maps.shape[-1]).mean(dim=2)
+                maps = maps - maps.mean(dim=2, keepdim=True)
+                gram = (maps @ maps.transpose(1, 2) / maps.shape[-1]).flatten(1)
+                upper = torch.index_select(gram, 1, getattr(self, f"upper{index}"))
+                grams.append(torch.sign(upper) * torch.sqrt(torch.abs(upper)))
+        return torch.cat(grams, dim=1)
+
+
+class StyleFeature:
+    """Gram vectors of the backbone's early stages as a ``GlobalFeature``."""
+
+    name = "style"
+
+    def __init__(self, backbone: str = "efficientnet_lite0", stages: tuple[int, ...] = DEFAULT_STAGES,
+                 runtime: str = "auto", device: str = "auto", pretrained: bool = True):
+        spec = get_backbone(backbone)
+        network = spec.create(pretrained=pretrained)
+        device_ = resolve_device(device)
+        module = GramVectors(network, tuple(stages), spec.input_size).to(device_)
+        with torch.inference_mode():
+            self.dim = int(module(torch.zeros(1, 3, spec.input_size, spec.input_size, device=device_)).shape[1])
+        # The conversion is cached by what the module computes: bump the "v" when that changes.
+        key = f"{backbone}-style-v2-{'-'.join(map(str, stages))}" if pretrained else None
+        self._network, _ = compile_network(module, spec.input_size, runtime, device_, key)
+        self.preparer = DeepPreparer(spec)
+        self.draft_size = spec.input_size * 2
+
+    def finish(self, prepared: list[Any]) -> np.ndarray:
+        if not prepared:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(self._network(np.stack(prepared)))
+
+
+@register_feature("style", "global", description="Gram matrices of early backbone layers: a product line's design")
+def build_style(catalog: Catalog) -> StyleFeature:
+    options = dict(catalog.config.feature_options.get("style", {}))
+    stages = tuple(options.pop("stages", DEFAULT_STAGES))
+    if options:
+        raise ValueError(f"unknown style settings: {', '.join(sorted(options))} (known: stages)")
+    return StyleFeature(catalog.config.backbone, stages, catalog.config.runtime)

@@ -1,0 +1,70 @@
+"""Features by registry: what the configuration lists is extracted, stored and searchable by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.features import (
+    UnknownFeatureError,
+    feature_spec,
+    feature_weights,
+    l2_normalise,
+    list_features,
+    register_feature,
+)
+from catalens.indexer.pipeline import index_catalog
+from catalens.search.engine import SearchEngine
+
+
+def test_the_registry_lists_every_feature_module_with_its_kind():
+    assert {"deep", "colour", "sift", "style", "ae", "deep_ft", "deep_head"} <= set(list_features())
+    assert feature_spec("sift").kind == "local" and feature_spec("style").kind == "global"
+    assert feature_spec("ae").fitted_by == "catalens train-ae"
+    with pytest.raises(UnknownFeatureError, match="unknown feature 'texture'; available: ae"):
+        feature_spec("texture")
+
+
+def test_default_weights_let_a_fitted_feature_stand_in_where_it_has_a_weight():
+    specs = [feature_spec(name) for name in ("deep", "colour", "sift", "deep_ft")]
+    assert feature_weights(specs, "search") == {"deep": 1.0, "sift": 0.2}  # deep_ft has no search weight
+    assert feature_weights(specs, "classify") == {"colour": 0.6, "deep_ft": 1.0}
+    assert feature_weights(specs, "search", {"deep": 1.0, "colour": 0.0}) == {"deep": 1.0}
+
+
+class MeanColour:
+    """A toy global feature defined outside catalens: the image's mean RGB."""
+
+    name, dim, draft_size = "mean_rgb", 3, 64
+
+    @staticmethod
+    def preparer(image: Image.Image) -> np.ndarray:
+        return np.asarray(image, np.float32).reshape(-1, 3).mean(axis=0)
+
+    def finish(self, prepared):
+        return l2_normalise(np.stack(prepared)) if prepared else np.zeros((0, 3), np.float32)
+
+
+def test_a_registered_feature_is_indexed_and_searchable_by_its_name_from_configuration_alone(
+        tiny_catalog, tmp_path, monkeypatch):
+    from catalens.indexer import features
+
+    monkeypatch.setitem(features._REGISTRY, "mean_rgb", None)  # the registration is undone after the test
+    register_feature("mean_rgb", "global", dim=3)(lambda catalog: MeanColour())
+    config = IndexConfig(num_workers=0, features=["deep", "style", "mean_rgb"])
+    index_catalog(tiny_catalog, tmp_path / "idx", config, progress=False)
+    catalog = open_catalog(tmp_path / "idx")
+    try:
+        assert catalog.dims()["mean_rgb"] == 3 and catalog.vectors("mean_rgb").ntotal == 12
+        assert catalog.dims()["style"] == feature_spec("style").build(catalog).dim
+        engine = SearchEngine(catalog)
+        assert {"fused", "deep", "style", "mean_rgb"} <= set(engine.modes()) and "local" not in engine.modes()
+        query = sorted(tiny_catalog.rglob("*.jpg"))[4]
+        for mode in ("style", "mean_rgb"):
+            top = engine.search([query], k=1, mode=mode)[0].results[0]
+            assert top.id.endswith(query.name) and top.score == pytest.approx(1.0, abs=1e-4)
+    finally:
+        catalog.close()
