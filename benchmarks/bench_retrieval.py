@@ -24,7 +24,7 @@ from PIL import Image
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, split_photos
-from catalens.indexer.catalog import open_catalog
+from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_rgb
 from catalens.indexer.pipeline import index_catalog

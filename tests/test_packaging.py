@@ -34,3 +34,11 @@ def test_indexer_never_imports_search_or_api_and_search_never_imports_api():
                 if module and module.startswith("catalens.") and order.get(module.split(".")[1], 0) > rank:
                     upward.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not upward, upward
+
+
+def test_every_benchmark_imports_and_has_a_main():
+    import importlib
+
+    for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        module = importlib.import_module(f"benchmarks.{path.stem}")
+        assert callable(getattr(module, "main", None)), path.name
