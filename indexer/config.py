@@ -7,10 +7,12 @@ never freezes into the index.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -63,18 +65,14 @@ class IndexConfig(BaseModel):
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
-def _env_value(name: str, raw: str) -> Any:
-    """``CATALENS_FEATURES=deep,colour`` is a list; everything else pydantic converts."""
-    if name == "features":
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    return raw
+M = TypeVar("M", bound=BaseModel)
 
 
-def _validated(values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
+def _validated(model: type[BaseModel], values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
     """``base`` updated with ``values``, checked now so that an error names ``source``."""
     merged = {**base, **values}
     try:
-        IndexConfig(**merged)
+        model(**merged)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in issue['loc']) or 'value'}: {issue['msg']}"
@@ -102,20 +100,36 @@ def read_toml_table(path: str | Path, table: str) -> dict[str, Any]:
     return values
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
-    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides.
+def load_layered(model: type[M], table: str, env_prefix: str, path: str | Path | None = None,
+                 env_value: Callable[[str, str], Any] = lambda name, raw: raw, **overrides: Any) -> M:
+    """``model`` from its defaults, then table ``[table]`` of ``path`` (or ``$CATALENS_CONFIG``), then
+    ``<env_prefix><FIELD>`` variables, then ``overrides`` (None values ignored).
 
     Each layer is checked on its own, so a typo or a bad value is reported with where it came
-    from (``ConfigError``).
+    from (``ConfigError``). ``env_value`` turns a variable's text into the field's value where
+    pydantic's own conversion would not (a comma-separated list, JSON).
     """
     values: dict[str, Any] = {}
     path = path or os.environ.get("CATALENS_CONFIG")
     if path:
-        values = _validated(read_toml_table(path, "index"), f"{path} [index]", values)
-    for name in IndexConfig.model_fields:
-        raw = os.environ.get(f"CATALENS_{name.upper()}")
-        if raw is not None and name != "feature_options":
-            values = _validated({name: _env_value(name, raw)}, f"CATALENS_{name.upper()}", values)
+        values = _validated(model, read_toml_table(path, table), f"{path} [{table}]", values)
+    for name in model.model_fields:
+        raw = os.environ.get(f"{env_prefix}{name.upper()}")
+        if raw is not None:
+            values = _validated(model, {name: env_value(name, raw)}, f"{env_prefix}{name.upper()}", values)
     given = {key: value for key, value in overrides.items() if value is not None}
-    values = _validated(given, "arguments", values)
-    return IndexConfig(**values)
+    return model(**_validated(model, given, "arguments", values))
+
+
+def _index_env_value(name: str, raw: str) -> Any:
+    """``CATALENS_FEATURES=deep,colour`` is a list, ``CATALENS_FEATURE_OPTIONS`` JSON."""
+    if name == "features":
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if name == "feature_options":
+        return json.loads(raw)
+    return raw
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
+    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides."""
+    return load_layered(IndexConfig, "index", "CATALENS_", path, _index_env_value, **overrides)

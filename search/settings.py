@@ -9,13 +9,12 @@ request (``k``, ``mode``, ``weights``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from catalens.indexer.config import ConfigError, read_toml_table
+from catalens.indexer.config import load_layered
 
 
 class SearchSettings(BaseModel):
@@ -48,26 +47,7 @@ class SearchSettings(BaseModel):
         return SearchSettings(**{**self.model_dump(), **given}) if given else self
 
 
-def _layer(values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
-    merged = {**base, **values}
-    try:
-        SearchSettings(**merged)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in issue['loc']) or 'value'}: {issue['msg']}" for issue in error.errors())
-        raise ConfigError(f"{source}: {problems}") from None
-    return merged
-
-
 def load_search_settings(path: str | Path | None = None, **overrides: Any) -> SearchSettings:
     """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[search]``, then ``CATALENS_SEARCH_<FIELD>``, then overrides."""
-    values: dict[str, Any] = {}
-    path = path or os.environ.get("CATALENS_CONFIG")
-    if path:
-        values = _layer(read_toml_table(path, "search"), f"{path} [search]", values)
-    for name in SearchSettings.model_fields:
-        raw = os.environ.get(f"CATALENS_SEARCH_{name.upper()}")
-        if raw is not None:
-            value: Any = json.loads(raw) if name == "weights" else raw
-            values = _layer({name: value}, f"CATALENS_SEARCH_{name.upper()}", values)
-    values = _layer({key: value for key, value in overrides.items() if value is not None}, "arguments", values)
-    return SearchSettings(**values)
+    return load_layered(SearchSettings, "search", "CATALENS_SEARCH_", path,
+                        lambda name, raw: json.loads(raw) if name == "weights" else raw, **overrides)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from catalens.api.cli.arguments import (
     UsageError,
@@ -16,6 +18,40 @@ from catalens.api.cli.arguments import (
 from catalens.api.tables import format_table
 
 
+def print_results(results: Iterable, as_json: bool, render: Callable[[Any], None]) -> int:
+    """Each query's result as a JSON line, an error line, or ``render``-ed; returns how many failed."""
+    failed = 0
+    for result in results:
+        failed += result.error is not None
+        if as_json:
+            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+        elif result.error:
+            print(f"{result.query}: error: {result.error}")
+        else:
+            render(result)
+    return failed
+
+
+def _search_table(result) -> None:
+    print(f"\n{result.query}")
+    rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
+    print(format_table(["#", "id", "score", "category", "title"], rows))
+
+
+def _classify_table(result) -> None:
+    print(f"\n{result.query}: {result.category}")
+    rows = [(depth, level.name, f"{level.confidence:.2f}") for depth, level in enumerate(result.levels, 1)]
+    if rows:
+        print(format_table(["level", "category", "confidence"], rows))
+    print("nearest items: " + ", ".join(result.neighbours))
+
+
+def _anomaly_line(result) -> None:
+    verdict = "ANOMALOUS" if result.anomalous else "normal"
+    extra = f"  heatmap {result.heatmap}" if result.heatmap else ""
+    print(f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     queries = read_queries(args)
     if args.k < 1:
@@ -23,16 +59,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
         service.engine.check_mode(args.mode)
-        for result in service.search(queries, category=args.category, k=args.k, mode=args.mode):
-            if args.json:
-                print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-            elif result.error:
-                print(f"{result.query}: error: {result.error}")
-            else:
-                print(f"\n{result.query}")
-                rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title)
-                        for rank, hit in enumerate(result.results, 1)]
-                print(format_table(["#", "id", "score", "category", "title"], rows))
+        results = service.search(queries, category=args.category, k=args.k, mode=args.mode)
+        print_results(results, args.json, _search_table)
+        for result in results:
             if args.explain and not result.error:
                 service.explain(result, Path(args.explain))
     finally:
@@ -43,20 +72,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     queries = read_queries(args)
     service = open_service(args)
-    failed = 0
     try:
-        for result in service.classify(queries):
-            failed += result.error is not None
-            if args.json:
-                print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-            elif result.error:
-                print(f"{result.query}: error: {result.error}")
-            else:
-                print(f"\n{result.query}: {result.category}")
-                rows = [(depth, level.name, f"{level.confidence:.2f}") for depth, level in enumerate(result.levels, 1)]
-                if rows:
-                    print(format_table(["level", "category", "confidence"], rows))
-                print("nearest items: " + ", ".join(result.neighbours))
+        failed = print_results(service.classify(queries), args.json, _classify_table)
     finally:
         service.close()
     return 1 if failed and failed == len(queries) else 0
@@ -78,15 +95,7 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
                         for rank, e in enumerate(entries, 1)]
                 print(format_table(["#", "score", "anomalous", "category", "id"], rows))
             return 0
-        for result in service.anomaly(read_queries(args), heatmaps=args.heatmaps):
-            if args.json:
-                print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-            elif result.error:
-                print(f"{result.query}: error: {result.error}")
-            else:
-                verdict = "ANOMALOUS" if result.anomalous else "normal"
-                extra = f"  heatmap {result.heatmap}" if result.heatmap else ""
-                print(f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}")
+        print_results(service.anomaly(read_queries(args), heatmaps=args.heatmaps), args.json, _anomaly_line)
         return 0
     finally:
         service.close()
