@@ -110,12 +110,8 @@ class CatalogService:
 
         return train_autoencoder(self.catalog, **options)
 
-    def finetune(self, top_block: bool = False, epochs: int | None = None, steps: int = 300, progress: bool = True):
-        """The projection head for search (default), or the fine-tuned top stages (``top_block``)."""
-        if top_block:
-            from catalens.indexer.training.top_blocks import finetune_top_stages
+    def finetune(self, steps: int | None = None, progress: bool = True):
+        """Adapt the network to the catalog's products; search and classification use it where it helps."""
+        from catalens.indexer.training.adaptation import adapt_catalog
 
-            return finetune_top_stages(self.catalog, epochs=epochs, progress=progress)
-        from catalens.indexer.training.projection import fit_projection
-
-        return fit_projection(self.catalog, steps=steps)
+        return adapt_catalog(self.catalog, steps=steps, progress=progress)

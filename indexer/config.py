@@ -27,6 +27,9 @@ class IndexConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     backbone: str = "efficientnet_lite0"
+    # How pixels are scaled for the backbone: auto (as its weights were trained), imagenet or
+    # symmetric ([-1, 1]). Indexes from before this setting used imagenet and keep it.
+    input_scaling: Literal["auto", "imagenet", "symmetric"] = "auto"
     # The features every image gets (indexer/features/: one module each). Features fitted on
     # the catalog (ae, deep_ft, ...) join the list when their model is trained.
     features: list[str] = Field(default_factory=lambda: ["deep", "colour", "sift"])
@@ -61,6 +64,7 @@ class IndexConfig(BaseModel):
         if "local" in extra:
             data.setdefault("feature_options", {}).setdefault("sift", dict(extra["local"]))
         data["features"] = features
+        data.setdefault("input_scaling", "imagenet")
         known = set(cls.model_fields)
         return cls(**{key: value for key, value in data.items() if key in known})
 

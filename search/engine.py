@@ -21,6 +21,7 @@ from catalens.indexer.catalog import Catalog
 from catalens.indexer.features import feature_spec, feature_weights
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import ItemFilter
+from catalens.search.products import rank_products
 from catalens.search.settings import SearchSettings
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,21 @@ class SearchEngine:
             if filter is not None and filter.empty:
                 results.append(QueryResult(query=name, results=[]))
                 continue
-            keys, scores = self.rank(Query(image, name), mode, settings.k, filter, settings)
+            keys, scores = self.rank_products(Query(image, name), mode, settings.k, filter, settings)
             results.append(QueryResult(query=name, results=self.hits(keys, scores)))
         return results
+
+    def rank_products(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
+                      settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``rank``, then every photo of a product counted and, if asked, one hit a product."""
+        settings = settings or self.settings
+        if not settings.collapse and not settings.product_weight:
+            return self.rank(query, mode, k, filter, settings)
+        # Enough candidates that k products survive collapsing several photos of each.
+        keys, scores = self.rank(query, mode, max(k * (5 if settings.collapse else 1), settings.candidates), filter, settings)
+        keys, scores = rank_products(keys, scores, self.catalog.items.items(keys.tolist()), settings.product_weight,
+                                     settings.product_votes, settings.collapse)
+        return keys[:k], scores[:k]
 
     def rank(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
              settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,11 @@ class SearchSettings(BaseModel):
     # Inliers beyond this count as certain: evidence is min(inliers, cap) / cap.
     inlier_cap: int = Field(30, ge=1)
     geometry: Literal["similarity", "affine", "homography"] = "similarity"
+    # Product-level ranking (search/products.py): a product scores its best item plus this
+    # weight times its next product_votes - 1 items; collapse shows each product once.
+    product_weight: float = Field(0.0, ge=0)
+    product_votes: int = Field(5, ge=1)
+    collapse: bool = Field(False, description="one result per product (its best item)")
     ratio: float = Field(0.8, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
 
     def merged(self, **overrides: Any) -> SearchSettings:

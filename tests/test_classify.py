@@ -1,4 +1,4 @@
-"""The few-shot hierarchical classifier, the finetuned projection head and the classify CLI."""
+"""The few-shot hierarchical classifier, the network adapted to the catalog (finetune), and the classify CLI."""
 
 from __future__ import annotations
 
@@ -106,33 +106,6 @@ def test_result_json_matches_the_contract():
     assert ClassifyResult("bad.jpg", error="cannot decode").to_json() == {"query": "bad.jpg", "error": "cannot decode"}
 
 
-def test_triplet_head_separates_classes_the_raw_features_confuse():
-    from catalens.indexer.training.projection import TripletProjection
-
-    rng = np.random.default_rng(5)
-    # Two classes that differ only in 2 of 64 dims, drowned by shared noise in the rest.
-    base = np.abs(rng.normal(size=64)) + 1
-    rows, labels = [], []
-    for label in range(2):
-        for _ in range(40):
-            row = base + 0.6 * rng.normal(size=64)
-            row[label] += 1.5
-            rows.append(np.abs(row))
-            labels.append(f"C/{label}")
-    rows, labels = np.array(rows, dtype=np.float32), np.array(labels)
-    head = TripletProjection(out_dim=16, hidden=64, steps=100, classes_per_batch=2, per_class=8).fit(rows[::2], labels[::2])
-    assert head.losses_[-1] < head.losses_[0]
-    test, test_labels = head.transform(rows[1::2]), labels[1::2]
-    train = head.transform(rows[::2])
-    nearest = (test @ train.T).argmax(axis=1)
-    raw_train, raw_test = rows[::2] / np.linalg.norm(rows[::2], axis=1, keepdims=True), rows[1::2]
-    raw_nearest = (raw_test @ raw_train.T).argmax(axis=1)
-    head_accuracy = (labels[::2][nearest] == test_labels).mean()
-    assert head_accuracy >= 0.85
-    assert head_accuracy > (labels[::2][raw_nearest] == test_labels).mean()
-    assert np.allclose(np.linalg.norm(test, axis=1), 1.0, atol=1e-5)
-
-
 @pytest.fixture()
 def tiny_index(tiny_catalog, tmp_path):
     from catalens.indexer.config import IndexConfig
@@ -176,31 +149,6 @@ def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
     results = classify(index, [photo.path for photo in sample])
     top = np.mean([r.category.split("/")[0] == p.top for r, p in zip(results, sample, strict=True)])
     assert top >= 0.85
-
-
-def test_finetune_cli_reports_and_stores_the_head_only_where_it_helps(tiny_index, tiny_catalog, capsys):
-    from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
-    from catalens.indexer.training.projection import HEAD_FEATURE, HEAD_FILE
-    from catalens.search.engine import SearchEngine
-
-    assert main(["finetune", "--index", str(tiny_index), "--steps", "20", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert {"search_raw", "search_projected", "kept"} <= set(report)
-    assert report["kept"] == (report["search_projected"] >= report["search_raw"] + 0.005)
-    index = open_catalog(tiny_index)
-    try:
-        assert (index.models_dir / HEAD_FILE).is_file() == report["kept"] == (HEAD_FEATURE in index.config.features)
-        engine = SearchEngine(index)
-        if report["kept"]:  # kept, it stands in for deep in search, and every item has its row
-            assert engine.weights() == {HEAD_FEATURE: 1.0, "sift": 0.2}
-            assert index.vectors(HEAD_FEATURE).ntotal == 12
-        else:
-            assert engine.weights() == {"deep": 1.0, "sift": 0.2}
-        query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
-        assert engine.search([query], k=1)[0].results[0].id.endswith(query.name)
-    finally:
-        index.close()
 
 
 def test_verified_evidence_overrides_a_close_feature_call():
@@ -247,19 +195,26 @@ def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog
     assert classify(index, [query])[0].category.startswith("Dairy/Yoghurt")
 
 
-def test_top_block_finetune_adds_rows_for_every_item_new_ones_too_and_classify_uses_them(tiny_index, tiny_catalog, capsys):
+def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(tiny_index, tiny_catalog, capsys,
+                                                                              monkeypatch):
     from catalens.api.cli import main
     from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.training import adaptation
     from catalens.search.classify import classify, fitted_classifier
+    from catalens.search.engine import SearchEngine
     from tests.conftest import draw_product
 
-    assert main(["finetune", "--index", str(tiny_index), "--top-block", "--epochs", "2", "--json"]) == 0
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)  # whatever the held-out slice says: this checks the plumbing
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["items"] == 12 and report["categories"] == 3
+    assert report["items"] == 12 and report["products"] == 3 and report["kept"] and report["steps"] == 4
+    assert report["held_out_kind"] == "views" and report["held_out"] > 0  # three products: too few to hold photos out
+    assert 0 <= report["frozen_accuracy"] <= 1 and 0 <= report["adapted_accuracy"] <= 1
     index = open_catalog(tiny_index)
-    assert len(index.items.row_keys("deep_ft")) == 12 and index.vectors("deep_ft").ntotal == 12
+    assert "deep_ft" in index.config.features and index.vectors("deep_ft").ntotal == 12
+    assert SearchEngine(index).weights() == {"deep_ft": 1.0, "sift": 0.2}  # it stands in for deep in search
     index.close()
 
     draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=77)
@@ -268,38 +223,75 @@ def test_top_block_finetune_adds_rows_for_every_item_new_ones_too_and_classify_u
     index = open_catalog(tiny_index)
     assert len(index.items.row_keys("deep_ft")) == 13
     fitted = fitted_classifier(index)
-    assert fitted.weights == {"deep_ft": 1.0, "colour": 0.6}  # the fine-tuned rows stand in for deep
-    assert fitted.classifier.support_.shape[1] == index.dims()["deep_ft"] + 192
+    assert fitted.weights == {"deep_ft": 1.0, "colour": 0.6}  # ...and in classification
     query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Milk")
+    assert SearchEngine(index).search([query], k=1, mode="deep_ft")[0].results[0].id.endswith(query.name)
+    index.close()
 
 
-def test_fine_tuned_top_keeps_which_stages_it_trained_and_loads_as_it_was_saved(tmp_path):
+def test_finetune_that_does_not_help_is_not_kept_and_removes_an_earlier_one(tiny_index, capsys, monkeypatch):
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.training import adaptation
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "2", "--json"]) == 0
+    monkeypatch.setattr(adaptation, "MIN_GAIN", 2.0)  # no accuracy can gain two whole units
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "2"]) == 0
+    assert "not kept" in capsys.readouterr().out
+    index = open_catalog(tiny_index)
+    try:
+        assert "deep_ft" not in index.config.features and not index.items.row_keys("deep_ft")
+        assert not (index.models_dir / adaptation.MODEL_FILE).exists()
+        assert index.meta["adaptation"]["kept"] is False
+    finally:
+        index.close()
+
+
+def test_adapted_top_loads_as_it_was_saved_and_an_older_file_says_what_to_do(tmp_path):
     from catalens.indexer.estimator import ModelFileError
-    from catalens.indexer.training.top_blocks import FineTunedTop
+    from catalens.indexer.training.adaptation import AdaptedTop
 
     rng = np.random.default_rng(0)
-    maps = rng.normal(size=(8, 2, 192, 8, 8)).astype(np.float16)  # the last two blocks both read 192 x 8 x 8
-    categories = ["A/x", "A/y"] * 4
-    model = FineTunedTop(epochs=1, progress=False, pretrained=False).fit(maps, categories)
+    maps = rng.normal(size=(8, 192, 8, 8)).astype(np.float16)  # what the last two blocks of lite0 read
+    model = AdaptedTop(steps=2, progress=False, pretrained=False).fit(maps, ["A/x", "A/y"] * 4)
     # EfficientNet-Lite0: stem, 16 blocks, head; the last three stages (blocks 14, 15, head) train.
-    assert model.first_stage_ == 15 and len(model.top_.stages) == 3
+    assert model.first_stage_ == 15 and len(model.top_.stages) == 3 and len(model.loss_history_) == 2
     model.save(tmp_path / "top.pt")
-    loaded = FineTunedTop.load(tmp_path / "top.pt")
+    loaded = AdaptedTop.load(tmp_path / "top.pt")
     assert loaded.first_stage_ == 15 and list(loaded.classes_) == ["A/x", "A/y"]
-    np.testing.assert_allclose(loaded.transform(maps), model.transform(maps), atol=1e-5)
-
-    one_block = FineTunedTop(first_stage=16, epochs=1, progress=False, pretrained=False).fit(maps, categories)
-    one_block.save(tmp_path / "one.pt")
-    assert len(FineTunedTop.load(tmp_path / "one.pt").top_.stages) == 2
+    pairs = maps.reshape(4, 2, 192, 8, 8)
+    np.testing.assert_allclose(loaded.transform(pairs), model.transform(pairs), atol=1e-5)
     (tmp_path / "old.pt").write_bytes(b"a file of an older catalens")
     with pytest.raises(ModelFileError, match="old.pt"):
-        FineTunedTop.load(tmp_path / "old.pt")
+        AdaptedTop.load(tmp_path / "old.pt")
 
 
-def test_top_block_training_length_grows_for_small_catalogs_within_a_cap():
-    from catalens.indexer.training.top_blocks import epochs_for
+def test_augmented_views_are_the_same_for_the_same_image_and_packshots_are_pasted():
+    from PIL import Image
 
-    assert epochs_for(2640, 64) == 6  # grocery's whole train split: 41 steps a pass
-    assert epochs_for(405, 64) == 12  # five photos per leaf: 6 steps a pass, 72 steps in all
-    assert epochs_for(12, 64) == 30  # a tiny catalog: one step a pass, capped
+    from catalens.indexer.backbones import get_backbone
+    from catalens.indexer.features.deep import DeepPreparer
+    from catalens.indexer.training.adaptation import AugmentedViews, is_packshot
+    from tests.conftest import textured_label
+
+    packshot = Image.new("RGB", (300, 300), (255, 255, 255))
+    packshot.paste(textured_label(3, size=160), (70, 70))
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 255, (320, 320, 3), dtype=np.uint8))  # a busy scene
+    assert is_packshot(packshot) and not is_packshot(photo)
+    views = AugmentedViews(DeepPreparer(get_backbone("efficientnet_lite0")), 3, 5, seed=0, cutouts=[], photos=[])
+    first, again = views(packshot), views(packshot)
+    assert first.shape == (2 + 5, 256, 256, 3) and first.dtype == np.uint8 and np.array_equal(first, again)
+    # The mirror image of the clean crop (to resampling's rounding): far closer to it flipped than as it is.
+    mirrored = np.abs(first[1].astype(int) - first[0][:, ::-1]).mean()
+    assert mirrored < np.abs(first[1].astype(int) - first[0]).mean() / 3
+    assert views(photo).shape[0] == 2 + 3
+    # Pasted on backgrounds: the views' borders are no longer the packshot's white.
+    assert np.mean([v[:8].mean() < 235 for v in first[2:]]) >= 0.6
+
+
+def test_adaptation_trains_longer_for_larger_catalogs_within_a_cap():
+    from catalens.indexer.training.adaptation import steps_for
+
+    assert steps_for(81) == 203 and steps_for(2721) == 308 and steps_for(1_000_000) == 600

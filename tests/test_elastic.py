@@ -1142,8 +1142,8 @@ def test_train_ae_and_anomaly_commands_take_the_elasticsearch_backend(server, es
     assert line["results"][0]["id"] == "item00.jpg"
 
 
-def test_top_block_finetune_and_classify_take_the_elasticsearch_backend(server, es_and_folder, tmp_path, monkeypatch, capsys):
-    """finetune --top-block maps deep_ft on the cluster before writing it; classify then reads it there."""
+def test_finetune_and_classify_take_the_elasticsearch_backend(server, es_and_folder, tmp_path, monkeypatch, capsys):
+    """finetune maps deep_ft on the cluster before writing it; classify then reads it there."""
     from catalens.api.cli import main
 
     cluster, es, _ = es_and_folder
@@ -1151,36 +1151,20 @@ def test_top_block_finetune_and_classify_take_the_elasticsearch_backend(server, 
     monkeypatch.setenv("CATALENS_ES_INDEX", "shop")
     monkeypatch.setenv("CATALENS_ES_STATE", str(es.state_dir))
     backend = ["--backend", "es", "--es-url", "http://localhost:9200"]
-    assert main(["finetune", *backend, "--top-block", "--epochs", "1", "--json"]) == 0
+    from catalens.indexer.training import adaptation
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)  # kept, whatever two steps achieve: this checks the plumbing
+    assert main(["finetune", *backend, "--steps", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["items"] == len(cluster.docs) == 13 and report["categories"] == 3
+    assert report["items"] == len(cluster.docs) == 13 and report["products"] == 3 and report["kept"]
     assert cluster.properties["deep_ft"]["dims"] == 1280
     assert all(len(doc["deep_ft"]) == 1280 for doc in cluster.docs.values())
-    assert (es.state_dir / "models" / "deep_ft_top.pt").is_file()
+    assert (es.state_dir / "models" / "deep_ft_adapted.pt").is_file()
     query = str(tmp_path / "catalog" / "item04.jpg")
     assert main(["classify", query, *backend, "--json"]) == 0
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # The query's own catalog photo is its nearest support item: queries and support share deep_ft.
     assert line["neighbours"][0] == "item04.jpg" and line["category"].split("/")[0] in {"Dairy", "Fruit", "unknown"}
-
-
-def test_the_projection_head_finetune_takes_the_elasticsearch_backend(server, es_and_folder, monkeypatch, capsys):
-    """``finetune`` (the search head) fits on the cluster's deep rows; kept, its rows are a field there."""
-    from catalens.api.cli import main
-
-    cluster, es, _ = es_and_folder
-    monkeypatch.delenv("CATALENS_ES_URL", raising=False)
-    monkeypatch.setenv("CATALENS_ES_INDEX", "shop")
-    monkeypatch.setenv("CATALENS_ES_STATE", str(es.state_dir))
-    assert main(["finetune", "--backend", "es", "--es-url", "http://localhost:9200", "--steps", "30", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["items"] == len(cluster.docs) == 13 and report["categories"] == 3
-    reopened = open_catalog(es.location)
-    try:
-        assert ("deep_head" in reopened.dims()) == ("deep_head" in reopened.config.features) == report["kept"]
-        assert len(reopened.items.row_keys("deep_head")) == (13 if report["kept"] else 0)
-    finally:
-        reopened.close()
 
 
 # --- indexing into Elasticsearch extracts every configured feature, as into a folder
@@ -1228,13 +1212,14 @@ def test_items_indexed_into_elasticsearch_after_training_get_autoencoder_codes(s
     assert catalog.items.row_keys("ae_score") == {item_key(item.id) for item in items}
 
 
-def test_items_indexed_into_elasticsearch_after_top_block_finetuning_get_deep_ft_rows(server, tmp_path, stand_in_deep):
-    from catalens.indexer.training.top_blocks import finetune_top_stages
+def test_items_indexed_into_elasticsearch_after_finetuning_get_deep_ft_rows(server, tmp_path, stand_in_deep, monkeypatch):
+    from catalens.indexer.training import adaptation
 
     items = [update.item for update in _product_updates(tmp_path / "catalog")]
     cluster, catalog = cluster_catalog(server, tmp_path, IndexConfig(features=["deep"], num_workers=0))
     index_catalog(items, catalog, progress=False)
-    finetune_top_stages(catalog, epochs=1, progress=False)
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)
+    assert adaptation.adapt_catalog(catalog, steps=2, progress=False).kept
     late = CatalogItem("late.jpg", items[0].image, "Fruit/Apple", "late", {})
     report = index_catalog([*items, late], catalog, progress=False)
     assert report.added == report.extracted == 1  # the others have their rows from fine-tuning

@@ -21,7 +21,7 @@ from catalens.search.engine import SearchEngine
 
 
 def test_the_registry_lists_every_feature_module_with_its_kind():
-    assert {"deep", "colour", "sift", "style", "ae", "deep_ft", "deep_head"} <= set(list_features())
+    assert {"deep", "colour", "sift", "style", "ae", "deep_ft"} <= set(list_features())
     assert feature_spec("sift").kind == "local" and feature_spec("style").kind == "global"
     assert feature_spec("ae").fitted_by == "catalens train-ae"
     with pytest.raises(UnknownFeatureError, match="unknown feature 'texture'; available: ae"):
@@ -29,9 +29,12 @@ def test_the_registry_lists_every_feature_module_with_its_kind():
 
 
 def test_default_weights_let_a_fitted_feature_stand_in_where_it_has_a_weight():
-    specs = [feature_spec(name) for name in ("deep", "colour", "sift", "deep_ft")]
-    assert feature_weights(specs, "search") == {"deep": 1.0, "sift": 0.2}  # deep_ft has no search weight
-    assert feature_weights(specs, "classify") == {"colour": 0.6, "deep_ft": 1.0}
+    specs = [feature_spec(name) for name in ("deep", "colour", "sift")]
+    assert feature_weights(specs, "search") == {"deep": 1.0, "sift": 0.2}
+    assert feature_weights(specs, "classify") == {"deep": 1.0, "colour": 0.6}
+    adapted = [*specs, feature_spec("deep_ft")]  # what finetune adds: it stands in for deep in both
+    assert feature_weights(adapted, "search") == {"sift": 0.2, "deep_ft": 1.0}
+    assert feature_weights(adapted, "classify") == {"colour": 0.6, "deep_ft": 1.0}
     assert feature_weights(specs, "search", {"deep": 1.0, "colour": 0.0}) == {"deep": 1.0}
 
 

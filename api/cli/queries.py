@@ -59,7 +59,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
         service.engine.check_mode(args.mode)
-        results = service.search(queries, category=args.category, k=args.k, mode=args.mode)
+        results = service.search(queries, category=args.category, k=args.k, mode=args.mode,
+                                 collapse=args.collapse or None)
         print_results(results, args.json, _search_table)
         for result in results:
             if args.explain and not result.error:
@@ -109,6 +110,8 @@ def register(commands) -> None:
     p.add_argument("--mode", default=None,
                    help="fused (default), local, or a global feature of the index: deep, colour, ae, ...")
     p.add_argument("--category", help="only items under this category path prefix")
+    p.add_argument("--collapse", action="store_true",
+                   help="one result per product (the item's 'product' attribute, else its category)")
     p.add_argument("--explain", metavar="OUT", help="folder for images showing why each result matched")
     p.add_argument("--config", help="TOML configuration file (its [search] table)")
     p.set_defaults(run=cmd_search)

@@ -37,31 +37,25 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
     service = open_service(args)
     try:
-        report = service.finetune(top_block=args.top_block, epochs=args.epochs, steps=args.steps, progress=not args.json)
+        report = service.finetune(steps=args.steps, progress=not args.json)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
         service.close()
-    if args.top_block:
-        if args.json:
-            print(json.dumps(report))
-        else:
-            print(f"fine-tuned the top stages on {report['items']} items in {report['categories']} categories "
-                  f"({report['epochs']} epochs, final loss {report['final_loss']:.3f}, {report['seconds']:.0f}s); "
-                  "classify now uses them")
-        return 0
     if args.json:
         print(json.dumps(report.to_json()))
         return 0
-    print(format_table(["held-out search (1-NN product accuracy)", "frozen features", "finetuned head"],
-                       [("", f"{report.search_raw:.3f}", f"{report.search_projected:.3f}")]))
-    kept = "kept: search and classify now use it" if report.kept else "not kept (it did not help; none stored)"
-    print(f"\n{report.items} items, {report.categories} categories, {report.holdout} held out; head {kept}; "
-          f"{report.seconds:.0f}s")
+    print(format_table(
+        [f"held-out {report.held_out_kind} ({report.held_out})", "frozen network", "adapted network"],
+        [("finds the right product", f"{100 * report.frozen_accuracy:.1f}%", f"{100 * report.adapted_accuracy:.1f}%")]))
+    verdict = ("kept: search and classification now use it" if report.kept
+               else "not kept (it did not find more products); the frozen network serves")
+    print(f"\n{report.items} items, {report.products} products, {report.views} views, {report.steps} steps, "
+          f"{report.seconds:.0f}s; {verdict}")
     return 0
 
 
@@ -78,12 +72,11 @@ def register(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_train_ae)
 
-    p = commands.add_parser("finetune", help="adapt the index's features to its catalog (CPU)")
+    p = commands.add_parser("finetune", help="adapt the network to the catalog's products, for search and classify (CPU)")
     add_location_arguments(p)
-    p.add_argument("--steps", type=int, default=300, help="projection head: training steps (default 300)")
-    p.add_argument("--top-block", action="store_true",
-                   help="instead: fine-tune the backbone's top stages on the categories (for classify)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="with --top-block: passes over the catalog (default: 6, more for small catalogs)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 200, more for larger catalogs, at most 600)")
+    # Before finetune did this by default, --top-block asked for the top stages alone.
+    p.add_argument("--top-block", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
     p.set_defaults(run=cmd_finetune)

@@ -84,6 +84,7 @@ def search_settings(
     k: Annotated[int, Form(ge=1, le=MAX_K, description="results per photo")] = 10,
     mode: Annotated[str | None, Form(description="fused (default), local, or a global feature: deep, colour, ...")] = None,
     weights: Annotated[str | None, Form(description='fused search: a JSON object of feature weights, e.g. {"deep": 1, "sift": 0.5}')] = None,
+    collapse: Annotated[bool | None, Form(description="one result per product (its best item)")] = None,
 ) -> SearchSettings:
     """The server's search settings with this request's ``k``, ``mode`` and ``weights``; what cannot be used is a 422."""
     from catalens.search.engine import ModeUnavailableError
@@ -92,11 +93,10 @@ def search_settings(
     if weights:
         try:
             parsed = json.loads(weights)
-            settings = state.service.settings.merged(k=k, mode=mode, weights=parsed)
-            state.service.engine.weights(settings)
+            state.service.engine.weights(state.service.settings.merged(weights=parsed))
         except (json.JSONDecodeError, ValidationError, ValueError) as error:
             raise HTTPException(422, f"weights: {str(error).splitlines()[0]}") from None
-    settings = state.service.settings.merged(k=k, mode=mode, weights=parsed)
+    settings = state.service.settings.merged(k=k, mode=mode, weights=parsed, collapse=collapse)
     try:
         state.service.engine.check_mode(settings.mode)
     except ModeUnavailableError as error:

@@ -1,7 +1,8 @@
-"""The ``deep_ft`` global feature: images through the frozen trunk and the top stages fine-tuned on the catalog.
+"""The ``deep_ft`` global feature: the network adapted to the catalog by ``catalens finetune``.
 
-``catalens finetune --top-block`` fits it (``catalens.indexer.training.top_blocks``); from then
-on new items get its rows at indexing time and classification uses it in place of ``deep``.
+Images go through the frozen trunk and the top stages trained on the catalog's products
+(``catalens.indexer.training.adaptation``). Where finetune keeps it, it stands in for ``deep`` in
+search and classification, and new items get its rows at indexing time.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from catalens.indexer.features import register_feature
-from catalens.indexer.training.top_blocks import FEATURE_NAME, MODEL_FILE, FineTunedTop, FrozenTrunk
+from catalens.indexer.training.adaptation import FEATURE_NAME, MODEL_FILE, AdaptedTop, FrozenTrunk
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
 
 
-class FineTunedDeep:
-    """Frozen trunk maps of the centre crop and its mirror, through the fine-tuned top."""
+class AdaptedDeep:
+    """Frozen trunk maps of the centre crop and its mirror, through the adapted top stages."""
 
     name = FEATURE_NAME
 
-    def __init__(self, model: FineTunedTop, trunk: FrozenTrunk):
+    def __init__(self, model: AdaptedTop, trunk: FrozenTrunk):
         if trunk.first_stage != model.first_stage_:
             raise ValueError(f"the trunk ends at stage {trunk.first_stage}, the model starts at {model.first_stage_}")
         self.model, self.trunk = model, trunk
@@ -35,9 +36,10 @@ class FineTunedDeep:
         return self.model.transform(self.trunk.finish(prepared))
 
 
-@register_feature(FEATURE_NAME, "global", model_file=MODEL_FILE, fitted_by="catalens finetune --top-block",
-                  replaces="deep", classify_weight=1.0,
-                  description="the backbone's top stages fine-tuned on the catalog's categories")
-def build_fine_tuned_deep(catalog: Catalog) -> FineTunedDeep:
-    model = FineTunedTop.load(catalog.models_dir / MODEL_FILE, progress=False)
-    return FineTunedDeep(model, FrozenTrunk(model.backbone, model.first_stage_, model.pretrained))
+@register_feature(FEATURE_NAME, "global", model_file=MODEL_FILE, fitted_by="catalens finetune", replaces="deep",
+                  search_weight=1.0, classify_weight=1.0,
+                  description="the backbone's top stages adapted to the catalog's products")
+def build_adapted_deep(catalog: Catalog) -> AdaptedDeep:
+    model = AdaptedTop.load(catalog.models_dir / MODEL_FILE, progress=False)
+    trunk = FrozenTrunk(model.backbone, model.first_stage_, model.pretrained, catalog.config.input_scaling)
+    return AdaptedDeep(model, trunk)

@@ -78,7 +78,7 @@ class StyleFeature:
     name = "style"
 
     def __init__(self, backbone: str = "efficientnet_lite0", stages: tuple[int, ...] = DEFAULT_STAGES,
-                 runtime: str = "auto", device: str = "auto", pretrained: bool = True):
+                 runtime: str = "auto", device: str = "auto", pretrained: bool = True, scaling: str = "auto"):
         spec = get_backbone(backbone)
         network = spec.create(pretrained=pretrained)
         device_ = resolve_device(device)
@@ -88,7 +88,7 @@ class StyleFeature:
         # The conversion is cached by what the module computes: bump the "v" when that changes.
         key = f"{backbone}-style-v2-{'-'.join(map(str, stages))}" if pretrained else None
         self._network, _ = compile_network(module, spec.input_size, runtime, device_, key)
-        self.preparer = DeepPreparer(spec)
+        self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
 
     def finish(self, prepared: list[Any]) -> np.ndarray:
@@ -103,4 +103,4 @@ def build_style(catalog: Catalog) -> StyleFeature:
     stages = tuple(options.pop("stages", DEFAULT_STAGES))
     if options:
         raise ValueError(f"unknown style settings: {', '.join(sorted(options))} (known: stages)")
-    return StyleFeature(catalog.config.backbone, stages, catalog.config.runtime)
+    return StyleFeature(catalog.config.backbone, stages, catalog.config.runtime, scaling=catalog.config.input_scaling)

@@ -45,6 +45,12 @@ class ItemRecord:
     fingerprint: str = ""
 
 
+def product_of(record: ItemRecord) -> str:
+    """The product an item shows: its ``product`` attribute where the catalog gives one, else its leaf category."""
+    product = record.attributes.get("product") if isinstance(record.attributes, dict) else None
+    return str(product) if product not in (None, "") else record.category
+
+
 @dataclass
 class ItemUpdate:
     """One item to write with what was extracted from its image.

@@ -1,1 +1,1 @@
-"""What is fitted on a catalog: the visual vocabulary, the autoencoder, the projection head, the fine-tuned top stages."""
+"""What is fitted on a catalog: the visual vocabulary, the autoencoder, the network adapted to the catalog (and the augmented views it learns from)."""

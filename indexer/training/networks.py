@@ -1,4 +1,4 @@
-"""The networks trained on a catalog: convolutional autoencoders (feature maps or pixels), the projection head."""
+"""The networks trained on a catalog: convolutional autoencoders of feature maps or pixels."""
 
 from __future__ import annotations
 
@@ -66,13 +66,3 @@ def build_autoencoder(input_kind: str, shape: tuple[int, ...], code_channels: in
         return PixelAutoencoder(channels, code_channels, width)
     raise ValueError(f"autoencoder input must be 'features' or 'pixels', not {input_kind!r}")
 
-
-class ProjectionHead(nn.Module):
-    """Linear, ReLU, linear, then L2: a small metric embedding of pooled descriptors."""
-
-    def __init__(self, dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.net(x), dim=1)

@@ -55,7 +55,7 @@ async def search(
         started = time.perf_counter()
         with state.rw.gen_rlock(), state.compute:
             result = state.service.search([upload.image], category=category, names=[upload.name],
-                                          **settings.model_dump(include={"k", "mode", "weights"}))[0]
+                                          **settings.model_dump(include={"k", "mode", "weights", "collapse"}))[0]
         return result, time.perf_counter() - started
 
     try:

@@ -1,0 +1,459 @@
+"""Adapting the network to the catalog (``catalens finetune``): the ``deep_ft`` embedding.
+
+Frozen ImageNet features do not know which details tell this catalog's products apart, nor
+what a shop photo of a packshot looks like. The backbone's top stages (for EfficientNet-Lite:
+its last two blocks and the head convolution; everything below frozen) are trained on the
+catalog's own products with a cosine classifier (normalised softmax, started at the products'
+mean frozen embeddings), on augmented views (``augment``): photos re-cropped, warped, re-lit,
+blurred; packshots cut out and pasted alone or in piles onto backgrounds. The frozen trunk runs
+once per view and its maps are kept, so training costs only the top of the network.
+
+Whether search and classification then use the adapted vectors is decided on a held-out slice
+of the catalog that training never saw: one photo of each product that has three or more, or,
+in a catalog of one image a product, augmented views drawn with another seed. The adapted
+embedding is kept only where it finds the right product more often than the frozen one
+(``benchmarks/bench_retrieval.py`` prints what it gains).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from catalens.indexer.backbones import Backbone, get_backbone
+from catalens.indexer.estimator import Estimator
+from catalens.indexer.features import l2_normalise
+from catalens.indexer.features.decode import iter_prepared
+from catalens.indexer.features.deep import DeepPreparer
+from catalens.indexer.runtime import compile_network
+from catalens.indexer.stores import product_of
+from catalens.indexer.training import augment
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+FEATURE_NAME = "deep_ft"
+MODEL_FILE = "deep_ft_adapted.pt"
+# The stages trained, counted from the end (EfficientNet-Lite: blocks 14, 15 and the head
+# convolution). Training from block 12 cost four times as long for no gain; the head alone lost.
+TRAINED_STAGES = 3
+# Augmented views per image: a product with several photos has its variety already (a packshot
+# among them gets a few more, pasted into scenes); a product with one image, a packshot
+# typically, has only what augmentation makes of it.
+PHOTO_VIEWS, PACKSHOT_VIEWS, SINGLE_VIEWS = 4, 8, 64
+# Share of training samples drawn from an item's clean view and its mirror image.
+CLEAN_SHARE = 0.25
+# Keep the adapted embedding where it gains at least this on the held-out slice.
+MIN_GAIN = 0.005
+
+
+def first_trained_stage(backbone: Backbone, trained_stages: int = TRAINED_STAGES) -> int:
+    stages = len(backbone.stages())
+    if stages <= trained_stages:
+        raise ValueError(f"this backbone has {stages} stages: too few to fine-tune the last {trained_stages} alone")
+    return stages - trained_stages
+
+
+def steps_for(n_items: int) -> int:
+    """Optimiser steps when none are asked for: 200 for a small catalog, growing with it, capped."""
+    return int(min(600, 200 + 0.04 * n_items))
+
+
+class TopStages(nn.Module):
+    """Copies of the backbone's stages from ``first_stage`` on, its pooling, and a cosine classifier.
+
+    ``pool`` is the frozen backbone's ``forward_head`` (no trained parameters of its own).
+    """
+
+    def __init__(self, backbone: Backbone, first_stage: int, n_classes: int, scale: float):
+        super().__init__()
+        self.stages = nn.ModuleList(copy.deepcopy(stage) for stage in backbone.stages()[first_stage:])
+        self.pool = backbone.forward_head
+        self.classes = nn.Parameter(torch.zeros(n_classes, backbone.num_features))
+        self.scale = scale
+
+    def embed(self, maps: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            maps = stage(maps)
+        return self.pool(maps)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        cosine = nn.functional.normalize(self.embed(maps), dim=1) @ nn.functional.normalize(self.classes, dim=1).T
+        return self.scale * cosine
+
+
+class FrozenTrunk:
+    """Images through the backbone's stages below ``first_stage``: the maps the top stages read.
+
+    ``maps(batch)`` runs a (n, 3, S, S) float32 batch; as a two-step feature (``preparer`` in the
+    decode workers, ``finish``) it gives (n, 2, C, H, W) maps of each image's centre crop and its
+    mirror image, which is what the adapted embedding of an item is made of.
+    """
+
+    def __init__(self, backbone: str, first_stage: int | None = None, pretrained: bool = True, scaling: str = "auto"):
+        spec = get_backbone(backbone)
+        self.preparer = DeepPreparer(spec, scaling)
+        self.draft_size = spec.input_size * 2
+        network = spec.create(pretrained=pretrained)
+        self.first_stage = first_trained_stage(network) if first_stage is None else first_stage
+        trunk = nn.Sequential(*network.stages()[: self.first_stage])
+        key = f"{backbone}-trunk{self.first_stage}" if pretrained else None
+        self.maps, _ = compile_network(trunk, spec.input_size, "auto", "cpu", key)
+
+    def finish(self, prepared: list[np.ndarray]) -> np.ndarray:
+        rows = [self.maps(np.stack([crop, np.ascontiguousarray(crop[:, :, ::-1])])) for crop in prepared]
+        return np.stack(rows).astype(np.float16)
+
+
+class AdaptedTop(Estimator):
+    """The top stages fitted on (trunk maps, product labels); ``transform`` gives item embeddings."""
+
+    fit_hint = "run 'catalens finetune' on the index"
+
+    def __init__(self, backbone: str = "efficientnet_lite0", first_stage: int | None = None, steps: int | None = None,
+                 batch_size: int = 64, lr: float = 3e-4, head_lr: float = 3e-3, scale: float = 16.0, seed: int = 0,
+                 progress: bool = True, pretrained: bool = True):
+        self.backbone, self.first_stage, self.steps, self.batch_size = backbone, first_stage, steps, batch_size
+        self.lr, self.head_lr, self.scale, self.seed = lr, head_lr, scale, seed
+        self.progress, self.pretrained = progress, pretrained
+
+    def _network(self) -> Backbone:
+        return get_backbone(self.backbone).create(pretrained=self.pretrained)
+
+    def fit(self, maps: np.ndarray, labels: Sequence[str], weights: np.ndarray | None = None) -> AdaptedTop:
+        """``maps``: (N, C, H, W) views; ``labels``: each view's product; ``weights``: how often each is drawn."""
+        from tqdm import tqdm
+
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        network = self._network()
+        self.first_stage_ = first_trained_stage(network) if self.first_stage is None else self.first_stage
+        self.classes_, targets = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+        top = TopStages(network, self.first_stage_, len(self.classes_), self.scale)
+        for parameter in top.parameters():
+            parameter.requires_grad_(True)
+        self._start_at_class_means(top, maps, targets, rng)
+        self.n_steps_ = self.steps or steps_for(len(maps))
+        probabilities = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+        body = [p for name, p in top.named_parameters() if name != "classes"]
+        optimiser = torch.optim.AdamW([{"params": body, "lr": self.lr}, {"params": [top.classes], "lr": self.head_lr}],
+                                      weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=[self.lr, self.head_lr],
+                                                       total_steps=self.n_steps_, pct_start=0.2)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+        targets_t = torch.from_numpy(targets.astype(np.int64))
+        top.train()
+        for module in top.modules():  # a catalog cannot re-estimate ImageNet's statistics
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        self.loss_history_: list[float] = []
+        batch = min(self.batch_size, len(maps))
+        with tqdm(total=self.n_steps_, unit="step", desc="adapting", disable=not self.progress, dynamic_ncols=True) as bar:
+            for _ in range(self.n_steps_):
+                rows = np.sort(rng.choice(len(maps), size=batch, replace=False, p=probabilities))
+                loss = loss_fn(top(torch.from_numpy(np.asarray(maps[rows], np.float32))), targets_t[rows])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                self.loss_history_.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.loss_history_[-1]:.3f}")
+        self.top_ = top.eval()
+        return self
+
+    @staticmethod
+    def _start_at_class_means(top: TopStages, maps: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> None:
+        """The classifier starts at each product's mean embedding: training starts near the answer."""
+        sample = np.sort(rng.choice(len(maps), size=min(len(maps), 3000), replace=False))
+        with torch.inference_mode():
+            embedded = torch.cat([top.embed(torch.from_numpy(np.asarray(maps[sample[i : i + 256]], np.float32)))
+                                  for i in range(0, len(sample), 256)])
+        sums = torch.zeros_like(top.classes)
+        sums.index_add_(0, torch.from_numpy(targets[sample].astype(np.int64)), nn.functional.normalize(embedded, dim=1))
+        top.classes.data.copy_(nn.functional.normalize(sums, dim=1))
+
+    @property
+    def dim(self) -> int:
+        self.check_is_fitted()
+        return self.top_.classes.shape[1]
+
+    def embed_views(self, maps: np.ndarray) -> np.ndarray:
+        """(n, dim) L2-normalised embeddings of single views (n, C, H, W)."""
+        self.check_is_fitted()
+        with torch.inference_mode():
+            rows = [self.top_.embed(torch.from_numpy(np.asarray(maps[i : i + 128], np.float32))).numpy()
+                    for i in range(0, len(maps), 128)]
+        return l2_normalise(np.concatenate(rows)) if rows else np.zeros((0, self.dim), np.float32)
+
+    def transform(self, maps: np.ndarray) -> np.ndarray:
+        """(n, dim) item embeddings from (n, 2, C, H, W) maps of each item's crop and mirror: the two summed."""
+        return l2_normalise(self.embed_views(maps[:, 0]) + self.embed_views(maps[:, 1])) if len(maps) else (
+            np.zeros((0, self.dim), np.float32))
+
+    def _state(self) -> dict[str, Any]:
+        return {"classes": self.classes_, "top": self.top_.state_dict(), "steps": int(self.n_steps_),
+                "first_stage": int(self.first_stage_), "loss_history": list(self.loss_history_)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.classes_, self.n_steps_ = np.asarray(state["classes"], dtype=str), int(state["steps"])
+        self.first_stage_, self.loss_history_ = int(state["first_stage"]), list(state["loss_history"])
+        top = TopStages(self._network(), self.first_stage_, len(self.classes_), self.scale)
+        top.load_state_dict(state["top"])
+        self.top_ = top.eval()
+
+
+# --- the views
+
+
+def is_packshot(image: Image.Image) -> bool:
+    """A product photographed on white: most of the image's border is near-white."""
+    array = np.asarray(image.convert("RGB").resize((64, 64)))
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    return float(((border.min(axis=1) > 225) & (np.ptp(border, axis=1) < 25)).mean()) >= 0.5
+
+
+class AugmentedViews:
+    """An image to prepared squares (uint8 HWC): its clean crop, its mirror, then ``photo_views``
+    augmented views of a photo or ``packshot_views`` of a packshot; runs in decode workers. Views
+    are seeded by the image's content, so a repeated run draws the same ones."""
+
+    def __init__(self, preparer: DeepPreparer, photo_views: int, packshot_views: int, seed: int, cutouts: list,
+                 photos: list[Image.Image]):
+        self.preparer, self.photo_views, self.packshot_views, self.seed = preparer, photo_views, packshot_views, seed
+        self.cutouts, self.photos = cutouts, photos
+
+    def square(self, image: Image.Image) -> np.ndarray:
+        """What the preparer makes of ``image``, back in uint8 (the float copy is 4x the memory)."""
+        chw = self.preparer(image)
+        pixels = (chw.transpose(1, 2, 0) * self.preparer.std + self.preparer.mean) * 255.0
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        thumb = np.asarray(image.resize((32, 32))).tobytes()
+        rng = np.random.default_rng([self.seed, zlib.crc32(thumb)])
+        squares = [self.square(image), self.square(image.transpose(Image.FLIP_LEFT_RIGHT))]
+        packshot = is_packshot(image)
+        product = augment.cutout(image) if packshot else None
+        others = self.cutouts or ([product] if product is not None else [])
+        for _ in range(self.packshot_views if packshot else self.photo_views):
+            view = (augment.packshot_view(rng, image, product, others, self.photos) if packshot
+                    else augment.photo_view(rng, image))
+            squares.append(self.square(view))
+        return np.stack(squares)
+
+
+class ViewMaps:
+    """``AugmentedViews`` in the decode workers, the frozen trunk on each view in ``finish``."""
+
+    def __init__(self, views: AugmentedViews, trunk: FrozenTrunk):
+        self.preparer, self.trunk = views, trunk
+        self.draft_size = trunk.draft_size
+
+    def finish(self, prepared: list[np.ndarray]) -> list[np.ndarray]:
+        mean, std = self.preparer.preparer.mean, self.preparer.preparer.std
+        out = []
+        for squares in prepared:
+            batch = ((squares.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+            out.append(self.trunk.maps(np.ascontiguousarray(batch)).astype(np.float16))
+        return out
+
+
+# --- the job
+
+
+@dataclass
+class AdaptationReport:
+    """What ``catalens finetune`` did and measured."""
+
+    items: int
+    products: int
+    views: int
+    steps: int
+    held_out: int
+    held_out_kind: str
+    frozen_accuracy: float
+    adapted_accuracy: float
+    kept: bool
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_path(catalog: Any) -> Path:
+    return Path(catalog.models_dir) / MODEL_FILE
+
+
+def _sample_backgrounds(catalog: Any, records: Sequence, rng: np.random.Generator, limit: int = 24
+                        ) -> tuple[list, list[Image.Image]]:
+    """Cut-outs of some of the catalog's packshots (clutter around a pasted product) and some of its
+    photos (scenes to paste onto), decoded once here and handed to the decode workers."""
+    from catalens.indexer.imageio import ImageDecodeError, load_rgb
+
+    cutouts, photos = [], []
+    for position in rng.permutation(len(records))[: 3 * limit]:
+        try:
+            image = load_rgb(records[position].image, catalog.config.max_pixels, draft_size=512)
+        except ImageDecodeError:
+            continue
+        image.thumbnail((384, 384))
+        if is_packshot(image) and len(cutouts) < limit:
+            cutouts.append(augment.cutout(image))
+        elif not is_packshot(image) and len(photos) < limit:
+            photos.append(image)
+    return cutouts, photos
+
+
+def _view_maps(catalog: Any, records: Sequence, positions: list[int], views: AugmentedViews, trunk: FrozenTrunk,
+               progress: bool, desc: str) -> dict[int, np.ndarray]:
+    """Trunk maps of every view of the items at ``positions`` ((2 + views, C, H, W) each); unreadable ones are left out."""
+    from tqdm import tqdm
+
+    transform = ViewMaps(views, trunk)
+    found: dict[int, np.ndarray] = {}
+    with tqdm(total=len(positions), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        # Few images a batch: an image's views are up to 66 squares of the network input.
+        for batch in iter_prepared([records[p].image for p in positions], {"views": transform.preparer}, batch_size=4,
+                                   num_workers=catalog.config.num_workers, max_pixels=catalog.config.max_pixels,
+                                   draft_size=transform.draft_size):
+            for row, maps in zip(batch.positions, transform.finish(batch.prepared["views"]), strict=True):
+                found[positions[row]] = maps
+            for error in batch.errors.values():
+                log.warning("finetune: skipped %s", error)
+            bar.update(len(batch.positions) + len(batch.errors))
+    return found
+
+
+def _nearest_product_accuracy(catalog_rows: np.ndarray, catalog_labels: np.ndarray, query_rows: np.ndarray,
+                              query_labels: np.ndarray) -> float:
+    if not len(query_rows):
+        return float("nan")
+    nearest = (l2_normalise(query_rows) @ l2_normalise(catalog_rows).T).argmax(axis=1)
+    return float((catalog_labels[nearest] == query_labels).mean())
+
+
+def _frozen_pooled(trunk: FrozenTrunk, backbone: str, maps: np.ndarray, pretrained: bool = True) -> np.ndarray:
+    """The frozen network's descriptor of views given as trunk maps (the rest of its stages, pooled)."""
+    network = get_backbone(backbone).create(pretrained=pretrained)
+    rest = nn.Sequential(*network.stages()[trunk.first_stage:])
+    with torch.inference_mode():
+        rows = [network.forward_head(rest(torch.from_numpy(np.asarray(maps[i : i + 128], np.float32)))).numpy()
+                for i in range(0, len(maps), 128)]
+    return l2_normalise(np.concatenate(rows))
+
+
+def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = True, seed: int = 0) -> AdaptationReport:
+    """Train the adapted embedding on the catalog, check it on a held-out slice, keep it where it helps.
+
+    Kept, it becomes the catalog's ``deep_ft`` feature (every item's row now, new items' at
+    indexing), which search and classification use in place of ``deep``; not kept, an earlier
+    one is removed and ``deep`` serves. Either way the report says what was measured.
+    """
+    started = time.perf_counter()
+    config = catalog.config
+    records = sorted(catalog.items.records().values(), key=lambda record: record.id)  # one catalog, one model
+    labels = np.array([product_of(record) for record in records], dtype=str)
+    products, counts = np.unique(labels, return_counts=True)
+    if len(products) < 2:
+        raise ValueError(f"{catalog.location}: adapting needs at least two products (the 'product' attribute or the "
+                         "leaf category tells them apart)")
+    rng = np.random.default_rng(seed)
+    count_of = dict(zip(products.tolist(), counts.tolist(), strict=True))
+    # One photo of each product that has three or more is held out of training to judge the result.
+    held: set[int] = set()
+    for product in products:
+        members = np.flatnonzero(labels == product)
+        if len(members) >= 3:
+            held.add(int(rng.choice(members)))
+    held_kind = "photos" if len(held) >= max(5, 0.2 * len(products)) else "views"
+    if held_kind == "views":
+        held = set()
+
+    trunk = FrozenTrunk(config.backbone, scaling=config.input_scaling)
+    cutouts, photos = _sample_backgrounds(catalog, records, rng)
+    many = [i for i in range(len(records)) if count_of[labels[i]] > 1]
+    single = [i for i in range(len(records)) if count_of[labels[i]] == 1]
+    maps: dict[int, np.ndarray] = {}
+    if many:
+        views = AugmentedViews(trunk.preparer, PHOTO_VIEWS, PACKSHOT_VIEWS, seed, cutouts, photos)
+        maps.update(_view_maps(catalog, records, many, views, trunk, progress, "views of products with several photos"))
+    if single:
+        views = AugmentedViews(trunk.preparer, SINGLE_VIEWS, SINGLE_VIEWS, seed, cutouts, photos)
+        maps.update(_view_maps(catalog, records, single, views, trunk, progress, "views of products with one image"))
+    positions = sorted(maps)
+    if not positions:
+        raise ValueError(f"{catalog.location}: none of the items' images could be read")
+
+    rows, row_labels, weights = [], [], []
+    for position in positions:
+        if position in held:
+            continue
+        item_maps = maps[position]
+        augmented = len(item_maps) - 2
+        rows.append(item_maps)
+        row_labels.extend([labels[position]] * len(item_maps))
+        clean = CLEAN_SHARE / 2 if augmented else 0.5
+        weights.extend([clean, clean] + [(1 - CLEAN_SHARE) / augmented] * augmented)
+    training = np.concatenate(rows)
+    model = AdaptedTop(config.backbone, trunk.first_stage, steps=steps or steps_for(len(positions)), seed=seed,
+                       progress=progress).fit(training, row_labels, np.asarray(weights))
+    del training, rows
+    clean_maps = np.stack([maps[position][:2] for position in positions])
+    adapted = model.transform(clean_maps)
+    keys = np.array([records[position].key for position in positions], np.int64)
+    item_labels = labels[positions]
+
+    # The frozen network's own descriptors of the same crops: what search uses without adaptation.
+    frozen = _frozen_pooled(trunk, config.backbone, clean_maps[:, 0])
+    if held_kind == "photos":
+        is_held = np.array([position in held for position in positions])
+        held_count = int(is_held.sum())
+        frozen_accuracy = _nearest_product_accuracy(frozen[~is_held], item_labels[~is_held], frozen[is_held],
+                                                    item_labels[is_held])
+        adapted_accuracy = _nearest_product_accuracy(adapted[~is_held], item_labels[~is_held], adapted[is_held],
+                                                     item_labels[is_held])
+    else:
+        # No second photo of a product: augmented views drawn with another seed, never trained on.
+        chosen = [positions[i] for i in rng.permutation(len(positions))[:200]]
+        probe = _view_maps(catalog, records, chosen, AugmentedViews(trunk.preparer, 2, 2, seed + 1, cutouts, photos),
+                           trunk, progress, "held-out views")
+        query_maps = np.concatenate([probe[p][2:] for p in chosen if p in probe])
+        query_labels = np.concatenate([[labels[p]] * (len(probe[p]) - 2) for p in chosen if p in probe])
+        held_count = len(query_maps)
+        frozen_accuracy = _nearest_product_accuracy(frozen, item_labels, _frozen_pooled(trunk, config.backbone, query_maps),
+                                                    query_labels)
+        adapted_accuracy = _nearest_product_accuracy(adapted, item_labels, model.embed_views(query_maps), query_labels)
+    kept = bool(adapted_accuracy >= frozen_accuracy + MIN_GAIN)
+    with catalog.lock:
+        if kept:
+            model.save(model_path(catalog))
+            catalog.replace_feature(FEATURE_NAME, keys, adapted)
+            catalog.enable_feature(FEATURE_NAME)
+        else:
+            model_path(catalog).unlink(missing_ok=True)
+            catalog.config.features = [name for name in catalog.config.features if name != FEATURE_NAME]
+            catalog.items.delete_feature(FEATURE_NAME)
+            catalog.save()
+    report = AdaptationReport(
+        items=len(positions), products=len(products), views=int(sum(len(maps[p]) for p in positions)),
+        steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
+        adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1))
+    catalog.meta["adaptation"] = report.to_json()
+    catalog.save()
+    log.info("finetune: %s", report)
+    return report
+
