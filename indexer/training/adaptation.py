@@ -242,18 +242,24 @@ class AugmentedViews:
         pixels = (chw.transpose(1, 2, 0) * self.preparer.std + self.preparer.mean) * 255.0
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
+    def __call__(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(clean crop and mirror as the network's float16 input (2, 3, S, S), augmented squares uint8)."""
         thumb = np.asarray(image.resize((32, 32))).tobytes()
         rng = np.random.default_rng([self.seed, zlib.crc32(thumb)])
-        squares = [self.square(image), self.square(image.transpose(Image.FLIP_LEFT_RIGHT))]
+        # The clean views exactly as indexing prepares them: the item's row must not depend on
+        # whether it was embedded here or by a later indexing run.
+        crop = self.preparer(image)
+        clean = np.stack([crop, np.ascontiguousarray(crop[:, :, ::-1])])
         packshot = is_packshot(image)
         product = augment.cutout(image) if packshot else None
         others = self.cutouts or ([product] if product is not None else [])
+        squares = []
         for _ in range(self.packshot_views if packshot else self.photo_views):
             view = (augment.packshot_view(rng, image, product, others, self.photos) if packshot
                     else augment.photo_view(rng, image))
             squares.append(self.square(view))
-        return np.stack(squares)
+        size = clean.shape[-1]
+        return clean.astype(np.float16), np.stack(squares) if squares else np.zeros((0, size, size, 3), np.uint8)
 
 
 class ViewMaps:
@@ -263,11 +269,12 @@ class ViewMaps:
         self.preparer, self.trunk = views, trunk
         self.draft_size = trunk.draft_size
 
-    def finish(self, prepared: list[np.ndarray]) -> list[np.ndarray]:
+    def finish(self, prepared: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         mean, std = self.preparer.preparer.mean, self.preparer.preparer.std
         out = []
-        for squares in prepared:
-            batch = ((squares.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+        for clean, squares in prepared:
+            augmented = ((squares.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+            batch = np.concatenate([clean.astype(np.float32), augmented])
             out.append(self.trunk.maps(np.ascontiguousarray(batch)).astype(np.float16))
         return out
 
