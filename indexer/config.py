@@ -7,10 +7,11 @@ never freezes into the index.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -70,6 +71,8 @@ class IndexConfig(BaseModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+# The tables of a configuration file: how an index is built, and how searches run.
+TABLES = ("index", "search")
 
 
 def _validated(model: type[BaseModel], values: dict[str, Any], source: str, base: dict[str, Any]) -> dict[str, Any]:
@@ -79,13 +82,18 @@ def _validated(model: type[BaseModel], values: dict[str, Any], source: str, base
         model(**merged)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in issue['loc']) or 'value'}: {issue['msg']}"
-            + (f" (got {issue['input']!r})" if issue["type"] != "extra_forbidden" else "")
-            for issue in error.errors()
-            if not issue["loc"] or issue["loc"][0] in values
+            _problem(model, issue) for issue in error.errors() if not issue["loc"] or issue["loc"][0] in values
         ) or str(error)
         raise ConfigError(f"{source}: {problems}") from None
     return merged
+
+
+def _problem(model: type[BaseModel], issue: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in issue["loc"]) or "value"
+    if issue["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(issue["loc"][-1]), list(model.model_fields), n=1)
+        return f"{where}: unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+    return f"{where}: {issue['msg']} (got {issue['input']!r})"
 
 
 def read_toml_table(path: str | Path, table: str) -> dict[str, Any]:
@@ -98,6 +106,10 @@ def read_toml_table(path: str | Path, table: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: configuration file not found") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    unknown = sorted(set(document) - set(TABLES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown table{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(f'[{name}]' for name in unknown)}; the tables are [index] and [search]")
     values = document.get(table, {})
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: [{table}] must be a table")
@@ -137,3 +149,71 @@ def _index_env_value(name: str, raw: str) -> Any:
 def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
     """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides."""
     return load_layered(IndexConfig, "index", "CATALENS_", path, _index_env_value, **overrides)
+
+
+# What an existing index does with a setting given explicitly for a run (``model_fields_set``):
+# its stored rows were computed with these, so they cannot change...
+FIXED_FIELDS = ("backbone", "input_scaling", "feature_options")
+# ...its FAISS files are derived from the stored rows, so these are applied by rebuilding them...
+REBUILT_FIELDS = ("faiss_factory", "faiss_search_params")
+# ...and these only say how runs work.
+RUN_FIELDS = ("runtime", "batch_size", "num_workers", "max_pixels", "commit_every")
+
+
+def settle(stored: IndexConfig, given: IndexConfig, fitted: Collection[str] = (),
+           faiss: bool = True) -> tuple[IndexConfig, list[str]]:
+    """The configuration an existing index (built with ``stored``) runs with when ``given`` was
+    asked for, and one sentence per setting of ``given`` that changes something.
+
+    Only the fields set explicitly on ``given`` (a file, a variable, an argument) count. A
+    setting the index's rows depend on (the backbone, the input scaling, a feature's options)
+    cannot change: ``ConfigError``. Features may be added (their rows are extracted on this
+    run), not dropped; features fitted on the catalog (``fitted``: ae, deep_ft...) are kept,
+    whatever ``given`` lists. FAISS and run settings replace the stored ones (an index without
+    FAISS files, ``faiss=False``, says it ignores the FAISS ones).
+    """
+    explicit = given.model_fields_set
+    refused = []
+    for name in FIXED_FIELDS:
+        if name in explicit and getattr(given, name) != getattr(stored, name):
+            if name == "feature_options":
+                changed = sorted(feature for feature in {*given.feature_options, *stored.feature_options}
+                                 if feature in stored.features
+                                 and given.feature_options.get(feature, {}) != stored.feature_options.get(feature, {}))
+                if not changed:
+                    continue
+                refused.append(f"the options of {', '.join(changed)} (it has {stored.feature_options or {}!r})")
+            else:
+                refused.append(f"{name} (it has {getattr(stored, name)!r}, not {getattr(given, name)!r})")
+    added: list[str] = []
+    if "features" in explicit:
+        dropped = [name for name in stored.features if name not in given.features and name not in fitted]
+        if dropped:
+            refused.append(f"features (it has {', '.join(dropped)}, which the given list drops)")
+        added = [name for name in given.features if name not in stored.features]
+    if refused:
+        raise ConfigError(f"an existing index cannot change {'; '.join(refused)}: "
+                          "index into a new location, or leave these settings out")
+    settled = stored.model_copy(deep=True)
+    notes = []
+    if added:
+        settled.features = [*stored.features, *added]
+        settled.feature_options = {**stored.feature_options,
+                                   **{name: given.feature_options[name] for name in added if name in given.feature_options}}
+        notes.append(f"features: {', '.join(added)} added; every item is extracted again on this run to get "
+                     f"{'it' if len(added) == 1 else 'them'}")
+    for name in REBUILT_FIELDS + RUN_FIELDS:
+        value, before = getattr(given, name), getattr(stored, name)
+        if name not in explicit or value == before:
+            continue
+        if name in REBUILT_FIELDS and not faiss:
+            notes.append(f"{name} {value!r} is ignored: this index keeps no FAISS files")
+            continue
+        setattr(settled, name, value)
+        if name == "faiss_factory":
+            notes.append(f"faiss_factory {value!r} replaces {before!r}: the FAISS files are rebuilt from the stored vectors")
+        elif name == "faiss_search_params":
+            notes.append(f"faiss_search_params {value!r} replaces {before!r}: searches use it from now on")
+        else:
+            notes.append(f"{name} {value!r} replaces {before!r}, from this run on")
+    return settled, notes

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from catalens.datasets.catalog import CatalogItem, load_catalog
-from catalens.indexer.backends import open_catalog
+from catalens.indexer.backends import open_for_indexing
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.config import IndexConfig, load_config
 from catalens.indexer.features import Feature
@@ -45,6 +45,13 @@ class IndexReport:
     extracted: int = 0
     extract_seconds: float = 0.0
     log_path: str = ""
+    # What the run's explicit settings did to an existing index (a FAISS rebuild, a new batch size...).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every image the run had to read failed, and the catalog has no item that did not."""
+        return bool(self.failures) and not (self.added or self.updated or self.metadata_updated or self.unchanged)
 
     @property
     def images_per_second(self) -> float:
@@ -191,7 +198,7 @@ def index_catalog(
     started = time.perf_counter()
     items = list(source) if not isinstance(source, (str, Path)) else load_catalog(source)
     owned = not isinstance(index, Catalog)
-    catalog = open_catalog(index, config or load_config(), create=True) if owned else index
+    catalog, notes = open_for_indexing(index, config or load_config()) if owned else (index, [])
     log_path = catalog.logs_dir / time.strftime("index-%Y%m%d.log")
     handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -200,7 +207,9 @@ def index_catalog(
     previous_level = root.level
     if previous_level > logging.INFO or previous_level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    report = IndexReport(index=catalog.location, log_path=str(log_path))
+    report = IndexReport(index=catalog.location, log_path=str(log_path), notes=notes)
+    for note in notes:
+        log.info("configuration: %s", note)
     try:
         run(items, catalog, prune=prune, progress=progress, report=report)
     finally:

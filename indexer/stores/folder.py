@@ -77,16 +77,25 @@ class FolderCatalog(Catalog):
 
     @classmethod
     def open_or_create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
+        """The index at ``root`` with its own configuration, or a new one with ``config``
+        (``catalens.indexer.backends.open_for_indexing`` says what ``config`` does to an existing one)."""
         root = Path(root)
         if not (root / META_FILE).exists():
             return cls.create(root, config)
-        catalog = cls.open(root)
-        if catalog.config.backbone != config.backbone:
-            catalog.close()
-            raise IndexUnavailableError(
-                f"{root}: index was built with backbone {catalog.config.backbone!r}, not {config.backbone!r}; "
-                "use another --index folder")
-        return catalog
+        return cls.open(root)
+
+    def reconfigure(self, config: IndexConfig) -> None:
+        """Run with ``config`` from now on (saved with the index by ``save``). A new FAISS factory
+        or search parameters take effect by rebuilding every vector index from the stored rows,
+        at the latest when the run saves."""
+        with self.lock:
+            rebuild = config.faiss_factory != self.config.faiss_factory
+            reload = rebuild or config.faiss_search_params != self.config.faiss_search_params
+            self.config = config
+            if reload:
+                self._vectors.clear()
+            if rebuild:
+                self.meta["faiss_generation"] = {}
 
     def _upgrade(self) -> None:
         """A format-1 index: the item store re-keyed itself on open; what was derived from the old
@@ -152,7 +161,7 @@ class FolderCatalog(Catalog):
     def _new_vector_store(self, dim: int, expected_rows: int) -> FaissVectorStore:
         factory = self.config.faiss_factory
         store = FaissVectorStore(dim, factory, search_params=self.config.faiss_search_params)
-        if not store.is_trained and expected_rows < 40 * _nlist(factory):
+        if not store.is_trained and expected_rows < _rows_to_train(factory):
             log.warning("faiss %r needs more rows to train than the %d here; using Flat", factory, expected_rows)
             store = FaissVectorStore(dim, "Flat")
         return store
@@ -202,16 +211,23 @@ class FolderCatalog(Catalog):
     def save(self) -> None:
         """Write every loaded FAISS index and the metadata file, each atomically.
 
-        An index type that needs training (IVF) is trained on all stored rows first.
+        An index type that needs training (IVF) is trained on all stored rows first; so is one
+        that stood in for it (exact search, while the catalog was too small to train it) once the
+        catalog is large enough. A vector index whose configuration changed is rebuilt now.
         """
         with self.lock:
+            for feature in self.meta["dims"]:
+                if feature not in self._vectors and feature not in self.meta["faiss_generation"]:
+                    self.vectors(feature)
+            wanted = self.config.faiss_factory
             for feature, store in list(self._vectors.items()):
-                if not store.is_trained:
+                if not store.is_trained or (store.factory != wanted and store.ntotal >= _rows_to_train(wanted)):
                     self._vectors[feature] = store = self._rebuild(feature, self.meta["dims"][feature])
             generation = self.generation
             for feature, store in self._vectors.items():
                 store.save(self.root / f"{feature}.faiss")
                 self.meta["faiss_generation"][feature] = generation
+                self.meta.setdefault("faiss_built", {})[feature] = store.factory
             self.meta["counts"] = {"items": self.items.count(), "failures": len(self.items.failures())}
             self.meta["updated"] = time.time()
             self.meta["config"] = self.config.to_json()
@@ -224,10 +240,24 @@ class FolderCatalog(Catalog):
         return path
 
     def info(self) -> dict[str, Any]:
+        """What ``Catalog.info`` says, with the FAISS index type really built (``faiss_factory``;
+        ``faiss_configured`` too where the catalog is still too small to train the configured
+        one) and the size on disk."""
         info = super().info()
-        info["faiss_factory"] = self.config.faiss_factory
+        built = {self.meta.get("faiss_built", {}).get(feature, self.config.faiss_factory) for feature in self.dims()}
+        info["faiss_factory"] = ", ".join(sorted(built)) if built else self.config.faiss_factory
+        if built and built != {self.config.faiss_factory}:
+            info["faiss_configured"] = self.config.faiss_factory
+            if _rows_to_train(self.config.faiss_factory):
+                info["faiss_note"] = (f"{self.config.faiss_factory} needs {_rows_to_train(self.config.faiss_factory)} "
+                                      "items to train; exact search until the catalog has them")
         info["size_bytes"] = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         return info
+
+
+def _rows_to_train(factory: str) -> int:
+    """How many rows a factory needs before it is trained (faiss warns below 39 per IVF cell)."""
+    return 40 * _nlist(factory)
 
 
 def _nlist(factory: str) -> int:
