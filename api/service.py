@@ -7,10 +7,13 @@ library's own result types (``QueryResult``, ``ClassifyResult``, ``AnomalyResult
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -25,9 +28,22 @@ from catalens.indexer.pipeline import IndexReport, index_catalog
 from catalens.search.engine import QueryResult, SearchEngine
 from catalens.search.settings import SearchSettings
 
+T = TypeVar("T")
+
 
 class ModelMissingError(RuntimeError):
     """What was asked needs a model the catalog has not fitted yet; the message says what to run."""
+
+
+class UnknownCategoryError(ValueError):
+    """A category filter that names no category of the catalog; the message names close ones."""
+
+
+def in_chunks(sources: Sequence[T], ask: Callable[[Sequence[T], int], list], size: int = 8) -> Iterator:
+    """``ask(chunk, first)`` over ``sources`` a few at a time, each result as soon as its chunk is
+    answered: how an entry point streams answers to thousands of photos."""
+    for first in range(0, len(sources), size):
+        yield from ask(sources[first : first + size], first)
 
 
 def index(source: str | Path | Sequence[CatalogItem], location: str | Path, config: IndexConfig | None = None,
@@ -62,10 +78,38 @@ class CatalogService:
     def info(self) -> dict[str, Any]:
         return {**self.catalog.info(), "modes": self.modes()}
 
+    def categories(self) -> dict[str, int]:
+        """Every category path of the catalog, with its number of items."""
+        return self.catalog.cached("categories", self.catalog.items.categories)
+
+    def check_category(self, category: str | None) -> str | None:
+        """``category`` (a path prefix of whole levels) without its outer slashes, if the catalog has
+        it; ``UnknownCategoryError`` naming close ones otherwise."""
+        if not category or not category.strip("/"):
+            return None
+        category = category.strip("/")
+        paths = self.categories()
+        if any(path == category or path.startswith(category + "/") for path in paths):
+            return category
+        prefixes = {"/".join(path.split("/")[:depth]) for path in paths for depth in range(1, path.count("/") + 2)}
+        close = difflib.get_close_matches(category, sorted(prefixes), n=3, cutoff=0.6)
+        levels = category.split("/")
+        parent = next(("/".join(levels[:depth]) for depth in range(len(levels) - 1, 0, -1)
+                       if "/".join(levels[:depth]) in prefixes), None)
+        if parent and parent not in close:  # the deepest level of the path that does exist
+            close.append(parent)
+        if not close:  # the same leaf name under another branch
+            leaf = levels[-1].lower()
+            close = sorted(p for p in prefixes if p.rsplit("/", 1)[-1].lower() == leaf)[:3]
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; it has {len(paths)} categories"
+        raise UnknownCategoryError(f"category {category!r} is not in this index{hint}")
+
     def search(self, sources: Sequence[ImageSource | Image.Image], category: str | None = None,
                names: Sequence[str] | None = None, **overrides: Any) -> list[QueryResult]:
-        """``overrides`` are ``SearchSettings`` fields for this call (``k``, ``mode``, ``weights``...)."""
+        """``overrides`` are ``SearchSettings`` fields for this call (``k``, ``mode``, ``weights``...).
+        A category the catalog does not have is an ``UnknownCategoryError``, not an empty answer."""
         settings = self.settings.merged(**overrides)
+        category = self.check_category(category)
         return self.engine.search(sources, category=category, names=names, settings=settings)
 
     def explain(self, result: QueryResult, out_dir: Path) -> list[Path]:
@@ -79,11 +123,25 @@ class CatalogService:
         return classify(self.catalog, sources, names=names)
 
     def anomaly(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
-                heatmaps: str | Path | None = None) -> list:
+                heatmaps: str | Path | None = None, first: int = 0) -> list:
+        """Anomaly scores; with ``heatmaps``, a heatmap each, numbered from ``first`` (the position
+        of ``sources[0]`` among all the queries, when they come a chunk at a time)."""
         from catalens.search.anomaly import score_anomalies
 
         try:
-            return score_anomalies(self.catalog, sources, names=names, heatmaps_dir=heatmaps)
+            if heatmaps is None or first == 0:
+                return score_anomalies(self.catalog, sources, names=names, heatmaps_dir=heatmaps)
+            # Heatmaps are numbered by position in the call: a later chunk's are drawn aside and
+            # renumbered, so that no chunk overwrites another's.
+            Path(heatmaps).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=heatmaps, prefix=".chunk-") as staging:
+                results = score_anomalies(self.catalog, sources, names=names, heatmaps_dir=staging)
+                for position, result in enumerate(results):
+                    if result.heatmap:
+                        drawn = Path(result.heatmap)
+                        result.heatmap = Path(heatmaps) / f"{first + position:04d}_{drawn.name.split('_', 1)[-1]}"
+                        shutil.move(drawn, result.heatmap)
+            return results
         except (NotFittedError, FeatureUnavailableError) as error:
             raise ModelMissingError(str(error)) from None
 

@@ -39,8 +39,10 @@ def test_category_prefix_filter_matches_whole_levels(tiny_catalog, tiny_index, c
     main(["search", str(query), "--index", str(tiny_index), "--k", "10", "--mode", "deep", "--json", "--category", "Fruit"])
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 4 and all(hit["category"].startswith("Fruit/") for hit in results)
-    main(["search", str(query), "--index", str(tiny_index), "--mode", "deep", "--json", "--category", "Dai"])
-    assert json.loads(capsys.readouterr().out)["results"] == []
+    # "Dai" is no whole level of any category: said, not answered with an empty list.
+    assert main(["search", str(query), "--index", str(tiny_index), "--mode", "deep", "--json", "--category", "Dai"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "category 'Dai' is not in this index; did you mean Dairy?" in captured.err
 
 
 def test_info_reports_counts_backbone_and_size(tiny_index, capsys):

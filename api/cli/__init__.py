@@ -12,15 +12,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from catalens.api.cli.arguments import UsageError
+from catalens.api.cli.arguments import HelpFormatter, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from catalens.api.cli import catalog, queries, serve, training
 
-    parser = argparse.ArgumentParser(prog="catalens", description="Visual search for product catalogs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="catalens", formatter_class=HelpFormatter,
+        description="Visual search for product catalogs: index a catalog, then search it by photo, file new items "
+                    "into its categories and flag photos that do not belong.",
+        epilog="start with: catalens demo; then catalens index CATALOG --index DIR. "
+               "'catalens COMMAND --help' explains each command.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do ('catalens COMMAND --help' for its options)")
     for module in (catalog, queries, training, serve):
         module.register(commands)
     return parser
@@ -28,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line_errors() -> tuple[type[Exception], ...]:
     """What a command may raise that is the user's to fix: printed as one line, exit 2."""
-    from catalens.api.service import ModelMissingError
+    from catalens.api.service import ModelMissingError, UnknownCategoryError
     from catalens.datasets.catalog import CatalogError
     from catalens.indexer.backbones import UnknownBackboneError, WeightsNotFoundError
     from catalens.indexer.catalog import IndexUnavailableError
@@ -39,7 +45,7 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
 
     return (UsageError, CatalogError, ConfigError, IndexUnavailableError, ModelMissingError, NotFittedError,
             ModelFileError, FeatureUnavailableError, UnknownFeatureError, ModeUnavailableError, UnknownBackboneError,
-            WeightsNotFoundError)
+            WeightsNotFoundError, UnknownCategoryError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,18 @@
-"""What the command line's sub-commands share: where the index is, its service, the query photos."""
+"""What the command line's sub-commands share: how a command is declared and helped, where the
+index is, its service, the query photos and how their answers are printed."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
 
 ES_URL_ENV = "CATALENS_ES_URL"
 BACKENDS = ("folder", "es")
@@ -14,14 +22,46 @@ class UsageError(Exception):
     """A command line that cannot be carried out; printed as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is nothing to show (a switch, no
+    default); descriptions keep their line breaks, and example lines are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            indent + line if line.startswith(("example", " ")) or not line.strip()
+            else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            for line in text.splitlines())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_command(commands, name: str, help: str, description: str | None = None,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` shows its purpose, every option's default, and examples."""
+    return commands.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                               epilog=epilog, formatter_class=HelpFormatter)
+
+
 def add_location_arguments(parser: argparse.ArgumentParser, creates: bool = False) -> None:
     """``--index DIR`` and the Elasticsearch alternative, ``--backend es`` / ``--es-url URL``."""
     parser.add_argument("--index", metavar="DIR",
-                        help="index folder" + (" (created if absent)" if creates else "") + " (not needed with --backend es)")
+                        help="the index folder" + (" (created if absent)" if creates else "")
+                        + "; not needed with --backend es")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help=f"where items and vectors live (default: es if --es-url or {ES_URL_ENV} is set, else folder)")
+                        help=f"where items and vectors live (when not given: es if --es-url or ${ES_URL_ENV} is set, "
+                             "else folder)")
     parser.add_argument("--es-url", metavar="URL", default=None,
-                        help=f"Elasticsearch URL (or {ES_URL_ENV}); the index name is CATALENS_ES_INDEX, default catalens")
+                        help=f"Elasticsearch URL (or ${ES_URL_ENV}); the index name is $CATALENS_ES_INDEX, "
+                             "default catalens")
+
+
+def add_config_argument(parser: argparse.ArgumentParser, tables: str) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML configuration file (or $CATALENS_CONFIG): its {tables}; "
+                             "CATALENS_* variables override it")
 
 
 def location(args: argparse.Namespace) -> str:
@@ -65,6 +105,48 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="PHOTO", help="query photos")
-    parser.add_argument("--json", action="store_true", help="one JSON object per query per line")
-    parser.add_argument("--from-file", metavar="LIST", help="file with one query image path per line")
+    parser.add_argument("images", nargs="*", metavar="PHOTO", help="query photos (JPEG, PNG, WebP, ...)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per photo per line on stdout, as each is answered")
+    parser.add_argument("--from-file", metavar="LIST",
+                        help="a file with one query photo path per line (after any PHOTO); a progress bar "
+                             "on stderr when it is a terminal")
+
+
+def print_results(results: Iterable, as_json: bool, render: Callable[[Any], Iterable[str]],
+                  on_each: Callable[[Any], Iterable[str]] | None = None) -> int:
+    """Each query's result, as it comes, as a JSON line, an error line, or ``render``'s lines;
+    ``on_each`` adds lines for a human (on stderr with ``--json``). Returns how many failed."""
+    failed = 0
+    for result in results:
+        failed += result.error is not None
+        if as_json:
+            lines = [json.dumps(result.to_json(), ensure_ascii=False)]
+        elif result.error:
+            lines = [f"{result.query}: error: {result.error}"]
+        else:
+            lines = list(render(result))
+        for line in lines:
+            tqdm.write(line, file=sys.stdout)
+        for line in on_each(result) if on_each else ():
+            tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
+        sys.stdout.flush()
+    return failed
+
+
+def answered(queries: Sequence[str], ask: Callable[[Sequence[str], int], list], what: str) -> Iterable:
+    """``ask(chunk, first)``'s results over ``queries``, a few photos at a time, each as soon as it
+    is answered; a progress bar on stderr when it is a terminal and there are several photos."""
+    from catalens.api.service import in_chunks
+
+    with tqdm(total=len(queries), unit="photo", desc=what, file=sys.stderr, leave=False, dynamic_ncols=True,
+              disable=None if len(queries) > 1 else True) as bar:
+        for result in in_chunks(queries, ask):
+            yield result
+            bar.update(1)
+
+
+def exit_status(failed: int, total: int) -> int:
+    """1 when no photo could be answered (a missing file, say), else 0: failures of some are in the output."""
+    return 1 if total and failed == total else 0
+

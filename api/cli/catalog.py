@@ -7,7 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from catalens.api.cli.arguments import add_location_arguments, location, open_service
+from catalens.api.cli.arguments import (
+    add_command,
+    add_config_argument,
+    add_location_arguments,
+    location,
+    open_service,
+)
 from catalens.api.tables import format_table
 
 
@@ -19,10 +25,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     items = load_catalog(args.catalog)
     config = load_config(args.config, backbone=args.backbone, faiss_factory=args.faiss_factory)
     report = index(items, location(args), config, prune=not args.keep_missing, progress=not args.quiet)
+    for note in report.notes:
+        print(f"configuration: {note}")
     rows = [
         ("added", report.added), ("updated", report.updated), ("metadata updated", report.metadata_updated),
         ("removed", report.removed), ("unchanged", report.unchanged), ("failed", len(report.failures)),
-        ("images/s", f"{report.images_per_second:.1f}"), ("seconds", f"{report.seconds:.1f}"),
+        ("images/s (extraction)", f"{report.images_per_second:.1f}" if report.extracted else "-"), ("seconds", f"{report.seconds:.1f}"),
     ]
     print(format_table(["indexing", "count"], rows))
     if report.failures:
@@ -31,6 +39,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"  {failure.reason}")
         if len(report.failures) > 20:
             print(f"  ... and {len(report.failures) - 20} more")
+    if report.all_failed:
+        print("\nno image of the catalog could be read: check the paths above (a manifest's relative paths "
+              "are read from the manifest's folder)")
+        return 1
     return 0
 
 
@@ -75,26 +87,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    p = commands.add_parser("index", help="index a catalog (folder tree or JSONL manifest)")
-    p.add_argument("catalog", help="a folder tree (folders are the category path) or a .jsonl manifest")
+    p = add_command(
+        commands, "index", "index a catalog (folder tree or JSONL manifest)",
+        description="Index a catalog, or bring an existing index in line with it: only new and changed images "
+                    "are read, items the catalog no longer lists are removed, a run that dies resumes. "
+                    "Exit status 1 when no image could be read.",
+        epilog="example: catalens index shop.jsonl --index shop-index")
+    p.add_argument("catalog", help="a folder tree (ROOT/Top/Coarse/Fine/*.jpg: the folders are the category path) "
+                                   "or a .jsonl manifest (one item per line)")
     add_location_arguments(p, creates=True)
-    p.add_argument("--backbone", help="deep feature backbone (default efficientnet_lite0)")
-    p.add_argument("--faiss-factory", help="faiss index type, e.g. Flat, IVF1024,PQ32, HNSW32")
-    p.add_argument("--config", help="TOML configuration file (tables [index] and [search])")
+    p.add_argument("--backbone", help="deep feature backbone of a new index: efficientnet_lite0 (the default), "
+                                      "efficientnet_lite1/2, resnet50, vgg16_fc7, alexnet_fc7")
+    p.add_argument("--faiss-factory", metavar="FACTORY",
+                   help="FAISS index type (default Flat): e.g. IVF4096,PQ32 or HNSW32; on an existing index "
+                        "its vector indexes are rebuilt")
+    add_config_argument(p, "table [index]")
     p.add_argument("--keep-missing", action="store_true", help="keep indexed items the catalog no longer lists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_index)
 
-    p = commands.add_parser("info", help="describe an index")
+    p = add_command(commands, "info", "describe an index: counts, configuration, FAISS type, modes, dates, size",
+                    epilog="example: catalens info --index shop-index")
     add_location_arguments(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object (dates as epoch seconds)")
     p.set_defaults(run=cmd_info)
 
-    p = commands.add_parser("remove", help="delete items from an index by id")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p = add_command(commands, "remove", "delete items from an index by id",
+                    description="Delete items from an index by id. Exit status 1 when an id is not in the index.",
+                    epilog="example: catalens remove sku-1 sku-2 --index shop-index")
+    p.add_argument("ids", nargs="+", metavar="ID", help="catalog ids of the items to delete")
     add_location_arguments(p)
     p.set_defaults(run=cmd_remove)
 
-    p = commands.add_parser("demo", help="build a generated sample catalog, index it and search it")
-    p.add_argument("--workdir", default="demo-index", help="folder for the sample catalog and its index")
+    p = add_command(commands, "demo", "build a generated sample catalog, index it and search it with a shop photo",
+                    description="Generate a sample catalog (24 items), index it and search it with a shop photo of "
+                                "one item, offline. Exit status 0 when that item comes first.",
+                    epilog="example: catalens demo --workdir demo-index")
+    p.add_argument("--workdir", default="demo-index", metavar="DIR",
+                   help="folder for the sample catalog, its index and the query photo")
     p.set_defaults(run=cmd_demo)

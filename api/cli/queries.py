@@ -1,55 +1,51 @@
-"""``catalens search``, ``classify`` and ``anomaly``: questions asked of an index with photos."""
+"""``catalens search``, ``classify`` and ``anomaly``: questions asked of an index with photos.
+
+Answers are printed as they come, a few photos at a time (``answered``), so a long ``--from-file``
+list streams its JSON lines and shows a progress bar on stderr. The exit status is 1 when no
+photo could be answered.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from catalens.api.cli.arguments import (
     UsageError,
+    add_command,
+    add_config_argument,
     add_location_arguments,
     add_query_arguments,
+    answered,
+    exit_status,
     open_service,
+    print_results,
     read_queries,
 )
 from catalens.api.tables import format_table
 
 
-def print_results(results: Iterable, as_json: bool, render: Callable[[Any], None]) -> int:
-    """Each query's result as a JSON line, an error line, or ``render``-ed; returns how many failed."""
-    failed = 0
-    for result in results:
-        failed += result.error is not None
-        if as_json:
-            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
-        elif result.error:
-            print(f"{result.query}: error: {result.error}")
-        else:
-            render(result)
-    return failed
-
-
-def _search_table(result) -> None:
-    print(f"\n{result.query}")
+def _search_table(result) -> Iterator[str]:
+    yield f"\n{result.query}"
     rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
-    print(format_table(["#", "id", "score", "category", "title"], rows))
+    yield format_table(["#", "id", "score", "category", "title"], rows) if rows else "no results"
 
 
-def _classify_table(result) -> None:
-    print(f"\n{result.query}: {result.category}")
+def _classify_table(result) -> Iterator[str]:
+    yield f"\n{result.query}: {result.category}"
     rows = [(depth, level.name, f"{level.confidence:.2f}") for depth, level in enumerate(result.levels, 1)]
     if rows:
-        print(format_table(["level", "category", "confidence"], rows))
-    print("nearest items: " + ", ".join(result.neighbours))
+        yield format_table(["level", "category", "confidence"], rows)
+    yield "nearest items: " + ", ".join(result.neighbours)
 
 
-def _anomaly_line(result) -> None:
+def _anomaly_line(result) -> Iterator[str]:
     verdict = "ANOMALOUS" if result.anomalous else "normal"
     extra = f"  heatmap {result.heatmap}" if result.heatmap else ""
-    print(f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}")
+    yield f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -58,34 +54,42 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--k must be at least 1")
     service = open_service(args)
     try:
+        # Asked before the first photo is read: a mode or category the index lacks is one line.
         service.engine.check_mode(args.mode)
-        results = service.search(queries, category=args.category, k=args.k, mode=args.mode,
-                                 collapse=args.collapse or None)
-        print_results(results, args.json, _search_table)
-        for result in results:
-            if args.explain and not result.error:
-                service.explain(result, Path(args.explain))
+        category = service.check_category(args.category)
+
+        def explain(result) -> list[str]:
+            if not args.explain or result.error:
+                return []
+            drawn = service.explain(result, Path(args.explain))
+            return [f"explanations of {result.query}: {len(drawn)} image(s) in {args.explain}"]
+
+        results = answered(queries, lambda chunk, first: service.search(
+            chunk, category=category, k=args.k, mode=args.mode, collapse=args.collapse or None), "searching")
+        failed = print_results(results, args.json, _search_table, explain)
     finally:
         service.close()
-    return 0
+    return exit_status(failed, len(queries))
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     queries = read_queries(args)
     service = open_service(args)
     try:
-        failed = print_results(service.classify(queries), args.json, _classify_table)
+        failed = print_results(answered(queries, lambda chunk, first: service.classify(chunk), "classifying"),
+                               args.json, _classify_table)
     finally:
         service.close()
-    return 1 if failed and failed == len(queries) else 0
+    return exit_status(failed, len(queries))
 
 
 def cmd_anomaly(args: argparse.Namespace) -> int:
+    if args.audit and (args.images or args.from_file):
+        raise UsageError("--audit scores the catalog's own items; give no query images with it")
+    queries = [] if args.audit else read_queries(args)
     service = open_service(args)
     try:
         if args.audit:
-            if args.images or args.from_file:
-                raise UsageError("--audit scores the catalog's own items; give no query images with it")
             entries = service.audit(limit=args.top, progress=not args.json)
             if args.json:
                 for entry in entries:
@@ -96,35 +100,58 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
                         for rank, e in enumerate(entries, 1)]
                 print(format_table(["#", "score", "anomalous", "category", "id"], rows))
             return 0
-        print_results(service.anomaly(read_queries(args), heatmaps=args.heatmaps), args.json, _anomaly_line)
-        return 0
+        results = answered(queries, lambda chunk, first: service.anomaly(chunk, heatmaps=args.heatmaps, first=first),
+                           "scoring")
+        failed = print_results(results, args.json, _anomaly_line)
+        if args.heatmaps and args.json and failed < len(queries):
+            print(f"heatmaps in {args.heatmaps}", file=sys.stderr)
+        return exit_status(failed, len(queries))
     finally:
         service.close()
 
 
+MODES_HELP = ("fused (every weighted feature in one ranking), local (visual words and geometric verification: "
+              "logos), or a global feature of the index: deep, colour, ae, style... (catalens info lists them)")
+
+
 def register(commands) -> None:
-    p = commands.add_parser("search", help="find catalog items matching photos")
+    p = add_command(
+        commands, "search", "find catalog items matching photos",
+        description="Find the catalog items that best match each photo, best first. Exit status 1 when no photo "
+                    "could be read.",
+        epilog="examples: catalens search shelf.jpg --index shop-index --k 5\n"
+               "          catalens search --from-file photos.txt --index shop-index --json > hits.jsonl")
     add_query_arguments(p)
     add_location_arguments(p)
-    p.add_argument("--k", type=int, default=10, help="results per photo (default 10)")
-    p.add_argument("--mode", default=None,
-                   help="fused (default), local, or a global feature of the index: deep, colour, ae, ...")
-    p.add_argument("--category", help="only items under this category path prefix")
+    p.add_argument("--k", type=int, default=10, help="results per photo")
+    p.add_argument("--mode", default=None, help=f"how to rank (default fused): {MODES_HELP}")
+    p.add_argument("--category", metavar="PATH",
+                   help="only items under this category path prefix of whole levels (Packages or Packages/Milk)")
     p.add_argument("--collapse", action="store_true",
                    help="one result per product (the item's 'product' attribute, else its category)")
-    p.add_argument("--explain", metavar="OUT", help="folder for images showing why each result matched")
-    p.add_argument("--config", help="TOML configuration file (its [search] table)")
+    p.add_argument("--explain", metavar="OUT",
+                   help="folder for images of the keypoints each result shares with the photo (modes fused, local)")
+    add_config_argument(p, "table [search]")
     p.set_defaults(run=cmd_search)
 
-    p = commands.add_parser("classify", help="propose a category path for item photos")
+    p = add_command(
+        commands, "classify", "propose a category path for item photos",
+        description="Propose a category path for each photo, level by level with a confidence, fitted on the "
+                    "indexed items. Exit status 1 when no photo could be read.",
+        epilog="example: catalens classify new-item.jpg --index shop-index")
     add_query_arguments(p)
     add_location_arguments(p)
     p.set_defaults(run=cmd_classify)
 
-    p = commands.add_parser("anomaly", help="score photos by autoencoder reconstruction error, or audit the catalog")
+    p = add_command(
+        commands, "anomaly", "score photos by autoencoder reconstruction error, or audit the catalog",
+        description="Score photos by how badly the index's autoencoder (catalens train-ae) reconstructs them: "
+                    "above the threshold is anomalous. --audit lists the catalog's own most anomalous items.",
+        epilog="examples: catalens anomaly upload.jpg --index shop-index --heatmaps heatmaps/\n"
+               "          catalens anomaly --audit --index shop-index --top 50")
     add_query_arguments(p)
     add_location_arguments(p)
     p.add_argument("--heatmaps", metavar="OUT", help="folder for heatmaps of where reconstruction failed")
-    p.add_argument("--audit", action="store_true", help="list the catalog's own most anomalous items")
-    p.add_argument("--top", type=int, default=20, help="with --audit: how many items to list (default 20)")
+    p.add_argument("--audit", action="store_true", help="list the catalog's own most anomalous items instead")
+    p.add_argument("--top", type=int, default=20, help="with --audit: how many items to list")
     p.set_defaults(run=cmd_anomaly)

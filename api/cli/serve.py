@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from catalens.api.cli.arguments import UsageError, add_location_arguments, location
+from catalens.api.cli.arguments import UsageError, add_command, add_location_arguments, location
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -20,15 +20,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     app = create_app(location(args), read_only=args.read_only)
-    print(f"catalens serve: http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    writes = "read-only" if args.read_only else f"writes need the X-API-Key header (${API_KEY_ENV})"
+    print(f"catalens serve: http://{args.host}:{args.port}/ (API docs at /docs; {writes})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
 def register(commands) -> None:
-    p = commands.add_parser("serve", help="serve the HTTP API and web page over an index")
+    p = add_command(
+        commands, "serve", "serve the HTTP API and the web page over an index",
+        description="Serve the HTTP API (POST /search, /classify, /anomaly, /explain; GET /items/ID, /stats, "
+                    "/health; POST and DELETE /items) and a web page at /; the API's documentation is at /docs "
+                    "and /redoc, served offline. Writes need the key in $CATALENS_API_KEY, sent as the X-API-Key "
+                    "header; --read-only serves without writes and needs no key.",
+        epilog="examples: CATALENS_API_KEY=$(openssl rand -hex 16) catalens serve --index shop-index\n"
+               "          catalens serve --index shop-index --read-only --port 8080")
     add_location_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--read-only", action="store_true", help="no writes: POST/DELETE /items answer 403")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port")
+    p.add_argument("--read-only", action="store_true",
+                   help="no writes: POST/DELETE /items answer 403, and no API key is needed")
     p.set_defaults(run=cmd_serve)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from catalens.api.cli.arguments import UsageError, add_location_arguments, open_service
+from catalens.api.cli.arguments import UsageError, add_command, add_location_arguments, open_service
 from catalens.api.tables import format_table
 
 
@@ -60,19 +60,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def register(commands) -> None:
-    p = commands.add_parser("train-ae", help="train the index's autoencoder (codes for --mode ae, anomaly scores)")
+    p = add_command(
+        commands, "train-ae", "train the index's autoencoder (codes for --mode ae, anomaly scores)",
+        description="Train an autoencoder on the index's own catalog: its codes become the 'ae' feature "
+                    "(search --mode ae) and its reconstruction error the anomaly score (catalens anomaly). An "
+                    "interrupted run resumes from its checkpoint.",
+        epilog="example: catalens train-ae --index shop-index --epochs 20")
     add_location_arguments(p)
-    p.add_argument("--epochs", type=int, default=15, help="passes over the catalog (default 15)")
+    p.add_argument("--epochs", type=int, default=15, help="passes over the catalog")
     p.add_argument("--input", choices=("features", "pixels"), default="features",
-                   help="reconstruct the backbone's feature maps (default, better anomaly detection) or 64-px pixels")
-    p.add_argument("--noise", type=float, default=0.0, help="denoising: std of Gaussian input noise (standardised units)")
+                   help="reconstruct the backbone's feature maps (better anomaly detection) or 64-px pixels")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="denoising: std of Gaussian noise added to the input (standardised units)")
     p.add_argument("--percentile", type=float, default=95.0,
-                   help="threshold = this percentile of held-out catalog images' scores (default 95)")
-    p.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint")
+                   help="anomaly threshold: this percentile of held-out catalog images' scores")
+    p.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_train_ae)
 
-    p = commands.add_parser("finetune", help="adapt the network to the catalog's products, for search and classify (CPU)")
+    p = add_command(
+        commands, "finetune", "adapt the network to the catalog's products, for search and classify (CPU)",
+        description="Fine-tune the backbone's top stages on the catalog's products; search and classification "
+                    "use the adapted network when it finds more products on held-out photos than the frozen one.",
+        epilog="example: catalens finetune --index shop-index")
     add_location_arguments(p)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 200, more for larger catalogs, at most 600)")
