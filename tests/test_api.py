@@ -131,8 +131,9 @@ def test_search_category_filter_keeps_only_that_branch(client, small_index, clas
     expected = sum(item.category.startswith(branch + "/") for item in small_index[1])
     assert len(body["results"]) == min(20, expected)
     assert all(hit["category"].startswith(branch + "/") for hit in body["results"])
-    empty = client.post("/search", files=upload(other_photo), data={"category": "No/Such/Branch"}).json()
-    assert empty["results"] == []
+    unknown = client.post("/search", files=upload(other_photo), data={"category": branch + "/No/Such/Branch"})
+    assert unknown.status_code == 422
+    assert unknown.json()["detail"].startswith(f"category '{branch}/No/Such/Branch' is not in this index; did you mean")
 
 
 def test_every_mode_of_the_index_answers_and_others_say_why_not(client, small_index):
@@ -174,6 +175,9 @@ def test_page_and_openapi_are_served(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/search", "/classify", "/anomaly", "/items", "/items/{item_id}", "/stats", "/health"):
         assert path in paths, path
+    for page in ("/docs", "/redoc"):  # their scripts come from this server, not a CDN
+        html = client.get(page).text
+        assert "/docs-static/" in html and "cdn." not in html, page
 
 
 # --- classification, anomaly scores (a clear 503 before the model exists), explanations

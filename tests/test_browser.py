@@ -1,4 +1,5 @@
-"""The web page in headless Chromium: pick a photo, see the result grid, open a result.
+"""The web page and the API documentation in headless Chromium, offline (every request to another
+host is refused): pick a photo, see the result grid, open a result; /docs and /redoc render.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright`` Python
 package (its own browsers are not needed). Skips without them, except under ``CI=true``.
@@ -39,6 +40,22 @@ def _chromium() -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return found
+
+
+def _offline(context, url: str) -> list[str]:
+    """Refuse every request that does not go to ``url``'s server, as on a machine without internet;
+    returns the list of refused URLs."""
+    refused: list[str] = []
+
+    def route(request_route) -> None:
+        if request_route.request.url.startswith(url):
+            request_route.continue_()
+        else:
+            refused.append(request_route.request.url)
+            request_route.abort()
+
+    context.route("**/*", route)
+    return refused
 
 
 def _free_port() -> int:
@@ -104,13 +121,16 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             viewport={"width": 1280, "height": 900},
         )
         try:
+            refused = _offline(context, url)
             page = context.new_page()
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('stats').textContent.includes('items')", timeout=30_000)
             assert "30 items in 3 categories" in page.inner_text("#stats")
             modes = page.eval_on_selector_all("#mode option", "options => options.map(o => o.value)")
-            assert "deep" in modes
+            # The page offers exactly what the index answers (no 'ae' before train-ae).
+            assert modes == page.evaluate("fetch('/stats').then(r => r.json()).then(s => s.modes)")
+            assert "deep" in modes and "ae" not in modes
 
             page.set_input_files("#file", str(query.path))
             page.wait_for_selector("#grid .hit", timeout=60_000)
@@ -148,3 +168,40 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
         finally:
             context.close()
     assert not page_errors, page_errors
+    assert not refused, refused
+
+
+def test_api_docs_render_offline(chromium, server):
+    """Swagger UI and ReDoc come from the server itself: with every other host refused they still render."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="catalens-chromium-") as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 1000},
+        )
+        try:
+            refused = _offline(context, url)
+            page = context.new_page()
+            page.goto(url + "/docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+            operations = page.eval_on_selector_all(".opblock-summary-path", "paths => paths.map(p => p.textContent)")
+            assert {"/search", "/classify", "/anomaly", "/items"} <= {path.replace("\u200b", "") for path in operations}
+            assert page.is_visible(".btn.authorize")  # the X-API-Key security scheme
+            shot = ARTIFACTS / "docs.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+
+            page.goto(url + "/redoc")
+            page.wait_for_selector("h1", timeout=30_000)
+            assert "catalens" in page.inner_text("h1")
+            page.wait_for_function("document.body.innerText.includes('/search')", timeout=30_000)
+            shot = ARTIFACTS / "redoc.png"
+            page.screenshot(path=str(shot))
+            print(f"screenshot: {shot}")
+        finally:
+            context.close()
+    # Nothing the pages need lives elsewhere (a CDN would have been refused and left them blank).
+    assert not [address for address in refused if address.endswith((".js", ".css"))], refused

@@ -1,8 +1,9 @@
 """The HTTP API and web page: search by photo, classify, anomaly check and catalog updates.
 
 The HTTP layer only translates: it validates uploads, calls ``catalens.api.service`` (as the
-CLI does) in a worker pool, and turns results and errors into typed JSON. Routes live in
-``routers/``, what they share in ``state``.
+CLI does) in a worker pool, and turns results and errors into typed JSON whose messages name no
+server path (``problems``). Routes live in ``routers/``, what they share in ``state``. The API's
+documentation pages (/docs, /redoc) load Swagger UI and ReDoc from this server, so they work offline.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catalens.api.http.problems import PathScrubber
 from catalens.api.http.routers import items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
 from catalens.api.service import CatalogService
@@ -32,6 +37,16 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 
 __all__ = ["API_KEY_ENV", "create_app"]
+
+DESCRIPTION = f"""Visual search for product catalogs: find products by photo, file them into the category
+tree, flag photos that do not belong, and keep the catalog up to date.
+
+Photos are sent as multipart field `image`. Reading needs no key. Writes (`POST /items`,
+`DELETE /items/{{id}}`) need the server's key (`${API_KEY_ENV}`) in the `X-API-Key` header
+(the *Authorize* button), and are refused on a server started with `--read-only`.
+
+    curl -F image=@photo.jpg -F k=5 http://127.0.0.1:8000/search
+"""
 
 
 def create_app(
@@ -76,20 +91,27 @@ def create_app(
             state.executor.shutdown(wait=True, cancel_futures=True)
             service.close()
 
-    app = FastAPI(
-        title="catalens", version="0.2.0", lifespan=lifespan,
-        description="Visual search for product catalogs: find products by photo, file them, flag anomalies.",
+    app = FastAPIOffline(
+        title="catalens", version="0.2.0", lifespan=lifespan, static_url="/docs-static",
+        description=DESCRIPTION,
     )
     app.state.catalens = state
+    scrub = PathScrubber.for_location(location, service.catalog.models_dir.parent)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if isinstance(error.detail, str):
+            error = StarletteHTTPException(error.status_code, scrub(error.detail), error.headers)
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(ImageDecodeError)
     async def _image_error(request: Request, error: ImageDecodeError) -> JSONResponse:
         http = decode_error(error)
-        return JSONResponse({"detail": http.detail}, status_code=http.status_code)
+        return JSONResponse({"detail": scrub(http.detail)}, status_code=http.status_code)
 
     @app.exception_handler(IndexUnavailableError)
     async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=503)
+        return JSONResponse({"detail": scrub(str(error))}, status_code=503)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):

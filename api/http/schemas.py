@@ -72,9 +72,11 @@ class Stats(BaseModel):
     failures: int
     backbone: str
     dims: dict[str, int]
-    faiss_factory: str | None = None
+    faiss_factory: str | None = Field(None, description="the FAISS index type built (folder indexes)")
+    faiss_configured: str | None = Field(
+        None, description="the configured type, where the catalog is still too small to train it")
     size_bytes: int | None = None
-    modes: list[str]
+    modes: list[str] = Field(description="the search modes this index can answer now")
     default_mode: str
     features: Features
     read_only: bool

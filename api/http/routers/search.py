@@ -17,15 +17,22 @@ from catalens.api.http.schemas import (
     Problem,
     SearchResponse,
 )
-from catalens.api.http.state import ImageFile, SettingsDep, StateDep, read_upload
-from catalens.api.service import ModelMissingError
+from catalens.api.http.state import ImageFile, ServerState, SettingsDep, StateDep, read_upload
+from catalens.api.service import ModelMissingError, UnknownCategoryError
 from catalens.indexer.features import FeatureUnavailableError
 
 router = APIRouter(tags=["search by photo"])
 
 _FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
-_ERRORS = {400: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem}, 422: {"model": Problem},
-           503: {"model": Problem}}
+_ERRORS = {
+    400: {"model": Problem, "description": "the photo cannot be decoded (truncated, corrupt)"},
+    413: {"model": Problem, "description": "the photo is larger than the upload limit (bytes or pixels)"},
+    415: {"model": Problem, "description": "the upload is not an image"},
+    422: {"model": Problem, "description": "no photo, or a parameter this index cannot use: an unknown mode or "
+                                           "category, k out of range, bad weights"},
+    503: {"model": Problem, "description": "what was asked needs a model this index has not fitted yet "
+                                           "(the detail says which command fits it)"},
+}
 
 
 def image_url(item_id: str) -> str:
@@ -40,6 +47,14 @@ def clean_category(category: str | None) -> str | None:
     return "/".join(part.strip() for part in category.replace("\\", "/").split("/") if part.strip()) or None
 
 
+async def checked_category(state: ServerState, category: str | None) -> str | None:
+    """The cleaned category filter, if the index has that category; a 422 naming close ones if not."""
+    try:
+        return await state.run(state.service.check_category, clean_category(category))
+    except UnknownCategoryError as error:
+        raise HTTPException(422, str(error)) from None
+
+
 @router.post("/search", response_model=SearchResponse, responses=_ERRORS)
 async def search(
     state: StateDep,
@@ -48,8 +63,8 @@ async def search(
     category: Annotated[str | None, Form(description="only items under this category path prefix")] = None,
 ) -> SearchResponse:
     """Catalog items that best match the photo, best first."""
+    category = await checked_category(state, category)
     upload = await read_upload(state, image)
-    category = clean_category(category)
 
     def run():
         started = time.perf_counter()
@@ -69,7 +84,7 @@ async def search(
                           seconds=round(seconds, 4))
 
 
-async def _ask(state, image, method: str, feature: str) -> dict[str, Any]:
+async def _ask(state: ServerState, image, method: str, feature: str) -> dict[str, Any]:
     upload = await read_upload(state, image)
 
     def run() -> dict[str, Any]:
@@ -86,15 +101,15 @@ async def _ask(state, image, method: str, feature: str) -> dict[str, Any]:
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
-async def classify(state: StateDep, image: ImageFile = None) -> dict[str, Any]:
+async def classify(state: StateDep, image: ImageFile = None) -> ClassifyResponse:
     """The proposed category path of a photo (as `catalens classify --json`)."""
-    return await _ask(state, image, "classify", "classification")
+    return ClassifyResponse(**await _ask(state, image, "classify", "classification"))
 
 
 @router.post("/anomaly", response_model=AnomalyResponse, responses=_ERRORS)
-async def anomaly(state: StateDep, image: ImageFile = None) -> dict[str, Any]:
-    """Whether a photo looks unlike the catalog (as `catalens anomaly --json`)."""
-    return await _ask(state, image, "anomaly", "anomaly scoring")
+async def anomaly(state: StateDep, image: ImageFile = None) -> AnomalyResponse:
+    """Whether a photo looks unlike the catalog (as `catalens anomaly --json`); 503 until `catalens train-ae` ran."""
+    return AnomalyResponse(**await _ask(state, image, "anomaly", "anomaly scoring"))
 
 
 @router.post("/explain", responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": Problem}, **_ERRORS})
@@ -106,10 +121,10 @@ async def explain(
     category: Annotated[str | None, Form()] = None,
 ) -> Response:
     """An image of the keypoints the photo and result `id` share (modes local and fused)."""
-    upload = await read_upload(state, image)
     if settings.mode not in ("local", "fused"):
         raise HTTPException(422, f"matched keypoints exist for modes local and fused, not {settings.mode!r}")
-    category = clean_category(category)
+    category = await checked_category(state, category)
+    upload = await read_upload(state, image)
 
     def run() -> bytes | None:
         # The explanation reads the query from the path named in the result.

@@ -38,7 +38,8 @@ async def stats(state: StateDep) -> Stats:
     info = await state.run(collect)
     return Stats(
         items=info["items"], categories=info["categories"], failures=info["failures"], backbone=info["backbone"],
-        dims=info["dims"], faiss_factory=info.get("faiss_factory"), size_bytes=info.get("size_bytes"),
+        dims=info["dims"], faiss_factory=info.get("faiss_factory"), faiss_configured=info.get("faiss_configured"),
+        size_bytes=info.get("size_bytes"),
         modes=info["modes"], default_mode=info["modes"][0] if info["modes"] else "fused",
         features=Features(classify=bool(info["dims"]), anomaly=info["has_ae"], explain=bool(state.catalog.local_features())),
         read_only=state.read_only, top_categories=info["top_categories"],
