@@ -23,8 +23,9 @@ class PathScrubber:
 
     def __init__(self, index_locations: Iterable[str | Path], other_roots: Iterable[str | Path] = ()):
         given = [str(location) for location in index_locations if str(location)]
-        self._prefixes = [f"{location}: " for location in given]
-        # A bare relative name ("idx") is replaced only where it opens a message: elsewhere it may be a word.
+        # "LOCATION: what happened" is how errors name the index: the name goes, the sentence stays.
+        self._prefixes = sorted({f"{location}: " for location in given}, key=len, reverse=True)
+        # A bare relative name ("idx") is replaced only as such a prefix: elsewhere it may be a word.
         index = {location for location in given if "/" in location or "\\" in location}
         index |= {str(Path(location).resolve()) for location in given if "://" not in location}
         # Longest first, so that a folder inside another is replaced whole.
@@ -39,7 +40,7 @@ class PathScrubber:
 
     def __call__(self, message: str) -> str:
         for prefix in self._prefixes:
-            message = message.removeprefix(prefix)
+            message = message.replace(prefix, "")
         for location in self._index:
             message = message.replace(f"{location}: ", "").replace(location, "this index")
         message = _ABSOLUTE_PATH.sub("<server path>", message)
