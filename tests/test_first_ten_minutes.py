@@ -314,11 +314,24 @@ def test_search_exits_1_when_no_photo_could_be_answered(shop, tmp_path, capsys):
 # --- 7. the server offers what the index can answer, and shows no server paths
 
 
-def test_stats_offers_exactly_the_modes_the_index_answers(client, shop_copy):
+@pytest.fixture(scope="module")
+def trained(shop, tmp_path_factory) -> Path:
+    """A copy of the shop's index with a small pixel autoencoder trained on it."""
+    from catalens.api.service import CatalogService
+
+    index = Path(shutil.copytree(shop[1], tmp_path_factory.mktemp("trained") / "index"))
+    service = CatalogService.open(index)
+    try:
+        service.train_autoencoder(epochs=1, input_kind="pixels", progress=False, width=8, code_channels=4)
+    finally:
+        service.close()
+    return index
+
+
+def test_stats_offers_exactly_the_modes_the_index_answers(client, trained):
     from fastapi.testclient import TestClient
 
     from catalens.api.http.app import create_app
-    from catalens.api.service import CatalogService
 
     stats = client.get("/stats").json()
     assert stats["modes"] == ["fused", "local", "deep", "colour", "sift"]
@@ -326,15 +339,20 @@ def test_stats_offers_exactly_the_modes_the_index_answers(client, shop_copy):
     any_bytes = {"image": ("p.jpg", b"refused before it is read", "image/jpeg")}
     response = client.post("/search", files=any_bytes, data={"mode": "ae"})
     assert response.status_code == 422 and "train-ae" in response.json()["detail"]
-
-    service = CatalogService.open(shop_copy)
-    try:
-        service.train_autoencoder(epochs=1, input_kind="pixels", progress=False, width=8, code_channels=4)
-    finally:
-        service.close()
-    with TestClient(create_app(shop_copy, read_only=True)) as trained:
-        stats = trained.get("/stats").json()
+    with TestClient(create_app(trained, read_only=True)) as after_training:
+        stats = after_training.get("/stats").json()
         assert "ae" in stats["modes"] and stats["features"]["anomaly"] is True
+
+
+def test_heatmaps_of_a_long_list_are_numbered_across_chunks(shop, trained, tmp_path, capsys):
+    photos = sorted(str(path) for path in shop[0].rglob("*.jpg"))
+    listing = tmp_path / "photos.txt"
+    listing.write_text("\n".join(photos))
+    assert main(["anomaly", "--from-file", str(listing), "--index", str(trained), "--json",
+                 "--heatmaps", str(tmp_path / "maps")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 12
+    drawn = sorted(path.name for path in (tmp_path / "maps").iterdir())
+    assert drawn == [f"{n:04d}_{Path(photo).stem}.png" for n, photo in enumerate(photos)]
 
 
 def test_http_errors_show_no_server_paths(client, shop):
