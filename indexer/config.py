@@ -11,11 +11,18 @@ import difflib
 import json
 import os
 import tomllib
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 
 class ConfigError(ValueError):
@@ -33,7 +40,8 @@ class IndexConfig(BaseModel):
     input_scaling: Literal["auto", "imagenet", "symmetric"] = "auto"
     # The features every image gets (indexer/features/: one module each). Features fitted on
     # the catalog (ae, deep_ft, ...) join the list when their model is trained.
-    features: list[str] = Field(default_factory=lambda: ["deep", "colour", "sift"])
+    # From a variable: CATALENS_FEATURES=deep,colour,sift (or a JSON list).
+    features: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["deep", "colour", "sift"])
     # Per-feature settings, e.g. {"sift": {"max_keypoints": 400}}; each feature checks its own.
     feature_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # faiss index_factory string: "Flat" is exact and right up to ~100k items on one machine.
@@ -47,6 +55,14 @@ class IndexConfig(BaseModel):
     max_pixels: int = Field(80_000_000, ge=1)
     # How many images between durable commits of an indexing run (what a crash can cost).
     commit_every: int = Field(128, ge=1)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else \
+                [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -116,39 +132,40 @@ def read_toml_table(path: str | Path, table: str) -> dict[str, Any]:
     return values
 
 
-def load_layered(model: type[M], table: str, env_prefix: str, path: str | Path | None = None,
-                 env_value: Callable[[str, str], Any] = lambda name, raw: raw, **overrides: Any) -> M:
+def environment_values(model: type[BaseModel], env_prefix: str) -> dict[str, dict[str, Any]]:
+    """The ``<env_prefix><FIELD>`` variables set for ``model``'s fields, decoded by pydantic-settings
+    (JSON for lists and tables unless a field says ``NoDecode``), each as ``{field: value}`` under
+    its variable's name so that a bad one is reported by name."""
+    fields = {name: (info.annotation, info) for name, info in model.model_fields.items()}
+    settings = create_model(f"{model.__name__}Variables", __base__=BaseSettings, **fields)
+    settings.model_config = SettingsConfigDict(env_prefix=env_prefix, extra="ignore")
+    try:
+        found = EnvSettingsSource(settings, env_prefix=env_prefix)()
+    except SettingsError as error:  # a variable pydantic-settings could not decode; it names the field
+        raise ConfigError(f"{env_prefix}* variables: {error}") from None
+    return {f"{env_prefix}{name.upper()}": {name: value} for name, value in found.items()}
+
+
+def load_layered(model: type[M], table: str, env_prefix: str, path: str | Path | None = None, **overrides: Any) -> M:
     """``model`` from its defaults, then table ``[table]`` of ``path`` (or ``$CATALENS_CONFIG``), then
     ``<env_prefix><FIELD>`` variables, then ``overrides`` (None values ignored).
 
     Each layer is checked on its own, so a typo or a bad value is reported with where it came
-    from (``ConfigError``). ``env_value`` turns a variable's text into the field's value where
-    pydantic's own conversion would not (a comma-separated list, JSON).
+    from (``ConfigError``).
     """
     values: dict[str, Any] = {}
     path = path or os.environ.get("CATALENS_CONFIG")
     if path:
         values = _validated(model, read_toml_table(path, table), f"{path} [{table}]", values)
-    for name in model.model_fields:
-        raw = os.environ.get(f"{env_prefix}{name.upper()}")
-        if raw is not None:
-            values = _validated(model, {name: env_value(name, raw)}, f"{env_prefix}{name.upper()}", values)
+    for variable, value in environment_values(model, env_prefix).items():
+        values = _validated(model, value, variable, values)
     given = {key: value for key, value in overrides.items() if value is not None}
     return model(**_validated(model, given, "arguments", values))
 
 
-def _index_env_value(name: str, raw: str) -> Any:
-    """``CATALENS_FEATURES=deep,colour`` is a list, ``CATALENS_FEATURE_OPTIONS`` JSON."""
-    if name == "features":
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    if name == "feature_options":
-        return json.loads(raw)
-    return raw
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
     """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides."""
-    return load_layered(IndexConfig, "index", "CATALENS_", path, _index_env_value, **overrides)
+    return load_layered(IndexConfig, "index", "CATALENS_", path, **overrides)
 
 
 # What an existing index does with a setting given explicitly for a run (``model_fields_set``):

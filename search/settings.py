@@ -8,7 +8,6 @@ request (``k``, ``mode``, ``weights``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,5 +53,4 @@ class SearchSettings(BaseModel):
 
 def load_search_settings(path: str | Path | None = None, **overrides: Any) -> SearchSettings:
     """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[search]``, then ``CATALENS_SEARCH_<FIELD>``, then overrides."""
-    return load_layered(SearchSettings, "search", "CATALENS_SEARCH_", path,
-                        lambda name, raw: json.loads(raw) if name == "weights" else raw, **overrides)
+    return load_layered(SearchSettings, "search", "CATALENS_SEARCH_", path, **overrides)

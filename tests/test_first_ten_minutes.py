@@ -149,6 +149,24 @@ def test_search_settings_errors_name_the_variable(shop, tmp_path):
     assert done.returncode == 2 and "CATALENS_SEARCH_K: k: Input should be greater than or equal to 1" in one_line(done)
 
 
+def test_variables_are_read_by_pydantic_settings_lists_and_tables_included(monkeypatch):
+    from catalens.indexer.config import load_config
+    from catalens.search.settings import load_search_settings
+
+    monkeypatch.setenv("CATALENS_FEATURES", "deep, colour")
+    monkeypatch.setenv("CATALENS_FEATURE_OPTIONS", '{"sift": {"max_keypoints": 300}}')
+    monkeypatch.setenv("CATALENS_SEARCH_WEIGHTS", '{"deep": 1, "sift": 0.5}')
+    config, settings = load_config(batch_size=4), load_search_settings()
+    assert config.features == ["deep", "colour"] and config.batch_size == 4
+    assert config.feature_options == {"sift": {"max_keypoints": 300}}
+    assert settings.weights == {"deep": 1.0, "sift": 0.5}
+    monkeypatch.setenv("CATALENS_FEATURES", '["deep"]')
+    assert load_config().features == ["deep"]
+    monkeypatch.setenv("CATALENS_SEARCH_WEIGHTS", "{deep: 1")
+    with pytest.raises(ValueError, match="CATALENS_SEARCH_WEIGHTS: weights: Input should be a valid dictionary"):
+        load_search_settings()
+
+
 def test_search_in_a_mode_not_built_yet_is_one_line(shop):
     done = catalens("search", str(next(shop[0].rglob("*.jpg"))), "--index", str(shop[1]), "--mode", "ae")
     assert done.returncode == 2
