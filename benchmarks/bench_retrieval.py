@@ -12,9 +12,9 @@ photos (a hit is right when its product, the fine category, is the query's):
     deep, imagenet scaling   the frozen network as catalens 0.1 ran it
     deep                     + input scaling as the weights were trained
     deep_ft                  + the network adapted to the catalog (finetune)
-    fused                    + verified local matches (the default mode, default weights)
-    fused, products          + every photo of a product counted (product_weight)
-    fused, colour            + the colour histogram in the fused score
+    + verified local matches fused search of deep_ft (or deep) and SIFT verification
+    + every photo of a product  a product's other photos count too (product_weight 0.1)
+    + colour                 the colour histogram in the fused score: the default mode as shipped
 
 ``--sweep`` adds fused search under other weights. p50 is one query through
 ``SearchEngine.search`` (decoding and extraction included), one at a time, after a warm-up.
@@ -153,18 +153,23 @@ def main() -> None:
         engine = SearchEngine(catalog)
         adapted = "deep_ft" in catalog.config.features
         ft = "deep_ft" if adapted else "deep"
+        # Each step adds one thing to the one before; the last row is the default mode as shipped.
+        verified = {ft: 1.0, "sift": 0.2}
         steps = [("deep", "deep", defaults)]
         if adapted:
             steps.append(("deep_ft", "deep_ft", defaults))
         steps += [
-            ("fused", "fused", defaults),
-            ("fused, products", "fused", defaults.merged(product_weight=0.1)),
-            ("fused, colour", "fused", defaults.merged(weights={ft: 1.0, "sift": 0.2, "colour": 0.3})),
+            ("+ verified local matches", "fused", defaults.merged(weights=verified, product_weight=0.0)),
+            ("+ every photo of a product", "fused", defaults.merged(weights=verified, product_weight=0.1)),
+            ("+ colour (fused, the default)", "fused", defaults),
         ]
+        if adapted:  # what the same default search gives before finetune (the frozen network)
+            frozen = {name: w for name, w in engine.weights(defaults).items() if name != "deep_ft"}
+            steps.append(("fused before finetune", "fused", defaults.merged(weights={**frozen, "deep": 1.0})))
         weight_sets = [json.loads(w) for w in args.weights]
         if args.sweep:
-            weight_sets += [{ft: 1.0, "sift": w} for w in (0.1, 0.5, 1.0)] + [{ft: 1.0, "sift": 0.2, "colour": w}
-                                                                              for w in (0.1, 0.5)]
+            weight_sets += [{ft: 1.0, "sift": w, "colour": 0.3} for w in (0.1, 0.5)] + \
+                [{ft: 1.0, "sift": 0.2, "colour": w} for w in (0.2, 0.5)]
         steps += [(f"fused {json.dumps(w)}", "fused", defaults.merged(weights=w)) for w in weight_sets]
         queries = [Query(load_rgb(path), str(path)) for path in paths]
         for label, mode, settings in steps:

@@ -139,13 +139,16 @@ class SearchEngine:
 
     def rank_products(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
                       settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``rank``, then every photo of a product counted and, if asked, one hit a product."""
+        """``rank``, then every photo of a product counted (fused mode) and, if asked, one hit a product."""
         settings = settings or self.settings
-        if not settings.collapse and not settings.product_weight:
+        # Product evidence is part of the fused score, the mode that finds products; a single
+        # feature's mode keeps its plain similarity (a self-match scores 1).
+        weight = settings.product_weight if mode == "fused" else 0.0
+        if not settings.collapse and not weight:
             return self.rank(query, mode, k, filter, settings)
         # Enough candidates that k products survive collapsing several photos of each.
         keys, scores = self.rank(query, mode, max(k * (5 if settings.collapse else 1), settings.candidates), filter, settings)
-        keys, scores = rank_products(keys, scores, self.catalog.items.items(keys.tolist()), settings.product_weight,
+        keys, scores = rank_products(keys, scores, self.catalog.items.items(keys.tolist()), weight,
                                      settings.product_votes, settings.collapse)
         return keys[:k], scores[:k]
 

@@ -214,7 +214,7 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
     assert 0 <= report["frozen_accuracy"] <= 1 and 0 <= report["adapted_accuracy"] <= 1
     index = open_catalog(tiny_index)
     assert "deep_ft" in index.config.features and index.vectors("deep_ft").ntotal == 12
-    assert SearchEngine(index).weights() == {"deep_ft": 1.0, "sift": 0.2}  # it stands in for deep in search
+    assert SearchEngine(index).weights() == {"colour": 0.3, "deep_ft": 1.0, "sift": 0.2}  # it stands in for deep in search
     index.close()
 
     draw_product(tiny_catalog / "Fruit/Apple/new.jpg", seed=77)

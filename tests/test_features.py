@@ -30,10 +30,10 @@ def test_the_registry_lists_every_feature_module_with_its_kind():
 
 def test_default_weights_let_a_fitted_feature_stand_in_where_it_has_a_weight():
     specs = [feature_spec(name) for name in ("deep", "colour", "sift")]
-    assert feature_weights(specs, "search") == {"deep": 1.0, "sift": 0.2}
+    assert feature_weights(specs, "search") == {"deep": 1.0, "colour": 0.3, "sift": 0.2}
     assert feature_weights(specs, "classify") == {"deep": 1.0, "colour": 0.6}
     adapted = [*specs, feature_spec("deep_ft")]  # what finetune adds: it stands in for deep in both
-    assert feature_weights(adapted, "search") == {"sift": 0.2, "deep_ft": 1.0}
+    assert feature_weights(adapted, "search") == {"colour": 0.3, "sift": 0.2, "deep_ft": 1.0}
     assert feature_weights(adapted, "classify") == {"colour": 0.6, "deep_ft": 1.0}
     assert feature_weights(specs, "search", {"deep": 1.0, "colour": 0.0}) == {"deep": 1.0}
 

@@ -63,7 +63,7 @@ class ColourHistogram:
         return l2_normalise(np.stack(prepared))
 
 
-@register_feature("colour", "global", dim=ColourHistogram.dim, classify_weight=0.6,
+@register_feature("colour", "global", dim=ColourHistogram.dim, search_weight=0.3, classify_weight=0.6,
                   description="HSV histogram of the image's centre")
 def build_colour(catalog: Catalog) -> ColourHistogram:
     return ColourHistogram()
