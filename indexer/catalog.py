@@ -36,6 +36,10 @@ class IndexUnavailableError(RuntimeError):
     """An index that cannot be opened or used as asked; the message names it and what to do."""
 
 
+class IndexDamagedError(IndexUnavailableError):
+    """A file of the index is damaged beyond what can be rebuilt; the message names it and what to do."""
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
