@@ -14,18 +14,8 @@ from catalens.api.cli import main
 
 
 @pytest.fixture(scope="module")
-def built_index(tmp_path_factory) -> tuple[Path, Path]:
-    from catalens.indexer.config import IndexConfig
-    from catalens.indexer.pipeline import index_catalog
-    from tests.conftest import draw_product
-
-    folder = tmp_path_factory.mktemp("damage")
-    catalog = folder / "catalog"
-    for index in range(9):
-        draw_product(catalog / ["Dairy/Milk", "Fruit/Apple", "Fruit/Pear"][index % 3] / f"item{index}.jpg", seed=index)
-    report = index_catalog(catalog, folder / "index", IndexConfig(), progress=False)
-    assert report.added == 9
-    return folder / "index", catalog
+def built_index(synthetic_index) -> tuple[Path, Path]:
+    return synthetic_index
 
 
 @pytest.fixture()

@@ -21,10 +21,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catalens.api.http.guard import FORM_OVERHEAD_BYTES, RequestGuard, api_key_problem
 from catalens.api.http.problems import PathScrubber
 from catalens.api.http.routers import items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
 from catalens.api.service import CatalogService
+from catalens.indexer.backbones import check_backbone
 from catalens.indexer.catalog import IndexUnavailableError
 from catalens.indexer.imageio import ImageDecodeError
 from catalens.search.settings import SearchSettings, load_search_settings
@@ -49,6 +51,17 @@ Photos are sent as multipart field `image`. Reading needs no key. Writes (`POST 
 """
 
 
+def check_answerable(service: CatalogService) -> None:
+    """Refuse to serve an index that cannot answer: the backbone's weights, every fitted model and
+    every vector index are loaded now (a damaged FAISS file is rebuilt from SQLite, with one
+    warning), so the first visitor neither waits for them nor meets a bare 500."""
+    catalog = service.catalog
+    check_backbone(catalog.config.backbone)
+    for feature in catalog.dims():
+        catalog.vectors(feature)
+    catalog.features()  # raises ModelFileError naming a model that does not load
+
+
 def create_app(
     location: str | Path,
     read_only: bool = False,
@@ -66,7 +79,14 @@ def create_app(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not read_only and not api_key:
         raise ValueError(f"writes are enabled but no API key is set: set {API_KEY_ENV} or run read-only")
+    if not read_only and api_key_problem(api_key):
+        raise ValueError(f"{API_KEY_ENV}: {api_key_problem(api_key)}")
     service = CatalogService.open(location, settings or load_search_settings())
+    try:
+        check_answerable(service)
+    except BaseException:
+        service.close()
+        raise
     # Import what is loaded lazily here, once: torch imported from two worker threads at the same
     # time fails half-initialised.
     import catalens.search.anomaly  # noqa: F401
@@ -80,14 +100,13 @@ def create_app(
         executor=ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2), thread_name_prefix="catalens"),
     )
 
+    items.remove_orphan_uploads(state)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Load the network now so the first visitor does not wait for it.
-        warm = state.executor.submit(service.catalog.features)
         try:
             yield
         finally:
-            warm.cancel()
             state.executor.shutdown(wait=True, cancel_futures=True)
             service.close()
 
@@ -113,14 +132,8 @@ def create_app(
     async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": scrub(str(error))}, status_code=503)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse an oversized body before the multipart parser spools it to disk.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > state.max_upload_bytes + 1024 * 1024:
-            return JSONResponse({"detail": f"request larger than the {state.max_upload_bytes} byte upload limit"},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, read_only=read_only,
+                       api_key=api_key)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in (system.router, search.router, items.router):
