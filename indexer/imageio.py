@@ -25,13 +25,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 80_000_000
 
 # Every feature reads at most ~640 px a side (its draft size); queries are reduced to this first.
-QUERY_MAX_SIDE = 2048
+QUERY_MAX_SIDE = 1024
 # A query's decoded pixels in their own mode: a 33-megapixel RGB or RGBA image, a 67-megapixel
 # 16-bit grey one. A JPEG counts at its draft scale.
 QUERY_MAX_DECODE_BYTES = 128 * 1024 * 1024
-# What the reduction and the conversion to 8-bit RGB of one query may add: a few copies of
+# What the reduction and the conversion to 8-bit RGB of one query may add: four copies of
 # QUERY_MAX_SIDE^2 pixels at 4 bytes.
-QUERY_WORK_BYTES = 48 * 1024 * 1024
+QUERY_WORK_BYTES = 16 * 1024 * 1024
 # All queries decoding at once: two worst-case queries, so eight concurrent uploads wait their turn.
 QUERY_BUDGET_BYTES = 2 * (QUERY_MAX_DECODE_BYTES + QUERY_WORK_BYTES)
 
@@ -88,14 +88,23 @@ def decoded_bytes(image: Image.Image) -> int:
 def _reduced(image: Image.Image, max_side: int) -> Image.Image:
     """``image`` at most ``max_side`` a side, reduced in its own mode by a whole factor (a box filter:
     one pass, no full-size copy). Palette and 1-bit images take the nearest pixel (averaging
-    palette indices mixes unrelated colours)."""
+    palette indices mixes unrelated colours); images with alpha are reduced a band of rows at a
+    time, because PIL premultiplies alpha in a full-size copy first."""
     factor = math.ceil(max(image.size) / max_side)
     if factor <= 1:
         return image
+    width, height = image.size
+    size = (math.ceil(width / factor), math.ceil(height / factor))
     if image.mode in ("1", "P", "PA"):
-        return image.resize((math.ceil(image.size[0] / factor), math.ceil(image.size[1] / factor)), Image.NEAREST)
+        return image.resize(size, Image.NEAREST)
     if image.mode.startswith("I;16"):
-        return image.resize((math.ceil(image.size[0] / factor), math.ceil(image.size[1] / factor)), Image.BOX)
+        return image.resize(size, Image.BOX)
+    if image.mode in ("RGBA", "LA"):
+        reduced = Image.new(image.mode, size)
+        band = factor * 64
+        for top in range(0, height, band):
+            reduced.paste(image.crop((0, top, width, min(height, top + band))).reduce(factor), (0, top // factor))
+        return reduced
     return image.reduce(factor)
 
 
