@@ -285,6 +285,13 @@ class SqliteItemStore:
         with self._transaction() as db:
             db.executemany("DELETE FROM features WHERE feature = ? AND key = ?", [(feature, int(key)) for key in keys])
 
+    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+        with self._transaction() as db:
+            for feature, by_key in rows.items():
+                db.execute("DELETE FROM features WHERE feature = ?", (feature,))
+                db.executemany("INSERT INTO features(feature, key, data) VALUES(?, ?, ?)",
+                               [(feature, int(key), _blob(data)) for key, data in by_key.items()])
+
     def delete_feature(self, feature: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE feature = ?", (feature,))
