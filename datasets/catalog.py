@@ -90,7 +90,7 @@ def read_folder_tree(root: str | Path) -> list[CatalogItem]:
         relative = path.relative_to(root)
         problem = check_item_id(relative.as_posix())
         if problem:
-            raise CatalogError(f"{path}: {problem}; rename it")
+            raise CatalogError(f"{root}: {problem}; rename it")
         items.append(
             CatalogItem(
                 id=relative.as_posix(),

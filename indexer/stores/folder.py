@@ -6,7 +6,7 @@ Layout of ``DIR``::
     items.sqlite     items, categories, feature rows, visual words, failures (the source of truth)
     <feature>.faiss  one vector index per global feature, rebuilt from SQLite when stale
     models/          what was fitted on the catalog (vocabulary, autoencoder, fine-tuned network)
-    logs/            one log per indexing run
+    logs/            one log a day of indexing runs and HTTP writes
 """
 
 from __future__ import annotations
