@@ -75,17 +75,12 @@ def check_index(root: str | Path, repair: bool = True) -> CheckReport:
 
 
 def _check_vectors(catalog: FolderCatalog, report: CheckReport) -> None:
-    for feature, dim in catalog.dims().items():
-        name = f"{feature}.faiss"
-        path = catalog.root / name
-        _, damage = catalog._load_vectors(feature, dim)
-        stale = catalog.meta["faiss_generation"].get(feature) != catalog.generation
-        if damage or stale or not path.is_file():
-            why = damage or ("missing" if not path.is_file() else f"older than {ITEMS_FILE}")
-            catalog._vectors[feature] = catalog._rebuild(feature, dim)
-            report.add(name, "repaired", f"{why}; rebuilt from {ITEMS_FILE}")
+    for feature in catalog.dims():
+        rebuilt = catalog.load_vectors(feature)
+        if rebuilt:
+            report.add(f"{feature}.faiss", "repaired", f"{rebuilt}; rebuilt from {ITEMS_FILE}")
         else:
-            report.add(name, "ok", f"{catalog.items.row_count(feature)} vectors")
+            report.add(f"{feature}.faiss", "ok", f"{catalog.items.row_count(feature)} vectors")
 
 
 def _check_models(catalog: FolderCatalog, report: CheckReport) -> None:

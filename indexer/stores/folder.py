@@ -56,8 +56,6 @@ class FolderCatalog(Catalog):
                 f"or index the catalog again into a new folder") from None
         super().__init__(str(self.root), config, items, self.root / "models", meta)
         self._vectors: dict[str, FaissVectorStore] = {}
-        # Derived files found damaged and rebuilt in memory; ``save`` writes them again.
-        self.damaged: set[str] = set()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
 
@@ -153,28 +151,34 @@ class FolderCatalog(Catalog):
     def vectors(self, feature: str) -> FaissVectorStore:
         """The FAISS index of ``feature``, loaded, or rebuilt from SQLite if it is stale or damaged."""
         with self.lock:
-            if feature in self._vectors:
-                return self._vectors[feature]
+            if feature not in self._vectors:
+                self.load_vectors(feature)
+            return self._vectors[feature]
+
+    def load_vectors(self, feature: str) -> str | None:
+        """Load ``feature``'s FAISS index, rebuilding it from SQLite where it is missing, older than
+        SQLite, does not load or does not match; returns why it was rebuilt (None: it loaded). A
+        damaged file is one warning, since a crash explains a stale one but not a damaged one."""
+        with self.lock:
             dim = self.meta["dims"].get(feature)
             if dim is None:
                 raise IndexUnavailableError(f"{self.root}: this index has no {feature!r} vectors")
-            store = None
-            if self.meta["faiss_generation"].get(feature) == self.generation:
-                store, damage = self._load_vectors(feature, dim)
-                if damage:
+            path = self.root / f"{feature}.faiss"
+            if not path.is_file():
+                store, why = None, "missing"
+            elif self.meta["faiss_generation"].get(feature) != self.generation:
+                store, why = None, f"older than {ITEMS_FILE}"
+            else:
+                store, why = self._load_vectors(feature, dim)
+                if why:
                     log.warning("%s: %s; rebuilt from %s in memory (run 'catalens check --index %s' to save it)",
-                                self.root / f"{feature}.faiss", damage, ITEMS_FILE, self.root)
-                    self.damaged.add(f"{feature}.faiss")
-            if store is None:
-                store = self._rebuild(feature, dim)
-            self._vectors[feature] = store
-            return store
+                                path, why, ITEMS_FILE, self.root)
+            self._vectors[feature] = store if store is not None else self._rebuild(feature, dim)
+            return why
 
     def _load_vectors(self, feature: str, dim: int) -> tuple[FaissVectorStore | None, str | None]:
         """``feature``'s FAISS file if it loads and holds exactly the stored rows, else (None, why not)."""
         path = self.root / f"{feature}.faiss"
-        if not path.is_file():
-            return None, None  # deleted, or never saved: rebuilding is the normal repair
         try:
             store = FaissVectorStore.load(path, self.config.faiss_factory, search_params=self.config.faiss_search_params)
         except (RuntimeError, ValueError, MemoryError) as error:
