@@ -24,6 +24,7 @@ from catalens.indexer.config import IndexConfig
 from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import FeatureUnavailableError
 from catalens.indexer.imageio import ImageSource
+from catalens.indexer.integrity import CheckReport
 from catalens.indexer.pipeline import IndexReport, index_catalog
 from catalens.search.engine import QueryResult, SearchEngine
 from catalens.search.settings import SearchSettings
@@ -50,6 +51,13 @@ def index(source: str | Path | Sequence[CatalogItem], location: str | Path, conf
           prune: bool = True, progress: bool = True) -> IndexReport:
     """Index a catalog (folder, manifest or items) into the index at ``location``, creating it if needed."""
     return index_catalog(source, location, config, prune=prune, progress=progress)
+
+
+def check(location: str | Path, repair: bool = True) -> CheckReport:
+    """Verify a folder index's files and rebuild what its item store can rebuild (``catalens check``)."""
+    from catalens.indexer.integrity import check_index
+
+    return check_index(location, repair=repair)
 
 
 @dataclass

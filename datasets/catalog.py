@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,16 +43,54 @@ def _normalise_category(category: str) -> str:
     return "/".join(part for part in category.replace("\\", "/").split("/") if part)
 
 
+def _listed_files(root: Path) -> list[Path]:
+    """Every file below ``root``, following folder links once each. A folder that cannot be listed
+    is a ``CatalogError`` naming it: a partial listing would make its items look deleted."""
+
+    def unreadable(error: OSError) -> None:
+        raise CatalogError(f"{error.filename}: cannot list this folder of the catalog ({error.strerror}); "
+                           "fix its permissions, or move it out of the catalog") from None
+
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files.extend(Path(folder) / name for name in names)
+    return sorted(files)
+
+
+def check_item_id(item_id: str) -> str | None:
+    """Why ``item_id`` cannot be a catalog id, or None. Control characters (a newline in a folder
+    name) break every table and log line; a '.' or '..' level cannot be sent in a URL path, so the
+    HTTP API could not reach the item."""
+    if not item_id.strip():
+        return "an id must not be blank"
+    bad = next((ch for ch in item_id if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        return f"id {item_id!r} contains the control character {bad!r}"
+    if item_id != item_id.strip():
+        return f"id {item_id!r} starts or ends with white space"
+    if any(level in (".", "..") for level in item_id.split("/")):
+        return f"id {item_id!r} has a '.' or '..' level, which a URL path cannot carry"
+    return None
+
+
 def read_folder_tree(root: str | Path) -> list[CatalogItem]:
     """Every image below ``root``; its folder path is the category, its relative path the id."""
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"{root}: not a folder")
     items = []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+    for path in _listed_files(root):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         relative = path.relative_to(root)
+        problem = check_item_id(relative.as_posix())
+        if problem:
+            raise CatalogError(f"{root}: {problem}; rename it")
         items.append(
             CatalogItem(
                 id=relative.as_posix(),
@@ -87,6 +127,9 @@ def read_manifest(path: str | Path) -> list[CatalogItem]:
                 if not isinstance(record.get(key), str) or not record[key].strip():
                     raise CatalogError(f"{where}: '{key}' is required and must be a non-empty string")
             item_id = record["id"]
+            problem = check_item_id(item_id)
+            if problem:
+                raise CatalogError(f"{where}: {problem}")
             if item_id in first_line_of:
                 raise CatalogError(
                     f"{where}: duplicate id {item_id!r} (first defined on line {first_line_of[item_id]})"

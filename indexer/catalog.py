@@ -36,6 +36,10 @@ class IndexUnavailableError(RuntimeError):
     """An index that cannot be opened or used as asked; the message names it and what to do."""
 
 
+class IndexDamagedError(IndexUnavailableError):
+    """A file of the index is damaged beyond what can be rebuilt; the message names it and what to do."""
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -137,11 +141,10 @@ class Catalog(ABC):
         scalars = scalars or {}
         with self.lock:
             self._prepare_replace(feature, int(rows.shape[1]), list(scalars))
-            for name in (feature, *scalars):
-                self.items.delete_feature(name)
-            self.items.put_rows(feature, {int(key): rows[i].astype(np.float32).tobytes() for i, key in enumerate(keys)})
+            replaced = {feature: {int(key): rows[i].astype(np.float32).tobytes() for i, key in enumerate(keys)}}
             for name, values in scalars.items():
-                self.items.put_rows(name, {int(key): np.float32(values[i]).tobytes() for i, key in enumerate(keys)})
+                replaced[name] = {int(key): np.float32(values[i]).tobytes() for i, key in enumerate(keys)}
+            self.items.replace_rows(replaced)
             self._reindex(feature)
             self.save()
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from catalens.indexer.features import FeatureUnavailableError
-from catalens.indexer.imageio import ImageDecodeError, load_rgb
+from catalens.indexer.imageio import ImageDecodeError, load_query, load_rgb
 from catalens.search.engine import Query, QueryResult, SearchEngine
 from catalens.search.retrieval import query_descriptors, verified
 
@@ -54,7 +54,7 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path)
     if result.error is not None or not result.results:
         return []
     try:
-        query_image = load_rgb(result.query, engine.catalog.config.max_pixels)
+        query_image = load_query(result.query, engine.catalog.config.max_pixels)
     except ImageDecodeError as error:
         log.warning("cannot explain %s: %s", result.query, error)
         return []

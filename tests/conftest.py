@@ -91,3 +91,19 @@ def tiny_catalog(tmp_path: Path) -> Path:
         category = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"][index % 3]
         draw_product(root / category / f"item{index:02d}.jpg", seed=index, text=f"item {index}")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_index(tmp_path_factory) -> tuple[Path, Path]:
+    """(index, catalog): nine generated product shots in three categories, indexed once per
+    session; copy the index before changing it."""
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    catalog = folder / "catalog"
+    for index in range(9):
+        draw_product(catalog / ["Dairy/Milk", "Fruit/Apple", "Fruit/Pear"][index % 3] / f"item{index}.jpg", seed=index)
+    report = index_catalog(catalog, folder / "index", IndexConfig(), progress=False)
+    assert report.added == 9
+    return folder / "index", catalog

@@ -15,7 +15,7 @@ from catalens.datasets.catalog import CatalogItem
 
 pytestmark = pytest.mark.slow
 
-KEY = "test-key-123"
+KEY = "test-key-123-456-789"
 PER_CLASS = 10
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,56 @@ def test_load_catalog_rejects_what_is_neither_folder_nor_manifest(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CatalogError, match="no images found"):
         load_catalog(tmp_path / "empty")
+
+
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed (chmod cannot refuse root, who runs the tests in CI)."""
+    import os
+
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_of_the_catalog_that_cannot_be_listed_is_an_error_naming_it(tiny_catalog, monkeypatch):
+    _unlistable(monkeypatch, tiny_catalog / "Dairy" / "Milk")
+    with pytest.raises(CatalogError, match=r"Dairy/Milk: cannot list this folder .*Permission denied"):
+        read_folder_tree(tiny_catalog)
+
+
+def test_an_unlistable_folder_removes_nothing_from_the_index(tiny_catalog, tmp_path, monkeypatch, capsys):
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+
+    index = tmp_path / "index"
+    assert main(["index", str(tiny_catalog), "--index", str(index), "--quiet"]) == 0
+    _unlistable(monkeypatch, tiny_catalog / "Dairy" / "Milk")
+    assert main(["index", str(tiny_catalog), "--index", str(index), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Dairy/Milk" in err and len(err.strip().splitlines()) == 1
+    catalog = open_catalog(index)
+    try:
+        assert catalog.items.count() == 12
+    finally:
+        catalog.close()
+
+
+@pytest.mark.parametrize("item_id", ["a\nb", "bell\x07", " padded", "x/../y", "."])
+def test_a_manifest_id_no_table_or_url_can_carry_is_refused_with_its_line(tmp_path, item_id):
+    manifest = tmp_path / "catalog.jsonl"
+    manifest.write_text(json.dumps({"id": "ok", "image": "a.jpg"}) + "\n" + json.dumps({"id": item_id, "image": "b.jpg"}) + "\n")
+    with pytest.raises(CatalogError, match=r"catalog.jsonl:2: "):
+        read_manifest(manifest)
+
+
+def test_a_folder_name_with_a_newline_is_refused_naming_it(tiny_catalog):
+    broken = tiny_catalog / "Dairy" / "Milk\nSkimmed"
+    broken.mkdir()
+    (tiny_catalog / "Dairy" / "Milk" / "item00.jpg").rename(broken / "item00.jpg")
+    with pytest.raises(CatalogError, match="control character"):
+        read_folder_tree(tiny_catalog)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -65,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except sqlite3.DatabaseError as error:
+        # Damage the header check at open cannot see (a page in the middle of items.sqlite).
+        where = getattr(args, "index", None) or "DIR"
+        print(f"catalens {args.command}: {where}/items.sqlite is damaged ({error}); run 'catalens check --index "
+              f"{where}'", file=sys.stderr)
+        return 2
     except Exception as error:
         if type(error).__module__.startswith("elastic_transport"):
             print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)

@@ -10,9 +10,12 @@ from catalens.api.cli.arguments import UsageError, add_command, add_location_arg
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from catalens.api.http.app import API_KEY_ENV, create_app
+    from catalens.api.http.guard import api_key_problem
 
     if not args.read_only and not os.environ.get(API_KEY_ENV):
         raise UsageError(f"writes (POST/DELETE /items) need an API key: set {API_KEY_ENV}, or pass --read-only")
+    if not args.read_only and api_key_problem(os.environ[API_KEY_ENV]):
+        raise UsageError(f"{API_KEY_ENV}: {api_key_problem(os.environ[API_KEY_ENV])}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         # Not refused: a deployment behind a proxy binds wider on purpose. Said once, plainly.
         print(f"catalens serve: listening on {args.host}, reachable from other machines")

@@ -8,6 +8,7 @@ documentation pages (/docs, /redoc) load Swagger UI and ReDoc from this server, 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +22,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catalens.api.http.guard import FORM_OVERHEAD_BYTES, RequestGuard, api_key_problem
 from catalens.api.http.problems import PathScrubber
 from catalens.api.http.routers import items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
 from catalens.api.service import CatalogService
+from catalens.indexer.backbones import check_backbone
 from catalens.indexer.catalog import IndexUnavailableError
 from catalens.indexer.imageio import ImageDecodeError
 from catalens.search.settings import SearchSettings, load_search_settings
@@ -49,6 +52,37 @@ Photos are sent as multipart field `image`. Reading needs no key. Writes (`POST 
 """
 
 
+# glibc's mallopt parameter: allocations of at least this many bytes are mapped, and unmapped when freed.
+_M_MMAP_THRESHOLD = -3
+_MAPPED_FROM_BYTES = 4 * 1024 * 1024
+
+
+def return_large_buffers_to_the_os() -> None:
+    """Make glibc map every buffer of 4 MiB or more (decoded photos, arrays) and unmap it when freed.
+
+    By default glibc raises its mapping threshold after the first large free, so later photo-sized
+    buffers come from per-thread arenas that keep freed memory: with 8 worker threads each arena
+    holds its own worst case, and resident memory grows to several times what is in use. Setting
+    the threshold once turns that adjustment off. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MAPPED_FROM_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_answerable(service: CatalogService) -> None:
+    """Refuse to serve an index that cannot answer: the backbone's weights, every fitted model and
+    every vector index are loaded now (a damaged FAISS file is rebuilt from SQLite, with one
+    warning), so the first visitor neither waits for them nor meets a bare 500."""
+    catalog = service.catalog
+    check_backbone(catalog.config.backbone)
+    for feature in catalog.dims():
+        catalog.vectors(feature)
+    catalog.features()  # raises ModelFileError naming a model that does not load
+
+
 def create_app(
     location: str | Path,
     read_only: bool = False,
@@ -66,7 +100,15 @@ def create_app(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not read_only and not api_key:
         raise ValueError(f"writes are enabled but no API key is set: set {API_KEY_ENV} or run read-only")
+    if not read_only and api_key_problem(api_key):
+        raise ValueError(f"{API_KEY_ENV}: {api_key_problem(api_key)}")
+    return_large_buffers_to_the_os()
     service = CatalogService.open(location, settings or load_search_settings())
+    try:
+        check_answerable(service)
+    except BaseException:
+        service.close()
+        raise
     # Import what is loaded lazily here, once: torch imported from two worker threads at the same
     # time fails half-initialised.
     import catalens.search.anomaly  # noqa: F401
@@ -80,14 +122,13 @@ def create_app(
         executor=ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2), thread_name_prefix="catalens"),
     )
 
+    items.remove_orphan_uploads(state)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Load the network now so the first visitor does not wait for it.
-        warm = state.executor.submit(service.catalog.features)
         try:
             yield
         finally:
-            warm.cancel()
             state.executor.shutdown(wait=True, cancel_futures=True)
             service.close()
 
@@ -113,14 +154,8 @@ def create_app(
     async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:
         return JSONResponse({"detail": scrub(str(error))}, status_code=503)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse an oversized body before the multipart parser spools it to disk.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > state.max_upload_bytes + 1024 * 1024:
-            return JSONResponse({"detail": f"request larger than the {state.max_upload_bytes} byte upload limit"},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, read_only=read_only,
+                       api_key=api_key)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in (system.router, search.router, items.router):

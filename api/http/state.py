@@ -4,7 +4,6 @@ service, the locks, the worker pool, the caller's write permission, uploads and 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
 import threading
@@ -20,8 +19,9 @@ from PIL import Image
 from pydantic import ValidationError
 from readerwriterlock import rwlock
 
+from catalens.api.http.guard import key_matches
 from catalens.api.service import CatalogService
-from catalens.indexer.imageio import ImageDecodeError, load_rgb
+from catalens.indexer.imageio import ImageDecodeError, load_query
 from catalens.search.settings import SearchSettings
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ def require_writer(state: StateDep, key: Annotated[str | None, Depends(api_key_h
     """Write endpoints: refused on a read-only server, and without the right X-API-Key."""
     if state.read_only:
         raise HTTPException(403, "this server is read-only")
-    if not key or not hmac.compare_digest(key.encode(), (state.api_key or "").encode()):
+    if not key_matches(key, state.api_key):
         raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
     return state
 
@@ -135,7 +135,7 @@ async def read_upload(state: ServerState, upload: UploadFile | None) -> Upload:
     if len(data) > state.max_upload_bytes:
         raise HTTPException(413, f"upload larger than the {state.max_upload_bytes} byte limit")
     try:
-        image = await state.run(load_rgb, data, state.max_upload_pixels)
+        image = await state.run(load_query, data, state.max_upload_pixels)
     except ImageDecodeError as error:
         raise decode_error(error) from None
     except (OSError, SyntaxError, ValueError) as error:

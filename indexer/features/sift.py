@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from catalens.indexer.estimator import ModelFileError
 from catalens.indexer.features import FeatureUnavailableError, register_feature
 from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
 
@@ -175,7 +176,16 @@ def load_vocabulary(catalog: Any, feature: str = FEATURE_NAME) -> VisualVocabula
     path = vocabulary_path(catalog, feature)
     if not path.is_file():
         return None
-    return catalog.cached(f"{feature}-vocabulary:{path.stat().st_mtime_ns}", lambda: VisualVocabulary.load(path))
+
+    def load() -> VisualVocabulary:
+        try:
+            return VisualVocabulary.load(path)
+        except ModelFileError as error:
+            # Fitted on the stored keypoints, so it can always be fitted again.
+            raise ModelFileError(f"{error.args[0].split(';')[0]}; run 'catalens check --index "
+                                 f"{getattr(catalog, 'location', 'DIR')}' to fit it again") from None
+
+    return catalog.cached(f"{feature}-vocabulary:{path.stat().st_mtime_ns}", load)
 
 
 def _fit_vocabulary(catalog: Any, keys: list[int], n_words: int, options: SiftOptions) -> VisualVocabulary:
@@ -198,7 +208,11 @@ def _fit_vocabulary(catalog: Any, keys: list[int], n_words: int, options: SiftOp
 def refreshed_vocabulary(catalog: Any, keys: list[int], options: SiftOptions) -> VisualVocabulary:
     """The saved vocabulary, refitted on the items ``keys`` where it is missing, where the catalog
     has outgrown it ``refit_growth`` times, or where its configured size changed."""
-    vocabulary = load_vocabulary(catalog)
+    try:
+        vocabulary = load_vocabulary(catalog)
+    except ModelFileError as error:
+        log.warning("%s; fitting it again", str(error).split(";")[0])
+        vocabulary = None
     if vocabulary is None or len(keys) >= options.refit_growth * max(vocabulary.fitted_on_, 1) or (
         options.vocab_size and vocabulary.size != options.vocab_size
     ):

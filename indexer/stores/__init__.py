@@ -167,6 +167,10 @@ class ItemStore(Protocol):
 
     def delete_rows(self, feature: str, keys: Iterable[int]) -> None: ...
 
+    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+        """Each named feature's rows replaced by these, for every item: all at once where the
+        backend has transactions, so a run killed meanwhile leaves the old rows or the new."""
+
     def delete_feature(self, feature: str) -> None: ...
 
     def record_failures(self, failures: Sequence[Failure]) -> None: ...

@@ -6,7 +6,7 @@ Layout of ``DIR``::
     items.sqlite     items, categories, feature rows, visual words, failures (the source of truth)
     <feature>.faiss  one vector index per global feature, rebuilt from SQLite when stale
     models/          what was fitted on the catalog (vocabulary, autoencoder, fine-tuned network)
-    logs/            one log per indexing run
+    logs/            one log a day of indexing runs and HTTP writes
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ from typing import Any
 
 import numpy as np
 
-from catalens.indexer.catalog import Catalog, IndexUnavailableError, write_json_atomic
+from catalens.indexer.catalog import (
+    Catalog,
+    IndexDamagedError,
+    IndexUnavailableError,
+    write_json_atomic,
+)
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.stores import ItemUpdate, vectors_of
 from catalens.indexer.stores.faiss_vectors import FaissVectorStore
 from catalens.indexer.stores.inverted_file import SqliteWordIndex
-from catalens.indexer.stores.sqlite_items import SqliteItemStore
+from catalens.indexer.stores.sqlite_items import ItemStoreDamagedError, SqliteItemStore
 
 log = logging.getLogger(__name__)
 
 # 2: items keyed by item_key(id) (1 numbered them), words as item rows, one file per fitted model.
 FORMAT_VERSION = 2
 META_FILE = "catalens.json"
+ITEMS_FILE = "items.sqlite"
 
 
 class FolderCatalog(Catalog):
@@ -39,9 +45,16 @@ class FolderCatalog(Catalog):
 
     backend = "folder"
 
-    def __init__(self, root: Path, config: IndexConfig, meta: dict[str, Any]):
+    def __init__(self, root: Path, config: IndexConfig, meta: dict[str, Any], create: bool = False):
         self.root = Path(root)
-        super().__init__(str(self.root), config, SqliteItemStore(self.root / "items.sqlite"), self.root / "models", meta)
+        try:
+            items = SqliteItemStore(self.root / ITEMS_FILE, create=create)
+        except ItemStoreDamagedError as error:
+            recorded = meta.get("counts", {}).get("items", "?")
+            raise IndexDamagedError(
+                f"{error}; catalens.json records {recorded} items: restore {ITEMS_FILE} from a backup, "
+                f"or index the catalog again into a new folder") from None
+        super().__init__(str(self.root), config, items, self.root / "models", meta)
         self._vectors: dict[str, FaissVectorStore] = {}
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
@@ -58,7 +71,7 @@ class FolderCatalog(Catalog):
         meta = {"format_version": FORMAT_VERSION, "config": config.to_json(), "dims": {}, "faiss_generation": {},
                 "counts": {"items": 0}, "created": now, "updated": now}
         write_json_atomic(root / META_FILE, meta)
-        return cls(root, config, meta)
+        return cls(root, config, meta, create=True)
 
     @classmethod
     def open(cls, root: str | Path) -> FolderCatalog:
@@ -66,14 +79,16 @@ class FolderCatalog(Catalog):
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise IndexUnavailableError(f"{root}: no catalens index here (run 'catalens index CATALOG --index {root}')")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as error:
-            raise IndexUnavailableError(f"{meta_path}: unreadable index metadata ({error})") from None
+        meta = _read_meta(meta_path)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise IndexUnavailableError(
                 f"{root}: index format {meta['format_version']} is newer than this catalens ({FORMAT_VERSION})")
-        return cls(root, IndexConfig.from_json(meta.get("config", {})), meta)
+        # A run killed between writing catalens.json and creating items.sqlite left an index of
+        # no items: only then may a missing or empty item store start afresh.
+        never_written = not meta.get("counts", {}).get("items") and not meta.get("dims")
+        items_path = root / ITEMS_FILE
+        create = never_written and (not items_path.exists() or items_path.stat().st_size == 0)
+        return cls(root, IndexConfig.from_json(meta.get("config", {})), meta, create=create)
 
     @classmethod
     def open_or_create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
@@ -134,20 +149,44 @@ class FolderCatalog(Catalog):
         self.meta["dims"][feature] = dim
 
     def vectors(self, feature: str) -> FaissVectorStore:
-        """The FAISS index of ``feature``, loaded, or rebuilt from SQLite if it is stale."""
+        """The FAISS index of ``feature``, loaded, or rebuilt from SQLite if it is stale or damaged."""
         with self.lock:
-            if feature in self._vectors:
-                return self._vectors[feature]
+            if feature not in self._vectors:
+                self.load_vectors(feature)
+            return self._vectors[feature]
+
+    def load_vectors(self, feature: str) -> str | None:
+        """Load ``feature``'s FAISS index, rebuilding it from SQLite where it is missing, older than
+        SQLite, does not load or does not match; returns why it was rebuilt (None: it loaded). A
+        damaged file is one warning, since a crash explains a stale one but not a damaged one."""
+        with self.lock:
             dim = self.meta["dims"].get(feature)
             if dim is None:
                 raise IndexUnavailableError(f"{self.root}: this index has no {feature!r} vectors")
             path = self.root / f"{feature}.faiss"
-            if path.exists() and self.meta["faiss_generation"].get(feature) == self.generation:
-                store = FaissVectorStore.load(path, self.config.faiss_factory, search_params=self.config.faiss_search_params)
+            if not path.is_file():
+                store, why = None, "missing"
+            elif self.meta["faiss_generation"].get(feature) != self.generation:
+                store, why = None, f"older than {ITEMS_FILE}"
             else:
-                store = self._rebuild(feature, dim)
-            self._vectors[feature] = store
-            return store
+                store, why = self._load_vectors(feature, dim)
+                if why:
+                    log.warning("%s: %s; rebuilt from %s in memory (run 'catalens check --index %s' to save it)",
+                                path, why, ITEMS_FILE, self.root)
+            self._vectors[feature] = store if store is not None else self._rebuild(feature, dim)
+            return why
+
+    def _load_vectors(self, feature: str, dim: int) -> tuple[FaissVectorStore | None, str | None]:
+        """``feature``'s FAISS file if it loads and holds exactly the stored rows, else (None, why not)."""
+        path = self.root / f"{feature}.faiss"
+        try:
+            store = FaissVectorStore.load(path, self.config.faiss_factory, search_params=self.config.faiss_search_params)
+        except (RuntimeError, ValueError, MemoryError) as error:
+            return None, f"does not load ({_faiss_reason(error)})"
+        rows = self.items.row_count(feature)
+        if store.dim != dim or store.ntotal != rows:
+            return None, f"does not match {ITEMS_FILE} ({store.ntotal} vectors of {store.dim} dims, {rows} rows of {dim})"
+        return store, None
 
     def _rebuild(self, feature: str, dim: int) -> FaissVectorStore:
         keys, rows = vectors_of(self.items, feature, dim)
@@ -253,6 +292,29 @@ class FolderCatalog(Catalog):
                                       "items to train; exact search until the catalog has them")
         info["size_bytes"] = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         return info
+
+
+def _faiss_reason(error: Exception) -> str:
+    """The cause in a faiss error, without the C++ location it starts with."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if "read error" in text:
+        return "cut short: " + text.rsplit("read error", 1)[1].split(": ", 1)[-1].split(" (")[0] + " bytes read/expected"
+    return text.rsplit(": ", 1)[-1][:120]
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``catalens.json``, checked to be an index's metadata (``IndexDamagedError`` naming the file if not)."""
+    fix = "restore it from a backup, or index the catalog again into a new folder"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IndexDamagedError(f"{path}: unreadable index metadata ({error}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise IndexDamagedError(f"{path}: not index metadata (a JSON {type(meta).__name__}, not an object); {fix}")
+    for key, kind in (("config", dict), ("dims", dict), ("faiss_generation", dict), ("counts", dict)):
+        if not isinstance(meta.setdefault(key, kind()), kind):
+            raise IndexDamagedError(f"{path}: '{key}' is not a JSON object; {fix}")
+    return meta
 
 
 def _rows_to_train(factory: str) -> int:

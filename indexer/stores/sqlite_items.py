@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -20,6 +21,12 @@ import numpy as np
 
 from catalens.datasets.catalog import CatalogItem
 from catalens.indexer.stores import Failure, ItemFilter, ItemRecord, ItemUpdate, item_key
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class ItemStoreDamagedError(RuntimeError):
+    """An items.sqlite that is not a whole catalens item store; the message names the file and why."""
 
 SCHEMA_VERSION = 2
 
@@ -76,14 +83,32 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
 class SqliteItemStore:
     """Thread-safe ``ItemStore`` over one ``items.sqlite`` (WAL: readers never wait for a writer)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """Open the store at ``path``; with ``create``, a missing or empty file becomes a new store.
+
+        Without ``create`` (an index that already holds items), a missing, empty, cut-short or
+        foreign file is an ``ItemStoreDamagedError``: it must never pass for an empty catalog.
+        """
         self.path = Path(path)
+        if not create:
+            damage = header_damage(self.path)
+            if damage:
+                raise ItemStoreDamagedError(f"{self.path}: {damage}")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        fresh = not self._query("SELECT name FROM sqlite_master WHERE type='table' AND name='items'")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            tables = {row["name"] for row in self._query("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise ItemStoreDamagedError(f"{self.path}: not a readable SQLite database ({error})") from None
+        fresh = "items" not in tables
+        if fresh and (tables or not create):
+            self._db.close()
+            what = f"tables {', '.join(sorted(tables))}" if tables else "no tables"
+            raise ItemStoreDamagedError(f"{self.path}: not a catalens item store ({what}, no 'items' table)")
         self._db.executescript(_SCHEMA)
         if fresh:
             self._set_state("schema", str(SCHEMA_VERSION))
@@ -140,6 +165,15 @@ class SqliteItemStore:
             db.execute("UPDATE items SET key = item_key(id)")
             db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
 
+    def verify(self) -> str | None:
+        """What SQLite's own check finds wrong with the whole file (it reads every page), or None."""
+        try:
+            rows = self._query("PRAGMA quick_check")
+        except sqlite3.DatabaseError as error:
+            return str(error)
+        problems = [row[0] for row in rows if row[0] != "ok"]
+        return "; ".join(problems[:3]) if problems else None
+
     # --- reading items
 
     def count(self) -> int:
@@ -168,6 +202,10 @@ class SqliteItemStore:
         return ItemFilter(keys=keys, category=prefix.strip("/"))
 
     # --- reading rows
+
+    def row_count(self, feature: str) -> int:
+        """How many items hold a ``feature`` row, rows unread."""
+        return int(self._query("SELECT COUNT(*) AS n FROM features WHERE feature = ?", (feature,))[0]["n"])
 
     def row_keys(self, feature: str) -> set[int]:
         return {int(row["key"]) for row in self._query("SELECT key FROM features WHERE feature = ?", (feature,))}
@@ -247,6 +285,13 @@ class SqliteItemStore:
         with self._transaction() as db:
             db.executemany("DELETE FROM features WHERE feature = ? AND key = ?", [(feature, int(key)) for key in keys])
 
+    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+        with self._transaction() as db:
+            for feature, by_key in rows.items():
+                db.execute("DELETE FROM features WHERE feature = ?", (feature,))
+                db.executemany("INSERT INTO features(feature, key, data) VALUES(?, ?, ?)",
+                               [(feature, int(key), _blob(data)) for key, data in by_key.items()])
+
     def delete_feature(self, feature: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE feature = ?", (feature,))
@@ -264,6 +309,30 @@ class SqliteItemStore:
 
     def failures(self) -> list[Failure]:
         return [Failure(row["source"], row["item_id"], row["reason"]) for row in self._query("SELECT * FROM failures ORDER BY source")]
+
+
+def header_damage(path: Path) -> str | None:
+    """Why the file at ``path`` cannot be a whole SQLite database, from its 100-byte header and
+    its size alone (cheap on any size), or None. A file cut short is shorter than the page count
+    its header records; with WAL, the main file only grows past it until a checkpoint."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    with path.open("rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "not an SQLite database (its header is not SQLite's)"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    change_counter, pages = struct.unpack(">II", header[24:32])
+    valid_for = struct.unpack(">I", header[92:96])[0]  # the page count is trusted only when this matches
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"garbled header (page size {page_size})"
+    if pages and valid_for == change_counter and size < pages * page_size:
+        return f"cut short ({size} bytes, its header records {pages * page_size})"
+    return None
 
 
 def _blob(row: np.ndarray | bytes) -> bytes:

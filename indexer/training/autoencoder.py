@@ -261,8 +261,12 @@ class ConvAutoencoder(Estimator):
     def _resume(self, optimiser: torch.optim.Optimizer, shape: tuple[int, ...]) -> int:
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
             return 0
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        if state["hyper"] != self._hyper() or tuple(state["shape"]) != tuple(shape):
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a run killed while saving leaves any kind of damage
+            log.warning("checkpoint %s does not load (%s); starting afresh", self.checkpoint, type(error).__name__)
+            return 0
+        if not isinstance(state, dict) or state.get("hyper") != self._hyper() or tuple(state.get("shape", ())) != tuple(shape):
             log.info("checkpoint %s is for other settings or data; starting afresh", self.checkpoint)
             return 0
         self.model_.load_state_dict(state["model"])

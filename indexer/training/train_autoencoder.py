@@ -51,10 +51,13 @@ def train_autoencoder(
     feeder = AutoencoderInputs(input_kind, catalog.feature("deep") if input_kind == "features" else None)
     X = None
     if inputs_file.is_file():
-        cached = np.load(inputs_file)
-        if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
-            X, keys = cached["x"], cached["keys"]
-            log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
+        try:
+            cached = np.load(inputs_file)
+            if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
+                X, keys = cached["x"], cached["keys"]
+                log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
+        except Exception as error:  # noqa: BLE001 - a run killed while saving it: extract again
+            log.warning("%s does not load (%s); extracting the inputs again", inputs_file, type(error).__name__)
     if X is None:
         X, positions, errors = extract_inputs(
             feeder, [record.image for record in records], batch_size=catalog.config.batch_size,

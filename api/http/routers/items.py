@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Query
-from fastapi.responses import FileResponse, Response
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from catalens.api.http.routers.search import _FORMAT_SUFFIX, clean_category, image_url
 from catalens.api.http.schemas import DeleteResponse, Item, Problem, WriteResponse
 from catalens.api.http.state import ImageFile, ServerState, StateDep, Upload, WriterDep, read_upload
-from catalens.datasets.catalog import CatalogItem
+from catalens.datasets.catalog import CatalogItem, check_item_id
 from catalens.indexer.imageio import ImageDecodeError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,22 @@ def item_model(record) -> Item:
 
 
 def clean_id(item_id: str) -> str:
+    """The id as the catalog readers accept it (``check_item_id``): every id written is reachable."""
     item_id = item_id.strip()
-    if not item_id or len(item_id) > 512 or any(ord(ch) < 32 for ch in item_id):
-        raise HTTPException(422, "id must be 1-512 printable characters")
+    problem = check_item_id(item_id) or ("an id has at most 512 characters" if len(item_id) > 512 else None)
+    if problem:
+        raise HTTPException(422, problem)
     return item_id
 
 
 @router.get("/{item_id:path}/image", responses={200: {"content": {"image/*": {}}}, 404: {"model": Problem}})
-async def item_image(state: StateDep, item_id: str, size: Annotated[int | None, Query(ge=16, le=1024)] = None) -> Response:
+async def item_image(request: Request, state: StateDep, item_id: str,
+                     size: Annotated[int | None, Query(ge=16, le=1024)] = None) -> Response:
     """The item's catalog image; `size` gives a JPEG thumbnail at most that many pixels wide/high."""
+    if not request.scope.get("raw_path", b"/image").endswith(b"/image"):
+        # /items/c%2Fimage names the item "c/image"; the router sees the decoded path "c/image"
+        # and would answer with the image of "c". The raw path tells them apart.
+        return JSONResponse((await get_item(state, f"{item_id}/image")).model_dump())
     record = await state.run(state.catalog.items.item_by_id, item_id)
     if record is None:
         raise HTTPException(404, f"no item {item_id!r}")
@@ -117,6 +124,24 @@ def _drop_upload(state: ServerState, path: Path) -> None:
             path.unlink(missing_ok=True)
     except OSError as error:
         log.warning("could not delete an upload: %s", error)
+
+
+def remove_orphan_uploads(state: ServerState) -> int:
+    """Delete uploads no item uses: what a write killed between saving the image and committing
+    the item left behind (and its ``.part`` file). Run before serving, when no write is under way."""
+    folder = state.uploads_dir
+    if not folder.is_dir():
+        return 0
+    used = {Path(record.image).name for record in state.catalog.items.records().values()
+            if Path(record.image).parent.resolve() == folder.resolve()}
+    removed = 0
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in used:
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("removed %d upload(s) of writes that did not complete", removed)
+    return removed
 
 
 def _write_item(state: ServerState, item_id: str, category: str, title: str, attributes: dict,

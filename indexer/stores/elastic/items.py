@@ -307,6 +307,12 @@ class ElasticItemStore:
         fields = self._fields(feature)
         self._update({item_id: dict.fromkeys(fields) for item_id in ids.values()})
 
+    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+        """Elasticsearch has no transactions: each feature's fields are cleared, then written."""
+        for feature, by_key in rows.items():
+            self.delete_feature(feature)
+            self.put_rows(feature, by_key)
+
     def delete_feature(self, feature: str) -> None:
         """The feature's fields leave every document (the mapping stays): one update-by-query.
 

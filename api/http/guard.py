@@ -1,0 +1,106 @@
+"""What is refused before a request's body is read: a write without the key, and a body over the
+upload limit, whatever its transfer encoding.
+
+A ``Content-Length`` over the limit is refused at once. A chunked body (no length) is counted as
+it arrives and reading stops at the limit: the app's answer to the cut-off body is replaced by a
+413, so no more than the limit is ever read or spooled to disk. Writes check the key first, so an
+unauthorised client cannot make the server read a large body.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+KEY_HEADER = "x-api-key"
+# Multipart boundaries and the form's other fields, beside the photo itself.
+FORM_OVERHEAD_BYTES = 1024 * 1024
+
+
+MIN_KEY_CHARS = 16
+
+
+def api_key_problem(key: str | None) -> str | None:
+    """Why ``key`` cannot guard writes, or None: it needs ``MIN_KEY_CHARS`` characters that are not blank."""
+    if not key or len("".join(key.split())) < MIN_KEY_CHARS:
+        return (f"the API key must have at least {MIN_KEY_CHARS} characters that are not blank "
+                "(e.g. $(openssl rand -hex 16))")
+    return None
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def key_matches(given: str | None, expected: str | None) -> bool:
+    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+class RequestGuard:
+    """ASGI middleware: write permission from the headers, then the body counted against ``max_body_bytes``."""
+
+    def __init__(self, app: Callable, max_body_bytes: int, read_only: bool, api_key: str | None,
+                 write_prefixes: tuple[str, ...] = ("/items",)):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.read_only, self.api_key, self.write_prefixes = read_only, api_key, write_prefixes
+
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        headers = Headers(scope=scope)
+        if scope["method"] in WRITE_METHODS and scope["path"].startswith(self.write_prefixes):
+            if self.read_only:
+                return 403, "this server is read-only"
+            if not key_matches(headers.get(KEY_HEADER), self.api_key):
+                return 401, "missing or wrong API key (send it in the X-API-Key header)"
+        length = headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body_bytes:
+            return 413, self._too_large()
+        return None
+
+    def _too_large(self) -> str:
+        return f"request larger than the {self.max_body_bytes - FORM_OVERHEAD_BYTES} byte upload limit"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            # Answered without reading the body; the server closes the connection after it.
+            await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+            return
+        received, exceeded, started = 0, False, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to a body cut off at the limit
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await JSONResponse({"detail": self._too_large()}, status_code=413)(scope, receive, send)

@@ -1,0 +1,128 @@
+"""``catalens check``: verify every file of a folder index, and rebuild what SQLite can rebuild.
+
+SQLite (``items.sqlite``) is the source of truth; the FAISS files and the visual vocabulary are
+derived from it and are rebuilt when they do not load or do not match. What cannot be derived
+(the item store itself, ``catalens.json``, the networks fitted by ``train-ae`` and ``finetune``,
+the backbone's weights) is reported with the file and what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from catalens.indexer.backbones import WeightsNotFoundError, check_backbone
+from catalens.indexer.catalog import IndexUnavailableError
+from catalens.indexer.estimator import ModelFileError
+from catalens.indexer.features import FeatureUnavailableError, feature_spec
+from catalens.indexer.stores.folder import ITEMS_FILE, FolderCatalog
+
+Status = Literal["ok", "repaired", "damaged"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One file (or model) of the index, what state it is in, and what was done or is to do."""
+
+    file: str
+    status: Status
+    detail: str = ""
+
+
+@dataclass
+class CheckReport:
+    index: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        """Nothing is left damaged (what was repaired counts as repaired)."""
+        return all(finding.status != "damaged" for finding in self.findings)
+
+    def add(self, file: str, status: Status, detail: str = "") -> None:
+        self.findings.append(Finding(file, status, detail))
+
+
+def check_index(root: str | Path, repair: bool = True) -> CheckReport:
+    """Verify the folder index at ``root``; with ``repair``, rebuild and save what can be rebuilt."""
+    root = Path(root)
+    report = CheckReport(str(root))
+    try:
+        catalog = FolderCatalog.open(root)
+    except IndexUnavailableError as error:
+        report.add(_file_named(str(error), root), "damaged", str(error))
+        return report
+    try:
+        damage = catalog.items.verify()
+        if damage:
+            report.add(ITEMS_FILE, "damaged", f"SQLite finds it damaged ({damage}): restore it from a backup, "
+                                              "or index the catalog again into a new folder")
+            return report
+        report.add(ITEMS_FILE, "ok", f"{catalog.items.count()} items")
+        _check_vectors(catalog, report)
+        _check_models(catalog, report)
+        if repair and any(finding.status == "repaired" for finding in report.findings):
+            catalog.save()
+        elif not repair:
+            report.findings = [Finding(f.file, "damaged", f.detail + " (not repaired: --no-repair)")
+                               if f.status == "repaired" else f for f in report.findings]
+    finally:
+        catalog.close()
+    return report
+
+
+def _check_vectors(catalog: FolderCatalog, report: CheckReport) -> None:
+    for feature in catalog.dims():
+        rebuilt = catalog.load_vectors(feature)
+        if rebuilt:
+            report.add(f"{feature}.faiss", "repaired", f"{rebuilt}; rebuilt from {ITEMS_FILE}")
+        else:
+            report.add(f"{feature}.faiss", "ok", f"{catalog.items.row_count(feature)} vectors")
+
+
+def _check_models(catalog: FolderCatalog, report: CheckReport) -> None:
+    try:
+        check_backbone(catalog.config.backbone)
+        report.add(f"backbone {catalog.config.backbone}", "ok", "weights found")
+    except WeightsNotFoundError as error:
+        report.add(f"backbone {catalog.config.backbone}", "damaged", str(error))
+    for spec in catalog.feature_specs():
+        if spec.model_file is None or not (catalog.models_dir / spec.model_file).is_file():
+            continue
+        name = f"models/{spec.model_file}"
+        try:
+            catalog.feature(spec.name)
+            report.add(name, "ok")
+        except (ModelFileError, FeatureUnavailableError) as error:
+            report.add(name, "damaged", f"{error} (run '{spec.fitted_by}')")
+    if "sift" in catalog.config.features:
+        _check_vocabulary(catalog, report)
+
+
+def _check_vocabulary(catalog: FolderCatalog, report: CheckReport) -> None:
+    """The visual vocabulary is fitted on the stored keypoints: a damaged one is fitted again."""
+    from catalens.indexer.features.sift import load_vocabulary, vocabulary_path
+
+    path = vocabulary_path(catalog)
+    if not path.is_file():
+        return
+    name = f"models/{path.name}"
+    try:
+        load_vocabulary(catalog)
+        report.add(name, "ok")
+    except ModelFileError as error:
+        path.unlink()
+        feature_spec("sift").refresh(catalog, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        report.add(name, "repaired", f"{error.args[0].split(': ', 1)[-1].split(';')[0]}; fitted again on the stored keypoints")
+
+
+def _file_named(message: str, root: Path) -> str:
+    """The index file an error message starts with, relative to the index."""
+    first = message.split(":", 1)[0]
+    try:
+        return str(Path(first).relative_to(root))
+    except ValueError:
+        return first

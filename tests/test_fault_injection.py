@@ -1,0 +1,210 @@
+"""SIGKILL at random points of ``index``, ``train-ae``, ``finetune`` and HTTP writes (issue 16);
+afterwards the index opens, its counts match, and nothing committed before the kill is lost.
+
+The kill times are drawn from a seeded generator; a failure names the seed, and
+``CATALENS_FAULT_SEED=N`` replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from catalens.datasets.catalog import CatalogItem, write_manifest
+from tests.conftest import draw_product
+
+CATALENS = str(Path(sys.executable).parent / "catalens")
+KEY = "fault-injection-key-0123"
+SEED = int(os.environ.get("CATALENS_FAULT_SEED", time.time_ns() % 1_000_000))
+
+
+@pytest.fixture()
+def rng(request) -> random.Random:
+    return random.Random(f"{SEED}:{request.node.name}")
+
+
+def run_until_killed(argv: list[str], after: float, **env: str) -> int | None:
+    """Run ``catalens argv`` and SIGKILL it ``after`` seconds in; its exit status if it ended first."""
+    process = subprocess.Popen([CATALENS, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **env})
+    try:
+        return process.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return None
+
+
+def assert_consistent(index: Path, committed: set[str], context: str) -> int:
+    """The index opens and checks clean; every FAISS index holds exactly the stored rows; every
+    item has its deep and colour rows; every id in ``committed`` is there. Returns the item count."""
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+
+    context = f"{context} (CATALENS_FAULT_SEED={SEED})"
+    assert main(["check", "--index", str(index)]) == 0, context
+    catalog = open_catalog(index)
+    try:
+        count = catalog.items.count()
+        for feature in catalog.dims():
+            assert catalog.vectors(feature).ntotal == catalog.items.row_count(feature), (feature, context)
+        for feature in ("deep", "colour"):
+            assert catalog.items.row_count(feature) == count, (feature, context)
+        missing = committed - set(catalog.items.records())
+        assert not missing, (sorted(missing)[:5], context)
+    finally:
+        catalog.close()
+    return count
+
+
+@pytest.fixture()
+def photos(tmp_path) -> list[CatalogItem]:
+    folder = tmp_path / "photos"
+    return [CatalogItem(id=f"p{n:02d}", image=draw_product(folder / f"p{n:02d}.jpg", seed=100 + n, size=160),
+                        category=["Dairy/Milk", "Fruit/Apple", "Fruit/Pear"][n % 3]) for n in range(48)]
+
+
+@pytest.fixture()
+def indexed(synthetic_index, tmp_path) -> Path:
+    return Path(shutil.copytree(synthetic_index[0], tmp_path / "index"))
+
+
+def run_until_count(argv: list[str], index: Path, target: int, then: float, **env: str) -> int | None:
+    """Run ``catalens argv`` and SIGKILL it ``then`` seconds after ``index`` holds ``target`` items
+    (a point of the run's progress, whatever the machine's speed); its exit status if it ended first."""
+    process = subprocess.Popen([CATALENS, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **env})
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{index / 'items.sqlite'}?mode=ro", uri=True, timeout=1) as db:
+                if db.execute("SELECT COUNT(*) FROM items").fetchone()[0] >= target:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.02)
+    time.sleep(then)
+    if process.poll() is not None:
+        return process.returncode
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return None
+
+
+def test_index_killed_at_random_points_resumes_without_losing_committed_items(photos, tmp_path, rng):
+    index = tmp_path / "index"
+    first = write_manifest(photos[:9], tmp_path / "first.jsonl")
+    everything = write_manifest(photos, tmp_path / "all.jsonl")
+    small_batches = {"CATALENS_COMMIT_EVERY": "4", "CATALENS_BATCH_SIZE": "4"}
+    assert run_until_killed(["index", str(first), "--index", str(index), "--quiet"], 120, **small_batches) == 0
+    committed = {item.id for item in photos[:9]}
+    killed = 0
+    for attempt in range(3):
+        target, then = rng.randint(9, len(photos) - 4), rng.uniform(0.0, 0.4)
+        status = run_until_count(["index", str(everything), "--index", str(index), "--quiet"], index, target, then,
+                                 **small_batches)
+        killed += status is None
+        committed |= set(_records(index)) if status is None else set()
+        assert_consistent(index, committed, f"index killed {then:.2f}s after {target} items, attempt {attempt}")
+    assert killed, f"no run was killed before it ended (CATALENS_FAULT_SEED={SEED})"
+    assert run_until_killed(["index", str(everything), "--index", str(index), "--quiet"], 120) == 0
+    assert assert_consistent(index, {item.id for item in photos}, "index run to the end") == len(photos)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_http_writes_killed_at_a_random_point_keep_what_was_answered_and_leave_no_orphans(indexed, photos, rng):
+    port = _free_port()
+    server = subprocess.Popen([CATALENS, "serve", "--index", str(indexed), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "CATALENS_API_KEY": KEY})
+    url, answered, stop = f"http://127.0.0.1:{port}", set(), threading.Event()
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+        def write() -> None:
+            with httpx.Client(timeout=30) as client:
+                for photo in photos:
+                    if stop.is_set():
+                        return
+                    try:
+                        response = client.post(f"{url}/items", headers={"X-API-Key": KEY},
+                                               files={"image": ("p.jpg", Path(photo.image).read_bytes(), "image/jpeg")},
+                                               data={"id": photo.id, "category": photo.category})
+                    except httpx.HTTPError:
+                        return
+                    if response.status_code == 200:
+                        answered.add(photo.id)
+
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        after = rng.uniform(0.5, 4.0)
+        time.sleep(after)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        stop.set()
+    for writer in writers:
+        writer.join()
+    assert_consistent(indexed, answered, f"server killed {after:.2f}s into writes")
+
+    from catalens.api.http.app import create_app
+
+    create_app(indexed, api_key=KEY).state.catalens.service.close()  # a restart: orphan uploads go
+    with_items = {Path(record.image).name for record in _records(indexed).values()}
+    assert {path.name for path in (indexed / "uploads").iterdir()} <= with_items
+
+
+def _records(index: Path):
+    from catalens.indexer.backends import open_catalog
+
+    catalog = open_catalog(index)
+    try:
+        return catalog.items.records()
+    finally:
+        catalog.close()
+
+
+def test_train_ae_killed_at_a_random_point_leaves_a_whole_index_and_trains_again(indexed, rng):
+    items = set(_records(indexed))
+    after = rng.uniform(3.0, 10.0)
+    run_until_killed(["train-ae", "--index", str(indexed), "--epochs", "12"], after)
+    assert assert_consistent(indexed, items, f"train-ae killed after {after:.2f}s") == len(items)
+    assert run_until_killed(["train-ae", "--index", str(indexed), "--epochs", "2"], 120) == 0
+    assert_consistent(indexed, items, "train-ae after the kill")
+    meta = json.loads((indexed / "catalens.json").read_text())
+    assert "ae" in meta["config"]["features"]
+
+
+@pytest.mark.slow
+def test_finetune_killed_at_a_random_point_leaves_a_whole_index(indexed, rng):
+    items = set(_records(indexed))
+    after = rng.uniform(4.0, 30.0)
+    run_until_killed(["finetune", "--index", str(indexed), "--steps", "20"], after)
+    assert assert_consistent(indexed, items, f"finetune killed after {after:.2f}s") == len(items)
+    from catalens.api.cli import main
+
+    assert main(["search", str(next(iter(_records(indexed).values())).image), "--index", str(indexed)]) == 0
