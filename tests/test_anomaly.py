@@ -153,8 +153,10 @@ def test_fused_mode_adds_autoencoder_cosines_only_when_weighted(ae_index, tiny_c
     query = sorted(tiny_catalog.rglob("*.jpg"))[0]
     engine = SearchEngine(ae_index)
     assert "ae" not in engine.weights()  # registered without a search weight: fused ignores it
-    plain = engine.search([query], k=3, mode="fused")[0].results
-    with_ae = engine.search([query], k=3, mode="fused", settings=SearchSettings(weights={"deep": 1.0, "ae": 1.0}))[0].results
+    # Product ranking off, so that scores are the features' weighted cosines alone.
+    plain = engine.search([query], k=3, mode="fused", settings=SearchSettings(weights={"deep": 1.0}, product_weight=0))[0].results
+    with_ae = engine.search([query], k=3, mode="fused",
+                            settings=SearchSettings(weights={"deep": 1.0, "ae": 1.0}, product_weight=0))[0].results
     assert with_ae[0].id == plain[0].id and with_ae[0].id.endswith(query.name)
     # The item itself: deep cosine 1 plus autoencoder cosine 1.
     assert with_ae[0].score == pytest.approx(plain[0].score + 1.0, abs=1e-3)
