@@ -63,7 +63,7 @@ def check_index(root: str | Path, repair: bool = True) -> CheckReport:
             return report
         report.add(ITEMS_FILE, "ok", f"{catalog.items.count()} items")
         _check_vectors(catalog, report)
-        _check_models(catalog, report)
+        _check_models(catalog, report, repair)
         if repair and any(finding.status == "repaired" for finding in report.findings):
             catalog.save()
         elif not repair:
@@ -83,7 +83,7 @@ def _check_vectors(catalog: FolderCatalog, report: CheckReport) -> None:
             report.add(f"{feature}.faiss", "ok", f"{catalog.items.row_count(feature)} vectors")
 
 
-def _check_models(catalog: FolderCatalog, report: CheckReport) -> None:
+def _check_models(catalog: FolderCatalog, report: CheckReport, repair: bool) -> None:
     try:
         check_backbone(catalog.config.backbone)
         report.add(f"backbone {catalog.config.backbone}", "ok", "weights found")
@@ -99,11 +99,11 @@ def _check_models(catalog: FolderCatalog, report: CheckReport) -> None:
         except (ModelFileError, FeatureUnavailableError) as error:
             report.add(name, "damaged", f"{error} (run '{spec.fitted_by}')")
     if "sift" in catalog.config.features:
-        _check_vocabulary(catalog, report)
+        _check_vocabulary(catalog, report, repair)
 
 
-def _check_vocabulary(catalog: FolderCatalog, report: CheckReport) -> None:
-    """The visual vocabulary is fitted on the stored keypoints: a damaged one is fitted again."""
+def _check_vocabulary(catalog: FolderCatalog, report: CheckReport, repair: bool) -> None:
+    """The visual vocabulary is fitted on the stored keypoints: a damaged one is fitted again (``repair``)."""
     from catalens.indexer.features.sift import load_vocabulary, vocabulary_path
 
     path = vocabulary_path(catalog)
@@ -114,9 +114,13 @@ def _check_vocabulary(catalog: FolderCatalog, report: CheckReport) -> None:
         load_vocabulary(catalog)
         report.add(name, "ok")
     except ModelFileError as error:
+        problem = error.args[0].split(": ", 1)[-1].split(";")[0]
+        if not repair:  # the file stays as it is: reported as damaged by check_index
+            report.add(name, "repaired", problem)
+            return
         path.unlink()
         feature_spec("sift").refresh(catalog, np.zeros(0, np.int64), np.zeros(0, np.int64))
-        report.add(name, "repaired", f"{error.args[0].split(': ', 1)[-1].split(';')[0]}; fitted again on the stored keypoints")
+        report.add(name, "repaired", f"{problem}; fitted again on the stored keypoints")
 
 
 def _file_named(message: str, root: Path) -> str:

@@ -104,6 +104,15 @@ def test_check_fits_a_damaged_vocabulary_again_and_names_what_it_cannot_repair(i
     assert status == 1 and "items.sqlite" in out and "damaged" in out
 
 
+def test_check_without_repair_reports_and_changes_nothing(index, capsys):
+    vocabulary = index / "models" / "sift_vocabulary.pt"
+    truncate(vocabulary, 0.1)
+    damaged = vocabulary.read_bytes()
+    status, out, _ = run_cli(capsys, "check", "--index", str(index), "--no-repair")
+    assert status == 1 and "sift_vocabulary.pt" in out and "not repaired" in out
+    assert vocabulary.read_bytes() == damaged
+
+
 def test_a_truncated_fitted_model_names_the_file(index, built_index, capsys):
     from catalens.indexer.features.autoencoder import MODEL_FILE
 

@@ -10,23 +10,15 @@ unauthorised client cannot make the server read a large body.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 KEY_HEADER = "x-api-key"
 # Multipart boundaries and the form's other fields, beside the photo itself.
 FORM_OVERHEAD_BYTES = 1024 * 1024
-
-
 MIN_KEY_CHARS = 16
 
 
@@ -49,7 +41,7 @@ def key_matches(given: str | None, expected: str | None) -> bool:
 class RequestGuard:
     """ASGI middleware: write permission from the headers, then the body counted against ``max_body_bytes``."""
 
-    def __init__(self, app: Callable, max_body_bytes: int, read_only: bool, api_key: str | None,
+    def __init__(self, app: ASGIApp, max_body_bytes: int, read_only: bool, api_key: str | None,
                  write_prefixes: tuple[str, ...] = ("/items",)):
         self.app, self.max_body_bytes = app, max_body_bytes
         self.read_only, self.api_key, self.write_prefixes = read_only, api_key, write_prefixes
