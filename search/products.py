@@ -1,10 +1,11 @@
 """Product-level ranking: every catalog photo of a product counts, and a result list can show each product once.
 
 An item's product is its ``product`` attribute where the catalog gives one, else its leaf
-category. A product scores its best item's score plus ``product_weight`` times the scores of
-its next ``product_votes - 1`` items: several close photos of one product are more evidence
-than one close photo of another. Items are then ordered by their product's score (best item
-first within a product), or, collapsed, one hit a product.
+category. An item scores its own score plus ``product_weight`` times the scores of the best
+``product_votes - 1`` other items of its product among the candidates: several close photos of
+one product are more evidence than one close photo of another. The list stays ordered by score,
+and each item keeps a score of its own (items of one leaf do not tie); a product's best item
+carries the product's score, and collapsed, each product shows only that item.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from catalens.indexer.stores import ItemRecord, product_of
 
 def rank_products(keys: np.ndarray, scores: np.ndarray, records: Mapping[int, ItemRecord], weight: float,
                   votes: int, collapse: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``keys`` (best first, with ``scores``) reordered by product; scores become product scores.
+    """``keys`` (best first, with ``scores``) re-scored with their product's other candidates, best first.
 
     Keys without a record are dropped. ``collapse`` keeps each product's best item alone.
     """
@@ -27,12 +28,13 @@ def rank_products(keys: np.ndarray, scores: np.ndarray, records: Mapping[int, It
         record = records.get(int(key))
         if record is not None:
             members.setdefault(product_of(record), []).append(position)
-    product_scores = {
-        product: float(scores[positions[0]]) + weight * float(sum(scores[p] for p in positions[1:votes]))
-        for product, positions in members.items()
-    }
-    order = sorted(members, key=lambda product: -product_scores[product])
-    positions = [members[product][:1] if collapse else members[product] for product in order]
-    flat = [p for group in positions for p in group]
-    owner = [product for product, group in zip(order, positions, strict=True) for _ in group]
-    return keys[flat], np.array([product_scores[product] for product in owner], np.float32)
+    kept, boosted = [], []
+    for positions in members.values():
+        for rank, position in enumerate(positions):
+            others = (positions[:rank] + positions[rank + 1:])[:votes - 1]
+            kept.append(position)
+            boosted.append(float(scores[position]) + weight * float(sum(scores[p] for p in others)))
+            if collapse:  # the best item: its own score is the highest, and so is its boosted one
+                break
+    order = sorted(range(len(kept)), key=lambda i: (-boosted[i], kept[i]))
+    return keys[[kept[i] for i in order]], np.array([boosted[i] for i in order], np.float32)

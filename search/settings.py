@@ -40,8 +40,9 @@ class SearchSettings(BaseModel):
     # Inliers beyond this count as certain: evidence is min(inliers, cap) / cap.
     inlier_cap: int = Field(30, ge=1)
     geometry: Literal["similarity", "affine", "homography"] = "similarity"
-    # Product-level ranking in fused search (search/products.py): a product scores its best item plus this
-    # weight times its next product_votes - 1 items; collapse shows each product once.
+    # Product-level ranking in fused search (search/products.py): an item scores its own score plus
+    # this weight times its product's best product_votes - 1 other candidates; collapse shows each
+    # product once.
     # 0.1: +0.7 points on grocery val (iconic + train), 0 and +0.4 on two session folds.
     product_weight: float = Field(0.1, ge=0)
     product_votes: int = Field(5, ge=1)

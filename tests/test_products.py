@@ -27,9 +27,13 @@ def test_several_close_photos_of_one_product_outrank_one_slightly_closer_photo_o
     records = {1: _record(1, "X"), 2: _record(2, "Y"), 3: _record(3, "Y"), 4: _record(4, "Y"), 5: _record(5, "X")}
     keys, scores = np.array([1, 2, 3, 4, 5]), np.array([0.90, 0.88, 0.87, 0.86, 0.50])
     plain, _ = rank_products(keys, scores, records, weight=0.0, votes=5, collapse=False)
-    assert plain.tolist() == [1, 5, 2, 3, 4]  # product order by best item alone; a product's items stay together
+    assert plain.tolist() == [1, 2, 3, 4, 5]  # no weight: each item by its own score
     voted, voted_scores = rank_products(keys, scores, records, weight=0.1, votes=5, collapse=False)
     assert voted.tolist() == [2, 3, 4, 1, 5] and voted_scores[0] == np.float32(0.88 + 0.1 * (0.87 + 0.86))
+    assert voted_scores[1] == np.float32(0.87 + 0.1 * (0.88 + 0.86))  # each item its own score: no ties
+    assert np.all(np.diff(voted_scores) <= 0)
+    capped, _ = rank_products(keys, scores, records, weight=0.1, votes=2, collapse=False)
+    assert capped.tolist() == [2, 3, 1, 4, 5]  # one other photo counts: 0.967, 0.958, 0.95 (item 1), 0.948
     collapsed, _ = rank_products(keys, scores, records, weight=0.1, votes=5, collapse=True)
     assert collapsed.tolist() == [2, 1]
     assert rank_products(keys, scores, {1: records[1]}, 0.1, 5, True)[0].tolist() == [1]  # unknown keys dropped
