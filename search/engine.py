@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 from PIL import Image
@@ -64,7 +65,14 @@ class Query:
 
     image: Image.Image
     name: str
-    cache: dict[str, Any] = field(default_factory=dict)
+    # Per catalog: a feature's vector and words come from that catalog's fitted models (its own
+    # adapted network, its own vocabulary) and verification from its items, so a query ranked
+    # against two indexes must not carry one's results into the other.
+    cache: WeakKeyDictionary = field(default_factory=WeakKeyDictionary)
+
+    def computed(self, catalog: Catalog) -> dict[str, Any]:
+        """What was computed from this image against ``catalog``."""
+        return self.cache.setdefault(catalog, {})
 
 
 def available_modes(catalog: Catalog) -> list[str]:

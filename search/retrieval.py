@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
 def query_vector(engine: SearchEngine, query: Query, feature: str) -> np.ndarray:
     """The query's L2-normalised ``feature`` vector."""
-    key = f"vector:{feature}"
-    if key not in query.cache:
-        query.cache[key] = embed(engine.catalog.feature(feature), [query.image])[0]
-    return query.cache[key]
+    key, computed = f"vector:{feature}", query.computed(engine.catalog)
+    if key not in computed:
+        computed[key] = embed(engine.catalog.feature(feature), [query.image])[0]
+    return computed[key]
 
 
 def global_search(engine: SearchEngine, query: Query, feature: str, k: int,
@@ -53,25 +53,25 @@ def candidate_cosines(engine: SearchEngine, query: Query, feature: str, keys: Se
 
 
 def query_descriptors(engine: SearchEngine, query: Query, feature: str) -> Any:
-    key = f"descriptors:{feature}"
-    if key not in query.cache:
-        query.cache[key] = engine.catalog.feature(feature).preparer(query.image)
-    return query.cache[key]
+    key, computed = f"descriptors:{feature}", query.computed(engine.catalog)
+    if key not in computed:
+        computed[key] = engine.catalog.feature(feature).preparer(query.image)
+    return computed[key]
 
 
 def word_candidates(engine: SearchEngine, query: Query, feature: str, k: int,
                     filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, tf-idf scores in (0, 1]) of the ``k`` items sharing the most weighted words with the query."""
-    key = f"words:{feature}"
-    if key not in query.cache:
-        query.cache[key] = engine.catalog.feature(feature).quantise(query_descriptors(engine, query, feature))
-    return engine.catalog.words(feature).search(query.cache[key], k, filter)
+    key, computed = f"words:{feature}", query.computed(engine.catalog)
+    if key not in computed:
+        computed[key] = engine.catalog.feature(feature).quantise(query_descriptors(engine, query, feature))
+    return engine.catalog.words(feature).search(computed[key], k, filter)
 
 
 def verified(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int],
              settings: SearchSettings) -> dict[int, Verification]:
     """Geometric verification of ``keys`` against the query, each pair once per query."""
-    cache: dict[int, Verification] = query.cache.setdefault(f"verified:{feature}", {})
+    cache: dict[int, Verification] = query.computed(engine.catalog).setdefault(f"verified:{feature}", {})
     todo = [int(key) for key in keys if int(key) not in cache]
     if todo:
         local = engine.catalog.feature(feature)

@@ -128,6 +128,33 @@ def test_weighted_fusion_lets_a_verified_match_overtake_a_closer_deep_neighbour(
         catalog.close()
 
 
+def test_a_query_ranked_against_two_indexes_carries_nothing_from_one_into_the_other(tmp_path):
+    # The same id in two catalogs, with another label in each: what the first index computed
+    # (its words, its verification of that id) must not answer for the second.
+    indexes = []
+    for name, seed in (("first", 50), ("second", 51)):
+        root = tmp_path / name
+        (root / "A").mkdir(parents=True)
+        textured_label(seed).save(root / "A" / "item.jpg")
+        textured_label(seed + 10).save(root / "A" / "other.jpg")
+        index_catalog(root, tmp_path / f"{name}-index", _config(), progress=False)
+        indexes.append(open_catalog(tmp_path / f"{name}-index"))
+    try:
+        from catalens.search.engine import Query
+
+        photo = textured_label(51).rotate(8, fillcolor=(235, 235, 235))
+        shared = Query(photo, "photo")
+        first, second = (SearchEngine(catalog) for catalog in indexes)
+        first.rank(shared, "local", 2)
+        fresh = second.rank(Query(photo, "photo"), "local", 2)
+        reused = second.rank(shared, "local", 2)
+        assert reused[0].tolist() == fresh[0].tolist() and np.allclose(reused[1], fresh[1])
+        assert shared.computed(indexes[0]) is not shared.computed(indexes[1])
+    finally:
+        for catalog in indexes:
+            catalog.close()
+
+
 # --- through the pipeline
 
 
