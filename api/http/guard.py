@@ -38,6 +38,15 @@ def key_matches(given: str | None, expected: str | None) -> bool:
     return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def write_refusal(read_only: bool, expected_key: str | None, given_key: str | None) -> tuple[int, str] | None:
+    """(status, detail) refusing a write, or None: one rule for the guard and the route dependency."""
+    if read_only:
+        return 403, "this server is read-only"
+    if not key_matches(given_key, expected_key):
+        return 401, "missing or wrong API key (send it in the X-API-Key header)"
+    return None
+
+
 class RequestGuard:
     """ASGI middleware: write permission from the headers, then the body counted against ``max_body_bytes``."""
 
@@ -49,10 +58,9 @@ class RequestGuard:
     def _refusal(self, scope: Scope) -> tuple[int, str] | None:
         headers = Headers(scope=scope)
         if scope["method"] in WRITE_METHODS and scope["path"].startswith(self.write_prefixes):
-            if self.read_only:
-                return 403, "this server is read-only"
-            if not key_matches(headers.get(KEY_HEADER), self.api_key):
-                return 401, "missing or wrong API key (send it in the X-API-Key header)"
+            refusal = write_refusal(self.read_only, self.api_key, headers.get(KEY_HEADER))
+            if refusal is not None:
+                return refusal
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body_bytes:
             return 413, self._too_large()

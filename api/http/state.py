@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import ValidationError
 from readerwriterlock import rwlock
 
-from catalens.api.http.guard import key_matches
+from catalens.api.http.guard import write_refusal
 from catalens.api.service import CatalogService
 from catalens.indexer.imageio import ImageDecodeError, load_query
 from catalens.search.settings import SearchSettings
@@ -68,11 +68,13 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"
 
 
 def require_writer(state: StateDep, key: Annotated[str | None, Depends(api_key_header)] = None) -> ServerState:
-    """Write endpoints: refused on a read-only server, and without the right X-API-Key."""
-    if state.read_only:
-        raise HTTPException(403, "this server is read-only")
-    if not key_matches(key, state.api_key):
-        raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
+    """Write endpoints: refused on a read-only server, and without the right X-API-Key.
+
+    ``RequestGuard`` refuses such writes before their body is read; this dependency declares the
+    key in the OpenAPI document and holds the rule for an app mounted without the guard."""
+    refusal = write_refusal(state.read_only, state.api_key, key)
+    if refusal is not None:
+        raise HTTPException(*refusal)
     return state
 
 
