@@ -40,7 +40,7 @@ from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, split_photos, train_folds
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
-from catalens.indexer.imageio import load_rgb
+from catalens.indexer.imageio import load_query
 from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores import ItemFilter, item_key
 from catalens.search.engine import Query, SearchEngine
@@ -144,7 +144,8 @@ def main() -> None:
               f"{100 * report['frozen_accuracy']:.1f}%, adapted {100 * report['adapted_accuracy']:.1f}%, "
               f"kept: {report['kept']}){'' if time.perf_counter() - started > 5 else ' [from an earlier run]'}")
         rows = []
-        queries = [Query(load_rgb(path), str(path)) for path in paths]
+        # Decoded as a search decodes them; each Query keeps what it computed per catalog.
+        queries = [Query(load_query(path), str(path)) for path in paths]
         catalog = open_catalog(old)
         engine = SearchEngine(catalog)
         rows.append(("deep, imagenet scaling", *accuracy(engine, photos, queries, "deep", defaults),
@@ -172,7 +173,6 @@ def main() -> None:
             weight_sets += [{ft: 1.0, "sift": w, "colour": 0.3} for w in (0.1, 0.5)] + \
                 [{ft: 1.0, "sift": 0.2, "colour": w} for w in (0.2, 0.5)]
         steps += [(f"fused {json.dumps(w)}", "fused", defaults.merged(weights=w)) for w in weight_sets]
-        queries = [Query(load_rgb(path), str(path)) for path in paths]
         for label, mode, settings in steps:
             rows.append((label, *accuracy(engine, photos, queries, mode, settings), f"{p50_ms(engine, paths, mode, settings):.0f}"))
         print(f"\ntop-1 product accuracy (%) on val ({len(photos)} queries):")
@@ -189,7 +189,7 @@ def main() -> None:
                     held = np.array([item_key(p.path.relative_to(root).as_posix()) for p in chosen], np.int64)
                     keep = np.setdiff1d(np.array(sorted(item_key(i.id) for i in catalog_items(splits, root)), np.int64), held)
                     filters = [ItemFilter(keys=keep)] * len(chosen)
-                fold_queries = [Query(load_rgb(p.path), str(p.path)) for p in chosen]
+                fold_queries = [Query(load_query(p.path), str(p.path)) for p in chosen]
                 for label, mode, settings in steps:
                     fold_rows.append((f"fold {fold}", label,
                                       *accuracy(engine, chosen, fold_queries, mode, settings, filters)))
