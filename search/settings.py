@@ -48,6 +48,8 @@ class SearchSettings(BaseModel):
     product_votes: int = Field(5, ge=1)
     collapse: bool = Field(False, description="one result per product (its best item)")
     ratio: float = Field(0.8, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
+    # Queries of one batch (search --from-file) answered side by side (benchmarks/bench_speed.py).
+    query_threads: int = Field(2, ge=1, description="queries of a batch answered at once")
 
     def merged(self, **overrides: Any) -> SearchSettings:
         """These settings with ``overrides`` (None values ignored), validated."""
