@@ -32,8 +32,8 @@ def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.
 
     One matrix product against every item's descriptors at once: squared distances are
     |q|^2 + |x|^2 - 2 q.x, and each item's two nearest rows come from its block of the product.
-    On grocery queries (400 keypoints, ~50 candidates) this is ~5x faster than a brute-force
-    matcher called pair by pair, with the same matches.
+    On grocery photos (400 keypoints, 59 candidates) this took half the time of OpenCV's
+    brute-force matcher called pair by pair, with the same pairs.
     """
     empty = np.zeros((0, 2), np.int32)
     sizes = np.array([len(item) for item in items], np.int64)
