@@ -2,6 +2,7 @@
 milliseconds go, query latency, and what an indexed item costs on disk.
 
     .venv/bin/python -m benchmarks.bench_speed [--images 400] [--rounds 2] [--queries 100] [--index DIR]
+        [--grow 100000] [--skip indexing,profile,queries]
 
 1. Indexing, whole commands side by side on the same ``--images`` grocery photos, ``--rounds``
    times in turn: ``benchmarks/plain_loop.py`` (EfficientNet-Lite0 in eager PyTorch, batches of
@@ -15,6 +16,9 @@ milliseconds go, query latency, and what an indexed item costs on disk.
 3. Queries: p50/p95 of one ``search`` call per photo (decoding and extraction included), and the
    rate of one batch call (``search --from-file``) on one thread and on ``query_threads``.
 4. Disk per indexed item, by store.
+5. The candidate stages on the catalog grown to ``--grow`` items (default 100,000) from its own
+   rows: the kNN of each global feature and the inverted file, which grow with the catalog while
+   decoding, extraction and verification (a fixed number of candidates) do not.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
@@ -148,6 +154,73 @@ def latency_rows(engine, queries: list[Path], items: int) -> list[tuple[str, str
     return rows
 
 
+def grown_rows(engine, queries: list[Path], sizes: list[int]) -> list[tuple[str, ...]]:
+    """The candidate stages (deep and colour kNN, inverted file) on the catalog grown to ``sizes``.
+
+    Each grown item copies a real item's words (so posting lists grow with the catalog, under the
+    same vocabulary: pessimistic, a refitted vocabulary would have more words) and its vectors
+    plus noise (cosine ~0.9 to the original), searched with the FAISS type the configuration
+    recommends at that size. Verification reads a fixed number of candidates whatever the size.
+    """
+    import faiss
+
+    from catalens.indexer.features import l2_normalise
+    from catalens.indexer.imageio import load_query
+    from catalens.indexer.stores import stack_rows
+    from catalens.indexer.stores.faiss_vectors import (
+        one_openmp_thread,
+        recommended_factory,
+        recommended_search_parameters,
+    )
+    from catalens.indexer.stores.inverted_file import BagOfWords, decode_words, words_feature
+    from catalens.search import retrieval
+    from catalens.search.engine import Query
+
+    catalog, settings = engine.catalog, engine.settings
+    rng = np.random.default_rng(0)
+    words = [decode_words(blob) for blob in catalog.items.rows(words_feature("sift")).values()]
+    n_words = int(max(w.max() for w in words if len(w))) + 1
+    real = {name: stack_rows(catalog.items.rows(name), catalog.dims()[name])[1] for name in ("deep", "colour")}
+    prepared = []
+    for path in queries:
+        query = Query(load_query(path), str(path))
+        prepared.append(({name: retrieval.query_vector(engine, query, name) for name in real},
+                         retrieval.query_words(engine, query, "sift")))
+    rows = []
+    for size in sizes:
+        source = rng.integers(0, len(words), size) if size > len(words) else np.arange(len(words))
+        started = time.perf_counter()
+        bag = BagOfWords.build(np.arange(len(source)), [words[i] for i in source], n_words)
+        indexes = {}
+        for name, vectors in real.items():
+            grown = vectors[source % len(vectors)]
+            if size > len(words):
+                grown = l2_normalise(grown + 0.45 / np.sqrt(grown.shape[1]) * rng.standard_normal(grown.shape, np.float32))
+            factory = recommended_factory(len(grown), grown.shape[1])
+            index = faiss.index_factory(grown.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:
+                index.train(grown[rng.permutation(len(grown))[: 64 * 1024]])
+            index.add(grown)
+            if recommended_search_parameters(factory):
+                faiss.ParameterSpace().set_index_parameters(index, recommended_search_parameters(factory))
+            indexes[name] = (index, factory)
+        built = time.perf_counter() - started
+        timings = {"kNN": [], "words": []}
+        for vectors, query_words in prepared:
+            started = time.perf_counter()
+            with one_openmp_thread():  # as FaissVectorStore searches a query
+                for name, (index, _) in indexes.items():
+                    index.search(vectors[name][None], settings.candidates)
+            timings["kNN"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            bag.search(query_words, settings.word_candidates)
+            timings["words"].append(time.perf_counter() - started)
+        rows.append((f"{len(source):,}", ", ".join(f"{name} {factory}" for name, (_, factory) in indexes.items()),
+                     f"{1000 * statistics.median(timings['kNN']):.1f}", f"{1000 * statistics.median(timings['words']):.1f}",
+                     f"{built:.0f} s"))
+    return rows
+
+
 def disk_rows(catalog, folder: Path) -> list[tuple[str, str]]:
     items = len(catalog.items.records())
     rows = []
@@ -168,6 +241,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--index", type=Path, help="an index of the grocery iconic + train photos (default: built here)")
+    parser.add_argument("--grow", type=lambda text: [int(part) for part in text.split(",") if part], default=[100_000],
+                        help="catalog sizes the candidate stages are grown to (comma-separated; empty: none)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: indexing, profile, queries")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -205,6 +280,10 @@ def main() -> None:
         if "queries" not in skip:
             print()
             print(format_table(["queries (val photos)", "latency / time", "spread / rate"], latency_rows(engine, queries, items)))
+        if args.grow:
+            print()
+            print(format_table(["items", "FAISS", "kNN p50 ms", "inverted file p50 ms", "built in"],
+                               grown_rows(engine, queries, [items, *args.grow])))
         print()
         print(format_table(["disk per indexed item", "KiB"], disk_rows(catalog, Path(index))))
         catalog.close()
