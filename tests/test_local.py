@@ -340,3 +340,16 @@ def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
         assert fused >= deep + 10
     finally:
         index.close()
+
+
+def test_new_indexes_write_sift_at_256_px_and_older_ones_keep_320(tmp_path):
+    from catalens.indexer.config import IndexConfig, settle
+
+    assert IndexConfig().feature_options == {"sift": {"image_size": 256}}
+    assert IndexConfig(features=["deep"]).feature_options == {}
+    # Stored before the size was written down: built at 320, and a plain run does not change it.
+    stored = IndexConfig.from_json({"features": ["deep", "colour", "sift"], "feature_options": {}})
+    assert stored.feature_options == {"sift": {"image_size": 320}}
+    settled, _ = settle(stored, IndexConfig())
+    assert settled.feature_options == {"sift": {"image_size": 320}}
+    assert IndexConfig.from_json(IndexConfig().to_json()).feature_options == {"sift": {"image_size": 256}}

@@ -44,8 +44,10 @@ class SiftOptions:
 
     max_keypoints: int = 400
     # Long side of the copy SIFT runs on: product photos are ~350 px; more pixels cost time
-    # (SIFT upsamples 2x internally) without finding more of the printed label.
-    image_size: int = 320
+    # (SIFT upsamples 2x internally) without finding more of the printed label. New indexes
+    # write 256 into their configuration, indexes from before it were built at 320
+    # (``catalens.indexer.config.SIFT_IMAGE_SIZE``).
+    image_size: int = 256
     # 0 chooses from the catalog size (see ``auto_vocab_size``).
     vocab_size: int = 0
     sample_per_word: int = 24
