@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -461,3 +462,15 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Imag
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
         draw.text((x0 + width, y0 + width), label, fill=(255, 255, 255))
     return drawn
+
+
+def write_drawing(result: LocateResult, folder: Path) -> Path:
+    """``result``'s photo drawn with its boxes, as ``folder/<photo name>.boxes.png``; a photo given
+    as bytes or as an image is written as ``query.boxes.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = Path(result.query)
+    with Image.open(source) as photo:
+        drawn = draw_detections(photo, result.detections or [])
+    out = folder / f"{source.stem}.boxes.png"
+    drawn.save(out)
+    return out
