@@ -56,18 +56,20 @@ class LocateSettings:
     # Local evidence: keypoints per photo, candidates verified, inliers that make a detection.
     keypoints: int = 3000
     word_candidates: int = 30
-    min_inliers: int = 10
+    min_inliers: int = 15
     inlier_cap: int = 30
     ratio: float = 0.8
     # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
     window_fractions: tuple[float, ...] = (1.0, 0.5, 1 / 3)
     region_candidates: int = 20
-    min_region_score: float = 0.7
+    min_region_score: float = 0.6
     nms_iou: float = 0.3
     # A region whose area lies this much inside a verified box is the same product.
     covered: float = 0.5
     # Region candidates handed to local verification: each window's best items, this many.
     items_per_window: int = 2
+    # A window's score for a product: the mean of its best this many photos of it.
+    product_votes: int = 2
     # NMS ranks a window by score * (side / smallest side) ** size_prior.
     size_prior: float = 0.15
     # A part agrees with its window when it scores the window's product within this of its own best.
@@ -350,15 +352,25 @@ def region_detections(engine: SearchEngine, image: Image.Image,
         for row, window_keys in enumerate(keys):
             own[row, np.searchsorted(union, window_keys[window_keys >= 0])] = True
     total = np.where(own, total, -1.0)
-    best = total.argmax(axis=1)
-    best_scores = total[np.arange(len(boxes)), best]
-    # Each window's score for each product (its best item of that product).
+    # Each window's score for each product: the mean of its best ``product_votes`` items (a
+    # window not among an item's neighbours gives it 0), so one lucky look-alike photo counts
+    # less than several photos of the same product.
     records = engine.catalog.items.items(union.tolist())
     products, product_of = np.unique([records[int(key)].category if int(key) in records else "" for key in union],
                                      return_inverse=True)
-    by_product = np.full((len(boxes), len(products)), -1.0, np.float32)
-    for column in range(len(union)):
-        np.maximum(by_product[:, product_of[column]], total[:, column], out=by_product[:, product_of[column]])
+    votes = max(1, settings.product_votes)
+    by_product = np.zeros((len(boxes), len(products)), np.float32)
+    best_item = np.zeros((len(boxes), len(products)), np.int64)
+    floored = np.maximum(total, 0.0)
+    for product in range(len(products)):
+        columns = np.nonzero(product_of == product)[0]
+        ranked = np.argsort(-floored[:, columns], axis=1)
+        best_item[:, product] = columns[ranked[:, 0]]
+        top = np.take_along_axis(floored[:, columns], ranked[:, :votes], axis=1)
+        by_product[:, product] = top.sum(axis=1) / votes
+    best_product = by_product.argmax(axis=1)
+    best_scores = by_product[np.arange(len(boxes)), best_product]
+    best = best_item[np.arange(len(boxes)), best_product]
     # Part of a product resembles other products more often than the whole does: at equal
     # score, the larger window is the product.
     sides = np.array([box[2] - box[0] for box in boxes], np.float32)
@@ -373,7 +385,7 @@ def region_detections(engine: SearchEngine, image: Image.Image,
         # A window over several products: most of its parts prefer other products clearly.
         parts = [i for i in range(len(boxes)) if sides[i] < sides[index] and _inside_fraction(boxes[i], box) > 0.9]
         if parts:
-            product = product_of[best[index]]
+            product = best_product[index]
             agree = np.mean([by_product[i, product] >= best_scores[i] - settings.part_tolerance for i in parts])
             if agree < 0.5:
                 continue
