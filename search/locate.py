@@ -62,7 +62,7 @@ class LocateSettings:
     # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
     window_fractions: tuple[float, ...] = (1.0, 0.5, 1 / 3)
     region_candidates: int = 20
-    min_region_score: float = 0.6
+    min_region_score: float = 0.5
     nms_iou: float = 0.3
     # A region whose area lies this much inside a verified box is the same product.
     covered: float = 0.5
@@ -381,6 +381,9 @@ def region_detections(engine: SearchEngine, image: Image.Image,
         box = boxes[index]
         if any(iou(box, boxes[other]) > settings.nms_iou or _inside_fraction(box, boxes[other]) > 0.7
                or _inside_fraction(boxes[other], box) > 0.7 for other in kept):
+            continue
+        # Touching a window of the same product: another view of that one instance.
+        if any(best_product[other] == best_product[index] and iou(box, boxes[other]) > 0.0 for other in kept):
             continue
         # A window over several products: most of its parts prefer other products clearly.
         parts = [i for i in range(len(boxes)) if sides[i] < sides[index] and _inside_fraction(boxes[i], box) > 0.9]
