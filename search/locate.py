@@ -14,7 +14,8 @@ Two kinds of evidence, merged into one ranked, de-duplicated list:
 
 A verified local detection outranks every region detection (as in ``local_search``), and a
 region that mostly covers a verified box is dropped. Scores: a local detection
-``1 + min(inliers, cap) / cap``; a region its weighted cosine in [0, 1].
+``1 + min(inliers, cap) / cap``; a region the mean weighted cosine of its product's best two
+catalog photos, in [0, 1].
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class LocateSettings:
-    """How ``locate`` looks; defaults measured on grocery val composites (``benchmarks/bench_locate.py``)."""
+    """How ``locate`` looks; thresholds tuned on composites of grocery val, seeds 100+, against a
+    fine-tuned iconic + train index (``benchmarks/bench_locate.py`` reports held-out seeds 0..)."""
 
     max_detections: int = 20
     # The photo is worked on at most this long a side (boxes are given in the original's pixels).
@@ -480,8 +482,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Imag
 
 
 def write_drawing(result: LocateResult, folder: Path) -> Path:
-    """``result``'s photo drawn with its boxes, as ``folder/<photo name>.boxes.png``; a photo given
-    as bytes or as an image is written as ``query.boxes.png``."""
+    """``result``'s photo (``result.query`` is its path) drawn with its boxes, as
+    ``folder/<photo name>.boxes.png``."""
     folder.mkdir(parents=True, exist_ok=True)
     source = Path(result.query)
     with Image.open(source) as photo:
