@@ -13,7 +13,7 @@ Two kinds of evidence, merged into one ranked, de-duplicated list:
   suppression keeps the best window of each place.
 
 A verified local detection outranks every region detection (as in ``local_search``), and a
-region that mostly covers a verified box is dropped. Scores: a local detection
+region that overlaps a verified box (IoU > 0.3) or lies mostly inside one is dropped. Scores: a local detection
 ``1 + min(inliers, cap) / cap``; a region the mean weighted cosine of its product's best two
 catalog photos, in [0, 1].
 """
