@@ -120,6 +120,14 @@ class CatalogService:
         category = self.check_category(category)
         return self.engine.search(sources, category=category, names=names, settings=settings)
 
+    def locate(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
+               max_detections: int | None = None) -> list:
+        """The catalog products each photo shows, each with its box (``search.locate``)."""
+        from catalens.search.locate import LocateSettings, locate
+
+        settings = LocateSettings(max_detections=max_detections) if max_detections else LocateSettings()
+        return locate(self.engine, sources, names=names, settings=settings)
+
     def explain(self, result: QueryResult, out_dir: Path) -> list[Path]:
         from catalens.search.explain import write_explanations
 

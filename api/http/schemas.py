@@ -24,6 +24,21 @@ class SearchResponse(BaseModel):
     seconds: float
 
 
+class Detection(BaseModel):
+    id: str
+    score: float
+    category: str
+    title: str
+    box: list[int] = Field(description="x0, y0, x1, y1 in the uploaded photo's pixels")
+    image_url: str = Field(description="where to fetch the item's catalog image")
+
+
+class LocateResponse(BaseModel):
+    query: str
+    detections: list[Detection]
+    seconds: float
+
+
 class Level(BaseModel):
     name: str
     confidence: float

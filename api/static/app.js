@@ -58,6 +58,8 @@ function pick(file) {
   preview.hidden = false;
   $("drop-hint").hidden = true;
   $("go").disabled = false;
+  $("locate").disabled = false;
+  $("located").hidden = true;
   runAll();
 }
 
@@ -185,6 +187,46 @@ async function showDetail(hit) {
   }
 }
 
+// Several products in one photo: POST /locate, its boxes drawn over the photo (in the photo's pixels).
+async function runLocate() {
+  if (!state.file) return;
+  setStatus("finding the products in the photo…");
+  const figure = $("located");
+  try {
+    const body = await apiJson("/locate", { method: "POST", body: form() });
+    const photo = $("located-photo");
+    photo.src = $("preview").src;
+    await photo.decode().catch(() => {});
+    const svg = $("boxes");
+    svg.setAttribute("viewBox", `0 0 ${photo.naturalWidth} ${photo.naturalHeight}`);
+    svg.innerHTML = "";
+    const list = $("located-list");
+    list.innerHTML = "";
+    const stroke = Math.max(2, Math.round(Math.max(photo.naturalWidth, photo.naturalHeight) / 300));
+    body.detections.forEach((found, rank) => {
+      const [x0, y0, x1, y1] = found.box;
+      const ns = "http://www.w3.org/2000/svg";
+      const rect = document.createElementNS(ns, "rect");
+      Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, "stroke-width": stroke })
+        .forEach(([key, value]) => rect.setAttribute(key, value));
+      const label = document.createElementNS(ns, "text");
+      label.setAttribute("x", x0 + stroke);
+      label.setAttribute("y", y0 + 6 * stroke);
+      label.setAttribute("font-size", 6 * stroke);
+      label.textContent = `${rank + 1}. ${found.title || found.id}`;
+      svg.append(rect, label);
+      const line = document.createElement("div");
+      line.textContent = `${rank + 1}. ${found.title || found.id} (${found.category}) score ${found.score.toFixed(2)}`;
+      list.appendChild(line);
+    });
+    figure.hidden = false;
+    setStatus(`${body.detections.length} products found in ${body.seconds.toFixed(2)} s`);
+  } catch (error) {
+    figure.hidden = true;
+    setStatus(`locate failed: ${error.message}`, true);
+  }
+}
+
 function runAll() {
   if (!state.file) return;
   runSearch();
@@ -204,6 +246,7 @@ function wire() {
   }
   drop.addEventListener("drop", (event) => pick(event.dataTransfer.files[0]));
   $("controls").addEventListener("submit", (event) => { event.preventDefault(); runSearch(); });
+  $("locate").addEventListener("click", runLocate);
   $("mode").addEventListener("change", () => { if (state.file) runSearch(); });
 }
 

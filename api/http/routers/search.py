@@ -1,4 +1,4 @@
-"""Questions asked with a photo: POST /search, /classify, /anomaly, /explain."""
+"""Questions asked with a photo: POST /search, /locate, /classify, /anomaly, /explain."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from fastapi.responses import Response
 from catalens.api.http.schemas import (
     AnomalyResponse,
     ClassifyResponse,
+    Detection,
     Hit,
+    LocateResponse,
     Problem,
     SearchResponse,
 )
@@ -82,6 +84,30 @@ async def search(
     hits = [Hit(**hit.to_json(), image_url=image_url(hit.id)) for hit in result.results or []]
     return SearchResponse(query=upload.name, mode=settings.mode, k=settings.k, category=category, results=hits,
                           seconds=round(seconds, 4))
+
+
+@router.post("/locate", response_model=LocateResponse, responses=_ERRORS)
+async def locate(
+    state: StateDep,
+    image: ImageFile = None,
+    max: Annotated[int, Form(ge=1, le=100, description="at most this many detections")] = 20,
+) -> LocateResponse:
+    """The catalog products the photo shows, each with its box in the photo's pixels, best first
+    (as `catalens locate --json`)."""
+    upload = await read_upload(state, image)
+
+    def run():
+        started = time.perf_counter()
+        with state.rw.gen_rlock(), state.compute:
+            # The upload's bytes, not the reduced query image: boxes are in the photo's own pixels.
+            result = state.service.locate([upload.data], names=[upload.name], max_detections=max)[0]
+        return result, time.perf_counter() - started
+
+    result, seconds = await state.run(run)
+    if result.error:
+        raise HTTPException(400, result.error)
+    detections = [Detection(**d.to_json(), image_url=image_url(d.id)) for d in result.detections or []]
+    return LocateResponse(query=upload.name, detections=detections, seconds=round(seconds, 4))
 
 
 async def _ask(state: ServerState, image, method: str, feature: str) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""Several products in one photo: recall, precision and time of ``locate`` on composites of grocery val
+photos, against whole-photo ``search`` as the baseline.
+
+    .venv/bin/python benchmarks/bench_locate.py [--work /tmp/locate] [--count 40] [--draw artifacts/locate]
+
+Composites (``catalens.datasets.composites``, seeded): 2x2 and 3x3 grids of val photos of different
+products (cells 300-400 px), and 3 products pasted at random places and scales on clutter. The
+catalog is iconic + train, indexed and fine-tuned once under ``--work`` (as bench_retrieval
+builds it; about 20 minutes on 2 cores). Thresholds were tuned on seeds 100+; the default
+seeds 0.. are held out from that.
+
+A detection is right when its product (the fine category) is one the composite shows and its box
+has IoU >= 0.5 with that product's cell, each shown product matched once (best-scored detection
+first). Recall: right detections / products shown; precision: right detections / detections.
+The baseline is ``search`` on the whole photo: the products among its top 4 (one per product),
+with no box. Time: one ``locate`` call per photo, decoding included, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from catalens.api.tables import format_table
+from catalens.datasets.composites import Composite, layouts
+from catalens.datasets.grocery import split_photos
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.config import IndexConfig
+from catalens.search.engine import SearchEngine
+from catalens.search.locate import Detection, LocateSettings, draw_detections, iou, locate
+
+try:  # run as a script or as a module
+    from benchmarks.bench_retrieval import build, finetune
+except ImportError:
+    from bench_retrieval import build, finetune  # type: ignore[no-redef]
+
+
+def score(composite: Composite, detections: list[Detection]) -> tuple[int, int]:
+    """(right detections, detections): greedy matching, best detection first."""
+    unmatched = list(composite.products)
+    right = 0
+    for detection in detections:
+        match = next((p for p in unmatched if p.category == detection.category and iou(detection.box, p.box) >= 0.5), None)
+        if match is not None:
+            unmatched.remove(match)
+            right += 1
+    return right, len(detections)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/locate"), help="where the index and photos are kept")
+    parser.add_argument("--count", type=int, default=40, help="composites per layout")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--draw", type=Path, default=Path("artifacts/locate"),
+                        help="folder for drawn examples: the best and worst photo of each layout")
+    parser.add_argument("--min-region-score", type=float, default=None, help="override LocateSettings")
+    parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
+    args = parser.parse_args()
+    settings = LocateSettings() if args.min_region_score is None else LocateSettings(min_region_score=args.min_region_score)
+    index = build(args.work / "full", ("iconic", "train"), IndexConfig())
+    finetune(index)  # the default workflow (index, then finetune); kept in the index, done once
+    catalog = open_catalog(index)
+    engine = SearchEngine(catalog)
+    photos = split_photos("val")
+    rows = []
+    args.draw.mkdir(parents=True, exist_ok=True)
+    for layout, composites in layouts(photos, args.count, args.seed).items():
+        folder = args.work / "composites"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for composite in composites:
+            path = folder / f"{composite.name}.jpg"
+            if not path.is_file():
+                composite.image.save(path, quality=92)
+            paths.append(path)
+        locate(engine, [paths[0]], settings=settings)  # warm-up: models loaded
+        right = shown = found = 0
+        seconds, per_photo = [], []
+        for composite, path in zip(composites, paths, strict=True):
+            started = time.perf_counter()
+            detections = locate(engine, [path], settings=settings)[0].detections or []
+            seconds.append(time.perf_counter() - started)
+            r, n = score(composite, detections)
+            right, found, shown = right + r, found + n, shown + len(composite.products)
+            per_photo.append((r / len(composite.products), -n, composite, detections))
+        rows.append((layout, "locate", f"{100 * right / shown:.1f}", f"{100 * right / max(found, 1):.1f}",
+                     f"{found / len(composites):.1f}", f"{statistics.median(seconds):.2f}", f"{max(seconds):.2f}"))
+        if not args.no_baseline:
+            hit = listed = 0
+            b_seconds = []
+            for composite, path in zip(composites, paths, strict=True):
+                started = time.perf_counter()
+                results = engine.search([path], k=4, settings=engine.settings.merged(collapse=True))[0].results or []
+                b_seconds.append(time.perf_counter() - started)
+                categories = {h.category for h in results}
+                hit += len(categories & {p.category for p in composite.products})
+                listed += len(results)
+            rows.append((layout, "search, top 4 (no boxes)", f"{100 * hit / shown:.1f}", f"{100 * hit / max(listed, 1):.1f}",
+                         f"{listed / len(composites):.1f}", f"{statistics.median(b_seconds):.2f}", f"{max(b_seconds):.2f}"))
+        per_photo.sort(key=lambda entry: (entry[0], entry[1]))
+        for tag, (_, _, composite, detections) in (("worst", per_photo[0]), ("best", per_photo[-1])):
+            out = args.draw / f"{composite.name}-{tag}.png"
+            draw_detections(composite.image, detections).save(out)
+        print(f"  {layout}: done ({len(composites)} photos)", flush=True)
+    catalog.close()
+    print(f"\nlocate on composites of grocery val ({args.count} photos a layout; catalog iconic + train):")
+    print(format_table(["layout", "method", "recall %", "precision %", "detections/photo", "median s", "max s"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""Which catalog products a photo shows, and where: one box per product instance.
+
+Two kinds of evidence, merged into one ranked, de-duplicated list:
+
+- local (printed labels, logos): the photo's RootSIFT keypoints are matched to candidate items
+  (the photo's best visual-word matches and the region step's best items); a similarity
+  transform fitted by RANSAC maps the item's image rectangle into the photo, which is the box.
+  The keypoints inside a found box are then set aside and the search repeats, so that several
+  products, and several instances of one product, are found one after the other.
+- regions (fruit, vegetables, anything with too little texture for keypoints): square windows
+  at several scales over the photo are embedded in one batch by the global features (deep,
+  colour) and scored against the catalog as fused search scores a photo; non-maximum
+  suppression keeps the best window of each place.
+
+A verified local detection outranks every region detection (as in ``local_search``), and a
+region that overlaps a verified box (IoU > 0.3) or lies mostly inside one is dropped. Scores: a local detection
+``1 + min(inliers, cap) / cap``; a region the mean weighted cosine of its product's best two
+catalog photos, in [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from catalens.indexer.features import embed, feature_spec, l2_normalise
+from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer
+from catalens.indexer.imageio import (
+    QUERY_DECODE_BUDGET,
+    QUERY_MAX_DECODE_BYTES,
+    ImageDecodeError,
+    ImageSource,
+    load_rgb,
+)
+from catalens.indexer.stores import stack_rows
+from catalens.search.engine import SearchEngine
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class LocateSettings:
+    """How ``locate`` looks; thresholds tuned on composites of grocery val, seeds 100+, against a
+    fine-tuned iconic + train index (``benchmarks/bench_locate.py`` reports held-out seeds 0..)."""
+
+    max_detections: int = 20
+    # The photo is worked on at most this long a side (boxes are given in the original's pixels).
+    work_side: int = 1280
+    # Local evidence: keypoints per photo, candidates verified, inliers that make a detection.
+    keypoints: int = 3000
+    word_candidates: int = 30
+    min_inliers: int = 15
+    inlier_cap: int = 30
+    ratio: float = 0.8
+    # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
+    window_fractions: tuple[float, ...] = (1.0, 0.5, 1 / 3)
+    region_candidates: int = 20
+    min_region_score: float = 0.5
+    nms_iou: float = 0.3
+    # A region whose area lies this much inside a verified box is the same product.
+    covered: float = 0.5
+    # Region candidates handed to local verification: each window's best items, this many.
+    items_per_window: int = 2
+    # A window's score for a product: the mean of its best this many photos of it.
+    product_votes: int = 2
+    # NMS ranks a window by score * (side / smallest side) ** size_prior.
+    size_prior: float = 0.15
+    # A part agrees with its window when it scores the window's product within this of its own best.
+    part_tolerance: float = 0.05
+
+
+@dataclass(frozen=True)
+class Detection:
+    id: str
+    score: float
+    category: str
+    title: str
+    box: Box
+    evidence: str = "local"  # "local" (verified keypoints) or "region" (window similarity)
+    key: int = field(default=-1, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title,
+                "box": [int(v) for v in self.box]}
+
+
+@dataclass
+class LocateResult:
+    query: str
+    detections: list[Detection] | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"query": self.query, "error": self.error}
+        return {"query": self.query, "detections": [d.to_json() for d in self.detections or []]}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One detection before the catalog record is looked up."""
+
+    key: int
+    score: float
+    box: tuple[float, float, float, float]
+    evidence: str
+    category: str = ""
+
+
+# --- geometry
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _inside_fraction(a: Sequence[float], b: Sequence[float]) -> float:
+    """How much of ``a``'s area lies inside ``b``."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1])
+    return inter / area if area > 0 else 0.0
+
+
+def windows(size: tuple[int, int], fractions: Sequence[float]) -> list[tuple[int, int, int, int]]:
+    """Square windows, each side a fraction of the shorter side, at half-window stride, edges included."""
+    width, height = size
+    boxes = []
+    for fraction in fractions:
+        side = max(16, round(min(width, height) * fraction))
+        stride = max(1, side // 2)
+        xs = sorted({*range(0, max(1, width - side + 1), stride), max(0, width - side)})
+        ys = sorted({*range(0, max(1, height - side + 1), stride), max(0, height - side)})
+        boxes += [(x, y, min(width, x + side), min(height, y + side)) for y in ys for x in xs]
+    return list(dict.fromkeys(boxes))
+
+
+# --- decoding
+
+
+def _decode(source: ImageSource | Image.Image, max_pixels: int, work_side: int) -> tuple[Image.Image, float]:
+    """The photo at most ``work_side`` a side, and the factor from its pixels to the original's."""
+    if isinstance(source, Image.Image):
+        image, original = source.convert("RGB"), source.size
+    else:
+        image = load_rgb(source, max_pixels, max_side=2 * work_side, max_bytes=QUERY_MAX_DECODE_BYTES,
+                         budget=QUERY_DECODE_BUDGET)
+        original = _original_size(source, image.size)
+    if max(image.size) > work_side:
+        scale = work_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return image, original[0] / image.width
+
+
+def _original_size(source: ImageSource, decoded: tuple[int, int]) -> tuple[int, int]:
+    """The upright size of the file (decoding may have reduced it)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as header:
+            width, height = header.size
+            transposed = header.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - it decoded a moment ago; keep the decoded size
+        return decoded
+    return (height, width) if transposed else (width, height)
+
+
+# --- local evidence
+
+
+def _ratio_pairs(query: np.ndarray, item: np.ndarray, ratio: float) -> np.ndarray:
+    """(m, 2) (query, item) keypoint pairs passing Lowe's ratio test, query to item (so that
+    several instances of one product in the photo all keep their matches)."""
+    if len(query) < 1 or len(item) < 2:
+        return np.zeros((0, 2), np.int32)
+    similarity = query @ item.T
+    rows = np.arange(len(query))
+    best = similarity.argmax(axis=1)
+    first = similarity[rows, best]
+    similarity[rows, best] = -2.0
+    second = similarity.max(axis=1)
+    # RootSIFT rows have norm 1: squared distance 2 - 2 cos.
+    keep = np.maximum(2 - 2 * first, 0) < ratio**2 * np.maximum(2 - 2 * second, 0)
+    return np.stack([rows[keep], best[keep]], axis=1).astype(np.int32)
+
+
+def _fit_box(query: LocalDescriptors, item: LocalDescriptors, pairs: np.ndarray, photo: tuple[int, int],
+             min_inliers: int) -> tuple[int, tuple[float, float, float, float], np.ndarray] | None:
+    """(inliers, box in the photo, inlier query keypoints) of the similarity mapping the item into
+    the photo, or None when too few agree or the box is implausible."""
+    # One item keypoint may absorb several query keypoints; keep one match each.
+    _, first = np.unique(pairs[:, 1], return_index=True)
+    pairs = pairs[np.sort(first)]
+    if len(pairs) < min_inliers:
+        return None
+    source = item.keypoints[pairs[:, 1], :2].astype(np.float32)
+    target = query.keypoints[pairs[:, 0], :2].astype(np.float32)
+    item_side = max(max(item.image_size), 1)
+    transform, mask = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, maxIters=500,
+                                                  ransacReprojThreshold=0.02 * item_side * _scale_guess(source, target))
+    if transform is None or mask is None or int(mask.sum()) < min_inliers:
+        return None
+    scale = float(np.hypot(transform[0, 0], transform[1, 0]))
+    width, height = item.image_size
+    corners = np.array([[0, 0, 1], [width, 0, 1], [width, height, 1], [0, height, 1]], np.float64) @ transform.T
+    x0, y0 = corners.min(axis=0)
+    x1, y1 = corners.max(axis=0)
+    # Too small to be seen, or larger than the photo: a chance alignment.
+    if scale * item_side < 24 or (x1 - x0) * (y1 - y0) > 2.0 * photo[0] * photo[1]:
+        return None
+    box = (max(0.0, x0), max(0.0, y0), min(float(photo[0]), x1), min(float(photo[1]), y1))
+    if box[2] - box[0] < 12 or box[3] - box[1] < 12:
+        return None
+    inliers = mask.ravel().astype(bool)
+    return int(inliers.sum()), box, pairs[inliers, 0]
+
+
+def _scale_guess(source: np.ndarray, target: np.ndarray) -> float:
+    """Rough photo/item scale from the spread of the matched points: the RANSAC tolerance is a
+    fraction of the item as it appears in the photo."""
+    spread = np.std(source, axis=0).sum()
+    return float(np.clip(np.std(target, axis=0).sum() / spread, 0.25, 4.0)) if spread > 1 else 1.0
+
+
+def local_detections(engine: SearchEngine, image: Image.Image, region_items: dict[int, Box],
+                     settings: LocateSettings) -> list[_Candidate]:
+    """Verified boxes, found one after another with the explained keypoints set aside.
+
+    Candidates are the photo's best visual-word matches (matched against every keypoint) and
+    ``region_items``, each matched only against the keypoints of its region (cheaper, and a
+    window's item has nothing to explain elsewhere)."""
+    features = engine.catalog.local_features()
+    if not features:
+        return []
+    name = features[0]
+    local = engine.catalog.feature(name)
+    query = SiftPreparer(settings.keypoints, min(max(image.size), settings.work_side))(image)
+    if len(query) < settings.min_inliers:
+        return []
+    keys, _ = engine.catalog.words(name).search(local.quantise(query), settings.word_candidates, None)
+    everywhere = (0, 0, image.width, image.height)
+    regions = {int(key): everywhere for key in keys}
+    for key, box in region_items.items():
+        regions.setdefault(int(key), box)
+    stored = engine.catalog.items.rows(name, list(regions))
+    items = {key: local.decode(blob) for key, blob in stored.items()}
+    xy = query.keypoints[:, :2]
+    pairs = {}
+    for key, item in items.items():
+        x0, y0, x1, y1 = regions[key]
+        inside = np.nonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))[0]
+        found = _ratio_pairs(query.descriptors[inside], item.descriptors, settings.ratio)
+        if len(found) >= settings.min_inliers:
+            found[:, 0] = inside[found[:, 0]]
+            pairs[key] = found
+
+    active = np.ones(len(query), bool)
+    fits: dict[int, Any] = {}
+    stale = set(pairs)
+    chosen: list[tuple[int, Any, dict[int, Any]]] = []
+    while pairs and len(chosen) < settings.max_detections:
+        for key in stale:
+            usable = pairs[key][active[pairs[key][:, 0]]]
+            fits[key] = _fit_box(query, items[key], usable, image.size, settings.min_inliers) \
+                if len(usable) >= settings.min_inliers else None
+        fits = {key: fit for key, fit in fits.items() if fit is not None}
+        if not fits:
+            break
+        best = max(fits, key=lambda key: fits[key][0])
+        box = fits[best][1]
+        if any(iou(box, earlier) > 0.3 or _inside_fraction(box, earlier) > 0.5 for _, earlier, _ in chosen):
+            # What is left of a product already found (its box fell short of the whole).
+            pairs.pop(best)
+            fits.pop(best)
+            stale = set()
+            continue
+        # The items that agree on this place: a sibling product (same brand, other flavour)
+        # can win on inliers alone; the crop's global similarity decides between them.
+        rivals = {key: fit for key, fit in fits.items() if iou(fit[1], box) > 0.5}
+        chosen.append((best, box, rivals))
+        # Every keypoint inside the box is this product's: set aside, and refit whoever used them.
+        explained = active & (xy[:, 0] >= box[0]) & (xy[:, 0] <= box[2]) & (xy[:, 1] >= box[1]) & (xy[:, 1] <= box[3])
+        active &= ~explained
+        stale = {key for key in fits if explained[pairs[key][:, 0]].any()}
+        pairs = {key: p for key, p in pairs.items() if key in fits}
+    if not chosen:
+        return []
+    crops = _embed_crops(engine, [image.crop(tuple(round(v) for v in box)) for _, box, _ in chosen])
+    found: list[_Candidate] = []
+    for row, (_, box, rivals) in enumerate(chosen):
+        keys = list(rivals)
+        similarity = _fused_cosines(engine, {name: v[row : row + 1] for name, v in crops.items()}, np.array(keys))[0]
+        evidence = [min(rivals[key][0], settings.inlier_cap) / settings.inlier_cap for key in keys]
+        pick = int(np.argmax(np.add(evidence, similarity)))
+        found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local"))
+    return found
+
+
+# --- region evidence
+
+
+def _global_weights(engine: SearchEngine) -> dict[str, float]:
+    return {name: weight for name, weight in engine.weights().items() if feature_spec(name).kind == "global"}
+
+
+def _embed_crops(engine: SearchEngine, crops: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    """Every weighted global feature of every crop, in one batch a feature."""
+    return {name: embed(engine.catalog.feature(name), crops) for name in _global_weights(engine)}
+
+
+def _fused_cosines(engine: SearchEngine, vectors: dict[str, np.ndarray], keys: np.ndarray) -> np.ndarray:
+    """(crops, keys) weighted cosine sums, divided by the weights' sum (in [0, 1] for photos)."""
+    weights = _global_weights(engine)
+    total = np.zeros((len(next(iter(vectors.values()))), len(keys)), np.float32)
+    order = np.argsort(keys)
+    for name, weight in weights.items():
+        found, rows = stack_rows(engine.catalog.items.rows(name, keys.tolist()), engine.catalog.dims()[name])
+        cosines = np.zeros_like(total)
+        cosines[:, order[np.searchsorted(keys[order], found)]] = vectors[name] @ l2_normalise(rows).T
+        total += weight * cosines
+    return total / max(sum(weights.values()), 1e-9)
+
+
+def region_detections(engine: SearchEngine, image: Image.Image,
+                      settings: LocateSettings) -> tuple[list[_Candidate], dict[int, Box]]:
+    """(the best window of each place after NMS, above ``min_region_score``; the best items of
+    every place NMS kept, with their window, for local verification)."""
+    weights = _global_weights(engine)
+    if not weights:
+        return [], {}
+    boxes = windows(image.size, settings.window_fractions)
+    vectors = _embed_crops(engine, [image.crop(box) for box in boxes])
+    candidate_keys = []
+    for name in weights:
+        _, keys = engine.catalog.vectors(name).search(vectors[name], settings.region_candidates)
+        candidate_keys.append(keys)
+    union = np.unique(np.concatenate([keys[keys >= 0] for keys in candidate_keys]))
+    if not len(union):
+        return [], {}
+    total = _fused_cosines(engine, vectors, union)
+    # Only each window's own candidates count (a key another window found is not its evidence).
+    own = np.zeros_like(total, bool)
+    for keys in candidate_keys:
+        for row, window_keys in enumerate(keys):
+            own[row, np.searchsorted(union, window_keys[window_keys >= 0])] = True
+    total = np.where(own, total, -1.0)
+    # Each window's score for each product: the mean of its best ``product_votes`` items (a
+    # window not among an item's neighbours gives it 0), so one lucky look-alike photo counts
+    # less than several photos of the same product.
+    records = engine.catalog.items.items(union.tolist())
+    products, product_of = np.unique([records[int(key)].category if int(key) in records else "" for key in union],
+                                     return_inverse=True)
+    votes = max(1, settings.product_votes)
+    by_product = np.zeros((len(boxes), len(products)), np.float32)
+    best_item = np.zeros((len(boxes), len(products)), np.int64)
+    floored = np.maximum(total, 0.0)
+    for product in range(len(products)):
+        columns = np.nonzero(product_of == product)[0]
+        ranked = np.argsort(-floored[:, columns], axis=1)
+        best_item[:, product] = columns[ranked[:, 0]]
+        top = np.take_along_axis(floored[:, columns], ranked[:, :votes], axis=1)
+        by_product[:, product] = top.sum(axis=1) / votes
+    best_product = by_product.argmax(axis=1)
+    best_scores = by_product[np.arange(len(boxes)), best_product]
+    best = best_item[np.arange(len(boxes)), best_product]
+    # Part of a product resembles other products more often than the whole does: at equal
+    # score, the larger window is the product.
+    sides = np.array([box[2] - box[0] for box in boxes], np.float32)
+    priority = best_scores * (sides / sides.min()) ** settings.size_prior
+
+    kept: list[int] = []
+    for index in np.argsort(-priority, kind="stable"):
+        box = boxes[index]
+        if any(iou(box, boxes[other]) > settings.nms_iou or _inside_fraction(box, boxes[other]) > 0.7
+               or _inside_fraction(boxes[other], box) > 0.7 for other in kept):
+            continue
+        # Touching a window of the same product: another view of that one instance.
+        if any(best_product[other] == best_product[index] and iou(box, boxes[other]) > 0.0 for other in kept):
+            continue
+        # A window over several products: most of its parts prefer other products clearly.
+        parts = [i for i in range(len(boxes)) if sides[i] < sides[index] and _inside_fraction(boxes[i], box) > 0.9]
+        if parts:
+            product = best_product[index]
+            agree = np.mean([by_product[i, product] >= best_scores[i] - settings.part_tolerance for i in parts])
+            if agree < 0.5:
+                continue
+        kept.append(int(index))
+        if len(kept) >= settings.max_detections:
+            break
+    items: dict[int, Box] = {}
+    for index in kept:
+        x0, y0, x1, y1 = boxes[index]
+        margin = (x1 - x0) // 4
+        roi = (x0 - margin, y0 - margin, x1 + margin, y1 + margin)
+        for column in np.argsort(-total[index])[: settings.items_per_window]:
+            items.setdefault(int(union[column]), roi)
+    regions = [_Candidate(int(union[best[i]]), float(best_scores[i]), tuple(float(v) for v in boxes[i]), "region")
+               for i in kept if best_scores[i] >= settings.min_region_score]
+    return regions, items
+
+
+# --- both, merged
+
+
+def merge(local: Sequence[_Candidate], regions: Sequence[_Candidate], settings: LocateSettings) -> list[_Candidate]:
+    """Verified detections first, then the regions that no verified box explains."""
+    merged = list(local)
+    for region in regions:
+        if any(iou(region.box, other.box) > settings.nms_iou or _inside_fraction(region.box, other.box) > settings.covered
+               for other in local):
+            continue
+        merged.append(region)
+    return sorted(merged, key=lambda c: -c.score)[: settings.max_detections]
+
+
+def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSettings | None = None,
+                 scale: float = 1.0) -> list[Detection]:
+    """Detections in ``image`` (already decoded), best first; boxes multiplied by ``scale``."""
+    settings = settings or LocateSettings()
+    regions, region_items = region_detections(engine, image, settings)
+    local = local_detections(engine, image, region_items, settings)
+    merged = merge(local, regions, settings)
+    records = engine.catalog.items.items(c.key for c in merged)
+    detections = []
+    for candidate in merged:
+        record = records.get(candidate.key)
+        if record is None:
+            continue
+        x0, y0, x1, y1 = (v * scale for v in candidate.box)
+        detections.append(Detection(record.id, candidate.score, record.category, record.title,
+                                    (round(x0), round(y0), round(x1), round(y1)), candidate.evidence, candidate.key))
+    return detections
+
+
+def locate(engine: SearchEngine, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
+           settings: LocateSettings | None = None) -> list[LocateResult]:
+    """One result per source, in order; an unreadable source gives a result with ``error``."""
+    settings = settings or LocateSettings()
+    results = []
+    for position, source in enumerate(sources):
+        if names:
+            name = names[position]
+        else:
+            name = "<image>" if isinstance(source, (bytes, Image.Image)) else str(source)
+        try:
+            image, scale = _decode(source, engine.catalog.config.max_pixels, settings.work_side)
+        except ImageDecodeError as error:
+            results.append(LocateResult(name, error=str(error)))
+            continue
+        results.append(LocateResult(name, locate_image(engine, image, settings, scale)))
+    return results
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of ``image`` with each detection's box and label (rank, title, score)."""
+    from PIL import ImageDraw
+
+    drawn = ImageOps.exif_transpose(image).convert("RGB")
+    draw = ImageDraw.Draw(drawn)
+    width = max(2, round(max(drawn.size) / 400))
+    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+               (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+    for rank, detection in enumerate(detections, 1):
+        colour = palette[(rank - 1) % len(palette)]
+        x0, y0, x1, y1 = detection.box
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        label = f"{rank}. {detection.title} {detection.score:.2f}"
+        left, top, right, bottom = draw.textbbox((x0 + width, y0 + width), label)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
+        draw.text((x0 + width, y0 + width), label, fill=(255, 255, 255))
+    return drawn
+
+
+def write_drawing(result: LocateResult, folder: Path) -> Path:
+    """``result``'s photo (``result.query`` is its path) drawn with its boxes, as
+    ``folder/<photo name>.boxes.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = Path(result.query)
+    with Image.open(source) as photo:
+        drawn = draw_detections(photo, result.detections or [])
+    out = folder / f"{source.stem}.boxes.png"
+    drawn.save(out)
+    return out

@@ -1,0 +1,109 @@
+"""``catalens locate``: several products in one photo, each with its box."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catalens.api.cli import main
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.pipeline import index_catalog
+from catalens.search.locate import iou, windows
+from tests.conftest import textured_label
+
+CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
+# Where the two products lie in the photo, and at what size: neither at the catalog's scale.
+PLACED = {"Dairy/Yoghurt": (40, 60, 40 + 240, 60 + 240), "Juice/Apple": (420, 150, 420 + 280, 150 + 280)}
+
+
+@pytest.fixture(scope="module")
+def label_index(tmp_path_factory):
+    """Four printed-label products, one catalog image each, and a photo showing two of them."""
+    folder = tmp_path_factory.mktemp("labels")
+    for seed, category in enumerate(CATEGORIES):
+        path = folder / "catalog" / category / "label.jpg"
+        path.parent.mkdir(parents=True)
+        textured_label(seed).save(path, quality=95)
+    index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(100, 140, (480, 760, 3), dtype=np.uint8))
+    for category, box in PLACED.items():
+        seed = CATEGORIES.index(category)
+        photo.paste(textured_label(seed).resize((box[2] - box[0], box[3] - box[1])), box[:2])
+    photo.save(folder / "two-products.png")
+    return folder / "index", folder / "two-products.png"
+
+
+def test_two_products_in_one_photo_are_found_with_their_boxes(label_index, capsys):
+    index, photo = label_index
+    assert main(["locate", str(photo), "--index", str(index), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["query"] == str(photo)
+    found = {}
+    for detection in line["detections"]:
+        assert set(detection) == {"id", "score", "category", "title", "box"}
+        found.setdefault(detection["category"], detection["box"])
+    for category, box in PLACED.items():
+        assert category in found, line
+        assert iou(found[category], box) >= 0.7, (category, found[category], box)
+    scores = [d["score"] for d in line["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    # The two verified products come first.
+    assert {d["category"] for d in line["detections"][:2]} == set(PLACED)
+
+
+def test_unreadable_photo_gives_an_error_line_and_draw_writes_a_png(label_index, tmp_path, capsys):
+    index, photo = label_index
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("nope")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{broken}\n")
+    drawn = tmp_path / "drawn"
+    assert main(["locate", str(photo), "--index", str(index), "--json", "--from-file", str(listing),
+                 "--max", "1", "--draw", str(drawn)]) == 0
+    captured = capsys.readouterr()
+    first, second = (json.loads(line) for line in captured.out.splitlines())
+    assert len(first["detections"]) == 1
+    assert second == {"query": str(broken), "error": f"{broken}: not an image (unrecognised format)"}
+    with Image.open(drawn / "two-products.boxes.png") as image:
+        assert image.size == (760, 480)
+    # Nothing readable at all: exit status 1.
+    assert main(["locate", str(broken), "--index", str(index), "--json"]) == 1
+
+
+def test_http_locate_returns_boxes_in_the_uploaded_photos_pixels(label_index):
+    from fastapi.testclient import TestClient
+
+    from catalens.api.http.app import create_app
+
+    index, photo = label_index
+    with TestClient(create_app(index, read_only=True)) as client:
+        response = client.post("/locate", files={"image": ("two.png", photo.read_bytes(), "image/png")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        boxes = {d["category"]: d["box"] for d in reversed(body["detections"])}
+        assert all(iou(boxes[category], box) >= 0.7 for category, box in PLACED.items())
+        assert body["detections"][0]["image_url"].startswith("/items/")
+        assert client.post("/locate", files={"image": ("x.png", b"not an image", "image/png")}).status_code in (400, 415)
+
+
+def test_windows_cover_the_photo_edges_at_every_scale():
+    boxes = windows((1000, 700), (1.0, 0.5))
+    assert (300, 0, 1000, 700) in boxes and (0, 0, 700, 700) in boxes
+    assert max(b[2] for b in boxes if b[2] - b[0] == 350) == 1000
+    assert max(b[3] for b in boxes if b[2] - b[0] == 350) == 700
+
+
+def test_composites_are_deterministic_and_know_their_boxes(val_photos):
+    from catalens.datasets.composites import grid, scatter
+
+    first, again = grid(val_photos, 2, seed=3), grid(val_photos, 2, seed=3)
+    assert [p.box for p in first.products] == [p.box for p in again.products]
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    cell = first.products[0].box[2]
+    assert 300 <= cell <= 400 and first.image.size == (2 * cell, 2 * cell)
+    assert len({p.category for p in first.products}) == 4
+    placed = scatter(val_photos, 3, seed=1)
+    boxes = [p.box for p in placed.products]
+    assert len(boxes) == 3 and all(iou(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
