@@ -98,7 +98,7 @@ async def locate(
 
     def run():
         started = time.perf_counter()
-        with state.rw.gen_rlock(), state.compute:
+        with state.rw.gen_rlock():
             # The upload's bytes, not the reduced query image: boxes are in the photo's own pixels.
             result = state.service.locate([upload.data], names=[upload.name], max_detections=max)[0]
         return result, time.perf_counter() - started
