@@ -22,6 +22,7 @@ from catalens.indexer.catalog import Catalog
 from catalens.indexer.features import feature_spec, feature_weights
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import ItemFilter
+from catalens.search.calibration import MatchCalibrator, annotate, match_calibration
 from catalens.search.products import rank_products
 from catalens.search.settings import SearchSettings
 
@@ -42,9 +43,14 @@ class SearchHit:
     title: str
     key: int = field(default=-1, repr=False)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Calibrated P(this item shows the query's product), search/calibration.py; None when uncalibrated.
+    confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title}
+        out = {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title}
+        if self.confidence is not None:
+            out["confidence"] = round(float(self.confidence), 4)
+        return out
 
 
 @dataclass
@@ -52,11 +58,19 @@ class QueryResult:
     query: str
     results: list[SearchHit] | None = None
     error: str | None = None
+    # The top result's id when its confidence reaches the match threshold; ``calibrated`` says
+    # whether confidences were computed at all (a catalog too small to calibrate has none).
+    match: str | None = None
+    calibrated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
-        return {"query": self.query, "results": [hit.to_json() for hit in self.results or []]}
+        out: dict[str, Any] = {"query": self.query}
+        if self.calibrated:
+            out["match"] = self.match
+        out["results"] = [hit.to_json() for hit in self.results or []]
+        return out
 
 
 @dataclass
@@ -133,6 +147,7 @@ class SearchEngine:
         settings = (settings or self.settings).merged(k=k, mode=mode)
         mode = self.check_mode(settings.mode)
         filter = self.item_filter(category)
+        calibrator = self.calibrator() if settings.confidence else None
         results = []
         for name, image, error in decode_queries(sources, names, self.catalog.config.max_pixels):
             if error is not None:
@@ -141,9 +156,17 @@ class SearchEngine:
             if filter is not None and filter.empty:
                 results.append(QueryResult(query=name, results=[]))
                 continue
-            keys, scores = self.rank_products(Query(image, name), mode, settings.k, filter, settings)
-            results.append(QueryResult(query=name, results=self.hits(keys, scores)))
+            query = Query(image, name)
+            keys, scores = self.rank_products(query, mode, settings.k, filter, settings)
+            result = QueryResult(query=name, results=self.hits(keys, scores))
+            if calibrator is not None and mode in calibrator.modes():
+                annotate(self, query, mode, filter, settings, result, calibrator)
+            results.append(result)
         return results
+
+    def calibrator(self) -> MatchCalibrator | None:
+        """The catalog's match calibrator (fitted in memory where none is stored or it is stale), or None."""
+        return match_calibration(self.catalog).calibrator
 
     def rank_products(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
                       settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
