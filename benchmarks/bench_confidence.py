@@ -100,6 +100,34 @@ def answer(engine: SearchEngine, query: Query, mode: str, calibrator: MatchCalib
     return annotate(engine, query, mode, None, settings, result, calibrator)
 
 
+def classification(catalog, photos, queries, is_absent: np.ndarray) -> list[tuple]:
+    """Rows: the best guess at the leaf, and where the confident ``category`` stops and how often it is right."""
+    from catalens.search.classify import UNKNOWN, classify
+
+    results = []
+    for first in range(0, len(queries), 16):
+        chunk = queries[first:first + 16]
+        results += classify(catalog, [q.image for q in chunk], names=[q.name for q in chunk])
+    leaf_right, depth, right = [], [], []
+    for photo, result in zip(photos, results, strict=True):
+        guess = "/".join(level.name for level in result.levels)
+        leaf_right.append(guess == photo.category)
+        stopped = 0 if result.category == UNKNOWN else result.category.count("/") + 1
+        depth.append(stopped)
+        right.append(stopped > 0 and (photo.category + "/").startswith(result.category + "/"))
+    leaf_right, depth, right = map(np.asarray, (leaf_right, depth, right))
+    rows = []
+    for label, subset in (("all val photos", np.ones(len(photos), bool)), ("present products", ~is_absent),
+                          ("absent products", is_absent)):
+        d, r = depth[subset], right[subset]
+        answered = d > 0
+        rows.append((label, int(subset.sum()), f"{100 * leaf_right[subset].mean():.1f}",
+                     *(f"{100 * (d == k).mean():.1f}" for k in (0, 1, 2, 3)),
+                     f"{100 * r[answered].mean():.1f}" if answered.any() else "-",
+                     *(f"{100 * r[d == k].mean():.1f}" if (d == k).any() else "-" for k in (1, 2, 3))))
+    return rows
+
+
 def plot(path: Path, title: str, curves: dict[str, list[tuple[float, float, int]]]) -> None:
     import matplotlib
 
@@ -166,6 +194,11 @@ def main() -> None:
         print("  calibration data (held-out catalog queries): " + "; ".join(
             f"{r['mode']} precision {100 * r['precision']:.1f}% coverage {100 * r['coverage']:.1f}%"
             for r in calibrator.summary()))
+        print("\n  classify: best guess at the leaf (levels), and the confident category (threshold "
+              f"{0.9:g}): % stopping at each depth, % right where it stops")
+        print(format_table(["photos", "n", "leaf guess right %", "unknown %", "top %", "coarse %", "leaf %",
+                            "right % (answered)", "right @top", "right @coarse", "right @leaf"],
+                           classification(catalog, photos, queries, is_absent)))
         diagram = args.work / f"reliability-{name}.png"
         plot(diagram, f"{name} catalog, open-set val ({len(photos)} photos)", curves)
         print(f"  reliability diagram: {diagram}")

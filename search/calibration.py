@@ -155,16 +155,16 @@ class MatchCalibrator(Estimator):
         modes, coefs, intercepts, thresholds, precisions, coverages, counts = [], [], [], [], [], [], []
         for mode, (rows, right, is_top) in evidence.items():
             rows, right, is_top = np.asarray(rows, np.float64), np.asarray(right, bool), np.asarray(is_top, bool)
-            if not is_top.any():
-                continue
-            mean, std = rows.mean(axis=0), rows.std(axis=0)
+            if not len(rows):  # no held-out query found anything in this mode: no evidence either way
+                rows = np.zeros((0, len(EVIDENCE)))
+            mean, std = (rows.mean(axis=0), rows.std(axis=0)) if len(rows) else (np.zeros(len(EVIDENCE)),) * 2
             active = std > 1e-9
             std[~active] = 1.0
             coef = np.zeros(rows.shape[1])
             # With one kind of answer only, or no evidence that varies, the rate of right answers
             # (with a pseudo-count each way) is all there is to say.
             intercept = float(np.log((right.sum() + 1) / (len(right) - right.sum() + 1)))
-            if right.all() or not right.any() or not active.any():
+            if not len(rows) or right.all() or not right.any() or not active.any():
                 log.info("calibration: mode %s has one kind of answer or no varying evidence; its confidence "
                          "is the rate of right answers", mode)
             else:
@@ -378,7 +378,7 @@ def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuer
             out[mode][1].extend(product == calibration.product for product in products)
             out[mode][2].extend(i == 0 for i in range(len(products)))
     return {mode: (np.vstack(rows) if rows else np.zeros((0, len(EVIDENCE))), np.asarray(right, bool), np.asarray(top, bool))
-            for mode, (rows, right, top) in out.items() if rows}
+            for mode, (rows, right, top) in out.items()}
 
 
 def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = None, max_queries: int = 240,

@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits - logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
@@ -85,7 +94,9 @@ class HierarchicalFewShotClassifier(Estimator):
       knn_min_support   leaves with at least this many items add the k-NN vote to their prototype
       linear_min_support leaves with at least this many items take the linear model's probability
       C                 inverse regularisation of the linear model
-      level_threshold   stop at the deepest level whose confidence is at least this
+      level_threshold   stop at the deepest level whose (calibrated) confidence is at least this
+      calibration_holdout share of leaves, and of the items of the others, held out of a second fit
+                        whose answers calibrate each level's confidence (0: raw probabilities)
       unknown_quantile  a query less similar to its nearest item than this quantile of the
                         items' similarities to their nearest item in another leaf is ``unknown``
       evidence_weight   log-probability a leaf gains per unit of outside evidence (0-1 per leaf,
@@ -98,10 +109,11 @@ class HierarchicalFewShotClassifier(Estimator):
         knn_min_support: int = 3,
         linear_min_support: int = 2,
         C: float = 10.0,
-        level_threshold: float = 0.5,
+        level_threshold: float = 0.9,
         unknown_quantile: float = 0.01,
         max_linear_classes: int = 2000,
         evidence_weight: float = 4.0,
+        calibration_holdout: float = 0.2,
     ):
         self.n_neighbours = n_neighbours
         self.knn_min_support = knn_min_support
@@ -111,6 +123,7 @@ class HierarchicalFewShotClassifier(Estimator):
         self.unknown_quantile = unknown_quantile
         self.max_linear_classes = max_linear_classes
         self.evidence_weight = evidence_weight
+        self.calibration_holdout = calibration_holdout
 
     # --- fitting
 
@@ -133,7 +146,50 @@ class HierarchicalFewShotClassifier(Estimator):
         self.temperature_ = self._fit_temperature(sums)
         self.unknown_similarity_ = self._fit_unknown_threshold()
         self._fit_linear()
+        self.level_calibration_ = self._fit_level_calibration(features, np.asarray(categories, dtype=object).astype(str))
         return self
+
+    def _fit_level_calibration(self, features: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """Per depth, (a, b, c) of P(right) = sigmoid(a * logit(p) + b * nearest similarity + c), p the
+        level's raw probability: fitted on a second classifier's answers for items it never saw,
+        whole leaves of them (the products a catalog does not hold) and single items of the rest.
+        Identity (1, 0, 0) where there is too little to fit on."""
+        identity = np.tile([1.0, 0.0, 0.0], (self.depth_, 1))
+        if not self.calibration_holdout or len(self.leaves_) < 4 or len(features) < 20:
+            return identity
+        from sklearn.linear_model import LogisticRegression
+
+        rng = np.random.default_rng(0)
+        absent = rng.random(len(self.leaves_)) < self.calibration_holdout
+        held = absent[self.support_leaf_].copy()
+        for leaf in np.flatnonzero(~absent):
+            members = np.flatnonzero(self.support_leaf_ == leaf)
+            if len(members) >= 2:
+                held[rng.choice(members, max(1, int(self.calibration_holdout * len(members))), replace=False)] = True
+        if held.all() or not held.any() or len(np.unique(categories[~held])) < 2:
+            return identity
+        inner = HierarchicalFewShotClassifier(**{**self.get_params(), "calibration_holdout": 0.0})
+        inner.fit(features[~held], categories[~held])
+        raw, sims = inner._raw_paths(features[held])
+        truth = [category.split("/") for category in categories[held]]
+        out = identity.copy()
+        for depth in range(self.depth_):
+            rows = [i for i, path in enumerate(raw) if len(path) > depth]
+            if len(rows) < 10:
+                continue
+            right = np.array([raw[i][depth][0] == "/".join(truth[i][: depth + 1]) for i in rows])
+            if right.all() or not right.any():
+                continue
+            x = np.column_stack([_logit(np.array([raw[i][depth][1] for i in rows])), sims[rows]])
+            model = LogisticRegression(C=1.0, max_iter=1000).fit(x, right)
+            a, b = model.coef_[0]
+            # More probability or more similarity never lowers the confidence.
+            if a > 0 and b >= 0:
+                out[depth] = [a, b, model.intercept_[0]]
+            elif a > 0:
+                model = LogisticRegression(C=1.0, max_iter=1000).fit(x[:, :1], right)
+                out[depth] = [model.coef_[0][0], 0.0, model.intercept_[0]]
+        return out
 
     def _fit_tree(self) -> None:
         """Every prefix of every leaf path is a node; ``level_members_[d]`` maps leaves to depth-d nodes."""
@@ -259,16 +315,16 @@ class HierarchicalFewShotClassifier(Estimator):
             levels.append(out)
         return levels
 
-    def predict_paths(self, features: np.ndarray, evidence: np.ndarray | None = None) -> list[Prediction]:
-        probs, nearest, nearest_sims = self.leaf_proba(features, evidence)
+    def _raw_paths(self, features: np.ndarray, evidence: np.ndarray | None = None,
+                   computed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
+        """(per row, the best guess top-down at every depth as (node path, raw probability)), nearest
+        similarity); ``computed`` is ``leaf_proba``'s answer where the caller has it."""
+        probs, _, nearest_sims = computed if computed is not None else self.leaf_proba(features, evidence)
         levels = self.level_proba(probs)
-        predictions = []
+        paths = []
         for row in range(len(probs)):
-            leaf = str(self.leaves_[int(probs[row].argmax())])
-            if nearest_sims[row, 0] < self.unknown_similarity_:
-                predictions.append(Prediction(UNKNOWN, [], leaf, nearest[row]))
-                continue
-            chosen: list[LevelPrediction] = []
+            path: list[tuple[str, float]] = []
             parent = -1
             for depth, nodes in enumerate(self.level_nodes_):
                 # Only children of the node chosen above: the path stays consistent top-down.
@@ -276,13 +332,32 @@ class HierarchicalFewShotClassifier(Estimator):
                 if len(candidates) == 0:
                     break
                 best = int(candidates[levels[depth][row, candidates].argmax()])
-                confidence = float(levels[depth][row, best])
-                if confidence < self.level_threshold:
-                    break
-                chosen.append(LevelPrediction(str(nodes[best]).rsplit("/", 1)[-1], confidence))
+                path.append((str(nodes[best]), float(levels[depth][row, best])))
                 parent = best
-            category = "/".join(level.name for level in chosen) if chosen else UNKNOWN
-            predictions.append(Prediction(category, chosen, leaf, nearest[row]))
+            paths.append(path)
+        return paths, nearest_sims[:, 0]
+
+    def predict_paths(self, features: np.ndarray, evidence: np.ndarray | None = None) -> list[Prediction]:
+        """Per row: the best guess at every level down to the leaf with its calibrated confidence, and
+        the category: the deepest level whose confidence reaches ``level_threshold`` (``unknown`` where
+        not even the top level does, or where the query is farther from every item than items of
+        different leaves are from each other)."""
+        probs, nearest, nearest_sims = self.leaf_proba(features, evidence)
+        raw, sims = self._raw_paths(features, computed=(probs, nearest, nearest_sims))
+        predictions = []
+        for row, path in enumerate(raw):
+            leaf = str(self.leaves_[int(probs[row].argmax())])
+            levels: list[LevelPrediction] = []
+            ceiling = 1.0
+            for depth, (node, p) in enumerate(path):
+                a, b, c = self.level_calibration_[depth]
+                # A level is never surer than the one above it: a leaf implies its parents.
+                ceiling = min(ceiling, float(_sigmoid(a * _logit(np.array([p]))[0] + b * sims[row] + c)))
+                levels.append(LevelPrediction(node.rsplit("/", 1)[-1], ceiling))
+            confident = [level for level in levels if level.confidence >= self.level_threshold]
+            far = nearest_sims[row, 0] < self.unknown_similarity_
+            category = "/".join(level.name for level in confident) if confident and not far else UNKNOWN
+            predictions.append(Prediction(category, levels, leaf, nearest[row]))
         return predictions
 
     def predict(self, features: np.ndarray, evidence: np.ndarray | None = None) -> np.ndarray:
