@@ -34,6 +34,7 @@ from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
 from catalens.indexer.pipeline import index_catalog
 from catalens.search.calibration import MODEL_FILE, MatchCalibrator, annotate, calibrate_catalog
+from catalens.search.classify import HierarchicalFewShotClassifier
 from catalens.search.engine import Query, QueryResult, SearchEngine
 
 SPLITS = {"full": ("iconic", "train"), "iconic": ("iconic",)}
@@ -195,7 +196,7 @@ def main() -> None:
             f"{r['mode']} precision {100 * r['precision']:.1f}% coverage {100 * r['coverage']:.1f}%"
             for r in calibrator.summary()))
         print("\n  classify: best guess at the leaf (levels), and the confident category (threshold "
-              f"{0.9:g}): % stopping at each depth, % right where it stops")
+              f"{HierarchicalFewShotClassifier().level_threshold:g}): % stopping at each depth, % right where it stops")
         print(format_table(["photos", "n", "leaf guess right %", "unknown %", "top %", "coarse %", "leaf %",
                             "right % (answered)", "right @top", "right @coarse", "right @leaf"],
                            classification(catalog, photos, queries, is_absent)))

@@ -318,22 +318,22 @@ class HierarchicalFewShotClassifier(Estimator):
     def _raw_paths(self, features: np.ndarray, evidence: np.ndarray | None = None,
                    computed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                    ) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
-        """(per row, the best guess top-down at every depth as (node path, raw probability)), nearest
-        similarity); ``computed`` is ``leaf_proba``'s answer where the caller has it."""
+        """(per row, the best guess at every depth as (node path, raw probability), nearest similarity);
+        ``computed`` is ``leaf_proba``'s answer where the caller has it.
+
+        The best guess is the most probable leaf and its ancestors: the leaf is what accuracy is
+        measured on, and a parent with more than half the probability is its parent anyway."""
         probs, _, nearest_sims = computed if computed is not None else self.leaf_proba(features, evidence)
         levels = self.level_proba(probs)
+        best_leaves = probs.argmax(axis=1)
         paths = []
-        for row in range(len(probs)):
+        for row, leaf in enumerate(best_leaves):
             path: list[tuple[str, float]] = []
-            parent = -1
-            for depth, nodes in enumerate(self.level_nodes_):
-                # Only children of the node chosen above: the path stays consistent top-down.
-                candidates = np.flatnonzero(self.level_parents_[depth] == parent)
-                if len(candidates) == 0:
+            for depth, (nodes, members) in enumerate(zip(self.level_nodes_, self.level_members_, strict=True)):
+                node = int(members[leaf])
+                if node < 0:
                     break
-                best = int(candidates[levels[depth][row, candidates].argmax()])
-                path.append((str(nodes[best]), float(levels[depth][row, best])))
-                parent = best
+                path.append((str(nodes[node]), float(levels[depth][row, node])))
             paths.append(path)
         return paths, nearest_sims[:, 0]
 
