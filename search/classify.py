@@ -151,7 +151,8 @@ class HierarchicalFewShotClassifier(Estimator):
 
     def _fit_level_calibration(self, features: np.ndarray, categories: np.ndarray) -> np.ndarray:
         """Per depth, (a, b, c) of P(right) = sigmoid(a * logit(p) + b * nearest similarity + c), p the
-        level's raw probability: fitted on a second classifier's answers for items it never saw,
+        level's raw probability (b is kept 0, see below): fitted
+        on a second classifier's answers for items it never saw,
         whole leaves of them (the products a catalog does not hold) and single items of the rest.
         Identity (1, 0, 0) where there is too little to fit on."""
         identity = np.tile([1.0, 0.0, 0.0], (self.depth_, 1))
@@ -172,6 +173,11 @@ class HierarchicalFewShotClassifier(Estimator):
         inner.fit(features[~held], categories[~held])
         raw, sims = inner._raw_paths(features[held])
         truth = [category.split("/") for category in categories[held]]
+        # Photos of absent leaves count as ``calibration_holdout`` of the answers, as a shop's share
+        # of products it does not hold would, however many items those leaves happen to have.
+        from_absent = absent[self.support_leaf_[held]]
+        weight = np.where(from_absent, self.calibration_holdout / max(from_absent.sum(), 1),
+                          (1 - self.calibration_holdout) / max((~from_absent).sum(), 1)) * len(from_absent)
         out = identity.copy()
         for depth in range(self.depth_):
             rows = [i for i, path in enumerate(raw) if len(path) > depth]
@@ -180,14 +186,12 @@ class HierarchicalFewShotClassifier(Estimator):
             right = np.array([raw[i][depth][0] == "/".join(truth[i][: depth + 1]) for i in rows])
             if right.all() or not right.any():
                 continue
-            x = np.column_stack([_logit(np.array([raw[i][depth][1] for i in rows])), sims[rows]])
-            model = LogisticRegression(C=1.0, max_iter=1000).fit(x, right)
-            a, b = model.coef_[0]
-            # More probability or more similarity never lowers the confidence.
-            if a > 0 and b >= 0:
-                out[depth] = [a, b, model.intercept_[0]]
-            elif a > 0:
-                model = LogisticRegression(C=1.0, max_iter=1000).fit(x[:, :1], right)
+            # The raw probability alone: held-out catalog items are closer to the rest of the catalog
+            # (shots of one session) than shop photos are, so a similarity term fitted here would
+            # make every real query look doubtful.
+            x = _logit(np.array([raw[i][depth][1] for i in rows]))[:, None]
+            model = LogisticRegression(C=1.0, max_iter=1000).fit(x, right, sample_weight=weight[rows])
+            if model.coef_[0][0] > 0:  # more probability never lowers the confidence
                 out[depth] = [model.coef_[0][0], 0.0, model.intercept_[0]]
         return out
 

@@ -127,6 +127,14 @@ def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, 
     assert lines[0]["query"] == str(query)
     assert set(lines[0]) == {"query", "category", "levels", "neighbours"}
     assert lines[0]["category"].startswith("Dairy/Milk")  # an indexed image finds its own category
+    # The best guess at every level down to the leaf, confidences in [0, 1] never growing with depth;
+    # the category is the part of it that reaches the threshold.
+    levels = lines[0]["levels"]
+    guess = "/".join(level["name"] for level in levels)
+    assert guess in {"Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"}
+    confidences = [level["confidence"] for level in levels]
+    assert all(0 <= c <= 1 for c in confidences) and confidences == sorted(confidences, reverse=True)
+    assert (guess + "/").startswith(lines[0]["category"] + "/")
     assert lines[0]["neighbours"][0].endswith(query.name)
     assert lines[1]["query"] == str(bad) and "error" in lines[1]
 
