@@ -4,7 +4,8 @@ Raw scores live on a different scale in every mode (cosine, fused sums, inlier c
 barely separate right answers from wrong ones. A ``MatchCalibrator`` turns the evidence of one
 result into a probability with a logistic regression per mode, over four numbers that predict
 correctness (``EVIDENCE``): its score, its margin to the best item of another product, its
-verified inliers and how many of the nearest results show its product.
+verified inliers, how many of the nearest results show its product, and the probability the
+catalog's classifier (``search.classify``) gives its leaf category.
 
 It is fitted on the catalog itself (``fit_match_calibration``): held-out queries made from the
 catalog's own items, searched against the rest of it in every mode. An item of a product with
@@ -35,12 +36,13 @@ from catalens.search.settings import SearchSettings
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
+    from catalens.search.classify import FittedClassifier
     from catalens.search.engine import Query, QueryResult, SearchEngine
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "match_calibration.pt"
-EVIDENCE = ("score", "margin", "inliers", "agreement")
+EVIDENCE = ("score", "margin", "inliers", "agreement", "category")
 # Evidence is read from this many results, whatever k the caller asked: a result's confidence
 # does not depend on how many results are shown.
 DEPTH = 20
@@ -65,9 +67,11 @@ def _scale(mode: str, scores: np.ndarray) -> np.ndarray:
 
 
 def hit_evidence(mode: str, scores: np.ndarray, products: Sequence[str], inliers: np.ndarray,
-                 reference_scores: np.ndarray, reference_products: Sequence[str], inlier_cap: int) -> np.ndarray:
-    """(n, len(EVIDENCE)) evidence of hits (``scores``, ``products``, best verified ``inliers``)
-    against the ranked ``reference`` list they come from (best first)."""
+                 reference_scores: np.ndarray, reference_products: Sequence[str], inlier_cap: int,
+                 category_proba: np.ndarray | None = None) -> np.ndarray:
+    """(n, len(EVIDENCE)) evidence of hits (``scores``, ``products``, best verified ``inliers``, the
+    classifier's probability of each one's category) against the ranked ``reference`` list they
+    come from (best first)."""
     scaled = _scale(mode, scores)
     reference = _scale(mode, reference_scores)
     reference_products = np.asarray(list(reference_products), dtype=object)
@@ -79,7 +83,44 @@ def hit_evidence(mode: str, scores: np.ndarray, products: Sequence[str], inliers
         rows[i, 1] = score - (others.max() if len(others) else 0.0)
         rows[i, 2] = min(float(inliers[i]), inlier_cap) / inlier_cap
         rows[i, 3] = float(np.sum(top == product)) / max(len(top), 1)
+    # Log-probability: a classifier's certainty adds up in odds, not in probability.
+    rows[:, 4] = np.log(np.maximum(category_proba if category_proba is not None else np.ones(len(rows)), 1e-4))
     return rows
+
+
+def category_probabilities(engine: SearchEngine, query: Query, fitted: FittedClassifier | None,
+                           absent_leaf: str | None = None) -> dict[str, float]:
+    """The classifier's probability of each leaf category for this query (empty without a classifier).
+
+    ``absent_leaf`` is left out and the rest renormalised: a calibration query of a product the
+    catalog is taken not to hold asks a classifier that never learnt it."""
+    if fitted is None:
+        return {}
+    from catalens.search.classify import weighted_features
+    from catalens.search.retrieval import query_vector
+
+    key, computed = f"category_proba:{id(fitted)}:{absent_leaf}", query.computed(engine.catalog)
+    if key not in computed:
+        features = weighted_features({name: query_vector(engine, query, name)[None] for name in fitted.weights},
+                                     fitted.weights)
+        probs, _, _ = fitted.classifier.leaf_proba(features)
+        leaves = [str(leaf) for leaf in fitted.classifier.leaves_]
+        probs = probs[0].copy()
+        if absent_leaf in leaves:
+            probs[leaves.index(absent_leaf)] = 0.0
+            probs /= max(probs.sum(), 1e-12)
+        computed[key] = dict(zip(leaves, probs.tolist(), strict=True))
+    return computed[key]
+
+
+def catalog_classifier(catalog: Catalog) -> FittedClassifier | None:
+    """The catalog's classifier, or None where it has none (no features to classify with)."""
+    from catalens.search.classify import fitted_classifier
+
+    try:
+        return fitted_classifier(catalog)
+    except ValueError:
+        return None
 
 
 def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Sequence[int]) -> np.ndarray:
@@ -103,7 +144,8 @@ def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Seque
 
 def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None,
                     settings: SearchSettings, keys: Sequence[int] | None = None,
-                    scores: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                    scores: Sequence[float] | None = None, classifier: FittedClassifier | None = None,
+                    absent_leaf: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(evidence rows, keys, products) of ``keys``/``scores`` (default: the top ``DEPTH`` results)
     against this query's top ``DEPTH`` results in ``mode``, every photo of a product counted, uncollapsed."""
     reference_keys, reference_scores = engine.rank_products(query, mode, DEPTH, filter, settings.merged(collapse=False))
@@ -116,9 +158,11 @@ def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemF
     kept = [i for i, key in enumerate(keys) if key in records]
     keys = [keys[i] for i in kept]
     products = [product_of(records[key]) for key in keys]
+    leaf_proba = category_probabilities(engine, query, classifier, absent_leaf)
     rows = hit_evidence(mode, np.asarray([scores[i] for i in kept]), products,
                         _verified_inliers(engine, query, mode, keys), reference_scores, reference_products,
-                        settings.inlier_cap)
+                        settings.inlier_cap, np.array([leaf_proba.get(records[key].category, 0.0) for key in keys])
+                        if leaf_proba else None)
     return rows, np.asarray(keys, np.int64), products
 
 
@@ -277,6 +321,8 @@ class CalibrationQuery:
     product: str
     filter: ItemFilter | None
     kind: str  # "held-out photo", "augmented view" or "absent product"
+    held_out: tuple[int, ...] = ()  # items of its product the search cannot see (a held-out photo's twins)
+    absent_leaf: str | None = None  # an absent product's category, hidden from the classifier
 
 
 def _stored_query(catalog: Catalog, record: ItemRecord) -> Query | None:
@@ -345,7 +391,8 @@ def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fractio
             keep = np.setdiff1d(all_keys, [m.key for m in members], assume_unique=True)
             query = _stored_query(catalog, record)
             if query is not None:
-                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "absent product"))
+                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "absent product",
+                                                absent_leaf=record.category))
             continue
         own = vectors.get(record.key)
         twins = [m.key for m in members if m.key == record.key or own is None or m.key not in vectors
@@ -354,7 +401,8 @@ def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fractio
             query = _stored_query(catalog, record)
             keep = np.setdiff1d(all_keys, twins, assume_unique=True)
             if query is not None:
-                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "held-out photo"))
+                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "held-out photo",
+                                                held_out=tuple(twins)))
         else:
             query = _augmented_query(record, rng)
             if query is not None:
@@ -367,12 +415,21 @@ ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns fr
 
 def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuery], modes: Sequence[str],
                          settings: SearchSettings | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per mode, (evidence rows, right, is_top) of the top ``ROWS_PER_QUERY`` hits of each query."""
+    """Per mode, (evidence rows, right, is_top) of the top ``ROWS_PER_QUERY`` hits of each query.
+
+    The classifier is refitted without the held-out photos (and their twins): one that had learnt
+    them would vouch for them as it never can for a shop's photo."""
     settings = settings or engine.settings
+    classifier = None
+    if catalog_classifier(engine.catalog) is not None:
+        from catalens.search.classify import fit_classifier_without
+
+        classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
     out: dict[str, tuple[list, list, list]] = {mode: ([], [], []) for mode in modes}
     for calibration in queries:
         for mode in modes:
-            rows, _, products = ranked_evidence(engine, calibration.query, mode, calibration.filter, settings)
+            rows, _, products = ranked_evidence(engine, calibration.query, mode, calibration.filter, settings,
+                                                classifier=classifier, absent_leaf=calibration.absent_leaf)
             rows, products = rows[:ROWS_PER_QUERY], products[:ROWS_PER_QUERY]
             out[mode][0].append(rows)
             out[mode][1].extend(product == calibration.product for product in products)
@@ -455,11 +512,15 @@ def _load_or_fit(catalog: Catalog, current: np.ndarray) -> CalibrationState:
         try:
             stored = MatchCalibrator.load(path)
             fraction = stored.changed_fraction(current)
-            if fraction <= stored.max_stale and set(available_modes_of(catalog)) <= set(stored.modes()):
+            if stored.coef_.shape[1] != len(EVIDENCE):
+                why = "the stored match calibration reads other evidence than this catalens (older version)"
+            elif fraction <= stored.max_stale and set(available_modes_of(catalog)) <= set(stored.modes()):
                 return CalibrationState(stored, True, fraction)
-            why = (f"the stored match calibration is stale ({100 * fraction:.0f}% of the catalog changed since it "
-                   f"was fitted)" if fraction > stored.max_stale else
-                   "the stored match calibration does not cover every mode of the index")
+            elif fraction > stored.max_stale:
+                why = (f"the stored match calibration is stale ({100 * fraction:.0f}% of the catalog changed since "
+                       "it was fitted)")
+            else:
+                why = "the stored match calibration does not cover every mode of the index"
         except ModelFileError as error:
             why = str(error)
     started = time.perf_counter()
@@ -493,8 +554,8 @@ def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter |
     if not result.results:
         return result
     hits = result.results
-    rows, keys, _ = ranked_evidence(engine, query, mode, filter, settings,
-                                    [hit.key for hit in hits], [hit.score for hit in hits])
+    rows, keys, _ = ranked_evidence(engine, query, mode, filter, settings, [hit.key for hit in hits],
+                                    [hit.score for hit in hits], catalog_classifier(engine.catalog))
     confidence = dict(zip(keys.tolist(), calibrator.predict_proba(mode, rows).tolist(), strict=True))
     result.results = [replace(hit, confidence=confidence.get(hit.key)) for hit in hits]
     threshold = settings.match_threshold if settings.match_threshold is not None else calibrator.threshold(mode)

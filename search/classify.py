@@ -427,7 +427,8 @@ class FittedClassifier:
     weights: dict[str, float]
 
 
-def _fit_on_catalog(catalog: Any) -> FittedClassifier:
+def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), **params: Any) -> FittedClassifier:
+    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what uses it)."""
     specs = [feature_spec(name) for name in catalog.global_features()]
     weights = feature_weights(specs, "classify")
     if not weights:
@@ -448,12 +449,13 @@ def _fit_on_catalog(catalog: Any) -> FittedClassifier:
             continue
         rows[name] = found_rows[[position[int(key)] for key in keys]]
     records = catalog.items.items(keys.tolist())
-    keep = np.array([int(key) in records for key in keys], dtype=bool)
+    excluded = set(int(key) for key in exclude)
+    keep = np.array([int(key) in records and int(key) not in excluded for key in keys], dtype=bool)
     keys = keys[keep]
     weights = {name: weights[name] for name in rows if name in weights}
     features = weighted_features({name: rows[name][keep] for name in weights}, weights)
     categories = [records[int(key)].category for key in keys]
-    classifier = HierarchicalFewShotClassifier().fit(features, categories)
+    classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
     log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
              ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
     return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
@@ -462,6 +464,11 @@ def _fit_on_catalog(catalog: Any) -> FittedClassifier:
 def fitted_classifier(catalog: Any) -> FittedClassifier:
     """The classifier of this catalog state (refitted after any write)."""
     return catalog.cached("classifier", lambda: _fit_on_catalog(catalog))
+
+
+def fit_classifier_without(catalog: Any, exclude: Sequence[int]) -> FittedClassifier:
+    """A classifier of the catalog that never saw the items ``exclude`` (not cached)."""
+    return _fit_on_catalog(catalog, exclude, calibration_holdout=0.0)
 
 
 def _query_features(catalog: Any, fitted: FittedClassifier, images: list[Image.Image]) -> np.ndarray:

@@ -20,6 +20,7 @@ def _evidence(rng, n=600):
         0.05 + 0.1 * right + 0.05 * rng.normal(size=n),
         np.clip(0.5 * right + 0.3 * rng.random(n), 0, 1),
         rng.random(n),
+        np.log(np.clip(0.3 + 0.4 * right + 0.2 * rng.random(n), 1e-4, 1)),
     ])
     is_top = np.arange(n) % 2 == 0
     return rows, right, is_top
@@ -72,9 +73,9 @@ def test_stored_model_loads_the_same_and_says_how_much_the_catalog_changed(tmp_p
 def test_evidence_reads_margin_to_the_next_product_and_neighbour_agreement():
     rows = hit_evidence("deep", np.array([0.9, 0.8]), ["a", "b"], np.zeros(2),
                         np.array([0.9, 0.85, 0.8]), ["a", "a", "b"], inlier_cap=30)
-    score, margin, inliers, agreement = rows[0]
+    score, margin, inliers, agreement, category = rows[0]
     assert score == pytest.approx(0.9) and margin == pytest.approx(0.1) and inliers == 0
-    assert agreement == pytest.approx(2 / 3)
+    assert agreement == pytest.approx(2 / 3) and category == 0  # no classifier: log(1)
     assert rows[1][1] == pytest.approx(0.8 - 0.9)  # behind another product: a negative margin
 
 
