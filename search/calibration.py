@@ -424,7 +424,10 @@ def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuer
     if catalog_classifier(engine.catalog) is not None:
         from catalens.search.classify import fit_classifier_without
 
-        classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
+        try:
+            classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
+        except ValueError:  # every item held out (a tiny catalog): the category evidence stays constant, unused
+            classifier = None
     out: dict[str, tuple[list, list, list]] = {mode: ([], [], []) for mode in modes}
     for calibration in queries:
         for mode in modes:

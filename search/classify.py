@@ -176,6 +176,8 @@ class HierarchicalFewShotClassifier(Estimator):
         # Photos of absent leaves count as ``calibration_holdout`` of the answers, as a shop's share
         # of products it does not hold would, however many items those leaves happen to have.
         from_absent = absent[self.support_leaf_[held]]
+        if (~from_absent).sum() < 10:  # one photo a leaf: nothing tells how right a present leaf's answer is
+            return identity
         weight = np.where(from_absent, self.calibration_holdout / max(from_absent.sum(), 1),
                           (1 - self.calibration_holdout) / max((~from_absent).sum(), 1)) * len(from_absent)
         out = identity.copy()
