@@ -24,4 +24,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m benchmarks.bench_indexing
+	$(PY) -m benchmarks.bench_speed

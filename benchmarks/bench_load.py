@@ -157,6 +157,7 @@ def main() -> int:
             server.wait(timeout=30)
 
     reference = percentiles(base)[0]
+    serial_rate = len(serial) / serial_wall if serial_wall else float("nan")
     rows = []
     for name, latencies, count, concurrency, wall_s, errs in (
         ("in-process engine.search (1 thread)", base, args.baseline, 1, sum(base), []),
@@ -165,9 +166,11 @@ def main() -> int:
     ):
         p50, p95, p99 = percentiles(latencies) if latencies else (float("nan"),) * 3
         rows.append((name, count, concurrency, f"{p50:.0f}", f"{p95:.0f}", f"{p99:.0f}",
-                     f"{len(latencies) / wall_s:.1f}", len(errs), f"{p50 / reference:.2f}"))
+                     f"{len(latencies) / wall_s:.1f}", f"{len(latencies) / wall_s / serial_rate:.2f}x", len(errs),
+                     f"{p50 / reference:.2f}"))
     print()
-    print(format_table(["scenario", "requests", "concurrent", "p50 ms", "p95 ms", "p99 ms", "req/s", "errors",
+    print(format_table(["scenario", "requests", "concurrent", "p50 ms", "p95 ms", "p99 ms", "req/s",
+                        "req/s vs HTTP one at a time", "errors",
                         "p50 / in-process"], rows))
     for error in (serial_errors + errors)[:5]:
         print(f"error: {error}")

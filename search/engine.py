@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -147,22 +148,31 @@ class SearchEngine:
         settings = (settings or self.settings).merged(k=k, mode=mode)
         mode = self.check_mode(settings.mode)
         filter = self.item_filter(category)
+        sources = list(sources)
+        # Fitted (or loaded) once, before the queries run side by side.
         calibrator = self.calibrator() if settings.confidence else None
-        results = []
-        for name, image, error in decode_queries(sources, names, self.catalog.config.max_pixels):
+
+        def answer(position: int) -> QueryResult:
+            [(name, image, error)] = decode_queries([sources[position]], [names[position]] if names else None,
+                                                    self.catalog.config.max_pixels)
             if error is not None:
-                results.append(QueryResult(query=name, error=error))
-                continue
+                return QueryResult(query=name, error=error)
             if filter is not None and filter.empty:
-                results.append(QueryResult(query=name, results=[]))
-                continue
+                return QueryResult(query=name, results=[])
             query = Query(image, name)
             keys, scores = self.rank_products(query, mode, settings.k, filter, settings)
             result = QueryResult(query=name, results=self.hits(keys, scores))
             if calibrator is not None and mode in calibrator.modes():
                 annotate(self, query, mode, filter, settings, result, calibrator)
-            results.append(result)
-        return results
+            return result
+
+        if len(sources) == 1 or settings.query_threads <= 1:
+            return [answer(position) for position in range(len(sources))]
+        # Queries side by side: one query's decoding, keypoints and matching (which release the
+        # GIL) overlap another's network pass, so a batch keeps both cores busy. Results keep
+        # the sources' order; at most query_threads images are decoded at once.
+        with ThreadPoolExecutor(settings.query_threads, thread_name_prefix="catalens-query") as pool:
+            return list(pool.map(answer, range(len(sources))))
 
     def calibrator(self) -> MatchCalibrator | None:
         """The catalog's match calibrator (fitted in memory where none is stored or it is stale), or None."""

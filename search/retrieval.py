@@ -9,6 +9,7 @@ the word index only needs the crop's few words and RANSAC only needs a handful o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from catalens.indexer.features import embed, l2_normalise
 from catalens.indexer.stores import ItemFilter, stack_rows
 from catalens.search.settings import SearchSettings
-from catalens.search.verification import Verification, verify
+from catalens.search.verification import Verification, verify_many
 
 if TYPE_CHECKING:
     from catalens.search.engine import Query, SearchEngine
@@ -49,6 +50,31 @@ def candidate_cosines(engine: SearchEngine, query: Query, feature: str, keys: Se
     return dict(zip(found.tolist(), cosines.tolist(), strict=True))
 
 
+def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Sequence[str],
+                         local_features: Sequence[str]) -> None:
+    """The query's vectors and words for these features, the network and the keypoints computed
+    at once on two threads (both release the GIL), kept on the query for the rankers."""
+    jobs = [lambda name=name: query_vector(engine, query, name) for name in global_features]
+    jobs += [lambda name=name: query_words(engine, query, name) for name in local_features]
+    if len(jobs) < 2:
+        for job in jobs:
+            job()
+        return
+    # Largest first: the local feature's keypoints take longest, the network next.
+    for future in [_side_pool().submit(job) for job in reversed(jobs)]:
+        future.result()
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _side_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(2, thread_name_prefix="catalens-extract")
+    return _pool
+
+
 # --- local features
 
 
@@ -62,10 +88,15 @@ def query_descriptors(engine: SearchEngine, query: Query, feature: str) -> Any:
 def word_candidates(engine: SearchEngine, query: Query, feature: str, k: int,
                     filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, tf-idf scores in (0, 1]) of the ``k`` items sharing the most weighted words with the query."""
+    return engine.catalog.words(feature).search(query_words(engine, query, feature), k, filter)
+
+
+def query_words(engine: SearchEngine, query: Query, feature: str) -> np.ndarray:
+    """The visual words of the query's ``feature`` descriptors."""
     key, computed = f"words:{feature}", query.computed(engine.catalog)
     if key not in computed:
         computed[key] = engine.catalog.feature(feature).quantise(query_descriptors(engine, query, feature))
-    return engine.catalog.words(feature).search(computed[key], k, filter)
+    return computed[key]
 
 
 def verified(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int],
@@ -77,10 +108,10 @@ def verified(engine: SearchEngine, query: Query, feature: str, keys: Sequence[in
         local = engine.catalog.feature(feature)
         descriptors = query_descriptors(engine, query, feature)
         stored = engine.catalog.items.rows(feature, todo)
-        for key in todo:
-            blob = stored.get(key)
-            cache[key] = (verify(descriptors, local.decode(blob), settings.geometry, settings.ratio)
-                          if blob is not None else Verification(0, 0))
+        found = [key for key in todo if stored.get(key) is not None]
+        checks = verify_many(descriptors, [local.decode(stored[key]) for key in found], settings.geometry, settings.ratio)
+        cache.update(zip(found, checks, strict=True))
+        cache.update({key: Verification(0, 0) for key in todo if key not in cache})
     return {int(key): cache[int(key)] for key in keys}
 
 

@@ -7,10 +7,12 @@ merely looks alike (fruit skin, carton ridges) keeps few.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from catalens.indexer.features.sift import LocalDescriptors
 
@@ -26,14 +28,60 @@ class Verification:
 _EMPTY = Verification(0, 0)
 
 
+def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.8) -> list[np.ndarray]:
+    """For each item, the (m, 2) index pairs (query row, item row) passing Lowe's ratio test.
+
+    One matrix product against every item's descriptors at once: squared distances are
+    |q|^2 + |x|^2 - 2 q.x, and each item's two nearest rows come from its block of the product.
+    On grocery photos (400 keypoints, 59 candidates) this took half the time of OpenCV's
+    brute-force matcher called pair by pair, with the same pairs.
+    """
+    empty = np.zeros((0, 2), np.int32)
+    sizes = np.array([len(item) for item in items], np.int64)
+    if len(query) < 2 or not len(items) or sizes.max(initial=0) < 2:
+        return [empty for _ in items]
+    query = np.ascontiguousarray(query, np.float32)
+    width = int(sizes.max())
+    # Items padded to the longest, so the whole product is one (items, queries, width) array.
+    stacked = np.zeros((len(items), width, query.shape[1]), np.float32)
+    half_norms = np.full((len(items), width), np.inf, np.float32)  # padded rows are never nearest
+    for position, item in enumerate(items):
+        stacked[position, : len(item)] = item
+        half_norms[position, : len(item)] = 0.5 * np.einsum("ij,ij->i", stacked[position, : len(item)], stacked[position, : len(item)])
+    # |q - x|^2 = |q|^2 - 2 (q.x - |x|^2 / 2): the nearest row maximises q.x - |x|^2 / 2.
+    with _one_blas_thread():
+        closeness = np.matmul(query[None], stacked.transpose(0, 2, 1))  # (items, queries, width)
+    closeness -= half_norms[:, None, :]
+    nearest = closeness.argmax(axis=2)
+    best = np.take_along_axis(closeness, nearest[:, :, None], axis=2)[:, :, 0]
+    np.put_along_axis(closeness, nearest[:, :, None], -np.inf, axis=2)
+    second = closeness.max(axis=2)
+    query_norms = np.einsum("ij,ij->i", query, query)[None, :]
+    best_squared = np.maximum(query_norms - 2.0 * best, 0.0)
+    second_squared = np.maximum(query_norms - 2.0 * second, 0.0)
+    # Lowe's test d1 < ratio * d2, on squared distances.
+    passed = (best_squared < (ratio * ratio) * second_squared) & (sizes[:, None] >= 2)
+    rows = np.arange(len(query), dtype=np.int32)
+    return [np.stack([rows[ok], nearest[position][ok].astype(np.int32)], axis=1) if ok.any() else empty
+            for position, ok in enumerate(passed)]
+
+
+_blas: ThreadpoolController | None = None
+
+
+def _one_blas_thread():
+    """The product on one BLAS thread: searches already run side by side (server threads, query
+    threads), and OpenBLAS threads spinning against each other made it 7x slower on 2 busy cores
+    (590 ms against 85 ms for 55 candidates)."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
 def match_descriptors(query: np.ndarray, item: np.ndarray, ratio: float = 0.8) -> np.ndarray:
     """(m, 2) index pairs passing Lowe's ratio test."""
-    if len(query) < 2 or len(item) < 2:
-        return np.zeros((0, 2), np.int32)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
-    knn = matcher.knnMatch(np.ascontiguousarray(query, np.float32), np.ascontiguousarray(item, np.float32), k=2)
-    pairs = [(m.queryIdx, m.trainIdx) for m, n in (p for p in knn if len(p) == 2) if m.distance < ratio * n.distance]
-    return np.array(pairs, np.int32).reshape(-1, 2)
+    return match_many(query, [item], ratio)[0]
 
 
 def verify(
@@ -48,7 +96,33 @@ def verify(
     ``threshold`` is the RANSAC reprojection tolerance as a fraction of the item's longer side,
     so it means the same for a 200 px catalog shot and a 4000 px upload.
     """
-    pairs = match_descriptors(query.descriptors, item.descriptors, ratio)
+    return verify_many(query, [item], model, ratio, threshold)[0]
+
+
+def verify_many(
+    query: LocalDescriptors,
+    items: Sequence[LocalDescriptors],
+    model: str = "similarity",
+    ratio: float = 0.8,
+    threshold: float = 0.02,
+) -> list[Verification]:
+    """``verify`` of the query against each of ``items``, the descriptor matching done in one pass."""
+    if model not in _FITTERS:
+        raise ValueError(f"unknown geometric model {model!r}: similarity | affine | homography")
+    matched = match_many(query.descriptors, [item.descriptors for item in items], ratio)
+    return [_fit(query, item, pairs, model, threshold) for item, pairs in zip(items, matched, strict=True)]
+
+
+_FITTERS = {
+    "homography": lambda source, target, tolerance: cv2.findHomography(source, target, cv2.RANSAC, tolerance, maxIters=500),
+    "affine": lambda source, target, tolerance: cv2.estimateAffine2D(
+        source, target, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=500),
+    "similarity": lambda source, target, tolerance: cv2.estimateAffinePartial2D(
+        source, target, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=500),
+}
+
+
+def _fit(query: LocalDescriptors, item: LocalDescriptors, pairs: np.ndarray, model: str, threshold: float) -> Verification:
     if len(pairs) < 4:
         return Verification(0, len(pairs))
     # One item keypoint may absorb several query keypoints; keep one match each (the first).
@@ -59,14 +133,7 @@ def verify(
     source = query.keypoints[pairs[:, 0], :2].astype(np.float32)
     target = item.keypoints[pairs[:, 1], :2].astype(np.float32)
     tolerance = threshold * max(max(item.image_size), 1)
-    if model == "homography":
-        _, mask = cv2.findHomography(source, target, cv2.RANSAC, tolerance, maxIters=500)
-    elif model == "affine":
-        _, mask = cv2.estimateAffine2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=500)
-    elif model == "similarity":
-        _, mask = cv2.estimateAffinePartial2D(source, target, method=cv2.RANSAC, ransacReprojThreshold=tolerance, maxIters=500)
-    else:
-        raise ValueError(f"unknown geometric model {model!r}: similarity | affine | homography")
+    _, mask = _FITTERS[model](source, target, tolerance)
     if mask is None:
         return Verification(0, len(pairs))
     inlier = mask.ravel().astype(bool)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,9 +42,6 @@ class ServerState:
     executor: ThreadPoolExecutor
     # Many searches at once, or one write; a waiting writer holds new searches back.
     rw: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite)
-    # The backbone's OpenVINO runner keeps one infer request, which is not thread-safe: model
-    # work is serialised, while decoding and request handling stay parallel.
-    compute: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def catalog(self):

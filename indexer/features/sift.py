@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -106,14 +107,20 @@ class SiftPreparer:
 
     def __init__(self, max_keypoints: int, image_size: int):
         self.max_keypoints, self.image_size = max_keypoints, image_size
-        self._sift = None
+        # One detector per thread (server threads search side by side) and per worker process.
+        self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
         # cv2 objects do not pickle; each worker makes its own detector.
-        return {"max_keypoints": self.max_keypoints, "image_size": self.image_size, "_sift": None}
+        return {"max_keypoints": self.max_keypoints, "image_size": self.image_size}
 
-    def __call__(self, image: Image.Image) -> LocalDescriptors:
-        if self._sift is None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _detector(self):
+        sift = getattr(self._local, "sift", None)
+        if sift is None:
             from torch.utils.data import get_worker_info
 
             if get_worker_info() is not None:
@@ -121,7 +128,11 @@ class SiftPreparer:
                 # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
                 # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
                 cv2.setNumThreads(0)
-            self._sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
+            sift = self._local.sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
+        return sift
+
+    def __call__(self, image: Image.Image) -> LocalDescriptors:
+        sift = self._detector()
         width, height = image.size
         scale = self.image_size / max(width, height)
         gray = image.convert("L")
@@ -129,7 +140,7 @@ class SiftPreparer:
             gray = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR, reducing_gap=2.0)
         else:
             scale = 1.0
-        keypoints, descriptors = self._sift.detectAndCompute(np.asarray(gray), None)
+        keypoints, descriptors = sift.detectAndCompute(np.asarray(gray), None)
         if descriptors is None or not keypoints:
             return LocalDescriptors(np.zeros((0, 4), np.float32), np.zeros((0, 128), np.float32), (width, height))
         # nfeatures keeps ties at the cut, so a few extra may come back.

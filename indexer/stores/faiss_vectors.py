@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -30,6 +32,28 @@ def gpu_available() -> bool:
 # faiss GPU indexes exist for flat and IVF types only, and return at most this many neighbours.
 _GPU_KINDS = (faiss.IndexFlat, faiss.IndexIVF)
 _GPU_MAX_K = 2048
+
+
+# Fewer query rows than this are searched on one OpenMP thread (``one_openmp_thread``).
+FEW_QUERIES = 16
+
+
+@contextmanager
+def one_openmp_thread() -> Iterator[None]:
+    """faiss work of this thread on one OpenMP thread, for the duration.
+
+    A search's few rows are parallelised inside faiss over the database, and searches already
+    run side by side (server threads, query threads): on 2 busy cores the OpenMP threads spun
+    against each other and a 20k-item kNN took 57 ms instead of 9 ms on one thread
+    (``benchmarks/bench_speed.py --grow``). OpenMP's thread count is per calling thread, so
+    other threads (an indexing run's k-means) keep theirs.
+    """
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def recommended_factory(n_items: int, dim: int = 1280) -> str:
@@ -211,6 +235,12 @@ class FaissVectorStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, keys), each (n_queries, k), best first; missing slots have key -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if len(queries) < FEW_QUERIES:
+            with one_openmp_thread():
+                return self._search(queries, k, filter)
+        return self._search(queries, k, filter)
+
+    def _search(self, queries: np.ndarray, k: int, filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
         k = max(1, min(k, max(self.ntotal, 1)))
         allowed_keys = None
         if filter is not None:

@@ -9,6 +9,10 @@ import faiss
 import numpy as np
 
 from catalens.indexer.estimator import Estimator
+from catalens.indexer.stores.faiss_vectors import one_openmp_thread
+
+# Up to this many descriptors (one image's keypoints and more) are assigned on one OpenMP thread.
+_QUERY_ROWS = 2048
 
 
 def auto_vocab_size(n_images: int) -> int:
@@ -66,7 +70,11 @@ class VisualVocabulary(Estimator):
             else:
                 self._searcher = faiss.IndexFlatL2(dim)
                 self._searcher.add(self.cluster_centers_)
-        _, words = self._searcher.search(np.ascontiguousarray(descriptors, np.float32), 1)
+        if len(descriptors) <= _QUERY_ROWS:  # one image's keypoints: a query, among others side by side
+            with one_openmp_thread():
+                _, words = self._searcher.search(np.ascontiguousarray(descriptors, np.float32), 1)
+        else:
+            _, words = self._searcher.search(np.ascontiguousarray(descriptors, np.float32), 1)
         return words[:, 0].astype(np.int32)
 
     def _state(self) -> dict[str, Any]:

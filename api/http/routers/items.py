@@ -157,8 +157,7 @@ def _write_item(state: ServerState, item_id: str, category: str, title: str, att
             tmp.write_bytes(upload.data)
             os.replace(tmp, path)
         item = CatalogItem(id=item_id, image=path, category=category, title=title, attributes=attributes)
-        with state.compute:
-            report = state.service.add_items([item])
+        report = state.service.add_items([item])
         if report.failures:
             if previous is None or Path(previous.image) != path:
                 path.unlink(missing_ok=True)

@@ -68,7 +68,7 @@ async def search(
 
     def run():
         started = time.perf_counter()
-        with state.rw.gen_rlock(), state.compute:
+        with state.rw.gen_rlock():
             result = state.service.search([upload.image], category=category, names=[upload.name],
                                           **settings.model_dump(include={"k", "mode", "weights", "collapse"}))[0]
         return result, time.perf_counter() - started
@@ -88,7 +88,7 @@ async def _ask(state: ServerState, image, method: str, feature: str) -> dict[str
     upload = await read_upload(state, image)
 
     def run() -> dict[str, Any]:
-        with state.rw.gen_rlock(), state.compute:
+        with state.rw.gen_rlock():
             return getattr(state.service, method)([upload.image], names=[upload.name])[0].to_json()
 
     try:
@@ -131,7 +131,7 @@ async def explain(
         with tempfile.TemporaryDirectory(prefix="catalens-explain-") as folder:
             query_path = Path(folder) / f"query{_FORMAT_SUFFIX.get(upload.format or '', '.img')}"
             query_path.write_bytes(upload.data)
-            with state.rw.gen_rlock(), state.compute:
+            with state.rw.gen_rlock():
                 result = state.service.search([upload.image], category=category, names=[str(query_path)],
                                               k=settings.k, mode=settings.mode)[0]
                 hits = [hit for hit in result.results or [] if hit.id == id]

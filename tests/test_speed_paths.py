@@ -1,0 +1,110 @@
+"""The fast paths give the answers of the plain ones: batched descriptor matching against a
+brute-force matcher, per-thread infer requests against one caller, queries side by side against
+one at a time, and verification that stops early against verifying every candidate."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.features.sift import SiftPreparer
+from catalens.indexer.runtime import OpenVinoRunner
+from catalens.search import fusion
+from catalens.search.engine import SearchEngine
+from catalens.search.verification import match_many, verify, verify_many
+from tests.conftest import textured_label
+
+
+def brute_force_pairs(query: np.ndarray, item: np.ndarray, ratio: float) -> set[tuple[int, int]]:
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(query, item, k=2)
+    return {(m.queryIdx, m.trainIdx) for m, n in (p for p in knn if len(p) == 2) if m.distance < ratio * n.distance}
+
+
+def test_batched_matching_finds_the_brute_force_matchers_pairs():
+    preparer = SiftPreparer(300, 320)
+    query = preparer(textured_label(3).rotate(15).resize((280, 280))).descriptors
+    items = [preparer(textured_label(seed)).descriptors for seed in (3, 4, 5)]
+    items.append(items[0][:1])  # one descriptor: no second neighbour, no ratio test, no pairs
+    items.append(np.zeros((0, 128), np.float32))
+    batched = match_many(query, items, 0.8)
+    assert len(batched) == len(items)
+    for item, pairs in zip(items[:3], batched[:3], strict=True):
+        assert set(map(tuple, pairs.tolist())) == brute_force_pairs(query, item, 0.8)
+    assert len(batched[0]) > 20 and len(batched[3]) == len(batched[4]) == 0
+
+
+def test_verify_many_gives_each_pairs_verification():
+    preparer = SiftPreparer(400, 320)
+    query = preparer(textured_label(4).rotate(20, expand=True, fillcolor=(235, 235, 235)).resize((260, 260)))
+    items = [preparer(textured_label(seed)) for seed in (5, 4, 6)]
+    together = verify_many(query, items)
+    alone = [verify(query, item) for item in items]
+    assert [check.inliers for check in together] == [check.inliers for check in alone]
+    assert together[1].inliers >= 30 and together[0].inliers < 8
+
+
+def test_openvino_runner_serves_threads_side_by_side_with_the_same_outputs():
+    torch.manual_seed(0)
+    runner = OpenVinoRunner(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                                torch.nn.Flatten()), 32, threads=1)
+    batches = [np.random.default_rng(seed).random((3, 3, 32, 32), dtype=np.float32) for seed in range(8)]
+    expected = [runner(batch) for batch in batches]
+    got: dict[int, np.ndarray] = {}
+
+    def work(position: int) -> None:
+        for _ in range(5):
+            got[position] = runner(batches[position])
+
+    threads = [threading.Thread(target=work, args=(position,)) for position in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for position, output in enumerate(expected):
+        np.testing.assert_allclose(got[position], output, rtol=1e-5, atol=1e-6)
+
+
+def shop_photos(catalog: Path, folder: Path) -> list[Path]:
+    """Each catalog image turned and shrunk, as a shop photo of it would be."""
+    photos = []
+    for position, image in enumerate(sorted(catalog.rglob("*.jpg"))):
+        photo = folder / f"photo{position}.jpg"
+        Image.open(image).rotate(12, expand=True, fillcolor=(240, 240, 240)).resize((230, 230)).save(photo)
+        photos.append(photo)
+    return photos
+
+
+def test_a_batch_answered_side_by_side_equals_one_query_at_a_time(synthetic_index, tmp_path):
+    index, catalog_folder = synthetic_index
+    catalog = open_catalog(index)
+    try:
+        engine = SearchEngine(catalog)
+        sources = [*shop_photos(catalog_folder, tmp_path), tmp_path / "missing.jpg"]
+        serial = engine.search(sources, k=5, settings=engine.settings.merged(query_threads=1))
+        side = engine.search(sources, k=5, settings=engine.settings.merged(query_threads=3))
+        assert [result.to_json() for result in side] == [result.to_json() for result in serial]
+        assert side[-1].error and "missing.jpg" in side[-1].error
+    finally:
+        catalog.close()
+
+
+def test_verification_stopping_early_keeps_the_top_result(synthetic_index, tmp_path, monkeypatch):
+    index, catalog_folder = synthetic_index
+    catalog = open_catalog(index)
+    try:
+        engine = SearchEngine(catalog)
+        photos = shop_photos(catalog_folder, tmp_path)
+        early = [result.results[0].id for result in engine.search(photos, k=3)]
+        monkeypatch.setattr(fusion, "_VERIFY_CHUNK", 10_000)  # every candidate in one round: no early stop
+        full = [result.results[0].id for result in engine.search(photos, k=3)]
+        assert early == full
+        stems = [image.stem for image in sorted(catalog_folder.rglob("*.jpg"))]
+        assert sum(photo_id.endswith(f"{stem}.jpg") for photo_id, stem in zip(full, stems, strict=True)) >= 6, (full, stems)
+    finally:
+        catalog.close()
