@@ -21,6 +21,7 @@ in memory, with a warning, once the catalog has changed by more than ``max_stale
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -486,25 +487,42 @@ def current_keys(catalog: Catalog) -> np.ndarray:
         [record.key for record in catalog.items.records().values()], np.int64))
 
 
+def _cached_state(catalog: Catalog, current: np.ndarray) -> CalibrationState | None:
+    entry = catalog._cache.get("match_calibrator")
+    if entry is None:
+        return None
+    generation, state = entry
+    if state.calibrator is None:
+        return state if generation == catalog.generation else None
+    fraction = state.calibrator.changed_fraction(current)
+    if fraction > state.calibrator.max_stale:
+        return None
+    state.changed_fraction = fraction
+    return state
+
+
+# Serialises fits. Not the catalog's lock: a fit runs searches whose feature extraction runs on
+# other threads (search.retrieval), and those take the catalog's lock to build features.
+_FIT_LOCK = threading.Lock()
+
+
 def match_calibration(catalog: Catalog) -> CalibrationState:
     """The stored calibrator while it is fresh; else one fitted now, in memory, kept until the
     catalog changes by more than ``max_stale`` again. ``calibrator`` is None where the catalog
     cannot be calibrated (fewer than two products...): searches then carry no confidence."""
     with catalog.lock:
-        current = current_keys(catalog)
-        entry = catalog._cache.get("match_calibrator")
-        if entry is not None:
-            state = entry[1]
-            if state.calibrator is None:
-                if entry[0] == catalog.generation:
-                    return state
-            else:
-                fraction = state.calibrator.changed_fraction(current)
-                if fraction <= state.calibrator.max_stale:
-                    state.changed_fraction = fraction
-                    return state
-        state = _load_or_fit(catalog, current)
-        catalog._cache["match_calibrator"] = (catalog.generation, state)
+        state = _cached_state(catalog, current_keys(catalog))
+    if state is not None:
+        return state
+    with _FIT_LOCK:
+        with catalog.lock:
+            current = current_keys(catalog)
+            state = _cached_state(catalog, current)
+            generation = catalog.generation
+        if state is None:  # not fitted meanwhile by another thread
+            state = _load_or_fit(catalog, current)
+            with catalog.lock:
+                catalog._cache["match_calibrator"] = (generation, state)
         return state
 
 
