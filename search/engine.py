@@ -158,7 +158,7 @@ class SearchEngine:
             if error is not None:
                 return QueryResult(query=name, error=error)
             if filter is not None and filter.empty:
-                return QueryResult(query=name, results=[])
+                return QueryResult(query=name, results=[], calibrated=calibrator is not None)
             query = Query(image, name)
             keys, scores = self.rank_products(query, mode, settings.k, filter, settings)
             result = QueryResult(query=name, results=self.hits(keys, scores))
