@@ -84,7 +84,23 @@ class CatalogService:
         return self.engine.modes()
 
     def info(self) -> dict[str, Any]:
-        return {**self.catalog.info(), "modes": self.modes()}
+        return {**self.catalog.info(), "modes": self.modes(), "calibration": self.calibration_info()}
+
+    def calibration_info(self) -> dict[str, Any]:
+        """Whether a match calibration is stored, when it was fitted, and how much the catalog has changed since."""
+        from catalens.indexer.estimator import ModelFileError
+        from catalens.search.calibration import MODEL_FILE, MatchCalibrator, current_keys
+
+        path = self.catalog.models_dir / MODEL_FILE
+        if not path.is_file():
+            return {"stored": False}
+        try:
+            model = MatchCalibrator.load(path)
+        except ModelFileError as error:
+            return {"stored": False, "error": str(error)}
+        changed = model.changed_fraction(current_keys(self.catalog))
+        return {"stored": True, "fitted": model.fitted_at_, "changed": round(changed, 4),
+                "stale": changed > model.max_stale, "modes": model.summary()}
 
     def categories(self) -> dict[str, int]:
         """Every category path of the catalog, with its number of items."""
@@ -183,6 +199,12 @@ class CatalogService:
         from catalens.indexer.training.train_autoencoder import train_autoencoder
 
         return train_autoencoder(self.catalog, **options)
+
+    def calibrate(self, max_queries: int = 240):
+        """Fit the match calibration on held-out queries made from the catalog's items, and store it."""
+        from catalens.search.calibration import calibrate_catalog
+
+        return calibrate_catalog(self.catalog, max_queries=max_queries)
 
     def finetune(self, steps: int | None = None, progress: bool = True):
         """Adapt the network to the catalog's products; search and classification use it where it helps."""

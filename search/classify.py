@@ -36,6 +36,15 @@ log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits - logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
@@ -85,7 +94,9 @@ class HierarchicalFewShotClassifier(Estimator):
       knn_min_support   leaves with at least this many items add the k-NN vote to their prototype
       linear_min_support leaves with at least this many items take the linear model's probability
       C                 inverse regularisation of the linear model
-      level_threshold   stop at the deepest level whose confidence is at least this
+      level_threshold   stop at the deepest level whose (calibrated) confidence is at least this
+      calibration_holdout share of leaves, and of the items of the others, held out of a second fit
+                        whose answers calibrate each level's confidence (0: raw probabilities)
       unknown_quantile  a query less similar to its nearest item than this quantile of the
                         items' similarities to their nearest item in another leaf is ``unknown``
       evidence_weight   log-probability a leaf gains per unit of outside evidence (0-1 per leaf,
@@ -98,10 +109,11 @@ class HierarchicalFewShotClassifier(Estimator):
         knn_min_support: int = 3,
         linear_min_support: int = 2,
         C: float = 10.0,
-        level_threshold: float = 0.5,
+        level_threshold: float = 0.9,
         unknown_quantile: float = 0.01,
         max_linear_classes: int = 2000,
         evidence_weight: float = 4.0,
+        calibration_holdout: float = 0.2,
     ):
         self.n_neighbours = n_neighbours
         self.knn_min_support = knn_min_support
@@ -111,6 +123,7 @@ class HierarchicalFewShotClassifier(Estimator):
         self.unknown_quantile = unknown_quantile
         self.max_linear_classes = max_linear_classes
         self.evidence_weight = evidence_weight
+        self.calibration_holdout = calibration_holdout
 
     # --- fitting
 
@@ -133,7 +146,56 @@ class HierarchicalFewShotClassifier(Estimator):
         self.temperature_ = self._fit_temperature(sums)
         self.unknown_similarity_ = self._fit_unknown_threshold()
         self._fit_linear()
+        self.level_calibration_ = self._fit_level_calibration(features, np.asarray(categories, dtype=object).astype(str))
         return self
+
+    def _fit_level_calibration(self, features: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """Per depth, (a, b, c) of P(right) = sigmoid(a * logit(p) + b * nearest similarity + c), p the
+        level's raw probability (b is kept 0, see below): fitted
+        on a second classifier's answers for items it never saw,
+        whole leaves of them (the products a catalog does not hold) and single items of the rest.
+        Identity (1, 0, 0) where there is too little to fit on."""
+        identity = np.tile([1.0, 0.0, 0.0], (self.depth_, 1))
+        if not self.calibration_holdout or len(self.leaves_) < 4 or len(features) < 20:
+            return identity
+        from sklearn.linear_model import LogisticRegression
+
+        rng = np.random.default_rng(0)
+        absent = rng.random(len(self.leaves_)) < self.calibration_holdout
+        held = absent[self.support_leaf_].copy()
+        for leaf in np.flatnonzero(~absent):
+            members = np.flatnonzero(self.support_leaf_ == leaf)
+            if len(members) >= 2:
+                held[rng.choice(members, max(1, int(self.calibration_holdout * len(members))), replace=False)] = True
+        if held.all() or not held.any() or len(np.unique(categories[~held])) < 2:
+            return identity
+        inner = HierarchicalFewShotClassifier(**{**self.get_params(), "calibration_holdout": 0.0})
+        inner.fit(features[~held], categories[~held])
+        raw, sims = inner._raw_paths(features[held])
+        truth = [category.split("/") for category in categories[held]]
+        # Photos of absent leaves count as ``calibration_holdout`` of the answers, as a shop's share
+        # of products it does not hold would, however many items those leaves happen to have.
+        from_absent = absent[self.support_leaf_[held]]
+        if (~from_absent).sum() < 10:  # one photo a leaf: nothing tells how right a present leaf's answer is
+            return identity
+        weight = np.where(from_absent, self.calibration_holdout / max(from_absent.sum(), 1),
+                          (1 - self.calibration_holdout) / max((~from_absent).sum(), 1)) * len(from_absent)
+        out = identity.copy()
+        for depth in range(self.depth_):
+            rows = [i for i, path in enumerate(raw) if len(path) > depth]
+            if len(rows) < 10:
+                continue
+            right = np.array([raw[i][depth][0] == "/".join(truth[i][: depth + 1]) for i in rows])
+            if right.all() or not right.any():
+                continue
+            # The raw probability alone: held-out catalog items are closer to the rest of the catalog
+            # (shots of one session) than shop photos are, so a similarity term fitted here would
+            # make every real query look doubtful.
+            x = _logit(np.array([raw[i][depth][1] for i in rows]))[:, None]
+            model = LogisticRegression(C=1.0, max_iter=1000).fit(x, right, sample_weight=weight[rows])
+            if model.coef_[0][0] > 0:  # more probability never lowers the confidence
+                out[depth] = [model.coef_[0][0], 0.0, model.intercept_[0]]
+        return out
 
     def _fit_tree(self) -> None:
         """Every prefix of every leaf path is a node; ``level_members_[d]`` maps leaves to depth-d nodes."""
@@ -259,30 +321,49 @@ class HierarchicalFewShotClassifier(Estimator):
             levels.append(out)
         return levels
 
-    def predict_paths(self, features: np.ndarray, evidence: np.ndarray | None = None) -> list[Prediction]:
-        probs, nearest, nearest_sims = self.leaf_proba(features, evidence)
+    def _raw_paths(self, features: np.ndarray, evidence: np.ndarray | None = None,
+                   computed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
+        """(per row, the best guess at every depth as (node path, raw probability), nearest similarity);
+        ``computed`` is ``leaf_proba``'s answer where the caller has it.
+
+        The best guess is the most probable leaf and its ancestors: the leaf is what accuracy is
+        measured on, and a parent with more than half the probability is its parent anyway."""
+        probs, _, nearest_sims = computed if computed is not None else self.leaf_proba(features, evidence)
         levels = self.level_proba(probs)
+        best_leaves = probs.argmax(axis=1)
+        paths = []
+        for row, leaf in enumerate(best_leaves):
+            path: list[tuple[str, float]] = []
+            for depth, (nodes, members) in enumerate(zip(self.level_nodes_, self.level_members_, strict=True)):
+                node = int(members[leaf])
+                if node < 0:
+                    break
+                path.append((str(nodes[node]), float(levels[depth][row, node])))
+            paths.append(path)
+        return paths, nearest_sims[:, 0]
+
+    def predict_paths(self, features: np.ndarray, evidence: np.ndarray | None = None) -> list[Prediction]:
+        """Per row: the best guess at every level down to the leaf with its calibrated confidence, and
+        the category: the deepest level whose confidence reaches ``level_threshold`` (``unknown`` where
+        not even the top level does, or where the query is farther from every item than items of
+        different leaves are from each other)."""
+        probs, nearest, nearest_sims = self.leaf_proba(features, evidence)
+        raw, sims = self._raw_paths(features, computed=(probs, nearest, nearest_sims))
         predictions = []
-        for row in range(len(probs)):
+        for row, path in enumerate(raw):
             leaf = str(self.leaves_[int(probs[row].argmax())])
-            if nearest_sims[row, 0] < self.unknown_similarity_:
-                predictions.append(Prediction(UNKNOWN, [], leaf, nearest[row]))
-                continue
-            chosen: list[LevelPrediction] = []
-            parent = -1
-            for depth, nodes in enumerate(self.level_nodes_):
-                # Only children of the node chosen above: the path stays consistent top-down.
-                candidates = np.flatnonzero(self.level_parents_[depth] == parent)
-                if len(candidates) == 0:
-                    break
-                best = int(candidates[levels[depth][row, candidates].argmax()])
-                confidence = float(levels[depth][row, best])
-                if confidence < self.level_threshold:
-                    break
-                chosen.append(LevelPrediction(str(nodes[best]).rsplit("/", 1)[-1], confidence))
-                parent = best
-            category = "/".join(level.name for level in chosen) if chosen else UNKNOWN
-            predictions.append(Prediction(category, chosen, leaf, nearest[row]))
+            levels: list[LevelPrediction] = []
+            ceiling = 1.0
+            for depth, (node, p) in enumerate(path):
+                a, b, c = self.level_calibration_[depth]
+                # A level is never surer than the one above it: a leaf implies its parents.
+                ceiling = min(ceiling, float(_sigmoid(a * _logit(np.array([p]))[0] + b * sims[row] + c)))
+                levels.append(LevelPrediction(node.rsplit("/", 1)[-1], ceiling))
+            confident = [level for level in levels if level.confidence >= self.level_threshold]
+            far = nearest_sims[row, 0] < self.unknown_similarity_
+            category = "/".join(level.name for level in confident) if confident and not far else UNKNOWN
+            predictions.append(Prediction(category, levels, leaf, nearest[row]))
         return predictions
 
     def predict(self, features: np.ndarray, evidence: np.ndarray | None = None) -> np.ndarray:
@@ -348,7 +429,8 @@ class FittedClassifier:
     weights: dict[str, float]
 
 
-def _fit_on_catalog(catalog: Any) -> FittedClassifier:
+def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), **params: Any) -> FittedClassifier:
+    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what uses it)."""
     specs = [feature_spec(name) for name in catalog.global_features()]
     weights = feature_weights(specs, "classify")
     if not weights:
@@ -369,12 +451,13 @@ def _fit_on_catalog(catalog: Any) -> FittedClassifier:
             continue
         rows[name] = found_rows[[position[int(key)] for key in keys]]
     records = catalog.items.items(keys.tolist())
-    keep = np.array([int(key) in records for key in keys], dtype=bool)
+    excluded = set(int(key) for key in exclude)
+    keep = np.array([int(key) in records and int(key) not in excluded for key in keys], dtype=bool)
     keys = keys[keep]
     weights = {name: weights[name] for name in rows if name in weights}
     features = weighted_features({name: rows[name][keep] for name in weights}, weights)
     categories = [records[int(key)].category for key in keys]
-    classifier = HierarchicalFewShotClassifier().fit(features, categories)
+    classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
     log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
              ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
     return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
@@ -383,6 +466,11 @@ def _fit_on_catalog(catalog: Any) -> FittedClassifier:
 def fitted_classifier(catalog: Any) -> FittedClassifier:
     """The classifier of this catalog state (refitted after any write)."""
     return catalog.cached("classifier", lambda: _fit_on_catalog(catalog))
+
+
+def fit_classifier_without(catalog: Any, exclude: Sequence[int]) -> FittedClassifier:
+    """A classifier of the catalog that never saw the items ``exclude`` (not cached)."""
+    return _fit_on_catalog(catalog, exclude, calibration_holdout=0.0)
 
 
 def _query_features(catalog: Any, fitted: FittedClassifier, images: list[Image.Image]) -> np.ndarray:

@@ -23,6 +23,7 @@ from catalens.indexer.catalog import Catalog
 from catalens.indexer.features import feature_spec, feature_weights
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import ItemFilter
+from catalens.search.calibration import MatchCalibrator, annotate, match_calibration
 from catalens.search.products import rank_products
 from catalens.search.settings import SearchSettings
 
@@ -43,9 +44,14 @@ class SearchHit:
     title: str
     key: int = field(default=-1, repr=False)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Calibrated P(this item shows the query's product), search/calibration.py; None when uncalibrated.
+    confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title}
+        out = {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title}
+        if self.confidence is not None:
+            out["confidence"] = round(float(self.confidence), 4)
+        return out
 
 
 @dataclass
@@ -53,11 +59,19 @@ class QueryResult:
     query: str
     results: list[SearchHit] | None = None
     error: str | None = None
+    # The top result's id when its confidence reaches the match threshold; ``calibrated`` says
+    # whether confidences were computed at all (a catalog too small to calibrate has none).
+    match: str | None = None
+    calibrated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"query": self.query, "error": self.error}
-        return {"query": self.query, "results": [hit.to_json() for hit in self.results or []]}
+        out: dict[str, Any] = {"query": self.query}
+        if self.calibrated:
+            out["match"] = self.match
+        out["results"] = [hit.to_json() for hit in self.results or []]
+        return out
 
 
 @dataclass
@@ -135,6 +149,8 @@ class SearchEngine:
         mode = self.check_mode(settings.mode)
         filter = self.item_filter(category)
         sources = list(sources)
+        # Fitted (or loaded) once, before the queries run side by side.
+        calibrator = self.calibrator() if settings.confidence else None
 
         def answer(position: int) -> QueryResult:
             [(name, image, error)] = decode_queries([sources[position]], [names[position]] if names else None,
@@ -142,9 +158,13 @@ class SearchEngine:
             if error is not None:
                 return QueryResult(query=name, error=error)
             if filter is not None and filter.empty:
-                return QueryResult(query=name, results=[])
-            keys, scores = self.rank_products(Query(image, name), mode, settings.k, filter, settings)
-            return QueryResult(query=name, results=self.hits(keys, scores))
+                return QueryResult(query=name, results=[], calibrated=calibrator is not None)
+            query = Query(image, name)
+            keys, scores = self.rank_products(query, mode, settings.k, filter, settings)
+            result = QueryResult(query=name, results=self.hits(keys, scores))
+            if calibrator is not None and mode in calibrator.modes():
+                annotate(self, query, mode, filter, settings, result, calibrator)
+            return result
 
         if len(sources) == 1 or settings.query_threads <= 1:
             return [answer(position) for position in range(len(sources))]
@@ -153,6 +173,10 @@ class SearchEngine:
         # the sources' order; at most query_threads images are decoded at once.
         with ThreadPoolExecutor(settings.query_threads, thread_name_prefix="catalens-query") as pool:
             return list(pool.map(answer, range(len(sources))))
+
+    def calibrator(self) -> MatchCalibrator | None:
+        """The catalog's match calibrator (fitted in memory where none is stored or it is stale), or None."""
+        return match_calibration(self.catalog).calibrator
 
     def rank_products(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,
                       settings: SearchSettings | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -106,6 +106,9 @@ def test_search_finds_the_catalog_photo_itself_first_with_an_image_url(client, s
     assert top["category"] == item.category and top["title"] == item.title
     scores = [hit["score"] for hit in body["results"]]
     assert scores == sorted(scores, reverse=True)
+    # Calibrated confidence, and the verdict: the top id or null ("no confident match").
+    assert all(0 <= hit["confidence"] <= 1 for hit in body["results"])
+    assert "match" in body and body["match"] in (None, top["id"])
     image = client.get(top["image_url"])
     assert image.status_code == 200 and image.headers["content-type"].startswith("image/")
     assert Image.open(io.BytesIO(image.content)).size == Image.open(item.image).size

@@ -63,8 +63,9 @@ def test_answer_stops_at_the_deepest_confident_level():
     stopped = [p for p in predictions if p.category == "T0/M00"]
     assert stopped, [p.category for p in predictions]
     for prediction in stopped:
-        assert [level.name for level in prediction.levels] == ["T0", "M00"]
-        assert prediction.levels[-1].confidence >= 0.6
+        # The best guess is still listed down to the leaf, below the threshold.
+        assert [level.name for level in prediction.levels][:2] == ["T0", "M00"] and len(prediction.levels) == 3
+        assert prediction.levels[1].confidence >= 0.6 > prediction.levels[2].confidence
 
 
 def test_far_from_every_category_is_unknown():
@@ -74,7 +75,7 @@ def test_far_from_every_category_is_unknown():
     outlier = np.zeros((1, support.shape[1]), dtype=np.float32)
     outlier[0, :3] = 1.0
     (prediction,) = classifier.predict_paths(outlier)
-    assert prediction.category == UNKNOWN and prediction.levels == []
+    assert prediction.category == UNKNOWN and len(prediction.levels) == 3  # the best guess, still shown
 
 
 def test_linear_model_only_for_categories_with_enough_support():
@@ -126,6 +127,14 @@ def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, 
     assert lines[0]["query"] == str(query)
     assert set(lines[0]) == {"query", "category", "levels", "neighbours"}
     assert lines[0]["category"].startswith("Dairy/Milk")  # an indexed image finds its own category
+    # The best guess at every level down to the leaf, confidences in [0, 1] never growing with depth;
+    # the category is the part of it that reaches the threshold.
+    levels = lines[0]["levels"]
+    guess = "/".join(level["name"] for level in levels)
+    assert guess in {"Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"}
+    confidences = [level["confidence"] for level in levels]
+    assert all(0 <= c <= 1 for c in confidences) and confidences == sorted(confidences, reverse=True)
+    assert (guess + "/").startswith(lines[0]["category"] + "/")
     assert lines[0]["neighbours"][0].endswith(query.name)
     assert lines[1]["query"] == str(bad) and "error" in lines[1]
 
@@ -147,8 +156,12 @@ def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
     index = open_catalog(grocery_index)
     sample = val_photos[::12]
     results = classify(index, [photo.path for photo in sample])
-    top = np.mean([r.category.split("/")[0] == p.top for r, p in zip(results, sample, strict=True)])
+    # The best guess at the top level (levels always reach the leaf), and the confident category
+    # right where it stops (a prefix of the photo's path) at least 90% of the time.
+    top = np.mean([r.levels[0].name == p.top for r, p in zip(results, sample, strict=True)])
     assert top >= 0.85
+    answered = [(r, p) for r, p in zip(results, sample, strict=True) if r.category != "unknown"]
+    assert answered and np.mean([(p.category + "/").startswith(r.category + "/") for r, p in answered]) >= 0.9
 
 
 def test_verified_evidence_overrides_a_close_feature_call():

@@ -27,7 +27,8 @@ def test_json_lines_follow_the_contract(tiny_catalog, tiny_index, tmp_path, caps
     assert len(lines) == 2
     first, second = lines
     assert first["query"] == str(query) and len(first["results"]) == 3
-    assert set(first["results"][0]) == {"id", "score", "category", "title"}
+    assert set(first["results"][0]) == {"id", "score", "confidence", "category", "title"}
+    assert "match" in first and all(0 <= hit["confidence"] <= 1 for hit in first["results"])
     assert first["results"][0]["id"] == "Dairy/Yoghurt/item01.jpg"
     scores = [hit["score"] for hit in first["results"]]
     assert scores == sorted(scores, reverse=True)

@@ -62,6 +62,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     dims = info.pop("dims")
     size = info.pop("size_bytes", None)
     info["created"], info["updated"] = _when(info.get("created")), _when(info.get("updated"))
+    calibration = info.pop("calibration", None) or {}
+    if calibration.get("stored"):
+        info["calibration"] = (f"fitted {_when(calibration['fitted'])}, {100 * calibration['changed']:.0f}% of the "
+                               "catalog changed since" + (" (stale: run catalens calibrate)" if calibration["stale"] else ""))
+    else:
+        info["calibration"] = calibration.get("error") or "none stored (the first search fits one)"
     rows = [(key, ", ".join(value) if isinstance(value, list) else value) for key, value in info.items()]
     rows += [(f"dims.{name}", dim) for name, dim in dims.items()]
     if size is not None:

@@ -29,9 +29,15 @@ from catalens.api.tables import format_table
 
 
 def _search_table(result) -> Iterator[str]:
-    yield f"\n{result.query}"
-    rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
-    yield format_table(["#", "id", "score", "category", "title"], rows) if rows else "no results"
+    if not result.calibrated:
+        yield f"\n{result.query}"
+        rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
+        yield format_table(["#", "id", "score", "category", "title"], rows) if rows else "no results"
+        return
+    yield f"\n{result.query}: " + (f"match {result.match}" if result.match else "no confident match")
+    rows = [(rank, hit.id, f"{hit.score:.3f}", "" if hit.confidence is None else f"{hit.confidence:.2f}",
+             hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
+    yield format_table(["#", "id", "score", "confidence", "category", "title"], rows) if rows else "no results"
 
 
 def _classify_table(result) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""``catalens train-ae`` and ``catalens finetune``: models fitted on the index's own catalog."""
+"""``catalens train-ae``, ``finetune`` and ``calibrate``: models fitted on the index's own catalog."""
 
 from __future__ import annotations
 
@@ -59,6 +59,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.queries < 10:
+        raise UsageError("--queries must be at least 10")
+    service = open_service(args)
+    try:
+        model = service.calibrate(max_queries=args.queries)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps({"modes": model.summary()}))
+        return 0
+    rows = [(row["mode"], row["queries"], f"{row['threshold']:.3f}", f"{100 * row['precision']:.1f}%",
+             f"{100 * row['coverage']:.1f}%") for row in model.summary()]
+    print(format_table(["mode", "held-out queries", "match threshold", "match precision", "coverage"], rows))
+    print(f"\nstored with the index; refit when more than {100 * model.max_stale:.0f}% of the catalog changes "
+          "(searches refit it themselves then)")
+    return 0
+
+
 def register(commands) -> None:
     p = add_command(
         commands, "train-ae", "train the index's autoencoder (codes for --mode ae, anomaly scores)",
@@ -90,3 +111,16 @@ def register(commands) -> None:
     p.add_argument("--top-block", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="the report as one JSON object")
     p.set_defaults(run=cmd_finetune)
+
+    p = add_command(
+        commands, "calibrate", "fit the calibrated match confidence of every search mode on the catalog itself",
+        description="Search held-out queries made from the catalog's own items (photos left out, augmented views "
+                    "of single photos, whole products left out) in every mode, and fit how a result's score, "
+                    "margin, verified inliers and neighbours predict that it shows the query's product. Stored "
+                    "with the index; a search fits one itself where none is stored or the catalog has changed by "
+                    "more than 20%% since.",
+        epilog="example: catalens calibrate --index shop-index")
+    add_location_arguments(p)
+    p.add_argument("--queries", type=int, default=240, help="held-out queries (more: steadier, slower)")
+    p.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    p.set_defaults(run=cmd_calibrate)

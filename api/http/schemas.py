@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 class Hit(BaseModel):
     id: str
     score: float
+    confidence: float | None = Field(None, description="calibrated probability that this item shows the photo's "
+                                                       "product (absent where the index cannot be calibrated)")
     category: str
     title: str
     image_url: str = Field(description="where to fetch the item's catalog image")
@@ -20,6 +22,8 @@ class SearchResponse(BaseModel):
     mode: str
     k: int
     category: str | None = None
+    match: str | None = Field(None, description="the top result's id when its confidence reaches the index's match "
+                                                "threshold, else null: no confident match")
     results: list[Hit]
     seconds: float
 

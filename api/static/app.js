@@ -84,10 +84,22 @@ async function runSearch() {
     const body = await apiJson("/search", { method: "POST", body: form(params) });
     state.lastMode = body.mode;
     renderHits(body);
+    renderMatch(body);
     setStatus(`${body.results.length} results in ${body.seconds.toFixed(2)} s (mode ${body.mode})`);
   } catch (error) {
     setStatus(`search failed: ${error.message}`, true);
   }
+}
+
+function renderMatch(body) {
+  // The verdict the index is calibrated for: the top result, or "no confident match".
+  const top = body.results[0];
+  let text = "—";
+  if (top && top.confidence !== null && top.confidence !== undefined) {
+    const pct = `${Math.round(100 * top.confidence)}% confidence`;
+    text = body.match ? `${top.title || top.id} (${pct})` : `no confident match (best: ${top.title || top.id}, ${pct})`;
+  }
+  $("match").textContent = text;
 }
 
 function renderHits(body) {
@@ -103,7 +115,8 @@ function renderHits(body) {
     const meta = document.createElement("figcaption");
     meta.className = "meta";
     meta.innerHTML = `<div><span class="rank">#${rank + 1}</span> <span class="score"></span></div><div class="title"></div><div class="category"></div>`;
-    meta.querySelector(".score").textContent = hit.score.toFixed(3);
+    meta.querySelector(".score").textContent = hit.confidence === null || hit.confidence === undefined
+      ? hit.score.toFixed(3) : `${Math.round(100 * hit.confidence)}% · ${hit.score.toFixed(3)}`;
     meta.querySelector(".title").textContent = hit.title || hit.id;
     meta.querySelector(".category").textContent = hit.category;
     card.append(image, meta);

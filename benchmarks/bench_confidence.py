@@ -1,0 +1,210 @@
+"""Calibrated match confidence on an open-set split of grocery: how well the top result's
+confidence says "right", how calibrated it is, and what ``match`` gives at the default threshold.
+
+    .venv/bin/python -m benchmarks.bench_confidence [--catalogs full,iconic] [--work DIR] [--modes ...]
+        [--queries 240] [--absent 0.2] [--seed 0]
+
+Protocol: ``--absent`` of the 81 products (chosen with ``--seed``) are left out of the catalog;
+the catalog is the iconic + train photos of the rest (``full``), or their iconic images alone
+(``iconic``); the queries are all 296 val photos, so the absent products' photos (whose top-1 is
+always wrong) are queried too. Each catalog's index is built once under ``--work`` and calibrated
+as ``catalens calibrate`` does (held-out queries made from its own items, never from val). A
+result is right when its leaf category is the query's.
+
+Per catalog and mode it prints: top-1 accuracy; AUROC of the top result's confidence for "the
+top-1 is right", beside the raw score's AUROC; the expected calibration error (10 equal-width
+bins) of that confidence; at the index's default threshold, the precision and coverage of
+``match`` and the share of absent-product photos that still get one. It saves a reliability
+diagram per catalog (``DIR/reliability-<catalog>.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from catalens.api.tables import format_table
+from catalens.datasets.catalog import write_manifest
+from catalens.datasets.grocery import catalog_items, grocery_root, iconic_photos, split_photos
+from catalens.indexer.backends import open_catalog
+from catalens.indexer.config import IndexConfig
+from catalens.indexer.imageio import load_query
+from catalens.indexer.pipeline import index_catalog
+from catalens.search.calibration import MODEL_FILE, MatchCalibrator, annotate, calibrate_catalog
+from catalens.search.classify import HierarchicalFewShotClassifier
+from catalens.search.engine import Query, QueryResult, SearchEngine
+
+SPLITS = {"full": ("iconic", "train"), "iconic": ("iconic",)}
+
+
+def absent_products(fraction: float, seed: int) -> set[str]:
+    """The leaf categories left out of the catalog: ``fraction`` of them, chosen with ``seed``."""
+    categories = sorted({photo.category for photo in iconic_photos()})
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(categories, round(fraction * len(categories)), replace=False).tolist())
+
+
+def build(folder: Path, splits: tuple[str, ...], absent: set[str]) -> Path:
+    index = folder / "index"
+    if not (index / "catalens.json").is_file():
+        items = [item for item in catalog_items(splits) if item.category not in absent]
+        manifest = write_manifest(items, folder / "catalog.jsonl")
+        started = time.perf_counter()
+        report = index_catalog(manifest, index, IndexConfig(), progress=True)
+        print(f"  indexed {report.added} images into {index} in {time.perf_counter() - started:.0f}s")
+    return index
+
+
+def calibrated(index: Path, queries: int) -> MatchCalibrator:
+    path = index / "models" / MODEL_FILE
+    if path.is_file():
+        print(f"  calibration: reusing {path}")
+        return MatchCalibrator.load(path)
+    catalog = open_catalog(index)
+    try:
+        started = time.perf_counter()
+        model = calibrate_catalog(catalog, max_queries=queries)
+        print(f"  calibration: fitted on the catalog in {time.perf_counter() - started:.0f}s (as catalens calibrate)")
+        return model
+    finally:
+        catalog.close()
+
+
+def auroc(scores: np.ndarray, right: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(right, scores)) if 0 < right.sum() < len(right) else float("nan")
+
+
+def reliability(confidence: np.ndarray, right: np.ndarray, bins: int = 10) -> tuple[float, list[tuple[float, float, int]]]:
+    """(expected calibration error, per non-empty bin (mean confidence, accuracy, count))."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            mean, accuracy = float(confidence[inside].mean()), float(right[inside].mean())
+            ece += inside.mean() * abs(mean - accuracy)
+            table.append((mean, accuracy, int(inside.sum())))
+    return ece, table
+
+
+def answer(engine: SearchEngine, query: Query, mode: str, calibrator: MatchCalibrator) -> QueryResult:
+    """What ``SearchEngine.search`` answers, for a query decoded once and ranked in several modes."""
+    settings = engine.settings
+    keys, scores = engine.rank_products(query, mode, settings.k, None, settings)
+    result = QueryResult(query=query.name, results=engine.hits(keys, scores))
+    return annotate(engine, query, mode, None, settings, result, calibrator)
+
+
+def classification(catalog, photos, queries, is_absent: np.ndarray) -> list[tuple]:
+    """Rows: the best guess at the leaf, and where the confident ``category`` stops and how often it is right."""
+    from catalens.search.classify import UNKNOWN, classify
+
+    results = []
+    for first in range(0, len(queries), 16):
+        chunk = queries[first:first + 16]
+        results += classify(catalog, [q.image for q in chunk], names=[q.name for q in chunk])
+    leaf_right, depth, right = [], [], []
+    for photo, result in zip(photos, results, strict=True):
+        guess = "/".join(level.name for level in result.levels)
+        leaf_right.append(guess == photo.category)
+        stopped = 0 if result.category == UNKNOWN else result.category.count("/") + 1
+        depth.append(stopped)
+        right.append(stopped > 0 and (photo.category + "/").startswith(result.category + "/"))
+    leaf_right, depth, right = map(np.asarray, (leaf_right, depth, right))
+    rows = []
+    for label, subset in (("all val photos", np.ones(len(photos), bool)), ("present products", ~is_absent),
+                          ("absent products", is_absent)):
+        d, r = depth[subset], right[subset]
+        answered = d > 0
+        rows.append((label, int(subset.sum()), f"{100 * leaf_right[subset].mean():.1f}",
+                     *(f"{100 * (d == k).mean():.1f}" for k in (0, 1, 2, 3)),
+                     f"{100 * r[answered].mean():.1f}" if answered.any() else "-",
+                     *(f"{100 * r[d == k].mean():.1f}" if (d == k).any() else "-" for k in (1, 2, 3))))
+    return rows
+
+
+def plot(path: Path, title: str, curves: dict[str, list[tuple[float, float, int]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for mode, table in curves.items():
+        axes.plot([t[0] for t in table], [t[1] for t in table], marker="o", label=mode)
+    axes.set(xlabel="confidence of the top result", ylabel="share of top results that are right", xlim=(0, 1),
+             ylim=(0, 1), title=title)
+    axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--catalogs", default="full,iconic", help="full (iconic + train) and/or iconic")
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "confidence",
+                        help="where the indexes are built once and reused, and the diagrams are saved")
+    parser.add_argument("--modes", default=None, help="comma-separated modes (default: every mode of the index)")
+    parser.add_argument("--queries", type=int, default=240, help="held-out catalog queries the calibration uses")
+    parser.add_argument("--absent", type=float, default=0.2, help="share of products left out of the catalog")
+    parser.add_argument("--seed", type=int, default=0, help="which products are left out")
+    args = parser.parse_args()
+    grocery_root()
+    absent = absent_products(args.absent, args.seed)
+    photos = split_photos("val")
+    queries = [Query(load_query(photo.path), str(photo.path)) for photo in photos]
+    is_absent = np.array([photo.category in absent for photo in photos])
+    print(f"{len(absent)} of 81 products absent from the catalogs; {len(photos)} val photos queried, "
+          f"{is_absent.sum()} of them of absent products")
+    for name in args.catalogs.split(","):
+        print(f"\n== catalog: {' + '.join(SPLITS[name])} of the present products")
+        work = args.work / f"{name}-absent{args.absent:g}-seed{args.seed}"
+        index = build(work, SPLITS[name], absent)
+        calibrator = calibrated(index, args.queries)
+        catalog = open_catalog(index)
+        engine = SearchEngine(catalog)
+        modes = args.modes.split(",") if args.modes else engine.modes()
+        rows, curves = [], {}
+        for mode in modes:
+            right, confidence, score, matched, seconds = [], [], [], [], time.perf_counter()
+            for photo, query in zip(photos, queries, strict=True):
+                result = answer(engine, query, mode, calibrator)
+                top = result.results[0]
+                right.append(top.category == photo.category)
+                confidence.append(top.confidence)
+                score.append(top.score)
+                matched.append(result.match is not None)
+            right, confidence, score, matched = map(np.asarray, (right, confidence, score, matched))
+            ece, table = reliability(confidence, right)
+            curves[mode] = table
+            precision = right[matched].mean() if matched.any() else float("nan")
+            rows.append((mode, f"{100 * right.mean():.1f}", f"{auroc(confidence, right):.3f}", f"{auroc(score, right):.3f}",
+                         f"{ece:.3f}", f"{calibrator.threshold(mode):.2f}", f"{100 * precision:.1f}",
+                         f"{100 * matched.mean():.1f}", f"{100 * matched[is_absent].mean():.1f}",
+                         f"{1000 * (time.perf_counter() - seconds) / len(photos):.0f}"))
+        print(format_table(["mode", "top-1 right %", "AUROC conf", "AUROC score", "ECE", "threshold",
+                            "match precision %", "coverage %", "absent matched %", "ms/query"], rows))
+        print("  calibration data (held-out catalog queries): " + "; ".join(
+            f"{r['mode']} precision {100 * r['precision']:.1f}% coverage {100 * r['coverage']:.1f}%"
+            for r in calibrator.summary()))
+        print("\n  classify: best guess at the leaf (levels), and the confident category (threshold "
+              f"{HierarchicalFewShotClassifier().level_threshold:g}): % stopping at each depth, % right where it stops")
+        print(format_table(["photos", "n", "leaf guess right %", "unknown %", "top %", "coarse %", "leaf %",
+                            "right % (answered)", "right @top", "right @coarse", "right @leaf"],
+                           classification(catalog, photos, queries, is_absent)))
+        diagram = args.work / f"reliability-{name}.png"
+        plot(diagram, f"{name} catalog, open-set val ({len(photos)} photos)", curves)
+        print(f"  reliability diagram: {diagram}")
+        catalog.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""Calibrated match confidence: how likely a result shows the query's product, per search mode.
+
+Raw scores live on a different scale in every mode (cosine, fused sums, inlier counts) and
+barely separate right answers from wrong ones. A ``MatchCalibrator`` turns the evidence of one
+result into a probability with a logistic regression per mode, over four numbers that predict
+correctness (``EVIDENCE``): its score, its margin to the best item of another product, its
+verified inliers, how many of the nearest results show its product, and the probability the
+catalog's classifier (``search.classify``) gives its leaf category.
+
+It is fitted on the catalog itself (``fit_match_calibration``): held-out queries made from the
+catalog's own items, searched against the rest of it in every mode. An item of a product with
+other photos is searched from its stored rows against the catalog without it and its
+near-duplicates (burst shots of one session are no shop photo); a product with one image is
+searched with an augmented view of it; and a share of queries has its whole product held out,
+since shop photos of products the catalog does not sell must get a low confidence too. The
+default match threshold is the lowest confidence at which the calibration queries' top results
+reach ``target_precision``. The model is stored with the index (``MODEL_FILE``) and refitted
+in memory, with a warning, once the catalog has changed by more than ``max_stale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from catalens.indexer.estimator import Estimator, ModelFileError
+from catalens.indexer.features import feature_spec, l2_normalise
+from catalens.indexer.stores import ItemFilter, ItemRecord, product_of, stack_rows
+from catalens.search.settings import SearchSettings
+
+if TYPE_CHECKING:
+    from catalens.indexer.catalog import Catalog
+    from catalens.search.classify import FittedClassifier
+    from catalens.search.engine import Query, QueryResult, SearchEngine
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "match_calibration.pt"
+EVIDENCE = ("score", "margin", "inliers", "agreement", "category")
+# Evidence is read from this many results, whatever k the caller asked: a result's confidence
+# does not depend on how many results are shown.
+DEPTH = 20
+AGREEMENT_OF = 10  # "how many of the nearest results show its product" counts this many
+
+
+class CalibrationError(ValueError):
+    """A catalog on which no calibration can be fitted (too few items or products); the message says why."""
+
+
+# --- evidence of one ranked list
+
+
+def _is_local(mode: str) -> bool:
+    return mode == "local" or (mode != "fused" and feature_spec(mode).kind == "local")
+
+
+def _scale(mode: str, scores: np.ndarray) -> np.ndarray:
+    """Local scores are inlier counts (tens to hundreds): their logarithm is what adds evidence linearly."""
+    scores = np.asarray(scores, np.float64)
+    return np.log1p(np.maximum(scores, 0.0)) if _is_local(mode) else scores
+
+
+def hit_evidence(mode: str, scores: np.ndarray, products: Sequence[str], inliers: np.ndarray,
+                 reference_scores: np.ndarray, reference_products: Sequence[str], inlier_cap: int,
+                 category_proba: np.ndarray | None = None) -> np.ndarray:
+    """(n, len(EVIDENCE)) evidence of hits (``scores``, ``products``, best verified ``inliers``, the
+    classifier's probability of each one's category) against the ranked ``reference`` list they
+    come from (best first)."""
+    scaled = _scale(mode, scores)
+    reference = _scale(mode, reference_scores)
+    reference_products = np.asarray(list(reference_products), dtype=object)
+    top = reference_products[:AGREEMENT_OF]
+    rows = np.zeros((len(scaled), len(EVIDENCE)), np.float64)
+    for i, (score, product) in enumerate(zip(scaled, products, strict=True)):
+        others = reference[reference_products != product]
+        rows[i, 0] = score
+        rows[i, 1] = score - (others.max() if len(others) else 0.0)
+        rows[i, 2] = min(float(inliers[i]), inlier_cap) / inlier_cap
+        rows[i, 3] = float(np.sum(top == product)) / max(len(top), 1)
+    # Log-probability: a classifier's certainty adds up in odds, not in probability.
+    rows[:, 4] = np.log(np.maximum(category_proba if category_proba is not None else np.ones(len(rows)), 1e-4))
+    return rows
+
+
+def category_probabilities(engine: SearchEngine, query: Query, fitted: FittedClassifier | None,
+                           absent_leaf: str | None = None) -> dict[str, float]:
+    """The classifier's probability of each leaf category for this query (empty without a classifier).
+
+    ``absent_leaf`` is left out and the rest renormalised: a calibration query of a product the
+    catalog is taken not to hold asks a classifier that never learnt it."""
+    if fitted is None:
+        return {}
+    from catalens.search.classify import weighted_features
+    from catalens.search.retrieval import query_vector
+
+    key, computed = f"category_proba:{id(fitted)}:{absent_leaf}", query.computed(engine.catalog)
+    if key not in computed:
+        features = weighted_features({name: query_vector(engine, query, name)[None] for name in fitted.weights},
+                                     fitted.weights)
+        probs, _, _ = fitted.classifier.leaf_proba(features)
+        leaves = [str(leaf) for leaf in fitted.classifier.leaves_]
+        probs = probs[0].copy()
+        if absent_leaf in leaves:
+            probs[leaves.index(absent_leaf)] = 0.0
+            probs /= max(probs.sum(), 1e-12)
+        computed[key] = dict(zip(leaves, probs.tolist(), strict=True))
+    return computed[key]
+
+
+def catalog_classifier(catalog: Catalog) -> FittedClassifier | None:
+    """The catalog's classifier, or None where it has none (no features to classify with)."""
+    from catalens.search.classify import fitted_classifier
+
+    try:
+        return fitted_classifier(catalog)
+    except ValueError:
+        return None
+
+
+def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Sequence[int]) -> np.ndarray:
+    """Best inliers of each key over the local features, as far as this mode verified it (0 otherwise).
+
+    Only modes that verify read them: what another mode verified on the same query earlier must
+    not change this mode's confidence."""
+    out = np.zeros(len(keys), np.float64)
+    if mode != "fused" and not _is_local(mode):
+        return out
+    computed = query.computed(engine.catalog)
+    features = engine.catalog.local_features() if mode in ("fused", "local") else [mode]
+    for feature in features:
+        checks = computed.get(f"verified:{feature}", {})
+        for i, key in enumerate(keys):
+            check = checks.get(int(key))
+            if check is not None:
+                out[i] = max(out[i], check.inliers)
+    return out
+
+
+def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None,
+                    settings: SearchSettings, keys: Sequence[int] | None = None,
+                    scores: Sequence[float] | None = None, classifier: FittedClassifier | None = None,
+                    absent_leaf: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(evidence rows, keys, products) of ``keys``/``scores`` (default: the top ``DEPTH`` results)
+    against this query's top ``DEPTH`` results in ``mode``, every photo of a product counted, uncollapsed."""
+    reference_keys, reference_scores = engine.rank_products(query, mode, DEPTH, filter, settings.merged(collapse=False))
+    if keys is None:
+        keys, scores = reference_keys, reference_scores
+    keys = [int(key) for key in keys]
+    records = engine.catalog.items.items([*keys, *reference_keys.tolist()])
+    reference_products = [product_of(records[int(key)]) for key in reference_keys if int(key) in records]
+    reference_scores = np.asarray([s for key, s in zip(reference_keys, reference_scores, strict=True) if int(key) in records])
+    kept = [i for i, key in enumerate(keys) if key in records]
+    keys = [keys[i] for i in kept]
+    products = [product_of(records[key]) for key in keys]
+    leaf_proba = category_probabilities(engine, query, classifier, absent_leaf)
+    rows = hit_evidence(mode, np.asarray([scores[i] for i in kept]), products,
+                        _verified_inliers(engine, query, mode, keys), reference_scores, reference_products,
+                        settings.inlier_cap, np.array([leaf_proba.get(records[key].category, 0.0) for key in keys])
+                        if leaf_proba else None)
+    return rows, np.asarray(keys, np.int64), products
+
+
+# --- the model
+
+
+class MatchCalibrator(Estimator):
+    """Per mode, a logistic regression from a result's evidence to P(same product as the query).
+
+    Hyper-parameters:
+      target_precision  the default match threshold is the lowest confidence at which the
+                        calibration queries' top results are right this often
+      C                 inverse regularisation of the logistic regressions
+      max_stale         share of the catalog (items added plus removed, over the items at fit
+                        time) that may change before the model counts as stale
+
+    Every coefficient is kept >= 0 (a feature that comes out negative is dropped and the model
+    refitted), so a confidence never falls when a result's evidence grows.
+    """
+
+    fit_hint = "run 'catalens calibrate'"
+
+    def __init__(self, target_precision: float = 0.95, C: float = 1.0, max_stale: float = 0.2):
+        self.target_precision = target_precision
+        self.C = C
+        self.max_stale = max_stale
+
+    def fit(self, evidence: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+            catalog_keys: np.ndarray) -> MatchCalibrator:
+        """``evidence[mode] = (rows (n, len(EVIDENCE)), right (n,) bool, is_top (n,) bool)``:
+        hits of calibration queries, whether each shows the query's product, whether it was the top hit."""
+        from sklearn.linear_model import LogisticRegression
+
+        modes, coefs, intercepts, thresholds, precisions, coverages, counts = [], [], [], [], [], [], []
+        for mode, (rows, right, is_top) in evidence.items():
+            rows, right, is_top = np.asarray(rows, np.float64), np.asarray(right, bool), np.asarray(is_top, bool)
+            if not len(rows):  # no held-out query found anything in this mode: no evidence either way
+                rows = np.zeros((0, len(EVIDENCE)))
+            mean, std = (rows.mean(axis=0), rows.std(axis=0)) if len(rows) else (np.zeros(len(EVIDENCE)),) * 2
+            active = std > 1e-9
+            std[~active] = 1.0
+            coef = np.zeros(rows.shape[1])
+            # With one kind of answer only, or no evidence that varies, the rate of right answers
+            # (with a pseudo-count each way) is all there is to say.
+            intercept = float(np.log((right.sum() + 1) / (len(right) - right.sum() + 1)))
+            if not len(rows) or right.all() or not right.any() or not active.any():
+                log.info("calibration: mode %s has one kind of answer or no varying evidence; its confidence "
+                         "is the rate of right answers", mode)
+            else:
+                while True:
+                    model = LogisticRegression(C=self.C, max_iter=1000)
+                    model.fit(((rows - mean) / std)[:, active], right)
+                    coef = np.zeros(rows.shape[1])
+                    coef[active] = model.coef_[0] / std[active]
+                    if (coef >= 0).all() or (active & (coef > 0)).sum() == 0:
+                        break
+                    active &= coef > 0
+                if (coef >= 0).all():
+                    intercept = float(model.intercept_[0] - np.dot(model.coef_[0], mean[active] / std[active]))
+                else:  # the last feature left speaks against itself: no usable evidence
+                    coef = np.zeros(rows.shape[1])
+            confidence = _sigmoid(rows @ coef + intercept)
+            threshold, precision, coverage = _threshold(confidence[is_top], right[is_top], self.target_precision)
+            modes.append(mode)
+            coefs.append(coef)
+            intercepts.append(intercept)
+            thresholds.append(threshold)
+            precisions.append(precision)
+            coverages.append(coverage)
+            counts.append(int(is_top.sum()))
+        if not modes:
+            raise CalibrationError("no held-out query could be searched")
+        self.modes_ = np.asarray(modes, dtype=str)
+        self.coef_ = np.asarray(coefs, np.float64)
+        self.intercept_ = np.asarray(intercepts, np.float64)
+        self.threshold_ = np.asarray(thresholds, np.float64)
+        self.precision_ = np.asarray(precisions, np.float64)
+        self.coverage_ = np.asarray(coverages, np.float64)
+        self.queries_ = np.asarray(counts, np.int64)
+        self.catalog_keys_ = np.unique(np.asarray(catalog_keys, np.int64))
+        self.fitted_at_ = float(time.time())
+        return self
+
+    def modes(self) -> list[str]:
+        self.check_is_fitted()
+        return [str(mode) for mode in self.modes_]
+
+    def _row(self, mode: str) -> int:
+        self.check_is_fitted()
+        found = np.flatnonzero(self.modes_ == mode)
+        if not len(found):
+            raise KeyError(f"mode {mode!r} is not calibrated (calibrated: {', '.join(self.modes())})")
+        return int(found[0])
+
+    def predict_proba(self, mode: str, evidence: np.ndarray) -> np.ndarray:
+        """P(same product) of each evidence row, in [0, 1]."""
+        row = self._row(mode)
+        return _sigmoid(np.asarray(evidence, np.float64).reshape(-1, len(EVIDENCE)) @ self.coef_[row] + self.intercept_[row])
+
+    def threshold(self, mode: str) -> float:
+        """The default match threshold of ``mode``."""
+        return float(self.threshold_[self._row(mode)])
+
+    def changed_fraction(self, current_keys: np.ndarray) -> float:
+        """Items added plus removed since the fit, over the items at fit time."""
+        self.check_is_fitted()
+        current = np.unique(np.asarray(current_keys, np.int64))
+        changed = len(np.setxor1d(current, self.catalog_keys_, assume_unique=True))
+        return changed / max(len(self.catalog_keys_), 1)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per mode: threshold, and the precision and coverage of ``match`` on the calibration queries."""
+        self.check_is_fitted()
+        return [{"mode": str(mode), "queries": int(n), "threshold": round(float(t), 4),
+                 "precision": round(float(p), 4), "coverage": round(float(c), 4)}
+                for mode, n, t, p, c in zip(self.modes_, self.queries_, self.threshold_, self.precision_,
+                                             self.coverage_, strict=True)]
+
+    def _state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in
+                ("modes_", "coef_", "intercept_", "threshold_", "precision_", "coverage_", "queries_",
+                 "catalog_keys_", "fitted_at_")}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
+
+
+def _threshold(confidence: np.ndarray, right: np.ndarray, target: float) -> tuple[float, float, float]:
+    """(lowest threshold whose matches are right ``target`` of the time, their precision, coverage).
+
+    No threshold reaching the target gives 1.0: no confident match, rather than wrong ones."""
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(right[order])
+    precision = hits / np.arange(1, len(order) + 1)
+    reach = np.flatnonzero(precision >= target)
+    if not len(reach):
+        return 1.0, 0.0, 0.0
+    last = int(reach[-1])
+    # Ties: every query with the threshold's confidence matches, so count them all.
+    threshold = float(confidence[order][last])
+    matched = confidence >= threshold
+    return threshold, float(right[matched].mean()), float(matched.mean())
+
+
+# --- held-out queries made from the catalog's own items
+
+
+@dataclass
+class CalibrationQuery:
+    query: Query
+    product: str
+    filter: ItemFilter | None
+    kind: str  # "held-out photo", "augmented view" or "absent product"
+    held_out: tuple[int, ...] = ()  # items of its product the search cannot see (a held-out photo's twins)
+    absent_leaf: str | None = None  # an absent product's category, hidden from the classifier
+
+
+def _stored_query(catalog: Catalog, record: ItemRecord) -> Query | None:
+    """A query holding the item's stored rows as if extracted from its photo (no decoding), or None
+    where the item lacks a row of some feature."""
+    from catalens.search.engine import Query
+
+    query = Query(Image.new("RGB", (1, 1)), record.id)
+    computed = query.computed(catalog)
+    dims = catalog.dims()
+    for name in catalog.global_features():
+        blob = catalog.items.rows(name, [record.key]).get(record.key)
+        if blob is None:
+            return None
+        computed[f"vector:{name}"] = l2_normalise(np.frombuffer(blob, np.float32).reshape(1, dims[name]))[0]
+    for name in catalog.local_features():
+        blob = catalog.items.rows(name, [record.key]).get(record.key)
+        if blob is None:
+            return None
+        computed[f"descriptors:{name}"] = catalog.feature(name).decode(blob)
+    return query
+
+
+def _augmented_query(record: ItemRecord, rng: np.random.Generator) -> Query | None:
+    from catalens.indexer.imageio import load_query
+    from catalens.indexer.training.augment import photo_view
+    from catalens.search.engine import Query
+
+    try:
+        image = load_query(record.image)
+    except Exception as error:  # noqa: BLE001 - any unreadable image is skipped, with its reason
+        log.info("calibration: %s: cannot read %s (%s); skipped", record.id, record.image, error)
+        return None
+    return Query(photo_view(rng, image), f"{record.id} (augmented)")
+
+
+def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fraction: float = 0.2,
+                        near_duplicate: float = 0.9, seed: int = 0) -> list[CalibrationQuery]:
+    """Held-out queries from the catalog's items, products in turn (each product about as often).
+
+    ``absent_fraction`` of them hold their whole product out; ``near_duplicate`` is the cosine
+    (first global feature) above which another photo of the product counts as the same shot."""
+    records = list(catalog.items.records().values())
+    by_product: dict[str, list[ItemRecord]] = {}
+    for record in records:
+        by_product.setdefault(product_of(record), []).append(record)
+    if len(by_product) < 2:
+        raise CalibrationError(f"{catalog.location}: calibration needs at least 2 products, the index has {len(by_product)}")
+    all_keys = np.array(sorted(record.key for record in records), np.int64)
+    globals_ = catalog.global_features()
+    vectors: dict[int, np.ndarray] = {}
+    if globals_:
+        found, rows = stack_rows(catalog.items.rows(globals_[0]), catalog.dims()[globals_[0]])
+        vectors = dict(zip(found.tolist(), l2_normalise(rows), strict=True))
+    rng = np.random.default_rng(seed)
+    products = sorted(by_product)
+    n = min(max_queries, 2 * len(records))  # a tiny catalog needs few, and a search may be waiting
+    queries: list[CalibrationQuery] = []
+    order: list[str] = []
+    while len(order) < n:
+        order += list(rng.permutation(products))
+    for product in order[:n]:
+        members = by_product[product]
+        record = members[int(rng.integers(len(members)))]
+        if rng.random() < absent_fraction:
+            keep = np.setdiff1d(all_keys, [m.key for m in members], assume_unique=True)
+            query = _stored_query(catalog, record)
+            if query is not None:
+                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "absent product",
+                                                absent_leaf=record.category))
+            continue
+        own = vectors.get(record.key)
+        twins = [m.key for m in members if m.key == record.key or own is None or m.key not in vectors
+                 or float(vectors[m.key] @ own) >= near_duplicate]
+        if len(twins) < len(members):
+            query = _stored_query(catalog, record)
+            keep = np.setdiff1d(all_keys, twins, assume_unique=True)
+            if query is not None:
+                queries.append(CalibrationQuery(query, product, ItemFilter(keys=keep), "held-out photo",
+                                                held_out=tuple(twins)))
+        else:
+            query = _augmented_query(record, rng)
+            if query is not None:
+                queries.append(CalibrationQuery(query, product, None, "augmented view"))
+    return queries
+
+
+ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns from
+
+
+def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuery], modes: Sequence[str],
+                         settings: SearchSettings | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per mode, (evidence rows, right, is_top) of the top ``ROWS_PER_QUERY`` hits of each query.
+
+    The classifier is refitted without the held-out photos (and their twins): one that had learnt
+    them would vouch for them as it never can for a shop's photo."""
+    settings = settings or engine.settings
+    classifier = None
+    if catalog_classifier(engine.catalog) is not None:
+        from catalens.search.classify import fit_classifier_without
+
+        try:
+            classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
+        except ValueError:  # every item held out (a tiny catalog): the category evidence stays constant, unused
+            classifier = None
+    out: dict[str, tuple[list, list, list]] = {mode: ([], [], []) for mode in modes}
+    for calibration in queries:
+        for mode in modes:
+            rows, _, products = ranked_evidence(engine, calibration.query, mode, calibration.filter, settings,
+                                                classifier=classifier, absent_leaf=calibration.absent_leaf)
+            rows, products = rows[:ROWS_PER_QUERY], products[:ROWS_PER_QUERY]
+            out[mode][0].append(rows)
+            out[mode][1].extend(product == calibration.product for product in products)
+            out[mode][2].extend(i == 0 for i in range(len(products)))
+    return {mode: (np.vstack(rows) if rows else np.zeros((0, len(EVIDENCE))), np.asarray(right, bool), np.asarray(top, bool))
+            for mode, (rows, right, top) in out.items()}
+
+
+def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = None, max_queries: int = 240,
+                          seed: int = 0, calibrator: MatchCalibrator | None = None) -> MatchCalibrator:
+    """A ``MatchCalibrator`` fitted on held-out queries made from ``catalog``'s items, every mode it answers."""
+    from catalens.search.engine import SearchEngine
+
+    started = time.perf_counter()
+    engine = SearchEngine(catalog, settings)
+    queries = calibration_queries(catalog, max_queries=max_queries, seed=seed)
+    evidence = calibration_evidence(engine, queries, engine.modes())
+    keys = np.array([record.key for record in catalog.items.records().values()], np.int64)
+    model = (calibrator or MatchCalibrator()).fit(evidence, keys)
+    log.info("match calibration fitted on %d held-out queries (%s) in %.1fs", len(queries),
+             ", ".join(f"{sum(q.kind == kind for q in queries)} {kind}" for kind in
+                       ("held-out photo", "augmented view", "absent product")), time.perf_counter() - started)
+    return model
+
+
+def calibrate_catalog(catalog: Catalog, max_queries: int = 240, seed: int = 0) -> MatchCalibrator:
+    """Fit the catalog's match calibration and store it with the index (``catalens calibrate``)."""
+    model = fit_match_calibration(catalog, max_queries=max_queries, seed=seed)
+    with catalog.lock:
+        model.save(catalog.models_dir / MODEL_FILE)
+    catalog._cache.pop("match_calibrator", None)
+    return model
+
+
+# --- what a search uses
+
+
+@dataclass
+class CalibrationState:
+    """The calibrator a search uses, and where it came from."""
+
+    calibrator: MatchCalibrator | None
+    stored: bool
+    changed_fraction: float = 0.0
+    reason: str = ""
+
+
+def current_keys(catalog: Catalog) -> np.ndarray:
+    """Every item key of the catalog now (cached until it is written)."""
+    return catalog.cached("item_keys", lambda: np.array(
+        [record.key for record in catalog.items.records().values()], np.int64))
+
+
+def _cached_state(catalog: Catalog, current: np.ndarray) -> CalibrationState | None:
+    entry = catalog._cache.get("match_calibrator")
+    if entry is None:
+        return None
+    generation, state = entry
+    if state.calibrator is None:
+        return state if generation == catalog.generation else None
+    fraction = state.calibrator.changed_fraction(current)
+    if fraction > state.calibrator.max_stale:
+        return None
+    state.changed_fraction = fraction
+    return state
+
+
+# Serialises fits. Not the catalog's lock: a fit runs searches whose feature extraction runs on
+# other threads (search.retrieval), and those take the catalog's lock to build features.
+_FIT_LOCK = threading.Lock()
+
+
+def match_calibration(catalog: Catalog) -> CalibrationState:
+    """The stored calibrator while it is fresh; else one fitted now, in memory, kept until the
+    catalog changes by more than ``max_stale`` again. ``calibrator`` is None where the catalog
+    cannot be calibrated (fewer than two products...): searches then carry no confidence."""
+    with catalog.lock:
+        state = _cached_state(catalog, current_keys(catalog))
+    if state is not None:
+        return state
+    with _FIT_LOCK:
+        with catalog.lock:
+            current = current_keys(catalog)
+            state = _cached_state(catalog, current)
+            generation = catalog.generation
+        if state is None:  # not fitted meanwhile by another thread
+            state = _load_or_fit(catalog, current)
+            with catalog.lock:
+                catalog._cache["match_calibrator"] = (generation, state)
+        return state
+
+
+def _load_or_fit(catalog: Catalog, current: np.ndarray) -> CalibrationState:
+    path = catalog.models_dir / MODEL_FILE
+    why = "no match calibration is stored with this index"
+    if path.is_file():
+        try:
+            stored = MatchCalibrator.load(path)
+            fraction = stored.changed_fraction(current)
+            if stored.coef_.shape[1] != len(EVIDENCE):
+                why = "the stored match calibration reads other evidence than this catalens (older version)"
+            elif fraction <= stored.max_stale and set(available_modes_of(catalog)) <= set(stored.modes()):
+                return CalibrationState(stored, True, fraction)
+            elif fraction > stored.max_stale:
+                why = (f"the stored match calibration is stale ({100 * fraction:.0f}% of the catalog changed since "
+                       "it was fitted)")
+            else:
+                why = "the stored match calibration does not cover every mode of the index"
+        except ModelFileError as error:
+            why = str(error)
+    started = time.perf_counter()
+    try:
+        model = fit_match_calibration(catalog)
+    except CalibrationError as error:
+        log.warning("%s: %s; results carry no confidence", catalog.location, error)
+        return CalibrationState(None, False, reason=str(error))
+    try:  # the next process need not fit it again
+        model.save(path)
+        stored = True
+    except OSError as error:
+        log.info("%s: cannot store the match calibration (%s); kept in memory", catalog.location, error)
+        stored = False
+    log.warning("%s: %s; fitted one from %d held-out catalog queries in %.0fs%s", catalog.location, why,
+                int(model.queries_.max()), time.perf_counter() - started,
+                f", stored in {path}" if stored else "; run 'catalens calibrate' to store it")
+    return CalibrationState(model, stored, reason=why)
+
+
+def available_modes_of(catalog: Catalog) -> list[str]:
+    from catalens.search.engine import available_modes
+
+    return available_modes(catalog)
+
+
+def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None, settings: SearchSettings,
+             result: QueryResult, calibrator: MatchCalibrator) -> QueryResult:
+    """``result`` with each hit's confidence and the query's ``match`` (None below the threshold)."""
+    result.calibrated = True
+    if not result.results:
+        return result
+    hits = result.results
+    rows, keys, _ = ranked_evidence(engine, query, mode, filter, settings, [hit.key for hit in hits],
+                                    [hit.score for hit in hits], catalog_classifier(engine.catalog))
+    confidence = dict(zip(keys.tolist(), calibrator.predict_proba(mode, rows).tolist(), strict=True))
+    result.results = [replace(hit, confidence=confidence.get(hit.key)) for hit in hits]
+    threshold = settings.match_threshold if settings.match_threshold is not None else calibrator.threshold(mode)
+    top = result.results[0]
+    result.match = top.id if top.confidence is not None and top.confidence >= threshold else None
+    return result
