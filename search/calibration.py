@@ -146,10 +146,13 @@ def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Seque
 def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None,
                     settings: SearchSettings, keys: Sequence[int] | None = None,
                     scores: Sequence[float] | None = None, classifier: FittedClassifier | None = None,
-                    absent_leaf: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                    absent_leaf: str | None = None,
+                    reference: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(evidence rows, keys, products) of ``keys``/``scores`` (default: the top ``DEPTH`` results)
-    against this query's top ``DEPTH`` results in ``mode``, every photo of a product counted, uncollapsed."""
-    reference_keys, reference_scores = engine.rank_products(query, mode, DEPTH, filter, settings.merged(collapse=False))
+    against this query's top ``DEPTH`` results in ``mode``, every photo of a product counted,
+    uncollapsed (``reference``, where the caller has ranked them already)."""
+    reference_keys, reference_scores = reference if reference is not None else \
+        engine.rank_products(query, mode, DEPTH, filter, settings.merged(collapse=False))
     if keys is None:
         keys, scores = reference_keys, reference_scores
     keys = [int(key) for key in keys]
@@ -569,14 +572,16 @@ def available_modes_of(catalog: Catalog) -> list[str]:
 
 
 def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None, settings: SearchSettings,
-             result: QueryResult, calibrator: MatchCalibrator) -> QueryResult:
-    """``result`` with each hit's confidence and the query's ``match`` (None below the threshold)."""
+             result: QueryResult, calibrator: MatchCalibrator,
+             reference: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
+    """``result`` with each hit's confidence and the query's ``match`` (None below the threshold).
+    ``reference``: the query's top ``DEPTH`` (keys, scores), uncollapsed, where the search has them."""
     result.calibrated = True
     if not result.results:
         return result
     hits = result.results
     rows, keys, _ = ranked_evidence(engine, query, mode, filter, settings, [hit.key for hit in hits],
-                                    [hit.score for hit in hits], catalog_classifier(engine.catalog))
+                                    [hit.score for hit in hits], catalog_classifier(engine.catalog), reference=reference)
     confidence = dict(zip(keys.tolist(), calibrator.predict_proba(mode, rows).tolist(), strict=True))
     result.results = [replace(hit, confidence=confidence.get(hit.key)) for hit in hits]
     threshold = settings.match_threshold if settings.match_threshold is not None else calibrator.threshold(mode)

@@ -23,6 +23,7 @@ from catalens.indexer.catalog import Catalog
 from catalens.indexer.features import feature_spec, feature_weights
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import ItemFilter
+from catalens.search.calibration import DEPTH as CALIBRATION_DEPTH
 from catalens.search.calibration import MatchCalibrator, annotate, match_calibration
 from catalens.search.products import rank_products
 from catalens.search.settings import SearchSettings
@@ -160,10 +161,15 @@ class SearchEngine:
             if filter is not None and filter.empty:
                 return QueryResult(query=name, results=[], calibrated=calibrator is not None)
             query = Query(image, name)
-            keys, scores = self.rank_products(query, mode, settings.k, filter, settings)
-            result = QueryResult(query=name, results=self.hits(keys, scores))
-            if calibrator is not None and mode in calibrator.modes():
-                annotate(self, query, mode, filter, settings, result, calibrator)
+            calibrated = calibrator is not None and mode in calibrator.modes()
+            # The confidences read the query's top CALIBRATION_DEPTH results: one ranking deep
+            # enough serves both (the candidates are the same, so its head is the top k).
+            depth = max(settings.k, CALIBRATION_DEPTH) if calibrated else settings.k
+            keys, scores = self.rank_products(query, mode, depth, filter, settings)
+            result = QueryResult(query=name, results=self.hits(keys[: settings.k], scores[: settings.k]))
+            if calibrated:
+                reference = None if settings.collapse else (keys[:CALIBRATION_DEPTH], scores[:CALIBRATION_DEPTH])
+                annotate(self, query, mode, filter, settings, result, calibrator, reference)
             return result
 
         if len(sources) == 1 or settings.query_threads <= 1:

@@ -709,6 +709,16 @@ def _crop(image):
     return image.crop((width // 5, height // 5, 4 * width // 5, 4 * height // 5)).resize((300, 300))
 
 
+def _calibrated(engine: SearchEngine) -> SearchEngine:
+    """``engine`` with its match calibration and the catalog classifier its confidences read fitted
+    (their own searches and one read of the cluster) before the searches a test inspects."""
+    from catalens.search.calibration import catalog_classifier
+
+    engine.calibrator()
+    catalog_classifier(engine.catalog)
+    return engine
+
+
 def test_a_global_feature_mode_is_answered_by_knn_on_the_cluster_with_cosine_scores(server, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -726,8 +736,10 @@ def test_a_global_feature_mode_is_answered_by_knn_on_the_cluster_with_cosine_sco
                               {"deep": np.array(rows[item_id], np.float32)})
                    for item_id, category in (("a", "Dairy/Milk"), ("b", "Dairy/Yoghurt"), ("c", "Fruit/Apple"))])
     catalog.save()  # searchable now
+    engine = _calibrated(SearchEngine(catalog))
     server.requests.clear()
-    [result] = SearchEngine(catalog).search([Image.new("RGB", (32, 32))], k=3, mode="deep", category="Dairy")
+    server.params.clear()  # in step with requests
+    [result] = engine.search([Image.new("RGB", (32, 32))], k=3, mode="deep", category="Dairy")
     assert [(hit.id, round(hit.score, 3), hit.title) for hit in result.results] == [("b", 1.0, "B"), ("a", 0.6, "A")]
     [knn] = [body["knn"] for body in _searches(server) if "knn" in body]
     # The kNN query filters on the category path, not on a list of keys that grows with the category.
@@ -769,9 +781,10 @@ def test_local_features_are_indexed_into_elasticsearch_with_words_of_a_vocabular
 def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_few_keypoint_fetches(server, es_catalog, tmp_path, stand_in_deep, mode):
     cluster, catalog = _indexed(server, tmp_path, es_catalog)
     settings = SearchSettings(local_verify_top=3, verify_top=2, candidates=4, word_candidates=4)
+    engine = _calibrated(SearchEngine(catalog, settings))
     server.requests.clear()
     server.params.clear()
-    [result] = SearchEngine(catalog, settings).search([_crop(textured_label(5))], k=3, mode=mode)
+    [result] = engine.search([_crop(textured_label(5))], k=3, mode=mode)
     assert result.results[0].id == "item5"
     if mode == "local":
         assert result.results[0].score >= settings.min_inliers  # geometrically verified
@@ -795,8 +808,9 @@ def test_local_and_fused_modes_run_against_elasticsearch_with_term_queries_and_f
 @pytest.mark.parametrize("mode", ["deep", "local", "fused"])
 def test_category_filter_reaches_the_elasticsearch_queries_of_every_mode(server, es_catalog, tmp_path, stand_in_deep, mode):
     _, catalog = _indexed(server, tmp_path, es_catalog)
+    engine = _calibrated(SearchEngine(catalog))
     server.requests.clear()
-    [result] = SearchEngine(catalog).search([_crop(textured_label(5))], k=4, mode=mode, category="Packages")
+    [result] = engine.search([_crop(textured_label(5))], k=4, mode=mode, category="Packages")
     assert result.results and all(hit.category.startswith("Packages/") for hit in result.results)
     filters = [body["knn"]["filter"] if "knn" in body else body["query"]["bool"]["filter"]
                for body in _searches(server) if "knn" in body or "should" in body.get("query", {}).get("bool", {})]
