@@ -41,6 +41,7 @@ from catalens.indexer.imageio import (
 )
 from catalens.indexer.stores import stack_rows
 from catalens.search.engine import SearchEngine
+from catalens.search.verification import match_descriptors
 
 log = logging.getLogger(__name__)
 
@@ -178,22 +179,6 @@ def _original_size(source: ImageSource, decoded: tuple[int, int]) -> tuple[int, 
 # --- local evidence
 
 
-def _ratio_pairs(query: np.ndarray, item: np.ndarray, ratio: float) -> np.ndarray:
-    """(m, 2) (query, item) keypoint pairs passing Lowe's ratio test, query to item (so that
-    several instances of one product in the photo all keep their matches)."""
-    if len(query) < 1 or len(item) < 2:
-        return np.zeros((0, 2), np.int32)
-    similarity = query @ item.T
-    rows = np.arange(len(query))
-    best = similarity.argmax(axis=1)
-    first = similarity[rows, best]
-    similarity[rows, best] = -2.0
-    second = similarity.max(axis=1)
-    # RootSIFT rows have norm 1: squared distance 2 - 2 cos.
-    keep = np.maximum(2 - 2 * first, 0) < ratio**2 * np.maximum(2 - 2 * second, 0)
-    return np.stack([rows[keep], best[keep]], axis=1).astype(np.int32)
-
-
 def _fit_box(query: LocalDescriptors, item: LocalDescriptors, pairs: np.ndarray, photo: tuple[int, int],
              min_inliers: int) -> tuple[int, tuple[float, float, float, float], np.ndarray] | None:
     """(inliers, box in the photo, inlier query keypoints) of the similarity mapping the item into
@@ -259,7 +244,8 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     for key, item in items.items():
         x0, y0, x1, y1 = regions[key]
         inside = np.nonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))[0]
-        found = _ratio_pairs(query.descriptors[inside], item.descriptors, settings.ratio)
+        # Query to item, so that several instances of one product in the photo all keep their matches.
+        found = match_descriptors(query.descriptors[inside], item.descriptors, settings.ratio)
         if len(found) >= settings.min_inliers:
             found[:, 0] = inside[found[:, 0]]
             pairs[key] = found
