@@ -146,10 +146,19 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             scores = [float(card.query_selector(".score").inner_text()) for card in cards]
             assert scores == sorted(scores, reverse=True) and scores[0] > 0  # fused scores may exceed 1
             assert "results in" in page.inner_text("#status")
+            # Calibrated confidences on the cards, and the verdict: the top result or "no confident match".
+            confidences = [card.query_selector(".confidence").inner_text() for card in cards]
+            assert all(text.endswith("% ·") for text in confidences), confidences
+            verdict = page.inner_text("#match")
+            assert verdict.startswith(cards[0].query_selector(".title").inner_text()) or \
+                verdict.startswith("no confident match"), verdict
             classify = page.evaluate("fetch('/stats').then(r => r.json()).then(s => s.features.classify)")
             if classify:
                 page.wait_for_function("!['—', '…'].includes(document.getElementById('classify').textContent)", timeout=60_000)
-                assert page.inner_text("#classify").split("/")[0] == query.category.split("/")[0]
+                # The confident category, then every level's best guess with its confidence.
+                proposed = page.inner_text("#classify")
+                assert proposed.split(" (")[0].split("/")[0] == query.category.split("/")[0], proposed
+                assert "%" in proposed, proposed
             shot = ARTIFACTS / "search.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")

@@ -114,9 +114,11 @@ function renderHits(body) {
     image.src = `${hit.image_url}?size=256`;
     const meta = document.createElement("figcaption");
     meta.className = "meta";
-    meta.innerHTML = `<div><span class="rank">#${rank + 1}</span> <span class="score"></span></div><div class="title"></div><div class="category"></div>`;
-    meta.querySelector(".score").textContent = hit.confidence === null || hit.confidence === undefined
-      ? hit.score.toFixed(3) : `${Math.round(100 * hit.confidence)}% · ${hit.score.toFixed(3)}`;
+    meta.innerHTML = `<div><span class="rank">#${rank + 1}</span> <span class="confidence"></span> <span class="score"></span></div><div class="title"></div><div class="category"></div>`;
+    if (hit.confidence !== null && hit.confidence !== undefined) {
+      meta.querySelector(".confidence").textContent = `${Math.round(100 * hit.confidence)}% ·`;
+    }
+    meta.querySelector(".score").textContent = hit.score.toFixed(3);
     meta.querySelector(".title").textContent = hit.title || hit.id;
     meta.querySelector(".category").textContent = hit.category;
     card.append(image, meta);
