@@ -80,6 +80,10 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield values[start : start + _CHUNK]
 
 
+# How much of the item store reads may map (SQLite maps at most the file's size).
+_MMAP_BYTES = 1 << 30
+
+
 class SqliteItemStore:
     """Thread-safe ``ItemStore`` over one ``items.sqlite`` (WAL: readers never wait for a writer)."""
 
@@ -100,6 +104,9 @@ class SqliteItemStore:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Reads through a memory map: a query reads ~36 keypoint blobs of ~50 KB, which took
+            # 7.3 ms a query through read() calls and 3.3 ms mapped (2,721-item grocery index).
+            self._db.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
             tables = {row["name"] for row in self._query("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as error:
             self._db.close()
