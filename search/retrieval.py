@@ -8,6 +8,7 @@ the word index only needs the crop's few words and RANSAC only needs a handful o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -66,13 +67,16 @@ def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Se
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def _side_pool() -> ThreadPoolExecutor:
+    """The process's one extraction pool (server threads asking at once still share it)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(2, thread_name_prefix="catalens-extract")
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="catalens-extract")
+        return _pool
 
 
 # --- local features
