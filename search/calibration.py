@@ -490,17 +490,22 @@ def current_keys(catalog: Catalog) -> np.ndarray:
         [record.key for record in catalog.items.records().values()], np.int64))
 
 
-def _cached_state(catalog: Catalog, current: np.ndarray) -> CalibrationState | None:
+def _cached_state(catalog: Catalog) -> CalibrationState | None:
+    """The kept state, checked against the catalog's keys once per catalog write (every search
+    asks; comparing every key each time cost O(items) a search)."""
     entry = catalog._cache.get("match_calibrator")
     if entry is None:
         return None
     generation, state = entry
+    if generation == catalog.generation:
+        return state
     if state.calibrator is None:
-        return state if generation == catalog.generation else None
-    fraction = state.calibrator.changed_fraction(current)
+        return None
+    fraction = state.calibrator.changed_fraction(current_keys(catalog))
     if fraction > state.calibrator.max_stale:
         return None
     state.changed_fraction = fraction
+    catalog._cache["match_calibrator"] = (catalog.generation, state)
     return state
 
 
@@ -514,13 +519,13 @@ def match_calibration(catalog: Catalog) -> CalibrationState:
     catalog changes by more than ``max_stale`` again. ``calibrator`` is None where the catalog
     cannot be calibrated (fewer than two products...): searches then carry no confidence."""
     with catalog.lock:
-        state = _cached_state(catalog, current_keys(catalog))
+        state = _cached_state(catalog)
     if state is not None:
         return state
     with _FIT_LOCK:
         with catalog.lock:
             current = current_keys(catalog)
-            state = _cached_state(catalog, current)
+            state = _cached_state(catalog)
             generation = catalog.generation
         if state is None:  # not fitted meanwhile by another thread
             state = _load_or_fit(catalog, current)
