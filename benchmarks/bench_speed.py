@@ -41,7 +41,7 @@ from catalens.datasets.grocery import catalog_items, split_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALENS = [sys.executable, "-m", "catalens.api.cli"]
-DEEP_ONLY = {"CATALENS_LOCAL_FEATURES": "false", "CATALENS_COLOUR_FEATURES": "false"}
+DEEP_ONLY = {"CATALENS_FEATURES": "deep"}
 
 
 def timed_command(command: list[str], env: dict[str, str] | None = None) -> float:

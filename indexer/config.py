@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     create_model,
     field_validator,
@@ -191,9 +192,35 @@ def load_layered(model: type[M], table: str, env_prefix: str, path: str | Path |
     return model(**_validated(model, given, "arguments", values))
 
 
+# Switches from before ``features`` was a list (``from_json`` reads their stored form): still
+# honoured, since scripts and the issue tracker use them, and ignoring one silently indexed
+# every feature for a user who asked for fewer.
+LEGACY_FEATURE_SWITCHES = {"CATALENS_LOCAL_FEATURES": "sift", "CATALENS_COLOUR_FEATURES": "colour"}
+
+
+def _switched_off(variable: str) -> bool:
+    text = os.environ.get(variable)
+    if text is None:
+        return False
+    try:
+        return not TypeAdapter(bool).validate_python(text.strip())
+    except ValidationError:
+        raise ConfigError(f"{variable}={text!r}: expected true or false") from None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
-    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides."""
-    return load_layered(IndexConfig, "index", "CATALENS_", path, **overrides)
+    """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides.
+
+    ``CATALENS_LOCAL_FEATURES=false`` / ``CATALENS_COLOUR_FEATURES=false`` drop sift / colour from
+    the features, unless the arguments list the features themselves.
+    """
+    config = load_layered(IndexConfig, "index", "CATALENS_", path, **overrides)
+    dropped = {feature for variable, feature in LEGACY_FEATURE_SWITCHES.items() if _switched_off(variable)}
+    if dropped and overrides.get("features") is None:
+        # Given as the list the switches stand for, so it counts as set explicitly.
+        features = [name for name in config.features if name not in dropped]
+        config = load_layered(IndexConfig, "index", "CATALENS_", path, **{**overrides, "features": features})
+    return config
 
 
 # What an existing index does with a setting given explicitly for a run (``model_fields_set``):

@@ -167,6 +167,23 @@ def test_variables_are_read_by_pydantic_settings_lists_and_tables_included(monke
         load_search_settings()
 
 
+def test_the_older_feature_switches_still_drop_their_features(monkeypatch, tmp_path):
+    # Scripts (and the speed issue) index deep features only with these; ignored, they indexed all.
+    from catalens.indexer.config import ConfigError, load_config
+
+    monkeypatch.setenv("CATALENS_LOCAL_FEATURES", "false")
+    assert load_config().features == ["deep", "colour"]
+    monkeypatch.setenv("CATALENS_COLOUR_FEATURES", "False")
+    config = load_config()
+    assert config.features == ["deep"] and "features" in config.model_fields_set and "sift" not in config.feature_options
+    assert load_config(features=["deep", "sift"]).features == ["deep", "sift"]  # an argument wins
+    monkeypatch.setenv("CATALENS_COLOUR_FEATURES", "true")
+    assert load_config().features == ["deep", "colour"]
+    monkeypatch.setenv("CATALENS_LOCAL_FEATURES", "nope")
+    with pytest.raises(ConfigError, match="CATALENS_LOCAL_FEATURES='nope': expected true or false"):
+        load_config()
+
+
 def test_search_in_a_mode_not_built_yet_is_one_line(shop):
     done = catalens("search", str(next(shop[0].rglob("*.jpg"))), "--index", str(shop[1]), "--mode", "ae")
     assert done.returncode == 2
