@@ -33,14 +33,30 @@ def _config(**extra) -> IndexConfig:
 # --- units
 
 
-def test_descriptor_blob_round_trips_geometry_and_rootsift_rows():
+def test_descriptor_blob_round_trips_geometry_and_rootsift_rows_in_half_the_bytes():
     described = SiftPreparer(300, 320)(textured_label(1))
     assert 50 < len(described) <= 300
-    back = LocalDescriptors.from_bytes(described.to_bytes())
-    np.testing.assert_allclose(back.keypoints, described.keypoints)
+    blob = described.to_bytes()
+    assert len(blob) == 16 + 72 * len(described)  # v1 took 144 a keypoint
+    back = LocalDescriptors.from_bytes(blob)
     assert back.image_size == (320, 320)
-    np.testing.assert_allclose(back.descriptors, described.descriptors, atol=1.5 / 512)
+    # Positions and sizes to 1/2048 of the longer side, angles to a quarter degree.
+    np.testing.assert_allclose(back.keypoints[:, :3], described.keypoints[:, :3], atol=320 / 2048)
+    np.testing.assert_allclose(back.keypoints[:, 3], described.keypoints[:, 3], atol=0.25)
+    cosines = np.einsum("ij,ij->i", back.descriptors, described.descriptors) / np.linalg.norm(back.descriptors, axis=1)
+    assert cosines.min() > 0.97 and np.median(cosines) > 0.99
     np.testing.assert_allclose(np.linalg.norm(described.descriptors, axis=1), 1.0, atol=1e-4)
+
+
+def test_blobs_written_by_earlier_versions_still_read():
+    described = SiftPreparer(100, 320)(textured_label(4))
+    v1 = (np.array([1, len(described), 320, 320], np.uint32).tobytes() + described.keypoints.astype(np.float32).tobytes()
+          + np.clip(np.rint(described.descriptors * 512), 0, 255).astype(np.uint8).tobytes())
+    back = LocalDescriptors.from_bytes(v1)
+    np.testing.assert_allclose(back.keypoints, described.keypoints)
+    np.testing.assert_allclose(back.descriptors, described.descriptors, atol=1.5 / 512)
+    with pytest.raises(ValueError, match="blob version 7"):
+        LocalDescriptors.from_bytes(np.array([7, 0, 1, 1], np.uint32).tobytes())
 
 
 def test_keypoints_are_in_original_pixel_coordinates_whatever_the_working_size():

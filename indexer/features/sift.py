@@ -33,9 +33,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FEATURE_NAME = "sift"
-_BLOB_VERSION = 1
-# RootSIFT components lie in [0, ~0.5]; this scale keeps them in a uint8 with ~0.002 steps.
-_DESCRIPTOR_SCALE = 512.0
+# Blob layouts, read by version. 1 (catalens <= 0.3): float32 geometry, one uint8 a component.
+# 2 (written now): half the bytes, 72 a keypoint instead of 144.
+#  - Geometry as float16, positions and sizes as fractions of the image's longer side: 1/2048 of
+#    the side at worst, against a RANSAC tolerance of 1/50 of it, and no overflow on big photos.
+#  - Components as 4-bit codes of their square root (RootSIFT is already a square root, so this
+#    spends the levels where the values are). On 50 val photos against a catalog photo of their
+#    product, mean inliers were 5.0 with 4 bits, 5.0 with 8 and 5.1 unquantised; photos of other
+#    products kept 1.5 in all three.
+_BLOB_VERSION = 2
+_V1_DESCRIPTOR_SCALE = 512.0  # v1: RootSIFT components in [0, ~0.5], ~0.002 steps
+_V2_CODE_SCALE = 15.0 / np.sqrt(0.5)  # v2: code = rint(sqrt(component) * scale), 0..15
+_V2_LEVELS = (np.arange(16, dtype=np.float32) / np.float32(_V2_CODE_SCALE)) ** 2
 
 
 @dataclass
@@ -81,20 +90,30 @@ class LocalDescriptors:
         return len(self.keypoints)
 
     def to_bytes(self) -> bytes:
-        header = np.array([_BLOB_VERSION, len(self), *self.image_size], np.uint32).tobytes()
-        quantised = np.clip(np.rint(self.descriptors * _DESCRIPTOR_SCALE), 0, 255).astype(np.uint8)
-        return header + self.keypoints.astype(np.float32).tobytes() + quantised.tobytes()
+        width, height = self.image_size
+        side = np.float32(max(width, height, 1))
+        header = np.array([_BLOB_VERSION, len(self), width, height], np.uint32).tobytes()
+        geometry = self.keypoints.astype(np.float32) / np.array([side, side, side, 1.0], np.float32)
+        codes = np.clip(np.rint(np.sqrt(np.maximum(self.descriptors, 0.0)) * _V2_CODE_SCALE), 0, 15).astype(np.uint8)
+        packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        return header + geometry.astype(np.float16).tobytes() + packed.tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LocalDescriptors:
-        version, n, width, height = np.frombuffer(data, np.uint32, count=4)
-        if version != _BLOB_VERSION:
-            raise ValueError(f"local descriptor blob version {version}, expected {_BLOB_VERSION}")
-        offset = 16
-        keypoints = np.frombuffer(data, np.float32, count=int(n) * 4, offset=offset).reshape(-1, 4)
-        offset += keypoints.nbytes
-        quantised = np.frombuffer(data, np.uint8, count=int(n) * 128, offset=offset).reshape(-1, 128)
-        return cls(keypoints.copy(), quantised.astype(np.float32) / _DESCRIPTOR_SCALE, (int(width), int(height)))
+        version, n, width, height = (int(value) for value in np.frombuffer(data, np.uint32, count=4))
+        if version == 1:
+            keypoints = np.frombuffer(data, np.float32, count=n * 4, offset=16).reshape(-1, 4).copy()
+            quantised = np.frombuffer(data, np.uint8, count=n * 128, offset=16 + keypoints.nbytes).reshape(-1, 128)
+            return cls(keypoints, quantised.astype(np.float32) / _V1_DESCRIPTOR_SCALE, (width, height))
+        if version != 2:
+            raise ValueError(f"local descriptor blob version {version}, expected 1 or 2")
+        side = np.float32(max(width, height, 1))
+        keypoints = np.frombuffer(data, np.float16, count=n * 4, offset=16).reshape(-1, 4).astype(np.float32)
+        keypoints *= np.array([side, side, side, 1.0], np.float32)
+        packed = np.frombuffer(data, np.uint8, count=n * 64, offset=16 + n * 8).reshape(-1, 64)
+        codes = np.empty((n, 128), np.uint8)
+        codes[:, 0::2], codes[:, 1::2] = packed >> 4, packed & 15
+        return cls(keypoints, _V2_LEVELS[codes], (width, height))
 
 
 def root_sift(descriptors: np.ndarray) -> np.ndarray:
