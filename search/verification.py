@@ -7,15 +7,13 @@ merely looks alike (fruit skin, carton ridges) keeps few.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from catalens.indexer.blas import blas_threads
 from catalens.indexer.features.sift import LocalDescriptors
 
 
@@ -51,7 +49,7 @@ def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.
         stacked[position, : len(item)] = item
         half_norms[position, : len(item)] = 0.5 * np.einsum("ij,ij->i", stacked[position, : len(item)], stacked[position, : len(item)])
     # |q - x|^2 = |q|^2 - 2 (q.x - |x|^2 / 2): the nearest row maximises q.x - |x|^2 / 2.
-    with _blas_threads():
+    with blas_threads():
         closeness = np.matmul(query[None], stacked.transpose(0, 2, 1))  # (items, queries, width)
     closeness -= half_norms[:, None, :]
     nearest = closeness.argmax(axis=2)
@@ -66,39 +64,6 @@ def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.
     rows = np.arange(len(query), dtype=np.int32)
     return [np.stack([rows[ok], nearest[position][ok].astype(np.int32)], axis=1) if ok.any() else empty
             for position, ok in enumerate(passed)]
-
-
-_blas: ThreadpoolController | None = None
-_running = 0  # matrix products in progress in this process
-_limited = None  # the one-thread limit while products overlap
-_running_lock = threading.Lock()
-
-
-@contextmanager
-def _blas_threads():
-    """The product on every BLAS thread when it runs alone, on one while products overlap.
-
-    A lone query (its network and keypoints done) has the cores to itself. Searches side by side
-    (server threads, query threads) each take one: OpenBLAS threads spinning against each other
-    made the product 7x slower on 2 busy cores (590 ms against 85 ms for 55 candidates). The
-    limit is process-wide (OpenBLAS has one thread count), so it is set when a second product
-    starts and lifted when the last one ends.
-    """
-    global _blas, _running, _limited
-    with _running_lock:
-        if _blas is None:
-            _blas = ThreadpoolController()
-        _running += 1
-        if _running == 2 and _limited is None:
-            _limited = _blas.limit(limits=1, user_api="blas")
-    try:
-        yield
-    finally:
-        with _running_lock:
-            _running -= 1
-            if _running == 0 and _limited is not None:
-                _limited.restore_original_limits()
-                _limited = None
 
 
 def match_descriptors(query: np.ndarray, item: np.ndarray, ratio: float = 0.8) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The fast paths give the answers of the plain ones: batched descriptor matching against a
-brute-force matcher, per-thread infer requests against one caller, queries side by side against
+brute-force matcher, a query's visual words against bulk assignment, per-thread infer requests against one caller, queries side by side against
 one at a time, and verification that stops early against verifying every candidate."""
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def test_verify_many_gives_each_pairs_verification():
     alone = [verify(query, item) for item in items]
     assert [check.inliers for check in together] == [check.inliers for check in alone]
     assert together[1].inliers >= 30 and together[0].inliers < 8
+
+
+def test_a_querys_words_by_matrix_product_are_the_bulk_assignments_words():
+    from catalens.indexer.training.vocabulary import VisualVocabulary
+
+    preparer = SiftPreparer(400, 320)
+    described = [preparer(textured_label(seed)).descriptors for seed in range(6)]
+    vocabulary = VisualVocabulary(64, iterations=4).fit(np.concatenate(described[:4]), fitted_on=4)
+    bulk = np.concatenate(described[4:] * 8)  # over the query-size limit: faiss's flat search
+    assert len(bulk) > 2048
+    words = vocabulary.transform(bulk)
+    query_words = np.concatenate([vocabulary.transform(rows) for rows in described[4:]])
+    np.testing.assert_array_equal(query_words, words[: len(query_words)])
 
 
 def test_openvino_runner_serves_threads_side_by_side_with_the_same_outputs():
