@@ -45,6 +45,7 @@ _BLOB_VERSION = 2
 _V1_DESCRIPTOR_SCALE = 512.0  # v1: RootSIFT components in [0, ~0.5], ~0.002 steps
 _V2_CODE_SCALE = 15.0 / np.sqrt(0.5)  # v2: code = rint(sqrt(component) * scale), 0..15
 _V2_LEVELS = (np.arange(16, dtype=np.float32) / np.float32(_V2_CODE_SCALE)) ** 2
+_V2_PAIRS = np.stack([_V2_LEVELS[np.arange(256) >> 4], _V2_LEVELS[np.arange(256) & 15]], axis=1)  # byte -> 2 components
 
 
 @dataclass
@@ -111,9 +112,8 @@ class LocalDescriptors:
         keypoints = np.frombuffer(data, np.float16, count=n * 4, offset=16).reshape(-1, 4).astype(np.float32)
         keypoints *= np.array([side, side, side, 1.0], np.float32)
         packed = np.frombuffer(data, np.uint8, count=n * 64, offset=16 + n * 8).reshape(-1, 64)
-        codes = np.empty((n, 128), np.uint8)
-        codes[:, 0::2], codes[:, 1::2] = packed >> 4, packed & 15
-        return cls(keypoints, _V2_LEVELS[codes], (width, height))
+        # Each byte to its two components through one table (a query reads ~36 blobs).
+        return cls(keypoints, np.take(_V2_PAIRS, packed, axis=0).reshape(n, 128), (width, height))
 
 
 def root_sift(descriptors: np.ndarray) -> np.ndarray:
