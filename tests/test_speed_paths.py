@@ -123,3 +123,18 @@ def test_verification_stopping_early_keeps_the_top_result(synthetic_index, tmp_p
         assert sum(photo_id.endswith(f"{stem}.jpg") for photo_id, stem in zip(full, stems, strict=True)) >= 6, (full, stems)
     finally:
         catalog.close()
+
+
+def test_blas_threads_are_told_to_sleep_before_numpy_loads():
+    # Spinning OpenBLAS threads cost a search ~30 ms of CPU; the setting only counts before load.
+    import os
+    import subprocess
+    import sys
+
+    probe = "import sys, os, catalens.api; print('numpy' in sys.modules, os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "4"]
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "20"]  # a user's own setting stands

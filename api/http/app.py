@@ -119,7 +119,10 @@ def create_app(
     state = ServerState(
         service=service, read_only=read_only, api_key=api_key,
         max_upload_bytes=max_upload_bytes, max_upload_pixels=max_upload_pixels,
-        executor=ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2), thread_name_prefix="catalens"),
+        # One request computing per core: each search already runs its network beside its
+        # keypoints. With 8 clients on 2 cores, 2 threads answered 22-24 req/s (p95 ~400 ms)
+        # where 4 answered 15-21 (p95 460-780 ms); benchmarks/bench_load.py.
+        executor=ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="catalens"),
     )
 
     items.remove_orphan_uploads(state)
