@@ -34,6 +34,8 @@ from catalens.search.verification import verify
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+# Most similarities held at once when comparing rows with every support row (~256 MB of float32).
+_SIMILARITY_BUDGET = 1 << 26
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -275,11 +277,19 @@ class HierarchicalFewShotClassifier(Estimator):
 
     def _nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, len(self.support_))
-        sims = queries @ self.support_.T
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        nearest_sims = np.take_along_axis(sims, nearest, axis=1)
-        order = np.argsort(-nearest_sims, axis=1)
-        return np.take_along_axis(nearest, order, axis=1), np.take_along_axis(nearest_sims, order, axis=1)
+        nearest = np.zeros((len(queries), k), np.int64)
+        nearest_sims = np.zeros((len(queries), k), np.float32)
+        # Query rows a block at a time, each block's similarities at most ~64M floats: fitting on a
+        # 100k-item catalog held out 20k rows, and their similarities at once took 6.4 GB and more.
+        block = max(1, _SIMILARITY_BUDGET // max(len(self.support_), 1))
+        for start in range(0, len(queries), block):
+            sims = queries[start : start + block] @ self.support_.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            top_sims = np.take_along_axis(sims, top, axis=1)
+            order = np.argsort(-top_sims, axis=1)
+            nearest[start : start + block] = np.take_along_axis(top, order, axis=1)
+            nearest_sims[start : start + block] = np.take_along_axis(top_sims, order, axis=1)
+        return nearest, nearest_sims
 
     def leaf_proba(self, features: np.ndarray, evidence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(leaf probabilities (n, leaves), nearest support rows (n, k), their similarities).
