@@ -10,8 +10,8 @@ The grown index (in ``--work``, default a temporary folder; about 3.5 GB at 100k
 ``--index``: every item again under new ids until the size is reached, each copy with its
 keypoint blobs and words (posting lists grow as they would, under the same vocabulary) and its
 global vectors plus noise (cosine ~0.9 to the original), so that the nearest neighbours are not
-ties. FAISS files are rebuilt from SQLite as for any index whose files are missing, with the
-configured factory. The table gives the time to grow, the first search (FAISS load, inverted
+ties. Its FAISS index is the one the configuration rule recommends at that size
+(``recommended_factory``: HNSW32 at 100k), built from SQLite when the index opens. The table gives the time to grow, the first search (FAISS load, inverted
 file, classifier and match calibration fitted at that size) and p50/p95 of one search a call over
 val photos, beside the same searches on ``--index`` in this process.
 """
@@ -19,6 +19,7 @@ val photos, beside the same searches on ``--index`` in this process.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sqlite3
 import statistics
@@ -32,12 +33,17 @@ from catalens.api.tables import format_table
 from catalens.datasets.grocery import split_photos
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.stores import item_key
+from catalens.indexer.stores.faiss_vectors import recommended_factory
 
 
 def grow(source: Path, target: Path, size: int, seed: int = 0) -> int:
     """``source`` copied to ``target`` with its items repeated under new ids up to ``size``."""
     target.mkdir(parents=True)
-    shutil.copy2(source / "catalens.json", target / "catalens.json")
+    meta = json.loads((source / "catalens.json").read_text())
+    # The vector index the configuration rule gives a catalog of this size (exact search up to 30k).
+    meta["config"]["faiss_factory"] = recommended_factory(size, max(meta["dims"].values()))
+    meta.pop("faiss_built", None)
+    (target / "catalens.json").write_text(json.dumps(meta, indent=2))
     shutil.copytree(source / "models", target / "models")
     db = sqlite3.connect(target / "items.sqlite")
     db.execute("PRAGMA journal_mode = WAL")

@@ -57,7 +57,8 @@ class IndexConfig(BaseModel):
     features: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["deep", "colour", "sift"])
     # Per-feature settings, e.g. {"sift": {"max_keypoints": 400}}; each feature checks its own.
     feature_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # faiss index_factory string: "Flat" is exact and right up to ~100k items on one machine.
+    # faiss index_factory string: "Flat" is exact, right up to ~30k items on one machine; for larger
+    # catalogs see catalens.indexer.stores.faiss_vectors.recommended_factory (HNSW32, then IVF-PQ).
     faiss_factory: str = "Flat"
     # faiss.ParameterSpace string applied whenever the index is opened ("nprobe=32,k_factor_rf=4");
     # "auto" is catalens.indexer.stores.faiss_vectors.recommended_search_parameters(faiss_factory).

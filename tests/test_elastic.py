@@ -330,7 +330,7 @@ def test_word_scores_from_elasticsearch_are_relative_to_the_best_hit(server):
     assert server.requests[0][2]["query"]["bool"]["filter"] == [{"terms": {"key": [1, 2, 3]}}]
 
 
-def test_recommended_factory_grows_from_exact_to_reranked_ivfpq_with_catalog_size():
+def test_recommended_factory_grows_from_exact_through_hnsw_to_reranked_ivfpq_with_catalog_size():
     import faiss
 
     from catalens.indexer.stores.faiss_vectors import (
@@ -338,7 +338,9 @@ def test_recommended_factory_grows_from_exact_to_reranked_ivfpq_with_catalog_siz
         recommended_search_parameters,
     )
 
-    assert recommended_factory(50_000, 1280) == "Flat"
+    assert recommended_factory(20_000, 1280) == "Flat"
+    assert recommended_factory(100_000, 1280) == "HNSW32"
+    assert recommended_search_parameters("HNSW32") == "efSearch=128"
     assert recommended_factory(1_000_000, 1280) == "IVF4096_HNSW32,PQ64,Refine(SQ8)"
     large = recommended_factory(20_000_000, 1280)
     assert large.startswith("IVF16384") and "PQ" in large
