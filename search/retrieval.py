@@ -55,6 +55,11 @@ def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Se
                          local_features: Sequence[str]) -> None:
     """The query's vectors and words for these features, the network and the keypoints computed
     at once on two threads (both release the GIL), kept on the query for the rankers."""
+    # Models are built here, in the calling thread, before any job runs: building one compiles a
+    # network (and may import OpenVINO, whose converter forks a process); beside another thread's
+    # BLAS product, that fork hung the product (OpenBLAS's fork handler waits on it).
+    for name in (*global_features, *local_features):
+        engine.catalog.feature(name)
     jobs = [lambda name=name: query_vector(engine, query, name) for name in global_features]
     jobs += [lambda name=name: query_words(engine, query, name) for name in local_features]
     if len(jobs) < 2:
