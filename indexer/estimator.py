@@ -4,23 +4,30 @@ Hyper-parameters go to ``__init__`` and are stored unchanged; ``fit`` learns and
 ``self``; what was learned lives in attributes ending in ``_``. ``save`` / ``load`` write and
 read one file per model, the same way for the visual vocabulary, the autoencoder, the
 fine-tuned network top and the projection head: the class, its hyper-parameters and its
-learned state, as tensors, loaded with ``torch.load(weights_only=True)`` so a model file can
-never run code.
+learned state. The file is an uncompressed numpy ``.npz`` archive: one JSON document
+(``__meta__``) with every array replaced by the name of its entry. It is read with
+``np.load(allow_pickle=False)``, so a model file can never run code, and without importing
+torch; torch is imported only to give tensors back to a model that saved tensors, and to read
+the files of older catalens (``torch.save`` archives, read with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 E = TypeVar("E", bound="Estimator")
 
-FORMAT = 1
+FORMAT = 2
+
+META = "__meta__"
 
 
 class NotFittedError(RuntimeError):
@@ -31,31 +38,94 @@ class ModelFileError(RuntimeError):
     """A model file that cannot be loaded; the message names the file and what to do."""
 
 
-def _encode(value: Any) -> Any:
-    """Arrays as tensors (strings as lists), recursively: what ``weights_only`` loading accepts."""
+def _is_tensor(value: Any) -> bool:
+    # A tensor exists only once torch is imported; asking sys.modules keeps numpy-only models torch-free.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _encode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``value`` as JSON, its arrays and tensors moved into ``arrays`` and referred to by name."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "US":
             return {"__strings__": [str(v) for v in value.ravel()], "shape": list(value.shape)}
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value))}
+        if value.dtype.hasobject:
+            raise TypeError(f"cannot save an array of {value.dtype} (it would need pickle)")
+        return {"__ndarray__": _add(arrays, value)}
+    if _is_tensor(value):
+        return _encode_tensor(value, arrays)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, dict):
-        return {key: _encode(item) for key, item in value.items()}
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError(f"cannot save a dict with keys that are not strings: {list(value)[:5]}")
+        return {key: _encode(item, arrays) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_encode(item) for item in value]
+        return [_encode(item, arrays) for item in value]
     return value
 
 
-def _decode(value: Any) -> Any:
+def _encode_tensor(tensor: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    try:
+        return {"__tensor__": _add(arrays, tensor.numpy())}
+    except TypeError:
+        # numpy has no bfloat16 (nor float8): float32 holds every value of those exactly.
+        if not tensor.is_floating_point():
+            raise TypeError(f"cannot save a tensor of {tensor.dtype}") from None
+        return {"__tensor__": _add(arrays, tensor.to(torch.float32).numpy()),
+                "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _add(arrays: dict[str, np.ndarray], array: np.ndarray) -> str:
+    name = f"a{len(arrays)}"
+    arrays[name] = array
+    return name
+
+
+def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(value, dict):
         if "__ndarray__" in value:
-            return value["__ndarray__"].numpy()
+            found = value["__ndarray__"]
+            return arrays[found] if isinstance(found, str) else found.numpy()  # format 1 held the tensor
+        if "__tensor__" in value:
+            return _tensor(arrays[value["__tensor__"]], value.get("dtype"))
         if "__strings__" in value:
             return np.asarray(value["__strings__"], dtype=str).reshape(value["shape"])
-        return {key: _decode(item) for key, item in value.items()}
+        return {key: _decode(item, arrays) for key, item in value.items()}
     if isinstance(value, list):
-        return [_decode(item) for item in value]
+        return [_decode(item, arrays) for item in value]
     return value
+
+
+def _tensor(array: np.ndarray, dtype: str | None) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(array)
+    return tensor.to(getattr(torch, dtype)) if dtype else tensor
+
+
+def _read(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """The payload at ``path`` and the arrays its references name, whichever format wrote it."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if f"{META}.npy" in names:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        return json.loads(arrays.pop(META).tobytes().decode("utf-8")), arrays
+    if any(name.endswith("data.pkl") for name in names):
+        # Format 1: a torch.save archive of tensors; only these files need torch.
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    raise ValueError("a zip archive without a catalens model")
+
+
+def _unreadable(path: Path, error: Exception) -> ModelFileError:
+    return ModelFileError(f"{path}: not a readable catalens model ({type(error).__name__}); "
+                          f"delete it and fit it again")
 
 
 class Estimator:
@@ -94,11 +164,14 @@ class Estimator:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         params = {key: value for key, value in self.get_params().items() if _saveable_param(value)}
-        payload = {"estimator": type(self).__name__, "format": FORMAT, "params": _encode(params),
-                   "state": _encode(self._state())}
+        arrays: dict[str, np.ndarray] = {}
+        payload = {"estimator": type(self).__name__, "format": FORMAT, "params": _encode(params, arrays),
+                   "state": _encode(self._state(), arrays)}
+        meta = np.frombuffer(json.dumps(payload).encode("utf-8"), np.uint8)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
+            # A handle, not a path: np.savez appends ".npz" to a path that does not end in it.
+            np.savez(handle, allow_pickle=False, **{META: meta}, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -109,20 +182,23 @@ class Estimator:
         """The model saved at ``path``; ``overrides`` replace saved parameters (``progress``...)."""
         path = Path(path)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload, arrays = _read(path)
         except FileNotFoundError:
             raise
-        except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
-            raise ModelFileError(f"{path}: not a readable catalens model ({type(error).__name__}); "
-                                 f"delete it and fit it again") from None
+        except Exception as error:  # noqa: BLE001 - zipfile, numpy, json and torch raise many kinds for a damaged file
+            raise _unreadable(path, error) from None
         if not isinstance(payload, dict) or payload.get("estimator") != cls.__name__:
             found = payload.get("estimator") if isinstance(payload, dict) else type(payload).__name__
             raise ModelFileError(f"{path}: holds a {found or 'model of an older catalens'}, not a {cls.__name__}; "
                                  "delete it and fit it again")
-        params = {**_decode(payload["params"]), **overrides}
+        try:
+            saved, state = _decode(payload["params"], arrays), _decode(payload["state"], arrays)
+        except (KeyError, TypeError, AttributeError) as error:  # a reference to an array the file lacks
+            raise _unreadable(path, error) from None
+        params = {**saved, **overrides}
         known = set(inspect.signature(cls.__init__).parameters)
         model = cls(**{key: value for key, value in params.items() if key in known})
-        model._restore(_decode(payload["state"]))
+        model._restore(state)
         return model
 
 
