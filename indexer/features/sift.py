@@ -142,10 +142,11 @@ class SiftPreparer:
     def _detector(self):
         sift = getattr(self._local, "sift", None)
         if sift is None:
-            from torch.utils.data import get_worker_info
+            from catalens.indexer.features.decode import in_decode_worker
 
-            if get_worker_info() is not None:
-                # A decode worker shares the machine with the network in the main process.
+            if in_decode_worker():
+                # A decode worker (forked by ``iter_prepared``) shares the machine with the
+                # network in the main process.
                 # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
                 # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
                 cv2.setNumThreads(0)
