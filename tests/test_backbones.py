@@ -87,8 +87,8 @@ def altstack_mapped():
             return True
     return False
 
-first = OpenVinoRunner(torch.nn.Conv2d(3, 4, 3), 8, threads=1, cache_key=None)
-second = OpenVinoRunner(torch.nn.Conv2d(3, 2, 3), 8, threads=1, cache_key=None)
+first = OpenVinoRunner(lambda: torch.nn.Conv2d(3, 4, 3), 8, threads=1, cache_key=None)
+second = OpenVinoRunner(lambda: torch.nn.Conv2d(3, 2, 3), 8, threads=1, cache_key=None)
 del first  # freed in the order Python's garbage happens to give, not the reverse of creation
 gc.collect()
 del second

@@ -64,8 +64,8 @@ def test_a_querys_words_by_matrix_product_are_the_bulk_assignments_words():
 
 def test_openvino_runner_serves_threads_side_by_side_with_the_same_outputs():
     torch.manual_seed(0)
-    runner = OpenVinoRunner(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                                torch.nn.Flatten()), 32, threads=1)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    runner = OpenVinoRunner(lambda: module, 32, threads=1)
     batches = [np.random.default_rng(seed).random((3, 3, 32, 32), dtype=np.float32) for seed in range(8)]
     # A batch goes through the infer-request pool; one image through the thread's own request.
     expected = [np.concatenate([runner(batch[i : i + 1]) for i in range(len(batch))]) for batch in batches]

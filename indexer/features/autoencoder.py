@@ -13,20 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
-from catalens.indexer.backbones import Backbone
 from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import register_feature
 from catalens.indexer.features.decode import extract_rows
 from catalens.indexer.features.deep import DeepFeature
 from catalens.indexer.runtime import compile_network
-from catalens.indexer.training.autoencoder import ConvAutoencoder
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
+    from catalens.indexer.training.autoencoder import ConvAutoencoder
 
 FEATURE_NAME = "ae"
 SCORE_FEATURE = "ae_score"  # each item's anomaly score (a float32 row), for the audit
@@ -47,17 +44,6 @@ class PixelPreparer:
         return np.ascontiguousarray((np.asarray(cropped, np.float32) / 255.0).transpose(2, 0, 1))
 
 
-class FeatureMaps(nn.Module):
-    """A backbone up to its last feature maps (timm's ``forward_features``)."""
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(images)
-
-
 class AutoencoderInputs:
     """Turns decoded images into what the autoencoder reads, in two steps like every feature:
     ``preparer`` (decode workers) and ``finish`` (main process, batched)."""
@@ -75,8 +61,12 @@ class AutoencoderInputs:
             raise ValueError("feature-map inputs need the catalog's deep feature")
         self.preparer, self.draft_size = deep.preparer, deep.draft_size
         runtime = "torch" if deep.runtime == "torch" else "auto"
-        self._network, _ = compile_network(FeatureMaps(deep.model), deep.spec.input_size, runtime, deep.device,
-                                           f"{deep.backbone}-maps")
+        def build():
+            from catalens.indexer.backbone_networks import FeatureMaps
+
+            return FeatureMaps(deep.model)
+
+        self._network, _ = compile_network(build, deep.spec.input_size, runtime, deep.device, f"{deep.backbone}-maps")
 
     def finish(self, prepared: list[np.ndarray]) -> np.ndarray:
         if not prepared:
@@ -132,6 +122,8 @@ def load_autoencoder(catalog: Any) -> IndexAutoencoder:
         raise NotFittedError(f"{catalog.location}: no autoencoder trained for this index (run 'catalens train-ae' first)")
 
     def build() -> IndexAutoencoder:
+        from catalens.indexer.training.autoencoder import ConvAutoencoder
+
         model = ConvAutoencoder.load(path, progress=False)
         deep = catalog.feature("deep") if model.input_kind == "features" else None
         return IndexAutoencoder(model, AutoencoderInputs(model.input_kind, deep))

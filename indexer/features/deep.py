@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from catalens.indexer.backbones import BackboneSpec, get_backbone
 from catalens.indexer.features import l2_normalise, register_feature
-from catalens.indexer.runtime import compile_network, weights_stamp
+from catalens.indexer.runtime import compile_network, resolve_device, weights_stamp
 
 if TYPE_CHECKING:
+    from catalens.indexer.backbone_networks import Backbone
     from catalens.indexer.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ class DeepPreparer:
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 class DeepFeature:
     """A registered backbone as a global feature: images in, L2-normalised float32 rows out."""
 
@@ -78,13 +74,19 @@ class DeepFeature:
         self.dim = self.spec.dim
         self.batch_size = batch_size
         self.device = resolve_device(device)
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = self.spec.create(weights=weights, pretrained=pretrained).to(self.device)
+        self.weights, self.pretrained = weights, pretrained
+        self._model: Backbone | None = None
         cache_key = f"{backbone}-{weights_stamp(weights)}" if pretrained else None
         self._network, self.runtime = compile_network(
-            self.model, self.spec.input_size, runtime, self.device, cache_key, threads)
+            lambda: self.model, self.spec.input_size, runtime, self.device, cache_key, threads)
         log.info("deep features: %s (%d-d) on %s via %s", backbone, self.dim, self.device, self.runtime)
+
+    @property
+    def model(self) -> Backbone:
+        """The PyTorch network, built on first use: a cached conversion runs without it."""
+        if self._model is None:
+            self._model = self.spec.create(weights=self.weights, pretrained=self.pretrained).to(self.device)
+        return self._model
 
     def finish(self, prepared: list[np.ndarray]) -> np.ndarray:
         if not prepared:

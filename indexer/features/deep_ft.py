@@ -12,28 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from catalens.indexer.backbones import get_backbone
 from catalens.indexer.features import l2_normalise, register_feature
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.runtime import compile_network, weights_stamp
-from catalens.indexer.training.adaptation import FEATURE_NAME, MODEL_FILE, AdaptedTop
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
+    from catalens.indexer.training.adaptation import AdaptedTop
 
-
-class AdaptedNetwork(nn.Module):
-    """Images through the frozen stages, then the adapted top stages, pooled."""
-
-    def __init__(self, frozen: nn.Module, top: nn.Module):
-        super().__init__()
-        self.frozen, self.top = frozen, top
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.top.embed(self.frozen(images))
+FEATURE_NAME = "deep_ft"
+MODEL_FILE = "deep_ft_adapted.pt"
 
 
 class AdaptedDeep:
@@ -46,11 +36,17 @@ class AdaptedDeep:
 
     def __init__(self, model: AdaptedTop, scaling: str = "auto", model_file: Path | None = None, runtime: str = "auto"):
         spec = get_backbone(model.backbone)
-        network = spec.create(pretrained=model.pretrained)
-        frozen = nn.Sequential(*network.stages()[: model.first_stage_])
+
+        def build():
+            from torch import nn
+
+            from catalens.indexer.backbone_networks import AdaptedNetwork
+
+            frozen = nn.Sequential(*spec.create(pretrained=model.pretrained).stages()[: model.first_stage_])
+            return AdaptedNetwork(frozen, model.top_)
+
         key = f"{model.backbone}-adapted-{weights_stamp(model_file)}" if model_file and model.pretrained else None
-        self._network, self.runtime = compile_network(AdaptedNetwork(frozen, model.top_).eval(), spec.input_size,
-                                                      runtime, "cpu", key)
+        self._network, self.runtime = compile_network(build, spec.input_size, runtime, "cpu", key)
         self.model, self.dim = model, model.dim
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
@@ -67,5 +63,7 @@ class AdaptedDeep:
                   search_weight=1.0, classify_weight=1.0,
                   description="the backbone's top stages adapted to the catalog's products")
 def build_adapted_deep(catalog: Catalog) -> AdaptedDeep:
+    from catalens.indexer.training.adaptation import AdaptedTop
+
     path = catalog.models_dir / MODEL_FILE
     return AdaptedDeep(AdaptedTop.load(path, progress=False), catalog.config.input_scaling, path, catalog.config.runtime)

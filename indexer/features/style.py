@@ -15,13 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from catalens.indexer.backbones import Backbone, get_backbone
+from catalens.indexer.backbones import get_backbone
 from catalens.indexer.features import l2_normalise, register_feature
-from catalens.indexer.features.deep import DeepPreparer, resolve_device
-from catalens.indexer.runtime import compile_network
+from catalens.indexer.features.deep import DeepPreparer
+from catalens.indexer.runtime import compile_network, resolve_device
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -34,44 +32,6 @@ DEFAULT_STAGES = (9, 12)
 MAX_CHANNELS = 48
 
 
-class GramVectors(nn.Module):
-    """Images to the concatenated upper triangles of the Gram matrices at ``stages``."""
-
-    def __init__(self, backbone: Backbone, stages: tuple[int, ...], input_size: int = 224,
-                 max_channels: int = MAX_CHANNELS):
-        super().__init__()
-        self.layers = nn.ModuleList(backbone.stages()[: max(stages) + 1])
-        self.taps = sorted(stages)
-        self.groups: dict[int, tuple[int, int]] = {}
-        # Per tapped stage: how channels are averaged in groups, and where the upper triangle lies
-        # in the flattened C x C matrix; fixed here, since OpenVINO converts a fixed gather and
-        # not torch.triu_indices.
-        with torch.inference_mode():
-            x = torch.zeros(1, 3, input_size, input_size)
-            for index, layer in enumerate(self.layers):
-                x = layer(x)
-                if index in self.taps:
-                    group = -(-x.shape[1] // max_channels)
-                    channels = x.shape[1] // group
-                    self.groups[index] = (channels, group)
-                    rows, cols = torch.triu_indices(channels, channels)
-                    self.register_buffer(f"upper{index}", rows * channels + cols)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grams, x = [], images
-        for index, layer in enumerate(self.layers):
-            x = layer(x)
-            if index in self.taps:
-                channels, group = self.groups[index]
-                maps = x[:, : channels * group].flatten(2)
-                maps = maps.reshape(maps.shape[0], channels, group, maps.shape[-1]).mean(dim=2)
-                maps = maps - maps.mean(dim=2, keepdim=True)
-                gram = (maps @ maps.transpose(1, 2) / maps.shape[-1]).flatten(1)
-                upper = torch.index_select(gram, 1, getattr(self, f"upper{index}"))
-                grams.append(torch.sign(upper) * torch.sqrt(torch.abs(upper)))
-        return torch.cat(grams, dim=1)
-
-
 class StyleFeature:
     """Gram vectors of the backbone's early stages as a ``GlobalFeature``."""
 
@@ -80,14 +40,18 @@ class StyleFeature:
     def __init__(self, backbone: str = "efficientnet_lite0", stages: tuple[int, ...] = DEFAULT_STAGES,
                  runtime: str = "auto", device: str = "auto", pretrained: bool = True, scaling: str = "auto"):
         spec = get_backbone(backbone)
-        network = spec.create(pretrained=pretrained)
         device_ = resolve_device(device)
-        module = GramVectors(network, tuple(stages), spec.input_size).to(device_)
-        with torch.inference_mode():
-            self.dim = int(module(torch.zeros(1, 3, spec.input_size, spec.input_size, device=device_)).shape[1])
+
+        def build():
+            from catalens.indexer.backbone_networks import GramVectors
+
+            return GramVectors(spec.create(pretrained=pretrained), tuple(stages), spec.input_size, MAX_CHANNELS)
+
         # The conversion is cached by what the module computes: bump the "v" when that changes.
         key = f"{backbone}-style-v2-{'-'.join(map(str, stages))}" if pretrained else None
-        self._network, _ = compile_network(module, spec.input_size, runtime, device_, key)
+        self._network, _ = compile_network(build, spec.input_size, runtime, device_, key)
+        # Its size from one image's output (a cached conversion has no module to ask).
+        self.dim = int(self._network(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)).shape[1])
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
 

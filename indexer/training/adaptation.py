@@ -31,11 +31,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from catalens.indexer.backbones import Backbone, get_backbone
+from catalens.indexer.backbone_networks import Backbone
+from catalens.indexer.backbones import get_backbone
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
+from catalens.indexer.features.deep_ft import FEATURE_NAME, MODEL_FILE
 from catalens.indexer.runtime import compile_network
 from catalens.indexer.stores import product_of
 from catalens.indexer.training import augment
@@ -45,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURE_NAME = "deep_ft"
-MODEL_FILE = "deep_ft_adapted.pt"
 # The stages trained, counted from the end (EfficientNet-Lite: blocks 14, 15 and the head
 # convolution). Training from block 12 cost four times as long for no gain; the head alone lost.
 TRAINED_STAGES = 3
@@ -111,7 +111,7 @@ class FrozenTrunk:
         self.first_stage = first_trained_stage(network) if first_stage is None else first_stage
         trunk = nn.Sequential(*network.stages()[: self.first_stage])
         key = f"{backbone}-trunk{self.first_stage}" if pretrained else None
-        self.maps, _ = compile_network(trunk, spec.input_size, "auto", "cpu", key)
+        self.maps, _ = compile_network(lambda: trunk, spec.input_size, "auto", "cpu", key)
 
     def finish(self, prepared: list[np.ndarray]) -> np.ndarray:
         rows = [self.maps(np.stack([crop, np.ascontiguousarray(crop[:, :, ::-1])])) for crop in prepared]
