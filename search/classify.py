@@ -17,15 +17,17 @@ cannot tell apart. ``benchmarks/bench_classify.py`` measures each part.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from catalens.indexer.estimator import Estimator
+from catalens.indexer.estimator import Estimator, ModelFileError
 from catalens.indexer.features import embed, feature_spec, feature_weights, l2_normalise
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import vectors_of
@@ -34,6 +36,8 @@ from catalens.search.verification import verify
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+# The catalog's classifier, in its models folder (see ``fitted_classifier``).
+CLASSIFIER_FILE = "classifier.pt"
 # Most similarities held at once when comparing rows with every support row (~256 MB of float32).
 _SIMILARITY_BUDGET = 1 << 26
 
@@ -255,7 +259,10 @@ class HierarchicalFewShotClassifier(Estimator):
         return float(np.quantile(sims.max(axis=1), self.unknown_quantile))
 
     def _fit_linear(self) -> None:
-        self.linear_ = None
+        # Kept as its coefficients (no scikit-learn object): a saved classifier then predicts
+        # without importing scikit-learn, about a second of a command's start.
+        self.linear_coef_ = np.zeros((0, self.support_.shape[1]), np.float32)
+        self.linear_intercept_ = np.zeros(0, np.float32)
         self.linear_leaves_ = np.flatnonzero(self.counts_ >= self.linear_min_support)
         if len(self.linear_leaves_) < 2 or len(self.linear_leaves_) > self.max_linear_classes:
             self.linear_leaves_ = np.array([], dtype=np.int64)
@@ -263,10 +270,44 @@ class HierarchicalFewShotClassifier(Estimator):
         from sklearn.linear_model import LogisticRegression
 
         rows = np.isin(self.support_leaf_, self.linear_leaves_)
-        self.linear_ = LogisticRegression(C=self.C, max_iter=1000)
-        self.linear_.fit(self.support_[rows], self.support_leaf_[rows])
-        # predict_proba columns follow classes_, which are leaf positions in ascending order.
-        self.linear_leaves_ = self.linear_.classes_.astype(np.int64)
+        model = LogisticRegression(C=self.C, max_iter=1000).fit(self.support_[rows], self.support_leaf_[rows])
+        # Probability columns follow classes_, which are leaf positions in ascending order.
+        self.linear_leaves_ = model.classes_.astype(np.int64)
+        self.linear_coef_ = model.coef_.astype(np.float32)
+        self.linear_intercept_ = model.intercept_.astype(np.float32)
+
+    def _linear_proba(self, queries: np.ndarray) -> np.ndarray:
+        """scikit-learn's ``predict_proba`` of the fitted linear model: a sigmoid for two classes
+        (one row of coefficients), else the softmax of the multinomial model."""
+        logits = queries @ self.linear_coef_.T + self.linear_intercept_
+        if self.linear_coef_.shape[0] == 1:
+            positive = _sigmoid(logits[:, 0].astype(np.float64))
+            return np.stack([1.0 - positive, positive], axis=1)
+        return _softmax(logits.astype(np.float64))
+
+    # --- persistence: what was learned, without the support rows (the catalog's own rows, which
+    # whoever loads the model reads from the catalog and hands to ``attach_support``)
+
+    _SAVED = ("mean_", "leaves_", "support_leaf_", "counts_", "prototypes_", "temperature_", "unknown_similarity_",
+              "linear_leaves_", "linear_coef_", "linear_intercept_", "level_calibration_", "fitted_on_")
+
+    def _state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._SAVED if hasattr(self, name)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.leaves_ = np.asarray(self.leaves_, dtype=str)
+        self.temperature_, self.unknown_similarity_ = float(self.temperature_), float(self.unknown_similarity_)
+        self._fit_tree()
+
+    def attach_support(self, features: np.ndarray) -> HierarchicalFewShotClassifier:
+        """The support rows of a loaded model: the features it was fitted on, in the same order."""
+        features = np.asarray(features, dtype=np.float32)
+        if len(features) != len(self.support_leaf_):
+            raise ValueError(f"{len(features)} support rows for a classifier fitted on {len(self.support_leaf_)}")
+        self.support_ = self._embed(features)
+        return self
 
     # --- predicting
 
@@ -312,10 +353,10 @@ class HierarchicalFewShotClassifier(Estimator):
             probs[:, knn_leaves] = 0.5 * (probs[:, knn_leaves] + votes[:, knn_leaves])
             probs /= probs.sum(axis=1, keepdims=True)
 
-        if self.linear_ is not None:
+        if len(self.linear_leaves_):
             # The linear model shares out the mass the other methods give its leaves as a group.
             group = probs[:, self.linear_leaves_].sum(axis=1, keepdims=True)
-            probs[:, self.linear_leaves_] = group * self.linear_.predict_proba(queries)
+            probs[:, self.linear_leaves_] = group * self._linear_proba(queries)
         if evidence is not None and self.evidence_weight:
             probs = probs * np.exp(self.evidence_weight * np.asarray(evidence, dtype=np.float64))
             probs /= probs.sum(axis=1, keepdims=True)
@@ -439,8 +480,9 @@ class FittedClassifier:
     weights: dict[str, float]
 
 
-def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), **params: Any) -> FittedClassifier:
-    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what uses it)."""
+def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), stored: bool = False, **params: Any) -> FittedClassifier:
+    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what
+    uses it); ``stored``: read from, or else written to, the catalog's models folder."""
     specs = [feature_spec(name) for name in catalog.global_features()]
     weights = feature_weights(specs, "classify")
     if not weights:
@@ -467,15 +509,54 @@ def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), **params: Any) ->
     weights = {name: weights[name] for name in rows if name in weights}
     features = weighted_features({name: rows[name][keep] for name in weights}, weights)
     categories = [records[int(key)].category for key in keys]
-    classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
-    log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
-             ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
+    stamp = _catalog_stamp(catalog, keys, categories, weights) if stored else None
+    classifier = _load_stored(catalog, stamp, params, features) if stored else None
+    if classifier is None:
+        classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
+        log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
+                 ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
+        if stored:
+            _store(catalog, classifier, stamp)
     return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
 
 
+def _catalog_stamp(catalog: Any, keys: np.ndarray, categories: Sequence[str], weights: dict[str, float]) -> dict[str, Any]:
+    """What a stored classifier must have been fitted on: this catalog state (its write generation),
+    these items in this order with these categories, these feature weights."""
+    digest = hashlib.sha256(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
+    digest.update("\n".join(categories).encode())
+    return {"generation": int(catalog.generation), "items": digest.hexdigest(), "weights": dict(weights)}
+
+
+def _load_stored(catalog: Any, stamp: dict[str, Any], params: dict[str, Any],
+                 features: np.ndarray) -> HierarchicalFewShotClassifier | None:
+    """The classifier stored with the catalog when it was fitted on exactly this, else None."""
+    path = Path(catalog.models_dir) / CLASSIFIER_FILE
+    if not path.is_file():
+        return None
+    try:
+        loaded = HierarchicalFewShotClassifier.load(path)
+    except (OSError, ModelFileError) as error:
+        log.info("%s: refitting the classifier (%s)", catalog.location, error)
+        return None
+    if getattr(loaded, "fitted_on_", None) != stamp or loaded.get_params() != HierarchicalFewShotClassifier(**params).get_params():
+        return None
+    return loaded.attach_support(features)
+
+
+def _store(catalog: Any, classifier: HierarchicalFewShotClassifier, stamp: dict[str, Any]) -> None:
+    """Keep the fit for the next process (it takes seconds; reading it back, milliseconds)."""
+    classifier.fitted_on_ = stamp
+    try:
+        classifier.save(Path(catalog.models_dir) / CLASSIFIER_FILE)
+    except OSError as error:  # a read-only index still classifies; it fits again next time
+        log.info("%s: could not store the classifier (%s)", catalog.location, error)
+
+
 def fitted_classifier(catalog: Any) -> FittedClassifier:
-    """The classifier of this catalog state (refitted after any write)."""
-    return catalog.cached("classifier", lambda: _fit_on_catalog(catalog))
+    """The classifier of this catalog state (refitted after any write; stored with the catalog, so
+    that the next process reads it instead of fitting it again)."""
+    return catalog.cached("classifier", lambda: _fit_on_catalog(catalog, stored=True))
 
 
 def fit_classifier_without(catalog: Any, exclude: Sequence[int]) -> FittedClassifier:

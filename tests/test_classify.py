@@ -106,6 +106,70 @@ def test_neighbours_found_a_block_of_rows_at_a_time_are_those_of_all_rows_at_onc
     np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("leaves", [2, 8])
+def test_linear_probabilities_are_scikit_learns(leaves):
+    # The fitted linear model is kept as its coefficients; two classes are a sigmoid, more a softmax.
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(5)
+    support, paths = _tree_data(rng, per_leaf=5)
+    keep = np.isin(paths, sorted(set(paths))[:leaves])
+    classifier = HierarchicalFewShotClassifier().fit(support[keep], paths[keep])
+    rows = np.isin(classifier.support_leaf_, classifier.linear_leaves_)
+    reference = LogisticRegression(C=classifier.C, max_iter=1000).fit(classifier.support_[rows],
+                                                                       classifier.support_leaf_[rows])
+    queries = classifier._embed(np.abs(rng.normal(size=(7, support.shape[1]))).astype(np.float32))
+    np.testing.assert_allclose(classifier._linear_proba(queries), reference.predict_proba(queries), atol=1e-5)
+
+
+def test_a_saved_classifier_answers_as_the_fitted_one(tmp_path):
+    rng = np.random.default_rng(6)
+    support, paths = _tree_data(rng, per_leaf=4)
+    fitted = HierarchicalFewShotClassifier().fit(support, paths)
+    fitted.fitted_on_ = {"generation": 3}
+    loaded = HierarchicalFewShotClassifier.load(fitted.save(tmp_path / "classifier.pt")).attach_support(support)
+    queries = np.abs(support + 0.4 * rng.normal(size=support.shape)).astype(np.float32)
+    for mine, theirs in zip(fitted.leaf_proba(queries), loaded.leaf_proba(queries), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    assert [p.category for p in fitted.predict_paths(queries)] == [p.category for p in loaded.predict_paths(queries)]
+    assert loaded.fitted_on_ == {"generation": 3}
+    with pytest.raises(ValueError, match="support rows"):
+        HierarchicalFewShotClassifier.load(tmp_path / "classifier.pt").attach_support(support[:-1])
+
+
+def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_changes(tiny_index, tiny_catalog,
+                                                                                   monkeypatch):
+    from catalens.datasets.catalog import load_catalog
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.search import classify
+
+    fits = []
+    real_fit = classify.HierarchicalFewShotClassifier.fit
+    monkeypatch.setattr(classify.HierarchicalFewShotClassifier, "fit",
+                        lambda self, *args: fits.append(1) or real_fit(self, *args))
+
+    def fresh_classifier():
+        catalog = open_catalog(tiny_index)  # a new process's view: nothing cached in memory
+        try:
+            return classify.fitted_classifier(catalog)
+        finally:
+            catalog.close()
+
+    first = fresh_classifier()
+    fitted_once = len(fits)
+    assert fitted_once >= 1 and (tiny_index / "models" / classify.CLASSIFIER_FILE).is_file()
+    again = fresh_classifier()
+    assert len(fits) == fitted_once  # read back, not fitted
+    assert again.ids == first.ids
+    np.testing.assert_allclose(again.classifier.support_, first.classifier.support_)
+    # A catalog write (one item fewer) makes the stored one stale.
+    index_catalog(load_catalog(tiny_catalog)[1:], tiny_index, IndexConfig(), progress=False)
+    changed = fresh_classifier()
+    assert len(fits) > fitted_once and len(changed.ids) == len(first.ids) - 1
+
+
 def test_predict_before_fit_fails_clearly():
     from catalens.indexer.estimator import NotFittedError
 
