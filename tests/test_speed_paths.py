@@ -138,3 +138,30 @@ def test_blas_threads_are_told_to_sleep_before_numpy_loads():
     done = subprocess.run([sys.executable, "-c", probe], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "20"]  # a user's own setting stands
+
+
+def test_index_and_search_run_without_importing_torch_once_the_network_is_converted(tiny_catalog, tmp_path):
+    # Importing torch is over a second of every command's start; with the network's conversion
+    # cached, neither indexing nor searching builds a PyTorch module.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CATALENS_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-m", "catalens.api.cli", "index", str(tiny_catalog), "--index",
+                            str(tmp_path / "first"), "--quiet"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert list((tmp_path / "cache").glob("*.xml")), "the first run caches the converted network"
+    photo = next(tiny_catalog.rglob("*.jpg"))
+    probe = (
+        "import sys\n"
+        "from catalens.api.cli import main\n"
+        f"assert main(['index', {str(tiny_catalog)!r}, '--index', {str(tmp_path / 'second')!r}, '--quiet']) == 0\n"
+        "print('index', 'torch' in sys.modules)\n"
+        f"assert main(['search', {str(photo)!r}, '--index', {str(tmp_path / 'second')!r}, '--json']) == 0\n"
+        "print('search', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stdout.splitlines() if line.split()[0] in ("index", "search")] == [
+        "index False", "search False"]
