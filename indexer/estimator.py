@@ -128,6 +128,26 @@ def _unreadable(path: Path, error: Exception) -> ModelFileError:
                           f"delete it and fit it again")
 
 
+def saved_params(path: str | Path, estimator: str) -> dict[str, Any]:
+    """The hyper-parameters of the ``estimator`` (a class name) saved at ``path``, read without
+    building the model: for a file of this format, without importing torch either."""
+    path = Path(path)
+    try:
+        payload, arrays = _read(path)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - as in Estimator.load
+        raise _unreadable(path, error) from None
+    if not isinstance(payload, dict) or payload.get("estimator") != estimator:
+        found = payload.get("estimator") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelFileError(f"{path}: holds a {found or 'model of an older catalens'}, not a {estimator}; "
+                             "delete it and fit it again")
+    try:
+        return _decode(payload["params"], arrays)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise _unreadable(path, error) from None
+
+
 class Estimator:
     """Base of catalens' fitted models: ``get_params``, ``check_is_fitted``, ``save``, ``load``.
 

@@ -93,6 +93,15 @@ def test_overrides_replace_saved_parameters(tmp_path):
     assert Plain.load(tmp_path / "m.pt", progress=False).progress is False
 
 
+def test_saved_parameters_read_without_building_the_model(tmp_path):
+    from catalens.indexer.estimator import ModelFileError, saved_params
+
+    Plain(size=5, name="p").fit({"x": np.ones(2)}).save(tmp_path / "m.pt")
+    assert saved_params(tmp_path / "m.pt", "Plain") == {"size": 5, "name": "p", "weights": [0.5, 2.0], "progress": True}
+    with pytest.raises(ModelFileError, match="holds a Plain, not a Other"):
+        saved_params(tmp_path / "m.pt", "Other")
+
+
 def test_an_object_array_is_refused_when_saving(tmp_path):
     with pytest.raises(TypeError, match="object"):
         Plain().fit({"x": np.array([{"a": 1}], dtype=object)}).save(tmp_path / "m.pt")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from catalens.indexer.backbones import get_backbone
+from catalens.indexer.estimator import saved_params
 from catalens.indexer.features import l2_normalise, register_feature
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.runtime import compile_network, weights_stamp
@@ -34,22 +35,37 @@ class AdaptedDeep:
 
     name = FEATURE_NAME
 
-    def __init__(self, model: AdaptedTop, scaling: str = "auto", model_file: Path | None = None, runtime: str = "auto"):
-        spec = get_backbone(model.backbone)
+    def __init__(self, model_file: Path, scaling: str = "auto", runtime: str = "auto"):
+        # The saved parameters name the backbone; the model itself (torch modules) is loaded only
+        # where the network's conversion is not cached yet.
+        params = saved_params(model_file, "AdaptedTop")
+        spec = get_backbone(params.get("backbone", "efficientnet_lite0"))
+        self.model_file, self._model = Path(model_file), None
 
         def build():
             from torch import nn
 
             from catalens.indexer.backbone_networks import AdaptedNetwork
 
+            model = self.model
             frozen = nn.Sequential(*spec.create(pretrained=model.pretrained).stages()[: model.first_stage_])
             return AdaptedNetwork(frozen, model.top_)
 
-        key = f"{model.backbone}-adapted-{weights_stamp(model_file)}" if model_file and model.pretrained else None
+        key = f"{spec.name}-adapted-{weights_stamp(model_file)}" if params.get("pretrained", True) else None
         self._network, self.runtime = compile_network(build, spec.input_size, runtime, "cpu", key)
-        self.model, self.dim = model, model.dim
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
+        # Its size from one image's output (a cached conversion has no module to ask).
+        self.dim = int(self._network(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)).shape[1])
+
+    @property
+    def model(self) -> AdaptedTop:
+        """The fitted top stages, loaded on first use."""
+        if self._model is None:
+            from catalens.indexer.training.adaptation import AdaptedTop
+
+            self._model = AdaptedTop.load(self.model_file, progress=False)
+        return self._model
 
     def finish(self, prepared: list[Any]) -> np.ndarray:
         if not prepared:
@@ -63,7 +79,4 @@ class AdaptedDeep:
                   search_weight=1.0, classify_weight=1.0,
                   description="the backbone's top stages adapted to the catalog's products")
 def build_adapted_deep(catalog: Catalog) -> AdaptedDeep:
-    from catalens.indexer.training.adaptation import AdaptedTop
-
-    path = catalog.models_dir / MODEL_FILE
-    return AdaptedDeep(AdaptedTop.load(path, progress=False), catalog.config.input_scaling, path, catalog.config.runtime)
+    return AdaptedDeep(catalog.models_dir / MODEL_FILE, catalog.config.input_scaling, catalog.config.runtime)
