@@ -509,7 +509,7 @@ def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), stored: bool = Fa
     weights = {name: weights[name] for name in rows if name in weights}
     features = weighted_features({name: rows[name][keep] for name in weights}, weights)
     categories = [records[int(key)].category for key in keys]
-    stamp = _catalog_stamp(catalog, keys, categories, weights) if stored else None
+    stamp = _catalog_stamp(keys, categories, features, weights) if stored else None
     classifier = _load_stored(catalog, stamp, params, features) if stored else None
     if classifier is None:
         classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
@@ -520,12 +520,15 @@ def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), stored: bool = Fa
     return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
 
 
-def _catalog_stamp(catalog: Any, keys: np.ndarray, categories: Sequence[str], weights: dict[str, float]) -> dict[str, Any]:
-    """What a stored classifier must have been fitted on: this catalog state (its write generation),
-    these items in this order with these categories, these feature weights."""
+def _catalog_stamp(keys: np.ndarray, categories: Sequence[str], features: np.ndarray,
+                   weights: dict[str, float]) -> dict[str, Any]:
+    """What a stored classifier must have been fitted on: these items in this order, with these
+    categories and these feature rows (a digest: an Elasticsearch catalog's write counter starts
+    again in every process, and an image indexed again keeps its key), and these weights."""
     digest = hashlib.sha256(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
     digest.update("\n".join(categories).encode())
-    return {"generation": int(catalog.generation), "items": digest.hexdigest(), "weights": dict(weights)}
+    digest.update(np.ascontiguousarray(features, dtype=np.float32))
+    return {"items": digest.hexdigest(), "weights": dict(weights)}
 
 
 def _load_stored(catalog: Any, stamp: dict[str, Any], params: dict[str, Any],

@@ -164,6 +164,10 @@ def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_cha
     assert len(fits) == fitted_once  # read back, not fitted
     assert again.ids == first.ids
     np.testing.assert_allclose(again.classifier.support_, first.classifier.support_)
+    # The same keys and categories with other rows (an image indexed again) are another catalog.
+    rows = np.ones((2, 3), np.float32)
+    assert classify._catalog_stamp(np.arange(2), ["a", "b"], rows, {"deep": 1.0}) != classify._catalog_stamp(
+        np.arange(2), ["a", "b"], rows * 2, {"deep": 1.0})
     # A catalog write (one item fewer) makes the stored one stale.
     index_catalog(load_catalog(tiny_catalog)[1:], tiny_index, IndexConfig(), progress=False)
     changed = fresh_classifier()
