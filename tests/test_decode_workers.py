@@ -196,9 +196,11 @@ def test_sift_in_a_worker_gives_the_in_process_descriptors(tmp_path):
     for seed in range(6):
         textured_label(seed, size=200).save(tmp_path / f"label{seed}.png")
         sources.append(tmp_path / f"label{seed}.png")
-    # Fresh preparers: a detector made in this thread would be inherited by the forked workers.
-    in_workers = collect(sources, {"sift": SiftPreparer(200, 256), "threads": opencv_threads}, num_workers=2, batch_size=2)
-    in_process = collect(sources, {"sift": SiftPreparer(200, 256)}, num_workers=0, batch_size=2)
+    # One preparer, used in this thread first: the forked workers inherit its detector (a search
+    # in the same thread before indexing), and must still run OpenCV sequentially.
+    preparer = SiftPreparer(200, 256)
+    in_process = collect(sources, {"sift": preparer}, num_workers=0, batch_size=2)
+    in_workers = collect(sources, {"sift": preparer, "threads": opencv_threads}, num_workers=2, batch_size=2)
     got = [d for batch in in_workers for d in batch.prepared["sift"]]
     want = [d for batch in in_process for d in batch.prepared["sift"]]
     assert len(got) == len(want) == 6 and all(len(d) > 20 for d in want)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Collection
@@ -25,6 +26,7 @@ from PIL import Image
 
 from catalens.indexer.estimator import ModelFileError
 from catalens.indexer.features import FeatureUnavailableError, register_feature
+from catalens.indexer.features.decode import in_decode_worker
 from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
 
 if TYPE_CHECKING:
@@ -123,6 +125,10 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
     return np.sqrt(descriptors)
 
 
+# The decode worker process that has told OpenCV to run sequentially.
+_sequential_in: int | None = None
+
+
 class SiftPreparer:
     """RGB image to its strongest ``max_keypoints`` RootSIFT keypoints; runs in decode workers."""
 
@@ -140,16 +146,17 @@ class SiftPreparer:
         self._local = threading.local()
 
     def _detector(self):
+        global _sequential_in
+        if _sequential_in != os.getpid() and in_decode_worker():
+            # A decode worker (forked by ``iter_prepared``) shares the machine with the network
+            # in the main process. Checked per process, not per detector: a worker inherits the
+            # detector of the thread that forked it when that thread ran SIFT before (a search).
+            # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
+            # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
+            cv2.setNumThreads(0)
+            _sequential_in = os.getpid()
         sift = getattr(self._local, "sift", None)
         if sift is None:
-            from catalens.indexer.features.decode import in_decode_worker
-
-            if in_decode_worker():
-                # A decode worker (forked by ``iter_prepared``) shares the machine with the
-                # network in the main process.
-                # 0 (run sequentially), not 1: resizing the thread pool a forked child inherited
-                # from a parent that already ran SIFT hangs forever; 0 leaves the pool alone.
-                cv2.setNumThreads(0)
             sift = self._local.sift = cv2.SIFT_create(nfeatures=self.max_keypoints)
         return sift
 
