@@ -128,24 +128,34 @@ def _unreadable(path: Path, error: Exception) -> ModelFileError:
                           f"delete it and fit it again")
 
 
-def saved_params(path: str | Path, estimator: str) -> dict[str, Any]:
-    """The hyper-parameters of the ``estimator`` (a class name) saved at ``path``, read without
-    building the model: for a file of this format, without importing torch either."""
-    path = Path(path)
+def _payload(path: Path, estimator: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The payload of the ``estimator`` (a class name) saved at ``path`` and its arrays; a file
+    that is damaged or holds another model is a ``ModelFileError`` naming it."""
     try:
         payload, arrays = _read(path)
     except FileNotFoundError:
         raise
-    except Exception as error:  # noqa: BLE001 - as in Estimator.load
+    except Exception as error:  # noqa: BLE001 - zipfile, numpy, json and torch raise many kinds for a damaged file
         raise _unreadable(path, error) from None
     if not isinstance(payload, dict) or payload.get("estimator") != estimator:
         found = payload.get("estimator") if isinstance(payload, dict) else type(payload).__name__
         raise ModelFileError(f"{path}: holds a {found or 'model of an older catalens'}, not a {estimator}; "
                              "delete it and fit it again")
+    return payload, arrays
+
+
+def _decoded(path: Path, payload: dict[str, Any], arrays: dict[str, np.ndarray], part: str) -> Any:
     try:
-        return _decode(payload["params"], arrays)
-    except (KeyError, TypeError, AttributeError) as error:
+        return _decode(payload[part], arrays)
+    except (KeyError, TypeError, AttributeError) as error:  # a reference to an array the file lacks
         raise _unreadable(path, error) from None
+
+
+def saved_params(path: str | Path, estimator: str) -> dict[str, Any]:
+    """The hyper-parameters of the ``estimator`` (a class name) saved at ``path``, read without
+    building the model: for a file of this format, without importing torch either."""
+    path = Path(path)
+    return _decoded(path, *_payload(path, estimator), "params")
 
 
 class Estimator:
@@ -201,20 +211,8 @@ class Estimator:
     def load(cls: type[E], path: str | Path, **overrides: Any) -> E:
         """The model saved at ``path``; ``overrides`` replace saved parameters (``progress``...)."""
         path = Path(path)
-        try:
-            payload, arrays = _read(path)
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # noqa: BLE001 - zipfile, numpy, json and torch raise many kinds for a damaged file
-            raise _unreadable(path, error) from None
-        if not isinstance(payload, dict) or payload.get("estimator") != cls.__name__:
-            found = payload.get("estimator") if isinstance(payload, dict) else type(payload).__name__
-            raise ModelFileError(f"{path}: holds a {found or 'model of an older catalens'}, not a {cls.__name__}; "
-                                 "delete it and fit it again")
-        try:
-            saved, state = _decode(payload["params"], arrays), _decode(payload["state"], arrays)
-        except (KeyError, TypeError, AttributeError) as error:  # a reference to an array the file lacks
-            raise _unreadable(path, error) from None
+        payload, arrays = _payload(path, cls.__name__)
+        saved, state = _decoded(path, payload, arrays, "params"), _decoded(path, payload, arrays, "state")
         params = {**saved, **overrides}
         known = set(inspect.signature(cls.__init__).parameters)
         model = cls(**{key: value for key, value in params.items() if key in known})
