@@ -9,7 +9,7 @@ from PIL import Image
 from catalens.api.cli import main
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
-from catalens.search.locate import iou, windows
+from catalens.search.locate import LocateSettings, iou, voted_box, windows
 from tests.conftest import textured_label
 
 CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
@@ -93,6 +93,22 @@ def test_windows_cover_the_photo_edges_at_every_scale():
     assert (300, 0, 1000, 700) in boxes and (0, 0, 700, 700) in boxes
     assert max(b[2] for b in boxes if b[2] - b[0] == 350) == 1000
     assert max(b[3] for b in boxes if b[2] - b[0] == 350) == 700
+
+
+def test_box_voting_averages_the_windows_that_agree_on_the_product():
+    # A part of a product won NMS; the whole (0, 0, 60, 60) and a neighbouring part agree on the
+    # same product almost as well. A far window of the product, an overlapping window preferring
+    # another product and one scoring far less do not vote.
+    boxes = [(0, 0, 40, 40), (0, 0, 60, 60), (20, 0, 60, 40), (200, 200, 240, 240), (10, 10, 50, 50), (0, 10, 40, 50)]
+    best_product = np.array([0, 0, 0, 0, 1, 0])
+    by_product = np.array([[0.9, 0.1], [0.85, 0.1], [0.82, 0.1], [0.9, 0.1], [0.5, 0.95], [0.6, 0.1]], np.float32)
+    settings = LocateSettings(vote_tolerance=0.1, vote_iou=0.3)
+    voted = voted_box(0, boxes, best_product, by_product, settings)
+    weights = np.array([0.9, 0.85, 0.82])
+    expected = weights @ np.array(boxes[:3], float) / weights.sum()
+    assert np.allclose(voted, expected, atol=1e-4)
+    assert voted[2] > 40 and iou(voted, (0, 0, 60, 60)) > iou(boxes[0], (0, 0, 60, 60))
+    assert voted_box(0, boxes, best_product, by_product, LocateSettings(vote_tolerance=None)) == boxes[0]
 
 
 def test_composites_are_deterministic_and_know_their_boxes(val_photos):
