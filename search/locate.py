@@ -306,8 +306,19 @@ def _global_weights(engine: SearchEngine) -> dict[str, float]:
 
 
 def _embed_crops(engine: SearchEngine, crops: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-    """Every weighted global feature of every crop, in one batch a feature."""
-    return {name: embed(engine.catalog.feature(name), crops) for name in _global_weights(engine)}
+    """Every weighted global feature of every crop, in one batch a feature.
+
+    A feature that can embed one view of an image instead of several (``deep_ft`` adds the mirror
+    image) does so here: a photo's ~50 crops then take half the network passes (the region step
+    was 1.54 s of a 2x2 grid's 1.98 s), and recall on the tuning composites was no lower (2x2
+    77.5 against 76.9, 3x3 79.2 against 79.2, clutter 76.3 against 72.9; seeds 100-139).
+    """
+    vectors = {}
+    for name in _global_weights(engine):
+        feature = engine.catalog.feature(name)
+        one_view = getattr(feature, "finish_one_view", None)
+        vectors[name] = one_view([feature.preparer(crop) for crop in crops]) if one_view else embed(feature, crops)
+    return vectors
 
 
 def _fused_cosines(engine: SearchEngine, vectors: dict[str, np.ndarray], keys: np.ndarray) -> np.ndarray:

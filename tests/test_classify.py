@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from catalens.search.classify import (
     UNKNOWN,
@@ -323,6 +324,13 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
     query = sorted((tiny_catalog / "Dairy" / "Milk").glob("*.jpg"))[0]
     assert classify(index, [query])[0].category.startswith("Dairy/Milk")
     assert SearchEngine(index).search([query], k=1, mode="deep_ft")[0].results[0].id.endswith(query.name)
+    # locate embeds its windows from one view: the same space as the two-view rows.
+    adapted = index.feature("deep_ft")
+    with Image.open(query) as photo:
+        prepared = [adapted.preparer(photo.convert("RGB"))]
+    one, both = adapted.finish_one_view(prepared), adapted.finish(prepared)
+    assert one.shape == both.shape == (1, adapted.dim) and np.linalg.norm(one) == pytest.approx(1.0, abs=1e-4)
+    assert float(one[0] @ both[0]) > 0.8 and adapted.finish_one_view([]).shape == (0, adapted.dim)
     index.close()
 
 

@@ -74,6 +74,13 @@ class AdaptedDeep:
         rows = l2_normalise(self._network(pairs))
         return l2_normalise(rows[0::2] + rows[1::2])
 
+    def finish_one_view(self, prepared: list[Any]) -> np.ndarray:
+        """The centre crop alone: half the network passes of ``finish``, for many crops of one photo
+        (``locate``'s windows), where recall on composites was no lower (benchmarks/bench_locate.py)."""
+        if not prepared:
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(self._network(np.stack(prepared)))
+
 
 @register_feature(FEATURE_NAME, "global", model_file=MODEL_FILE, fitted_by="catalens finetune", replaces="deep",
                   search_weight=1.0, classify_weight=1.0,
