@@ -76,7 +76,7 @@ class AdaptedDeep:
 
     def finish_one_view(self, prepared: list[Any]) -> np.ndarray:
         """The centre crop alone: half the network passes of ``finish``, for many crops of one photo
-        (``locate``'s windows), where recall on composites was no lower (benchmarks/bench_locate.py)."""
+        (``locate``'s windows), at about the same recall there (benchmarks/bench_locate.py)."""
         if not prepared:
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(self._network(np.stack(prepared)))
