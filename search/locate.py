@@ -306,20 +306,14 @@ def _global_weights(engine: SearchEngine) -> dict[str, float]:
 
 
 def _embed_crops(engine: SearchEngine, crops: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-    """Every weighted global feature of every crop, in one batch a feature.
+    """Every weighted global feature of every crop, in one batch a feature, one view a crop.
 
-    A feature that can embed one view of an image instead of several (``deep_ft`` adds the mirror
-    image) does so here: a photo's ~50 crops then take half the network passes (the region step
-    was 1.54 s of a 2x2 grid's 1.98 s). Recall on the tuning composites (seeds 100-139) was no
-    lower: 2x2 77.5 against 76.9, 3x3 79.2 against 79.2, clutter 76.3 against 72.9; on the
-    held-out seeds 0.3-1.7 points lower, one or two products of 120-360.
+    One view (``embed``): a photo's ~50 crops take half the network passes of ``deep_ft`` (the
+    region step was 1.54 s of a 2x2 grid's 1.98 s). Recall on the tuning composites (seeds
+    100-139) was no lower: 2x2 77.5 against 76.9, 3x3 79.2 against 79.2, clutter 76.3 against
+    72.9; on the held-out seeds 0.3-1.7 points lower, one or two products of 120-360.
     """
-    vectors = {}
-    for name in _global_weights(engine):
-        feature = engine.catalog.feature(name)
-        one_view = getattr(feature, "finish_one_view", None)
-        vectors[name] = one_view([feature.preparer(crop) for crop in crops]) if one_view else embed(feature, crops)
-    return vectors
+    return {name: embed(engine.catalog.feature(name), crops, one_view=True) for name in _global_weights(engine)}
 
 
 def _fused_cosines(engine: SearchEngine, vectors: dict[str, np.ndarray], keys: np.ndarray) -> np.ndarray:

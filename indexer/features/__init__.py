@@ -79,9 +79,15 @@ class LocalFeature(Protocol):
 Feature = GlobalFeature | LocalFeature
 
 
-def embed(feature: Feature, images: Sequence[Image.Image]) -> Any:
-    """``feature`` of already-decoded images: (n, dim) rows, or descriptor blobs."""
-    return feature.finish([feature.preparer(image) for image in images])
+def embed(feature: Feature, images: Sequence[Image.Image], one_view: bool = False) -> Any:
+    """``feature`` of already-decoded images: (n, dim) rows, or descriptor blobs.
+
+    ``one_view``: a feature that embeds several views of an image (``deep_ft`` adds its mirror
+    image, as its catalog rows were made) embeds the image alone, with ``finish_one_view``:
+    half the network passes, for many crops of one photo. Other features are unchanged."""
+    prepared = [feature.preparer(image) for image in images]
+    finish = getattr(feature, "finish_one_view", None) if one_view else None
+    return (finish or feature.finish)(prepared)
 
 
 @dataclass(frozen=True)
