@@ -57,9 +57,14 @@ def main() -> None:
     parser.add_argument("--draw", type=Path, default=Path("artifacts/locate"),
                         help="folder for drawn examples: the best and worst photo of each layout")
     parser.add_argument("--min-region-score", type=float, default=None, help="override LocateSettings")
+    parser.add_argument("--vote-tolerance", default=None,
+                        help="override LocateSettings' box voting: a tolerance, or 'none' for the kept window's own box")
     parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
     args = parser.parse_args()
-    settings = LocateSettings() if args.min_region_score is None else LocateSettings(min_region_score=args.min_region_score)
+    overrides = {} if args.min_region_score is None else {"min_region_score": args.min_region_score}
+    if args.vote_tolerance is not None:
+        overrides["vote_tolerance"] = None if args.vote_tolerance.lower() == "none" else float(args.vote_tolerance)
+    settings = LocateSettings(**overrides)
     index = build(args.work / "full", ("iconic", "train"), IndexConfig())
     finetune(index)  # the default workflow (index, then finetune); kept in the index, done once
     catalog = open_catalog(index)
