@@ -59,11 +59,15 @@ def main() -> None:
     parser.add_argument("--min-region-score", type=float, default=None, help="override LocateSettings")
     parser.add_argument("--vote-tolerance", default=None,
                         help="override LocateSettings' box voting: a tolerance, or 'none' for the kept window's own box")
+    parser.add_argument("--union-covered", default=None,
+                        help="override LocateSettings' union test in NMS: a fraction, or 'none' for pairwise tests only")
     parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
     args = parser.parse_args()
     overrides = {} if args.min_region_score is None else {"min_region_score": args.min_region_score}
     if args.vote_tolerance is not None:
         overrides["vote_tolerance"] = None if args.vote_tolerance.lower() == "none" else float(args.vote_tolerance)
+    if args.union_covered is not None:
+        overrides["union_covered"] = None if args.union_covered.lower() == "none" else float(args.union_covered)
     settings = LocateSettings(**overrides)
     index = build(args.work / "full", ("iconic", "train"), IndexConfig())
     finetune(index)  # the default workflow (index, then finetune); kept in the index, done once

@@ -9,7 +9,7 @@ from PIL import Image
 from catalens.api.cli import main
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
-from catalens.search.locate import LocateSettings, iou, voted_box, windows
+from catalens.search.locate import LocateSettings, iou, suppress, voted_box, windows
 from tests.conftest import textured_label
 
 CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
@@ -110,6 +110,18 @@ def test_box_voting_averages_the_windows_that_agree_on_the_product():
     assert voted[2] > 40 and iou(voted, (0, 0, 60, 60)) > iou(boxes[0], (0, 0, 60, 60))
     assert voted_box(0, boxes, best_product, by_product, LocateSettings(vote_tolerance=None)) == boxes[0]
 
+
+
+def test_nms_drops_a_window_across_the_border_of_two_products_already_kept():
+    # Two neighbouring products, each kept whole; a smaller window straddles their border,
+    # half in each (IoU 0.17 and inside 0.5 with either, so no pairwise test drops it), and
+    # prefers a third product. Nothing smaller lies inside it, so no part test can tell either.
+    boxes = [(0, 0, 200, 200), (200, 0, 400, 200), (120, 50, 280, 150), (300, 300, 400, 400)]
+    by_product = np.array([[0.8, 0.1, 0.1, 0.1], [0.1, 0.8, 0.1, 0.1], [0.2, 0.2, 0.6, 0.1],
+                           [0.1, 0.1, 0.1, 0.55]], np.float32)
+    size = (400, 400)
+    assert suppress(boxes, by_product, size, LocateSettings(union_covered=0.6)) == [0, 1, 3]
+    assert suppress(boxes, by_product, size, LocateSettings(union_covered=None)) == [0, 1, 2, 3]
 
 def test_composites_are_deterministic_and_know_their_boxes(val_photos):
     from catalens.datasets.composites import grid, scatter
