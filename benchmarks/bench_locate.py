@@ -86,6 +86,7 @@ def main() -> None:
                 composite.image.save(path, quality=92)
             paths.append(path)
         locate(engine, [paths[0]], settings=settings)  # warm-up: models loaded
+        engine.search([paths[0]], k=4)  # warm-up: the match calibration fitted or read
         right = shown = found = 0
         seconds, per_photo = [], []
         for composite, path in zip(composites, paths, strict=True):
