@@ -42,6 +42,7 @@ from catalens.indexer.imageio import (
 )
 from catalens.indexer.stores import stack_rows
 from catalens.search.engine import SearchEngine
+from catalens.search.retrieval import side_pool
 from catalens.search.verification import match_descriptors
 
 log = logging.getLogger(__name__)
@@ -227,19 +228,26 @@ def _scale_guess(source: np.ndarray, target: np.ndarray) -> float:
     return float(np.clip(np.std(target, axis=0).sum() / spread, 0.25, 4.0)) if spread > 1 else 1.0
 
 
+def photo_keypoints(image: Image.Image, settings: LocateSettings) -> LocalDescriptors:
+    """The photo's RootSIFT keypoints, at most ``settings.keypoints``, at up to ``work_side``."""
+    return SiftPreparer(settings.keypoints, min(max(image.size), settings.work_side))(image)
+
+
 def local_detections(engine: SearchEngine, image: Image.Image, region_items: dict[int, Box],
-                     settings: LocateSettings) -> list[_Candidate]:
+                     settings: LocateSettings, query: LocalDescriptors | None = None) -> list[_Candidate]:
     """Verified boxes, found one after another with the explained keypoints set aside.
 
     Candidates are the photo's best visual-word matches (matched against every keypoint) and
     ``region_items``, each matched only against the keypoints of its region (cheaper, and a
-    window's item has nothing to explain elsewhere)."""
+    window's item has nothing to explain elsewhere). ``query``: the photo's keypoints, where
+    already computed."""
     features = engine.catalog.local_features()
     if not features:
         return []
     name = features[0]
     local = engine.catalog.feature(name)
-    query = SiftPreparer(settings.keypoints, min(max(image.size), settings.work_side))(image)
+    if query is None:
+        query = photo_keypoints(image, settings)
     if len(query) < settings.min_inliers:
         return []
     keys, _ = engine.catalog.words(name).search(local.quantise(query), settings.word_candidates, None)
@@ -466,8 +474,14 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
                  scale: float = 1.0) -> list[Detection]:
     """Detections in ``image`` (already decoded), best first; boxes multiplied by ``scale``."""
     settings = settings or LocateSettings()
+    # The keypoints (OpenCV) on a side thread while the windows go through the network
+    # (OpenVINO): both release the GIL. Models are built first, in this thread (see
+    # compute_side_by_side for why).
+    for name in (*engine.catalog.global_features(), *engine.catalog.local_features()):
+        engine.catalog.feature(name)
+    keypoints = side_pool().submit(photo_keypoints, image, settings) if engine.catalog.local_features() else None
     regions, region_items = region_detections(engine, image, settings)
-    local = local_detections(engine, image, region_items, settings)
+    local = local_detections(engine, image, region_items, settings, keypoints.result() if keypoints else None)
     merged = merge(local, regions, settings)
     records = engine.catalog.items.items(c.key for c in merged)
     detections = []

@@ -67,7 +67,7 @@ def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Se
             job()
         return
     # Largest first: the local feature's keypoints take longest, the network next.
-    for future in [_side_pool().submit(job) for job in reversed(jobs)]:
+    for future in [side_pool().submit(job) for job in reversed(jobs)]:
         future.result()
 
 
@@ -75,7 +75,7 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _side_pool() -> ThreadPoolExecutor:
+def side_pool() -> ThreadPoolExecutor:
     """The process's one extraction pool (server threads asking at once still share it)."""
     global _pool
     with _pool_lock:
