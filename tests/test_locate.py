@@ -111,7 +111,6 @@ def test_box_voting_averages_the_windows_that_agree_on_the_product():
     assert voted_box(0, boxes, best_product, by_product, LocateSettings(vote_tolerance=None)) == boxes[0]
 
 
-
 def test_nms_drops_a_window_across_the_border_of_two_products_already_kept():
     # Two neighbouring products, each kept whole; a smaller window straddles their border,
     # half in each (IoU 0.17 and inside 0.5 with either, so no pairwise test drops it), and
@@ -122,6 +121,7 @@ def test_nms_drops_a_window_across_the_border_of_two_products_already_kept():
     size = (400, 400)
     assert suppress(boxes, by_product, size, LocateSettings(union_covered=0.6)) == [0, 1, 3]
     assert suppress(boxes, by_product, size, LocateSettings(union_covered=None)) == [0, 1, 2, 3]
+
 
 def test_composites_are_deterministic_and_know_their_boxes(val_photos):
     from catalens.datasets.composites import grid, scatter
