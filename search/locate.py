@@ -42,7 +42,7 @@ from catalens.indexer.imageio import (
 )
 from catalens.indexer.stores import stack_rows
 from catalens.search.engine import SearchEngine
-from catalens.search.retrieval import side_pool
+from catalens.search.retrieval import build_models, side_pool
 from catalens.search.verification import match_descriptors
 
 log = logging.getLogger(__name__)
@@ -475,11 +475,10 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
     """Detections in ``image`` (already decoded), best first; boxes multiplied by ``scale``."""
     settings = settings or LocateSettings()
     # The keypoints (OpenCV) on a side thread while the windows go through the network
-    # (OpenVINO): both release the GIL. Models are built first, in this thread (see
-    # compute_side_by_side for why).
-    for name in (*engine.catalog.global_features(), *engine.catalog.local_features()):
-        engine.catalog.feature(name)
-    keypoints = side_pool().submit(photo_keypoints, image, settings) if engine.catalog.local_features() else None
+    # (OpenVINO): both release the GIL.
+    local_features = engine.catalog.local_features()
+    build_models(engine, (*engine.catalog.global_features(), *local_features))
+    keypoints = side_pool().submit(photo_keypoints, image, settings) if local_features else None
     regions, region_items = region_detections(engine, image, settings)
     local = local_detections(engine, image, region_items, settings, keypoints.result() if keypoints else None)
     merged = merge(local, regions, settings)

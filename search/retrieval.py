@@ -51,15 +51,20 @@ def candidate_cosines(engine: SearchEngine, query: Query, feature: str, keys: Se
     return dict(zip(found.tolist(), cosines.tolist(), strict=True))
 
 
+def build_models(engine: SearchEngine, names: Sequence[str]) -> None:
+    """Build these features' models in the calling thread, before work goes to ``side_pool``:
+    building one compiles a network (and may import OpenVINO, whose converter forks a process);
+    beside another thread's BLAS product, that fork hung the product (OpenBLAS's fork handler
+    waits on it)."""
+    for name in names:
+        engine.catalog.feature(name)
+
+
 def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Sequence[str],
                          local_features: Sequence[str]) -> None:
     """The query's vectors and words for these features, the network and the keypoints computed
     at once on two threads (both release the GIL), kept on the query for the rankers."""
-    # Models are built here, in the calling thread, before any job runs: building one compiles a
-    # network (and may import OpenVINO, whose converter forks a process); beside another thread's
-    # BLAS product, that fork hung the product (OpenBLAS's fork handler waits on it).
-    for name in (*global_features, *local_features):
-        engine.catalog.feature(name)
+    build_models(engine, (*global_features, *local_features))
     jobs = [lambda name=name: query_vector(engine, query, name) for name in global_features]
     jobs += [lambda name=name: query_words(engine, query, name) for name in local_features]
     if len(jobs) < 2:
