@@ -61,6 +61,8 @@ def main() -> None:
                         help="override LocateSettings' box voting: a tolerance, or 'none' for the kept window's own box")
     parser.add_argument("--union-covered", default=None,
                         help="override LocateSettings' union test in NMS: a fraction, or 'none' for pairwise tests only")
+    parser.add_argument("--snap-band", default=None,
+                        help="override LocateSettings' box snapping: a band, or 'none' for boxes as found")
     parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
     args = parser.parse_args()
     overrides = {} if args.min_region_score is None else {"min_region_score": args.min_region_score}
@@ -68,6 +70,8 @@ def main() -> None:
         overrides["vote_tolerance"] = None if args.vote_tolerance.lower() == "none" else float(args.vote_tolerance)
     if args.union_covered is not None:
         overrides["union_covered"] = None if args.union_covered.lower() == "none" else float(args.union_covered)
+    if args.snap_band is not None:
+        overrides["snap_band"] = None if args.snap_band.lower() == "none" else float(args.snap_band)
     settings = LocateSettings(**overrides)
     index = build(args.work / "full", ("iconic", "train"), IndexConfig())
     finetune(index)  # the default workflow (index, then finetune); kept in the index, done once

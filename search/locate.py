@@ -13,6 +13,10 @@ Two kinds of evidence, merged into one ranked, de-duplicated list:
   suppression keeps the best window of each place, and the windows around it that show the
   same product almost as well refine its box (box voting).
 
+Either kind of box then snaps to the product's borders: each side moves to a nearby straight
+colour step that runs along most of it (a window is square and on a fixed grid; a transform
+carries the whole catalog photo, shelf included, into the photo).
+
 A verified local detection outranks every region detection (as in ``local_search``), and a
 region that overlaps a verified box (IoU > 0.3) or lies mostly inside one is dropped. Scores: a local detection
 ``1 + min(inliers, cap) / cap``; a region the mean weighted cosine of its product's best two
@@ -88,6 +92,14 @@ class LocateSettings:
     # together: a window across the border of two products, or over a product's corner. Tuned on
     # seeds 100-139 (0.5-0.7). None: only the pairwise tests.
     union_covered: float | None = 0.6
+    # Box snapping: each side of a detection's box moves to the strongest straight border within this
+    # share of the box's side outward (half of it inward), where one runs along most of the side;
+    # to the photo's edge where the band reaches it and no border does. None: boxes as voted.
+    snap_band: float | None = 0.5
+    # A border: a colour step (summed over R, G, B, two pixels apart) that most of the side
+    # crosses, at least this large and this many times the band's median step.
+    snap_min_step: float = 40.0
+    snap_contrast: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -234,7 +246,8 @@ def photo_keypoints(image: Image.Image, settings: LocateSettings) -> LocalDescri
 
 
 def local_detections(engine: SearchEngine, image: Image.Image, region_items: dict[int, Box],
-                     settings: LocateSettings, query: LocalDescriptors | None = None) -> list[_Candidate]:
+                     settings: LocateSettings, query: LocalDescriptors | None = None,
+                     edges: PhotoEdges | None = None) -> list[_Candidate]:
     """Verified boxes, found one after another with the explained keypoints set aside.
 
     Candidates are the photo's best visual-word matches (matched against every keypoint) and
@@ -302,6 +315,13 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     crops = _embed_crops(engine, [image.crop(tuple(round(v) for v in box)) for _, box, _ in chosen])
     found: list[_Candidate] = []
     for row, (_, box, rivals) in enumerate(chosen):
+        if edges is not None:
+            # The item's image rectangle carried into the photo holds whatever the catalog photo
+            # shows around the product (a shelf, other packs); the product's own borders do not.
+            box = snap_box(box, edges, settings)
+            # Two transforms of one product that snapped to the same borders: one detection.
+            if any(iou(box, earlier.box) > settings.nms_iou for earlier in found):
+                continue
         keys = list(rivals)
         similarity = _fused_cosines(engine, {name: v[row : row + 1] for name, v in crops.items()}, np.array(keys))[0]
         evidence = [min(rivals[key][0], settings.inlier_cap) / settings.inlier_cap for key in keys]
@@ -341,8 +361,8 @@ def _fused_cosines(engine: SearchEngine, vectors: dict[str, np.ndarray], keys: n
     return total / max(sum(weights.values()), 1e-9)
 
 
-def region_detections(engine: SearchEngine, image: Image.Image,
-                      settings: LocateSettings) -> tuple[list[_Candidate], dict[int, Box]]:
+def region_detections(engine: SearchEngine, image: Image.Image, settings: LocateSettings,
+                      edges: PhotoEdges | None = None) -> tuple[list[_Candidate], dict[int, Box]]:
     """(the best window of each place after NMS, above ``min_region_score``; the best items of
     every place NMS kept, with their window, for local verification)."""
     weights = _global_weights(engine)
@@ -391,9 +411,17 @@ def region_detections(engine: SearchEngine, image: Image.Image,
         roi = (x0 - margin, y0 - margin, x1 + margin, y1 + margin)
         for column in np.argsort(-total[index])[: settings.items_per_window]:
             items.setdefault(int(union[column]), roi)
-    regions = [_Candidate(int(union[best[i]]), float(best_scores[i]),
-                          voted_box(i, boxes, best_product, by_product, settings), "region")
-               for i in kept if best_scores[i] >= settings.min_region_score]
+    regions: list[_Candidate] = []
+    for i in kept:
+        if best_scores[i] < settings.min_region_score:
+            continue
+        box = voted_box(i, boxes, best_product, by_product, settings)
+        if edges is not None:
+            box = snap_box(box, edges, settings)
+            # Two windows of one product that snapped to the same borders: one detection.
+            if any(iou(box, other.box) > settings.nms_iou for other in regions):
+                continue
+        regions.append(_Candidate(int(union[best[i]]), float(best_scores[i]), box, "region"))
     return regions, items
 
 
@@ -456,6 +484,76 @@ def voted_box(index: int, boxes: Sequence[Box], best_product: np.ndarray, by_pro
     return tuple(float(v) for v in weights @ coords / weights.sum())
 
 
+# --- box snapping
+
+
+@dataclass(frozen=True)
+class PhotoEdges:
+    """Colour steps across the photo's column and row boundaries, summed over R, G, B and taken
+    two pixels apart (a border softened by resizing or JPEG still counts): ``across_columns[y, x]``
+    is the step at row y from column x to x + 2 (the boundary x + 1), ``across_rows`` likewise.
+    Measured on the photo reduced by ``factor`` (borders need no more than 640 px a side)."""
+
+    across_columns: np.ndarray
+    across_rows: np.ndarray
+    factor: int = 1
+
+    @classmethod
+    def of(cls, image: Image.Image, max_side: int = 640) -> PhotoEdges:
+        factor = max(1, -(-max(image.size) // max_side))
+        reduced = image.convert("RGB").reduce(factor) if factor > 1 else image.convert("RGB")
+        pixels = np.asarray(reduced, np.int16)
+        return cls(np.abs(pixels[:, 2:] - pixels[:, :-2]).sum(axis=2, dtype=np.int16),
+                   np.abs(pixels[2:] - pixels[:-2]).sum(axis=2, dtype=np.int16), factor)
+
+
+def _snapped_side(steps: np.ndarray, position: float, span: tuple[int, int], band: float, limit: int,
+                  toward_start: bool, settings: LocateSettings) -> float:
+    """Where one side of a box goes. ``steps[along, b - 1]`` is the step across boundary b, for
+    ``along`` the rows of a left or right side (the columns of a top or bottom one); the side
+    may move ``band`` outward (toward 0 for a left or top side) and half that inward, give or
+    take a pixel of rounding."""
+    before, after = (band, band / 2) if toward_start else (band / 2, band)
+    lo, hi = int(np.floor(position - before)) - 1, int(np.ceil(position + after)) + 1
+    first, last = max(lo, 1), min(hi, limit - 1)
+    if last <= first or span[1] - span[0] < 8:
+        return position
+    strength = np.median(steps[span[0]:span[1], first - 1:last], axis=0)
+    best = int(np.argmax(strength))
+    if strength[best] >= max(settings.snap_min_step, settings.snap_contrast * float(np.median(strength))):
+        return float(first + best)
+    # No border in the band: a product cut by the photo's edge ends there.
+    if toward_start and lo <= 1:
+        return 0.0
+    if not toward_start and hi >= limit - 1:
+        return float(limit)
+    return position
+
+
+def snap_box(box: Sequence[float], edges: PhotoEdges, settings: LocateSettings) -> tuple[float, float, float, float]:
+    """``box`` with each side moved to the border it nearly reaches (``LocateSettings.snap_band``).
+
+    A window is square and on a fixed grid of positions; the product it shows rarely is. Where a
+    product ends at a straight border (a pasted photo, a flyer cell, a package edge against the
+    shelf), the colour step along that border is the most exact box there is: the best window is
+    often a third of a half-photo product, and its IoU with the product is then 0.44."""
+    if settings.snap_band is None:
+        return tuple(float(v) for v in box)
+    height, width = edges.across_rows.shape[0] + 2, edges.across_columns.shape[1] + 2
+    x0, y0, x1, y1 = (float(v) / edges.factor for v in box)
+    out_x, out_y = settings.snap_band * (x1 - x0), settings.snap_band * (y1 - y0)
+    rows, columns = (max(0, round(y0)), min(height, round(y1))), (max(0, round(x0)), min(width, round(x1)))
+    columns_steps, rows_steps = edges.across_columns, edges.across_rows.T
+    new = (_snapped_side(columns_steps, x0, rows, out_x, width, True, settings),
+           _snapped_side(rows_steps, y0, columns, out_y, height, True, settings),
+           _snapped_side(columns_steps, x1, rows, out_x, width, False, settings),
+           _snapped_side(rows_steps, y1, columns, out_y, height, False, settings))
+    # A box that lost most of itself snapped to a border inside the product.
+    if new[2] - new[0] < 0.5 * (x1 - x0) or new[3] - new[1] < 0.5 * (y1 - y0):
+        return tuple(float(v) for v in box)
+    return tuple(v * edges.factor for v in new)
+
+
 # --- both, merged
 
 
@@ -479,8 +577,9 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
     local_features = engine.catalog.local_features()
     build_models(engine, (*engine.catalog.global_features(), *local_features))
     keypoints = side_pool().submit(photo_keypoints, image, settings) if local_features else None
-    regions, region_items = region_detections(engine, image, settings)
-    local = local_detections(engine, image, region_items, settings, keypoints.result() if keypoints else None)
+    edges = PhotoEdges.of(image) if settings.snap_band is not None else None
+    regions, region_items = region_detections(engine, image, settings, edges)
+    local = local_detections(engine, image, region_items, settings, keypoints.result() if keypoints else None, edges)
     merged = merge(local, regions, settings)
     records = engine.catalog.items.items(c.key for c in merged)
     detections = []

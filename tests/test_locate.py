@@ -9,7 +9,7 @@ from PIL import Image
 from catalens.api.cli import main
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
-from catalens.search.locate import LocateSettings, iou, suppress, voted_box, windows
+from catalens.search.locate import LocateSettings, PhotoEdges, iou, snap_box, suppress, voted_box, windows
 from tests.conftest import textured_label
 
 CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
@@ -121,6 +121,28 @@ def test_nms_drops_a_window_across_the_border_of_two_products_already_kept():
     size = (400, 400)
     assert suppress(boxes, by_product, size, LocateSettings(union_covered=0.6)) == [0, 1, 3]
     assert suppress(boxes, by_product, size, LocateSettings(union_covered=None)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("cell", [200, 500])
+def test_snapping_moves_a_box_to_the_border_of_its_product_and_to_the_photo_edge(cell):
+    # A 2x2 flyer page of four textured photos (500 px cells: the borders are found on the page
+    # reduced to 640 px). A third-of-the-page window inside the top-right cell (IoU 0.44 with it)
+    # snaps to the cell: the border on its left, the page's edge above it. Over uniform noise,
+    # with no border anywhere, the box stays as it is.
+    rng = np.random.default_rng(0)
+    page = np.zeros((2 * cell, 2 * cell, 3), np.uint8)
+    for row, column in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        base = rng.integers(40, 215, 3)
+        page[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell] = \
+            np.clip(base + rng.normal(0, 12, (cell, cell, 3)), 0, 255)
+    window = (round(4 * cell / 3), round(cell / 3), 2 * cell, cell)
+    snapped = snap_box(window, PhotoEdges.of(Image.fromarray(page)), LocateSettings(snap_band=0.5))
+    assert iou(window, (cell, 0, 2 * cell, cell)) < 0.5
+    assert np.allclose(snapped, (cell, 0, 2 * cell, cell), atol=cell / 50)
+    noise = Image.fromarray(np.clip(128 + rng.normal(0, 12, (2 * cell, 2 * cell, 3)), 0, 255).astype(np.uint8))
+    inner = (0.75 * cell, 0.75 * cell, 1.25 * cell, 1.25 * cell)
+    assert snap_box(inner, PhotoEdges.of(noise), LocateSettings(snap_band=0.5)) == inner
+    assert snap_box(window, PhotoEdges.of(Image.fromarray(page)), LocateSettings(snap_band=None)) == window
 
 
 def test_composites_are_deterministic_and_know_their_boxes(val_photos):
