@@ -501,7 +501,8 @@ class PhotoEdges:
     @classmethod
     def of(cls, image: Image.Image, max_side: int = 640) -> PhotoEdges:
         factor = max(1, -(-max(image.size) // max_side))
-        reduced = image.convert("RGB").reduce(factor) if factor > 1 else image.convert("RGB")
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even an RGB photo
+        reduced = rgb.reduce(factor) if factor > 1 else rgb
         pixels = np.asarray(reduced, np.int16)
         return cls(np.abs(pixels[:, 2:] - pixels[:, :-2]).sum(axis=2, dtype=np.int16),
                    np.abs(pixels[2:] - pixels[:-2]).sum(axis=2, dtype=np.int16), factor)
