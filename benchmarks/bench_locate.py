@@ -63,6 +63,8 @@ def main() -> None:
                         help="override LocateSettings' union test in NMS: a fraction, or 'none' for pairwise tests only")
     parser.add_argument("--snap-band", default=None,
                         help="override LocateSettings' box snapping: a band, or 'none' for boxes as found")
+    parser.add_argument("--classify", choices=("yes", "no"), default=None,
+                        help="override LocateSettings: whether the catalog's classifier names the boxes found")
     parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
     args = parser.parse_args()
     overrides = {} if args.min_region_score is None else {"min_region_score": args.min_region_score}
@@ -72,6 +74,8 @@ def main() -> None:
         overrides["union_covered"] = None if args.union_covered.lower() == "none" else float(args.union_covered)
     if args.snap_band is not None:
         overrides["snap_band"] = None if args.snap_band.lower() == "none" else float(args.snap_band)
+    if args.classify is not None:
+        overrides["classify"] = args.classify == "yes"
     settings = LocateSettings(**overrides)
     index = build(args.work / "full", ("iconic", "train"), IndexConfig())
     finetune(index)  # the default workflow (index, then finetune); kept in the index, done once

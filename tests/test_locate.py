@@ -9,7 +9,15 @@ from PIL import Image
 from catalens.api.cli import main
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
-from catalens.search.locate import LocateSettings, PhotoEdges, iou, snap_box, suppress, voted_box, windows
+from catalens.search.locate import (
+    LocateSettings,
+    PhotoEdges,
+    iou,
+    snap_box,
+    suppress,
+    voted_box,
+    windows,
+)
 from tests.conftest import textured_label
 
 CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
@@ -157,3 +165,23 @@ def test_composites_are_deterministic_and_know_their_boxes(val_photos):
     placed = scatter(val_photos, 3, seed=1)
     boxes = [p.box for p in placed.products]
     assert len(boxes) == 3 and all(iou(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_a_region_is_renamed_by_the_classifier_over_its_box(label_index):
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.engine import SearchEngine
+    from catalens.search.locate import _Candidate, classified
+
+    index, photo = label_index
+    catalog = open_catalog(index)
+    try:
+        records = {record.category: record for record in catalog.items.records().values()}
+        # A window named Milk over the yoghurt: the crop of its box is what names it.
+        wrong = _Candidate(records["Dairy/Milk"].key, 0.6, PLACED["Dairy/Yoghurt"], "region")
+        renamed = classified(SearchEngine(catalog), Image.open(photo).convert("RGB"), [wrong])
+    finally:
+        catalog.close()
+    assert len(renamed) == 1
+    assert renamed[0].key == records["Dairy/Yoghurt"].key
+    assert renamed[0].box == wrong.box and renamed[0].evidence == "region"
+    assert 0.5 < renamed[0].score <= 1.0
