@@ -12,6 +12,8 @@ seeds 0.. are held out from that.
 A detection is right when its product (the fine category) is one the composite shows and its box
 has IoU >= 0.5 with that product's cell, each shown product matched once (best-scored detection
 first). Recall: right detections / products shown; precision: right detections / detections.
+Confidence: the AUROC of the detections' confidences for "this detection is right", their expected
+calibration error (10 bins), and precision / recall of the detections at confidence >= 0.5.
 The baseline is ``search`` on the whole photo: the products among its top 4 (one per product),
 with no box. Time: one ``locate`` call per photo, decoding included, after a warm-up.
 """
@@ -23,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from catalens.api.tables import format_table
 from catalens.datasets.composites import Composite, layouts
 from catalens.datasets.grocery import split_photos
@@ -32,21 +36,23 @@ from catalens.search.engine import SearchEngine
 from catalens.search.locate import Detection, LocateSettings, draw_detections, iou, locate
 
 try:  # run as a script or as a module
+    from benchmarks.bench_confidence import auroc, reliability
     from benchmarks.bench_retrieval import build, finetune
 except ImportError:
+    from bench_confidence import auroc, reliability  # type: ignore[no-redef]
     from bench_retrieval import build, finetune  # type: ignore[no-redef]
 
 
-def score(composite: Composite, detections: list[Detection]) -> tuple[int, int]:
-    """(right detections, detections): greedy matching, best detection first."""
+def score(composite: Composite, detections: list[Detection]) -> list[bool]:
+    """Whether each detection is right: greedy matching, best detection first."""
     unmatched = list(composite.products)
-    right = 0
+    right = []
     for detection in detections:
         match = next((p for p in unmatched if p.category == detection.category and iou(detection.box, p.box) >= 0.5), None)
         if match is not None:
             unmatched.remove(match)
-            right += 1
-    return right, len(detections)
+        right.append(match is not None)
+    return right
 
 
 def main() -> None:
@@ -96,16 +102,24 @@ def main() -> None:
         locate(engine, [paths[0]], settings=settings)  # warm-up: models loaded
         engine.search([paths[0]], k=4)  # warm-up: the match calibration fitted or read
         right = shown = found = 0
-        seconds, per_photo = [], []
+        seconds, per_photo, confident = [], [], []
         for composite, path in zip(composites, paths, strict=True):
             started = time.perf_counter()
             detections = locate(engine, [path], settings=settings)[0].detections or []
             seconds.append(time.perf_counter() - started)
-            r, n = score(composite, detections)
+            flags = score(composite, detections)
+            r, n = sum(flags), len(flags)
             right, found, shown = right + r, found + n, shown + len(composite.products)
+            confident += [(d.confidence, flag) for d, flag in zip(detections, flags, strict=True) if d.confidence is not None]
             per_photo.append((r / len(composite.products), -n, composite, detections))
+        confidence, flags = (np.array([c for c, _ in confident]), np.array([f for _, f in confident], bool)) \
+            if confident else (np.zeros(0), np.zeros(0, bool))
+        sure = confidence >= 0.5
         rows.append((layout, "locate", f"{100 * right / shown:.1f}", f"{100 * right / max(found, 1):.1f}",
-                     f"{found / len(composites):.1f}", f"{statistics.median(seconds):.2f}", f"{max(seconds):.2f}"))
+                     f"{found / len(composites):.1f}", f"{statistics.median(seconds):.2f}", f"{max(seconds):.2f}",
+                     f"{auroc(confidence, flags):.3f}" if len(flags) else "-",
+                     f"{reliability(confidence, flags)[0]:.3f}" if len(flags) else "-",
+                     f"{100 * flags[sure].mean():.1f} / {100 * flags[sure].sum() / shown:.1f}" if sure.any() else "-"))
         if not args.no_baseline:
             hit = listed = 0
             b_seconds = []
@@ -117,7 +131,8 @@ def main() -> None:
                 hit += len(categories & {p.category for p in composite.products})
                 listed += len(results)
             rows.append((layout, "search, top 4 (no boxes)", f"{100 * hit / shown:.1f}", f"{100 * hit / max(listed, 1):.1f}",
-                         f"{listed / len(composites):.1f}", f"{statistics.median(b_seconds):.2f}", f"{max(b_seconds):.2f}"))
+                         f"{listed / len(composites):.1f}", f"{statistics.median(b_seconds):.2f}", f"{max(b_seconds):.2f}",
+                         "", "", ""))
         per_photo.sort(key=lambda entry: (entry[0], entry[1]))
         for tag, (_, _, composite, detections) in (("worst", per_photo[0]), ("best", per_photo[-1])):
             out = args.draw / f"{composite.name}-{tag}.png"
@@ -125,7 +140,8 @@ def main() -> None:
         print(f"  {layout}: done ({len(composites)} photos)", flush=True)
     catalog.close()
     print(f"\nlocate on composites of grocery val ({args.count} photos a layout; catalog iconic + train):")
-    print(format_table(["layout", "method", "recall %", "precision %", "detections/photo", "median s", "max s"], rows))
+    print(format_table(["layout", "method", "recall %", "precision %", "detections/photo", "median s", "max s",
+                        "AUROC confidence", "ECE", "confidence >= 0.5: precision / recall %"], rows))
 
 
 if __name__ == "__main__":

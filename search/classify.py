@@ -372,19 +372,19 @@ class HierarchicalFewShotClassifier(Estimator):
             levels.append(out)
         return levels
 
-    def _raw_paths(self, features: np.ndarray, evidence: np.ndarray | None = None,
-                   computed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
+    def _raw_paths(self, features: np.ndarray | None, evidence: np.ndarray | None = None,
+                   computed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   leaves: np.ndarray | None = None) -> tuple[list[list[tuple[str, float]]], np.ndarray]:
         """(per row, the best guess at every depth as (node path, raw probability), nearest similarity);
-        ``computed`` is ``leaf_proba``'s answer where the caller has it.
+        ``computed`` is ``leaf_proba``'s answer where the caller has it; ``leaves``, a leaf index
+        per row, asks for those leaves' paths instead.
 
         The best guess is the most probable leaf and its ancestors: the leaf is what accuracy is
         measured on, and a parent with more than half the probability is its parent anyway."""
         probs, _, nearest_sims = computed if computed is not None else self.leaf_proba(features, evidence)
         levels = self.level_proba(probs)
-        best_leaves = probs.argmax(axis=1)
         paths = []
-        for row, leaf in enumerate(best_leaves):
+        for row, leaf in enumerate(probs.argmax(axis=1) if leaves is None else leaves):
             path: list[tuple[str, float]] = []
             for depth, (nodes, members) in enumerate(zip(self.level_nodes_, self.level_members_, strict=True)):
                 node = int(members[leaf])
@@ -404,18 +404,29 @@ class HierarchicalFewShotClassifier(Estimator):
         predictions = []
         for row, path in enumerate(raw):
             leaf = str(self.leaves_[int(probs[row].argmax())])
-            levels: list[LevelPrediction] = []
-            ceiling = 1.0
-            for depth, (node, p) in enumerate(path):
-                a, b, c = self.level_calibration_[depth]
-                # A level is never surer than the one above it: a leaf implies its parents.
-                ceiling = min(ceiling, float(_sigmoid(a * _logit(np.array([p]))[0] + b * sims[row] + c)))
-                levels.append(LevelPrediction(node.rsplit("/", 1)[-1], ceiling))
+            levels = [LevelPrediction(node.rsplit("/", 1)[-1], confidence)
+                      for (node, _), confidence in zip(path, self._calibrated(path, sims[row]), strict=True)]
             confident = [level for level in levels if level.confidence >= self.level_threshold]
             far = nearest_sims[row, 0] < self.unknown_similarity_
             category = "/".join(level.name for level in confident) if confident and not far else UNKNOWN
             predictions.append(Prediction(category, levels, leaf, nearest[row]))
         return predictions
+
+    def _calibrated(self, path: list[tuple[str, float]], similarity: float) -> list[float]:
+        """The calibrated confidence of each level of ``path`` ((node, raw probability), top first)."""
+        out, ceiling = [], 1.0
+        for depth, (_, p) in enumerate(path):
+            a, b, c = self.level_calibration_[depth]
+            # A level is never surer than the one above it: a leaf implies its parents.
+            ceiling = min(ceiling, float(_sigmoid(a * _logit(np.array([p]))[0] + b * similarity + c)))
+            out.append(ceiling)
+        return out
+
+    def leaf_confidence(self, computed: tuple[np.ndarray, np.ndarray, np.ndarray], leaves: Sequence[int]) -> np.ndarray:
+        """The calibrated confidence that row i shows the leaf ``leaves[i]`` (an index into
+        ``leaves_``), from ``leaf_proba``'s answer: what ``levels`` gives that leaf in ``classify``."""
+        paths, sims = self._raw_paths(None, computed=computed, leaves=np.asarray(leaves, np.int64))
+        return np.array([self._calibrated(path, sim)[-1] if path else 0.0 for path, sim in zip(paths, sims, strict=True)])
 
     def predict(self, features: np.ndarray, evidence: np.ndarray | None = None) -> np.ndarray:
         """The most probable leaf path per row (no threshold): what accuracy is measured on."""

@@ -121,10 +121,16 @@ class Detection:
     box: Box
     evidence: str = "local"  # "local" (verified keypoints) or "region" (window similarity)
     key: int = field(default=-1, repr=False)
+    # The calibrated probability that the box shows this item's category (what ``classify`` gives
+    # that leaf for the box's crop); None where the catalog has no classifier or ``classify`` is off.
+    confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title,
-                "box": [int(v) for v in self.box]}
+        out = {"id": self.id, "score": round(float(self.score), 6), "category": self.category, "title": self.title,
+               "box": [int(v) for v in self.box]}
+        if self.confidence is not None:
+            out["confidence"] = round(float(self.confidence), 4)
+        return out
 
 
 @dataclass
@@ -147,7 +153,7 @@ class _Candidate:
     score: float
     box: tuple[float, float, float, float]
     evidence: str
-    category: str = ""
+    confidence: float | None = None
 
 
 # --- geometry
@@ -340,12 +346,15 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
         evidence = [min(rivals[key][0], settings.inlier_cap) / settings.inlier_cap for key in keys]
         agreement = np.add(evidence, similarity)
         if classifier is not None:
-            fitted, probs = classifier
+            fitted, computed = classifier
             leaves = {str(leaf): i for i, leaf in enumerate(fitted.classifier.leaves_)}
-            agreement += [probs[row, leaves[records[key].category]] if key in records and records[key].category in leaves
-                          else 0.0 for key in keys]
+            leaf_of = [leaves.get(records[key].category, -1) if key in records else -1 for key in keys]
+            agreement += [computed[0][row, leaf] if leaf >= 0 else 0.0 for leaf in leaf_of]
         pick = int(np.argmax(agreement))
-        found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local"))
+        confidence = None
+        if classifier is not None and leaf_of[pick] >= 0:
+            confidence = float(fitted.classifier.leaf_confidence(tuple(a[row : row + 1] for a in computed), [leaf_of[pick]])[0])
+        found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local", confidence))
     return found
 
 
@@ -574,18 +583,18 @@ def snap_box(box: Sequence[float], edges: PhotoEdges, settings: LocateSettings) 
     return tuple(v * edges.factor for v in new)
 
 
-def _leaf_probabilities(engine: SearchEngine, crops: Sequence[Image.Image],
-                        vectors: dict[str, np.ndarray]) -> tuple[FittedClassifier, np.ndarray] | None:
-    """(the catalog's classifier, its leaf probabilities for each crop), or None where the index has
-    nothing to classify with. ``vectors``: the crops' global features, where already embedded."""
+def _leaf_probabilities(engine: SearchEngine, crops: Sequence[Image.Image], vectors: dict[str, np.ndarray]
+                        ) -> tuple[FittedClassifier, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """(the catalog's classifier, its ``leaf_proba`` answer for the crops: leaf probabilities first),
+    or None where the index has nothing to classify with. ``vectors``: the crops' global features,
+    where already embedded."""
     try:
         fitted = fitted_classifier(engine.catalog)
     except ValueError:
         return None
     missing = [name for name in fitted.weights if name not in vectors]
     vectors = {**vectors, **{name: embed(engine.catalog.feature(name), crops, one_view=True) for name in missing}}
-    probs, _, _ = fitted.classifier.leaf_proba(weighted_features(vectors, fitted.weights))
-    return fitted, probs
+    return fitted, fitted.classifier.leaf_proba(weighted_features(vectors, fitted.weights))
 
 
 def classified(engine: SearchEngine, image: Image.Image, regions: Sequence[_Candidate]) -> list[_Candidate]:
@@ -602,17 +611,20 @@ def classified(engine: SearchEngine, image: Image.Image, regions: Sequence[_Cand
     classified_ = _leaf_probabilities(engine, crops, vectors)
     if classified_ is None:  # nothing to classify with: the windows' own names stand
         return list(regions)
-    fitted, probs = classified_
+    fitted, computed = classified_
+    best = computed[0].argmax(axis=1)
+    confidence = fitted.classifier.leaf_confidence(computed, best)
     out = []
     for row, region in enumerate(regions):
-        leaf = int(np.argmax(probs[row]))
+        leaf = int(best[row])
         keys = np.asarray(fitted.keys)[fitted.classifier.support_leaf_ == leaf].astype(np.int64)
         if not len(keys):
             out.append(region)
             continue
         similarity = _fused_cosines(engine, {name: v[row : row + 1] for name, v in vectors.items()}, keys)[0]
         pick = int(np.argmax(similarity))
-        out.append(_Candidate(int(keys[pick]), float(similarity[pick]), region.box, region.evidence))
+        out.append(_Candidate(int(keys[pick]), float(similarity[pick]), region.box, region.evidence,
+                              float(confidence[row])))
     return out
 
 
@@ -654,7 +666,8 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
             continue
         x0, y0, x1, y1 = (v * scale for v in candidate.box)
         detections.append(Detection(record.id, candidate.score, record.category, record.title,
-                                    (round(x0), round(y0), round(x1), round(y1)), candidate.evidence, candidate.key))
+                                    (round(x0), round(y0), round(x1), round(y1)), candidate.evidence, candidate.key,
+                                    candidate.confidence))
     return detections
 
 
@@ -678,7 +691,7 @@ def locate(engine: SearchEngine, sources: Sequence[ImageSource | Image.Image], n
 
 
 def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
-    """A copy of ``image`` with each detection's box and label (rank, title, score)."""
+    """A copy of ``image`` with each detection's box and label (rank, title, confidence or else score)."""
     from PIL import ImageDraw
 
     drawn = ImageOps.exif_transpose(image).convert("RGB")
@@ -690,7 +703,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Imag
         colour = palette[(rank - 1) % len(palette)]
         x0, y0, x1, y1 = detection.box
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
-        label = f"{rank}. {detection.title} {detection.score:.2f}"
+        label = f"{rank}. {detection.title} " + (f"{100 * detection.confidence:.0f}%" if detection.confidence is not None
+                                                  else f"{detection.score:.2f}")
         left, top, right, bottom = draw.textbbox((x0 + width, y0 + width), label)
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
         draw.text((x0 + width, y0 + width), label, fill=(255, 255, 255))

@@ -163,6 +163,16 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
 
+            # Several products in one photo: the boxes drawn over the photo, each listed with its confidence.
+            page.click("#locate")
+            page.wait_for_selector("#located:not([hidden])", timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('#boxes rect').length > 0", timeout=60_000)
+            found = page.inner_text("#located-list")
+            assert "confidence" in found and "products found in" in page.inner_text("#status"), found
+            shot = ARTIFACTS / "locate.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+
             cards[0].click()
             page.wait_for_selector("#detail[open]")
             mode = page.input_value("#mode")

@@ -50,7 +50,8 @@ def test_two_products_in_one_photo_are_found_with_their_boxes(label_index, capsy
     assert line["query"] == str(photo)
     found = {}
     for detection in line["detections"]:
-        assert set(detection) == {"id", "score", "category", "title", "box"}
+        assert set(detection) == {"id", "score", "category", "title", "box", "confidence"}
+        assert 0.0 <= detection["confidence"] <= 1.0
         found.setdefault(detection["category"], detection["box"])
     for category, box in PLACED.items():
         assert category in found, line
@@ -185,3 +186,4 @@ def test_a_region_is_renamed_by_the_classifier_over_its_box(label_index):
     assert renamed[0].key == records["Dairy/Yoghurt"].key
     assert renamed[0].box == wrong.box and renamed[0].evidence == "region"
     assert 0.5 < renamed[0].score <= 1.0
+    assert renamed[0].confidence is not None and 0.0 <= renamed[0].confidence <= 1.0

@@ -80,9 +80,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _locate_table(result) -> Iterator[str]:
     yield f"\n{result.query}"
-    rows = [(rank, d.id, f"{d.score:.3f}", d.category, d.title, ",".join(map(str, d.box)))
-            for rank, d in enumerate(result.detections, 1)]
-    yield format_table(["#", "id", "score", "category", "title", "box"], rows) if rows else "no products found"
+    rows = [(rank, d.id, f"{d.score:.3f}", "-" if d.confidence is None else f"{d.confidence:.2f}", d.category, d.title,
+             ",".join(map(str, d.box))) for rank, d in enumerate(result.detections, 1)]
+    yield format_table(["#", "id", "score", "confidence", "category", "title", "box"], rows) if rows else "no products found"
 
 
 def cmd_locate(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ class Detection(BaseModel):
     category: str
     title: str
     box: list[int] = Field(description="x0, y0, x1, y1 in the uploaded photo's pixels")
+    confidence: float | None = Field(None, description="calibrated probability that the box shows this item's category")
     image_url: str = Field(description="where to fetch the item's catalog image")
 
 

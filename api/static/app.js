@@ -228,10 +228,12 @@ async function runLocate() {
       label.setAttribute("x", x0 + stroke);
       label.setAttribute("y", y0 + 6 * stroke);
       label.setAttribute("font-size", 6 * stroke);
-      label.textContent = `${rank + 1}. ${found.title || found.id}`;
+      const sure = found.confidence == null ? "" : ` ${Math.round(100 * found.confidence)}%`;
+      label.textContent = `${rank + 1}. ${found.title || found.id}${sure}`;
       svg.append(rect, label);
       const line = document.createElement("div");
-      line.textContent = `${rank + 1}. ${found.title || found.id} (${found.category}) score ${found.score.toFixed(2)}`;
+      line.textContent = `${rank + 1}. ${found.title || found.id} (${found.category}) score ${found.score.toFixed(2)}` +
+        (found.confidence == null ? "" : `, confidence ${found.confidence.toFixed(2)}`);
       list.appendChild(line);
     });
     figure.hidden = false;
