@@ -332,6 +332,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     crops = _embed_crops(engine, images)
     classifier = _leaf_probabilities(engine, images, crops) if settings.classify else None
     records = engine.catalog.items.items({key for _, _, rivals in chosen for key in rivals}) if classifier else {}
+    leaves = {str(leaf): i for i, leaf in enumerate(classifier[0].classifier.leaves_)} if classifier else {}
     found: list[_Candidate] = []
     for row, (_, box, rivals) in enumerate(chosen):
         if edges is not None:
@@ -347,7 +348,6 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
         agreement = np.add(evidence, similarity)
         if classifier is not None:
             fitted, computed = classifier
-            leaves = {str(leaf): i for i, leaf in enumerate(fitted.classifier.leaves_)}
             leaf_of = [leaves.get(records[key].category, -1) if key in records else -1 for key in keys]
             agreement += [computed[0][row, leaf] if leaf >= 0 else 0.0 for leaf in leaf_of]
         pick = int(np.argmax(agreement))
