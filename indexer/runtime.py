@@ -75,15 +75,27 @@ def openvino_core():
         return _openvino_core
 
 
+InputShape = int | tuple[int, ...]
+
+
+def sample_shapes(input_shape: InputShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(one sample's declared shape, -1 where a dimension varies; the shape traced in its place).
+
+    An int is a square RGB image of that side; a varying dimension is traced at 224."""
+    shape = (3, input_shape, input_shape) if isinstance(input_shape, int) else tuple(input_shape)
+    return shape, tuple(224 if dim < 0 else dim for dim in shape)
+
+
 class OpenVinoRunner:
-    """A torch module compiled by OpenVINO for the CPU, with a dynamic batch dimension.
+    """A torch module compiled by OpenVINO for the CPU, with a dynamic batch dimension (and any
+    other dimension that ``input_shape`` marks -1).
 
     Converting traces the network (seconds); the converted model is cached on disk per
     ``cache_key`` and OpenVINO version, so later processes start in a fraction of that, and
     without building the module (``build`` is called only to convert).
     """
 
-    def __init__(self, build: ModuleBuilder, input_size: int, threads: int = 0, cache_key: str | None = None):
+    def __init__(self, build: ModuleBuilder, input_shape: InputShape, threads: int = 0, cache_key: str | None = None):
         import openvino as ov
 
         core = openvino_core()
@@ -95,10 +107,11 @@ class OpenVinoRunner:
             import torch
 
             module = build().eval()
-            example = torch.zeros(1, 3, input_size, input_size)
+            declared, traced = sample_shapes(input_shape)
+            example = torch.zeros(1, *traced)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracing warns about its own deprecation
-                converted = ov.convert_model(module, example_input=example, input=[(-1, 3, input_size, input_size)])
+                converted = ov.convert_model(module, example_input=example, input=[(-1, *declared)])
             if cached is not None:
                 try:
                     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -153,20 +166,21 @@ class OpenVinoRunner:
 
 
 def compile_network(
-    build: ModuleBuilder, input_size: int, runtime: str = "auto", device: str = "cpu",
+    build: ModuleBuilder, input_shape: InputShape, runtime: str = "auto", device: str = "cpu",
     cache_key: str | None = None, threads: int = 0,
 ) -> tuple[Network, str]:
     """The module ``build()`` makes, as a numpy-in, numpy-out callable, and the name of the
     runtime that runs it.
 
-    ``runtime`` is ``auto`` (OpenVINO on the CPU where it works, else PyTorch), ``openvino``
+    ``input_shape``: one sample's shape, -1 where it varies (an int: a square RGB image of that
+    side). ``runtime`` is ``auto`` (OpenVINO on the CPU where it works, else PyTorch), ``openvino``
     (fail if it does not work) or ``torch``. ``cache_key`` names the converted model on disk;
     leave it None for weights that are not fixed (random ones in tests). ``build`` is not
     called when a cached conversion serves.
     """
     if runtime in ("auto", "openvino") and str(device).split(":")[0] == "cpu":
         try:
-            return OpenVinoRunner(build, input_size, threads, cache_key), "openvino"
+            return OpenVinoRunner(build, input_shape, threads, cache_key), "openvino"
         except Exception as error:  # noqa: BLE001 - OpenVINO is an accelerator, not a requirement
             if runtime == "openvino":
                 raise
