@@ -71,6 +71,8 @@ def main() -> None:
                         help="override LocateSettings' box snapping: a band, or 'none' for boxes as found")
     parser.add_argument("--classify", choices=("yes", "no"), default=None,
                         help="override LocateSettings: whether the catalog's classifier names the boxes found")
+    parser.add_argument("--window-maps", choices=("yes", "no"), default=None,
+                        help="override LocateSettings: windows embedded from shared trunk maps (yes) or cropped (no)")
     parser.add_argument("--no-baseline", action="store_true", help="skip whole-photo search")
     args = parser.parse_args()
     overrides = {} if args.min_region_score is None else {"min_region_score": args.min_region_score}
@@ -82,6 +84,8 @@ def main() -> None:
         overrides["snap_band"] = None if args.snap_band.lower() == "none" else float(args.snap_band)
     if args.classify is not None:
         overrides["classify"] = args.classify == "yes"
+    if args.window_maps is not None:
+        overrides["window_maps"] = args.window_maps == "yes"
     settings = LocateSettings(**overrides)
     index = build(args.work / "full", ("iconic", "train"), IndexConfig())
     finetune(index)  # the default workflow (index, then finetune); kept in the index, done once

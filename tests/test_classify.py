@@ -331,6 +331,29 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
     one, both = adapted.finish_one_view(prepared), adapted.finish(prepared)
     assert one.shape == both.shape == (1, adapted.dim) and np.linalg.norm(one) == pytest.approx(1.0, abs=1e-4)
     assert float(one[0] @ both[0]) > 0.8 and adapted.finish_one_view([]).shape == (0, adapted.dim)
+    # ...and embeds square windows from one trunk pass per window side: each window of a photo
+    # of two products side by side is nearer the crop of its own half than of the other.
+    apple = sorted((tiny_catalog / "Fruit" / "Apple").glob("*.jpg"))[0]
+    halves = [Image.open(path).convert("RGB").resize((256, 256)) for path in (query, apple)]
+    pair = Image.new("RGB", (512, 256))
+    for i, half in enumerate(halves):
+        pair.paste(half, (256 * i, 0))
+    from_maps = adapted.window_rows(pair, [(0, 0, 256, 256), (256, 0, 512, 256)])
+    from_crops = adapted.finish_one_view([adapted.preparer(half) for half in halves])
+    similarity = from_maps @ from_crops.T
+    assert from_maps.shape == (2, adapted.dim) and np.allclose(np.linalg.norm(from_maps, axis=1), 1.0, atol=1e-4)
+    assert similarity[0, 0] > similarity[0, 1] and similarity[1, 1] > similarity[1, 0], similarity
+    assert adapted.window_rows(pair, []).shape == (0, adapted.dim)
+    # locate's windows go through them (and through crops when told not to).
+    from catalens.search.locate import LocateSettings, locate
+
+    calls = []
+    monkeypatch.setattr(type(adapted), "window_rows", lambda self, image, boxes: calls.append(len(boxes)) or
+                        from_maps[[i % 2 for i in range(len(boxes))]])
+    engine = SearchEngine(index)
+    assert locate(engine, [pair])[0].error is None and calls and calls[0] > 2
+    calls.clear()
+    assert locate(engine, [pair], settings=LocateSettings(window_maps=False))[0].error is None and not calls
     index.close()
 
 

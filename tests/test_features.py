@@ -71,3 +71,26 @@ def test_a_registered_feature_is_indexed_and_searchable_by_its_name_from_configu
             assert top.id.endswith(query.name) and top.score == pytest.approx(1.0, abs=1e-4)
     finally:
         catalog.close()
+
+
+def test_colour_rows_of_a_photos_windows_are_those_of_their_crops():
+    from catalens.indexer.features import WindowEmbedder, embed
+    from catalens.indexer.features.colour import ColourHistogram
+
+    rng = np.random.default_rng(3)
+    # Four flat-coloured quarters with noise: each window's histogram is its quarter's colour.
+    photo = np.zeros((400, 600, 3), np.uint8)
+    for (y, x), colour in zip([(0, 0), (0, 300), (200, 0), (200, 300)],
+                              [(200, 30, 30), (30, 160, 40), (40, 60, 210), (220, 200, 40)], strict=True):
+        photo[y : y + 200, x : x + 300] = colour
+    image = Image.fromarray(np.clip(photo + rng.integers(-20, 20, photo.shape), 0, 255).astype(np.uint8))
+    windows = [(0, 0, 200, 200), (350, 0, 550, 200), (50, 200, 250, 400), (380, 180, 580, 380), (0, 0, 400, 400)]
+    feature = ColourHistogram()
+    assert isinstance(feature, WindowEmbedder)
+    from_windows = feature.window_rows(image, windows)
+    from_crops = embed(feature, [image.crop(window) for window in windows])
+    assert from_windows.shape == (5, feature.dim)
+    assert np.all(np.sum(from_windows * from_crops, axis=1) > 0.98)
+    # ...and tell the quarters apart as their crops do.
+    assert np.array_equal((from_windows @ from_crops.T).argmax(axis=1), np.arange(5))
+    assert feature.window_rows(image, []).shape == (0, feature.dim)

@@ -79,6 +79,26 @@ class LocalFeature(Protocol):
 Feature = GlobalFeature | LocalFeature
 
 
+Window = tuple[int, int, int, int]
+
+
+@runtime_checkable
+class WindowEmbedder(Protocol):
+    """A global feature that embeds many square windows of one photo for less than a crop each
+    (``locate``'s region windows): what depends only on the pixels is computed once per window side."""
+
+    def window_rows(self, image: Image.Image, windows: Sequence[Window]) -> np.ndarray:
+        """(n, dim) L2-normalised rows, one per window (x0, y0, x1, y1), as its crop would give."""
+
+
+def windows_by_side(windows: Sequence[Window]) -> dict[int, list[int]]:
+    """The windows' positions, grouped by side: one scaled copy of the photo serves each group."""
+    groups: dict[int, list[int]] = {}
+    for position, (x0, y0, x1, y1) in enumerate(windows):
+        groups.setdefault(max(x1 - x0, y1 - y0), []).append(position)
+    return groups
+
+
 def embed(feature: Feature, images: Sequence[Image.Image], one_view: bool = False) -> Any:
     """``feature`` of already-decoded images: (n, dim) rows, or descriptor blobs.
 

@@ -8,14 +8,16 @@ indexing time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from catalens.indexer.backbones import get_backbone
 from catalens.indexer.estimator import saved_params
-from catalens.indexer.features import l2_normalise, register_feature
+from catalens.indexer.features import Window, l2_normalise, register_feature, windows_by_side
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.runtime import compile_network, weights_stamp
 
@@ -53,6 +55,8 @@ class AdaptedDeep:
 
         key = f"{spec.name}-adapted-{weights_stamp(model_file)}" if params.get("pretrained", True) else None
         self._network, self.runtime = compile_network(build, spec.input_size, runtime, "cpu", key)
+        self.spec, self.pretrained, self.runtime_asked = spec, bool(params.get("pretrained", True)), runtime
+        self._window_networks: tuple[Any, Any, int, int] | None = None
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
         # Its size from one image's output (a cached conversion has no module to ask).
@@ -80,6 +84,70 @@ class AdaptedDeep:
         if not prepared:
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(self._network(np.stack(prepared)))
+
+
+    def _windows_split(self) -> tuple[Any, Any, int, int]:
+        """(the frozen trunk, any image size; the adapted top stages over one view's trunk map;
+        the trunk's stride in pixels; the map's side in cells for one view), compiled on first use."""
+        if self._window_networks is None:
+            from torch import nn
+
+            from catalens.indexer.backbone_networks import AdaptedNetwork
+
+            spec, size = self.spec, self.spec.input_size
+
+            def trunk_module():
+                return nn.Sequential(*spec.create(pretrained=self.model.pretrained).stages()[: self.model.first_stage_])
+
+            stamp = weights_stamp(self.model_file)
+            trunk, _ = compile_network(trunk_module, (3, -1, -1), self.runtime_asked, "cpu",
+                                       f"{spec.name}-trunk-any-size-{stamp}" if self.pretrained else None)
+            maps = trunk(np.zeros((1, 3, size, size), np.float32))
+            stride = size // int(maps.shape[2])
+            cells = int(maps.shape[2])
+            # The adapted network with nothing in front of its top stages: maps in, embedding out.
+            top, _ = compile_network(lambda: AdaptedNetwork(nn.Identity(), self.model.top_), (int(maps.shape[1]), cells, cells),
+                                     self.runtime_asked, "cpu",
+                                     f"{spec.name}-adapted-top-{stamp}" if self.pretrained else None)
+            self._window_networks = (trunk, top, stride, cells)
+        return self._window_networks
+
+    def window_rows(self, image: Image.Image, boxes: Sequence[Window]) -> np.ndarray:
+        """One view of each square window of ``image`` (``locate``'s region windows), from one
+        trunk pass of the photo per window side instead of one network pass per window.
+
+        The photo is scaled so that a window of that side becomes ``resize_size`` pixels, as a
+        crop of it would be; the trunk map's cells under the window's centre ``input_size``
+        square go through the top stages. A window then also sees its surroundings through the
+        trunk's receptive field, which a crop does not. On grocery composites (benchmarks/
+        bench_locate.py, 120 photos a layout) this found as many products as cropped windows on
+        2x2 grids (84.6 against 84.8% recall, precision 80.2 against 83.2%), one point fewer on
+        3x3 grids and 4.4 points more on clutter, in two thirds of the time.
+        """
+        if not len(boxes):
+            return np.zeros((0, self.dim), np.float32)
+        trunk, top, stride, cells = self._windows_split()
+        preparer = self.preparer
+        rows = np.zeros((len(boxes), self.dim), np.float32)
+        margin = (preparer.resize_size - preparer.size) / 2
+        for side, members in windows_by_side(boxes).items():
+            scale = preparer.resize_size / side
+            size = (max(preparer.size, round(image.width * scale)), max(preparer.size, round(image.height * scale)))
+            pixels = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+            array = (np.asarray(pixels, dtype=np.float32) / 255.0 - preparer.mean) / preparer.std
+            # OpenVINO prepares the network again for each new input shape (+80 ms on an 879 x 879
+            # pass); photos of one camera repeat their shapes. Padding every side to a multiple of
+            # 32 made fewer shapes but 6% more work on the benchmark's composites (10 shapes in 180).
+            maps = trunk(np.ascontiguousarray(array.transpose(2, 0, 1))[None])[0]
+            height, width = -(-array.shape[0] // stride), -(-array.shape[1] // stride)  # the photo's cells
+            views = []
+            for i in members:
+                x0, y0, _, _ = boxes[i]
+                column = min(max(round((x0 * scale + margin) / stride), 0), max(width - cells, 0))
+                row = min(max(round((y0 * scale + margin) / stride), 0), max(height - cells, 0))
+                views.append(maps[:, row : row + cells, column : column + cells])
+            rows[members] = top(np.ascontiguousarray(np.stack(views)))
+        return l2_normalise(rows)
 
 
 @register_feature(FEATURE_NAME, "global", model_file=MODEL_FILE, fitted_by="catalens finetune", replaces="deep",
