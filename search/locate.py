@@ -76,10 +76,10 @@ class LocateSettings:
     # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
     window_fractions: tuple[float, ...] = (1.0, 0.5, 1 / 3)
     # A feature that can (``deep_ft``, ``colour``: ``WindowEmbedder``) embeds the windows from one
-    # pass over the photo per window side (trunk maps, a thumbnail), not one per window. On 2 cores,
-    # fresh composites (seeds 200-239), one run after the other: median 1.89 / 2.20 / 1.83 s a photo
-    # (2x2, 3x3, clutter) with cropped windows, 1.28 / 1.48 / 1.27 s with maps. False: every window
-    # cropped and embedded.
+    # pass over the photo per window side (network maps, a thumbnail), not one per window. On 2
+    # cores, fresh composites (seeds 200-239): median 1.89 / 2.20 / 1.83 s a photo (2x2, 3x3,
+    # clutter) with cropped windows, 1.18 / 1.44 / 1.12 s with maps (README: recall and precision
+    # over three seed sets). False: every window cropped and embedded.
     window_maps: bool = True
     region_candidates: int = 20
     # Tuned with window maps on seeds 100-139: at 0.45 they found as many products as cropped

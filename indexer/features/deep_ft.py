@@ -85,14 +85,11 @@ class AdaptedDeep:
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(self._network(np.stack(prepared)))
 
-
     def _windows_split(self) -> tuple[Any, Any, int, int]:
-        """(the frozen trunk, any image size; the adapted top stages over one view's trunk map;
-        the trunk's stride in pixels; the map's side in cells for one view), compiled on first use."""
+        """(the frozen trunk and the adapted top stages, unpooled, each for any map size; the
+        network's stride in pixels; one view's side in cells), compiled on first use."""
         if self._window_networks is None:
             from torch import nn
-
-            from catalens.indexer.backbone_networks import AdaptedNetwork
 
             spec, size = self.spec, self.spec.input_size
 
@@ -103,26 +100,29 @@ class AdaptedDeep:
             trunk, _ = compile_network(trunk_module, (3, -1, -1), self.runtime_asked, "cpu",
                                        f"{spec.name}-trunk-any-size-{stamp}" if self.pretrained else None)
             maps = trunk(np.zeros((1, 3, size, size), np.float32))
-            stride = size // int(maps.shape[2])
             cells = int(maps.shape[2])
-            # The adapted network with nothing in front of its top stages: maps in, embedding out.
-            top, _ = compile_network(lambda: AdaptedNetwork(nn.Identity(), self.model.top_), (int(maps.shape[1]), cells, cells),
+            stride = size // cells
+            # The adapted top stages, without their pooling, over a whole trunk map: windows at half
+            # stride overlap four deep, and pooling each window's cells of one pass does a quarter
+            # of the work of a pass per window.
+            top, _ = compile_network(lambda: nn.Sequential(*self.model.top_.stages), (int(maps.shape[1]), -1, -1),
                                      self.runtime_asked, "cpu",
-                                     f"{spec.name}-adapted-top-{stamp}" if self.pretrained else None)
+                                     f"{spec.name}-adapted-top-maps-{stamp}" if self.pretrained else None)
             self._window_networks = (trunk, top, stride, cells)
         return self._window_networks
 
     def window_rows(self, image: Image.Image, boxes: Sequence[Window]) -> np.ndarray:
         """One view of each square window of ``image`` (``locate``'s region windows), from one
-        trunk pass of the photo per window side instead of one network pass per window.
+        pass of the network over the photo per window side instead of one pass per window.
 
         The photo is scaled so that a window of that side becomes ``resize_size`` pixels, as a
-        crop of it would be; the trunk map's cells under the window's centre ``input_size``
-        square go through the top stages. A window then also sees its surroundings through the
-        trunk's receptive field, which a crop does not. On grocery composites (benchmarks/
-        bench_locate.py, 120 photos a layout) this found as many products as cropped windows on
-        2x2 grids (84.6 against 84.8% recall, precision 80.2 against 83.2%), one point fewer on
-        3x3 grids and 4.4 points more on clutter, in two thirds of the time.
+        crop of it would be; the trunk and the top stages run over the whole photo, and a
+        window's row is the mean of the final map's cells under its centre ``input_size``
+        square. A window then also sees its surroundings through the network's receptive field,
+        which a crop does not. On grocery composites (benchmarks/bench_locate.py, 120 photos a
+        layout) this found as many products as cropped windows on 2x2 grids (recall 84.4
+        against 84.8%, precision 83.7 against 83.2%), 5 points fewer on 3x3 grids and 4 more on
+        clutter, in about two thirds of the time.
         """
         if not len(boxes):
             return np.zeros((0, self.dim), np.float32)
@@ -138,15 +138,15 @@ class AdaptedDeep:
             # OpenVINO prepares the network again for each new input shape (+80 ms on an 879 x 879
             # pass); photos of one camera repeat their shapes. Padding every side to a multiple of
             # 32 made fewer shapes but 6% more work on the benchmark's composites (10 shapes in 180).
-            maps = trunk(np.ascontiguousarray(array.transpose(2, 0, 1))[None])[0]
-            height, width = -(-array.shape[0] // stride), -(-array.shape[1] // stride)  # the photo's cells
-            views = []
+            maps = top(trunk(np.ascontiguousarray(array.transpose(2, 0, 1))[None]))[0]
+            height, width = maps.shape[1:]
             for i in members:
                 x0, y0, _, _ = boxes[i]
                 column = min(max(round((x0 * scale + margin) / stride), 0), max(width - cells, 0))
                 row = min(max(round((y0 * scale + margin) / stride), 0), max(height - cells, 0))
-                views.append(maps[:, row : row + cells, column : column + cells])
-            rows[members] = top(np.ascontiguousarray(np.stack(views)))
+                # The backbone's pooling: the mean over the window's cells (every backbone with
+                # stages enough to fine-tune pools by the mean; fc7 networks have one stage).
+                rows[i] = maps[:, row : row + cells, column : column + cells].mean(axis=(1, 2))
         return l2_normalise(rows)
 
 
