@@ -81,9 +81,11 @@ InputShape = int | tuple[int, ...]
 def sample_shapes(input_shape: InputShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(one sample's declared shape, -1 where a dimension varies; the shape traced in its place).
 
-    An int is a square RGB image of that side; a varying dimension is traced at 224."""
+    An int is a square RGB image of that side; a varying dimension is traced at 64 (a trace
+    records operations, not sizes, and a map of 192 channels at 224 x 224 would cost gigabytes
+    in the top stages' expansions)."""
     shape = (3, input_shape, input_shape) if isinstance(input_shape, int) else tuple(input_shape)
-    return shape, tuple(224 if dim < 0 else dim for dim in shape)
+    return shape, tuple(64 if dim < 0 else dim for dim in shape)
 
 
 class OpenVinoRunner:

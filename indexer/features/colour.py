@@ -77,10 +77,10 @@ class ColourHistogram:
         """Each window's row from one thumbnail of the photo per window side (a window becomes
         ``THUMBNAIL`` pixels, as its crop would), converted to HSV once."""
         rows = np.zeros((len(windows), self.dim), np.float32)
+        centre = max(1, round(THUMBNAIL * CENTRE_FRACTION))
         for side, members in windows_by_side(windows).items():
             scale = THUMBNAIL / side
             hsv = _hsv(_thumbnail(image, scale))
-            centre = max(1, round(THUMBNAIL * CENTRE_FRACTION))
             for i in members:
                 left = min(max(round(windows[i][0] * scale) + (THUMBNAIL - centre) // 2, 0), max(hsv.shape[1] - centre, 0))
                 top = min(max(round(windows[i][1] * scale) + (THUMBNAIL - centre) // 2, 0), max(hsv.shape[0] - centre, 0))
