@@ -331,7 +331,7 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
     one, both = adapted.finish_one_view(prepared), adapted.finish(prepared)
     assert one.shape == both.shape == (1, adapted.dim) and np.linalg.norm(one) == pytest.approx(1.0, abs=1e-4)
     assert float(one[0] @ both[0]) > 0.8 and adapted.finish_one_view([]).shape == (0, adapted.dim)
-    # ...and embeds square windows from one trunk pass per window side: each window of a photo
+    # ...and embeds square windows from one network pass per window side: each window of a photo
     # of two products side by side is nearer the crop of its own half than of the other.
     apple = sorted((tiny_catalog / "Fruit" / "Apple").glob("*.jpg"))[0]
     halves = [Image.open(path).convert("RGB").resize((256, 256)) for path in (query, apple)]

@@ -56,7 +56,7 @@ class AdaptedDeep:
         key = f"{spec.name}-adapted-{weights_stamp(model_file)}" if params.get("pretrained", True) else None
         self._network, self.runtime = compile_network(build, spec.input_size, runtime, "cpu", key)
         self.spec, self.pretrained, self.runtime_asked = spec, bool(params.get("pretrained", True)), runtime
-        self._window_networks: tuple[Any, Any, int, int] | None = None
+        self._window_network: tuple[Any, int, int] | None = None
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
         # Its size from one image's output (a cached conversion has no module to ask).
@@ -85,31 +85,24 @@ class AdaptedDeep:
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(self._network(np.stack(prepared)))
 
-    def _windows_split(self) -> tuple[Any, Any, int, int]:
-        """(the frozen trunk and the adapted top stages, unpooled, each for any map size; the
-        network's stride in pixels; one view's side in cells), compiled on first use."""
-        if self._window_networks is None:
+    def _windows_network(self) -> tuple[Any, int, int]:
+        """(the adapted network without its pooling, for any image size; its stride in pixels;
+        one view's side in cells), compiled on first use."""
+        if self._window_network is None:
             from torch import nn
 
             spec, size = self.spec, self.spec.input_size
 
-            def trunk_module():
-                return nn.Sequential(*spec.create(pretrained=self.model.pretrained).stages()[: self.model.first_stage_])
+            def unpooled():
+                frozen = spec.create(pretrained=self.model.pretrained).stages()[: self.model.first_stage_]
+                return nn.Sequential(*frozen, *self.model.top_.stages)
 
-            stamp = weights_stamp(self.model_file)
-            trunk, _ = compile_network(trunk_module, (3, -1, -1), self.runtime_asked, "cpu",
-                                       f"{spec.name}-trunk-any-size-{stamp}" if self.pretrained else None)
-            maps = trunk(np.zeros((1, 3, size, size), np.float32))
-            cells = int(maps.shape[2])
-            stride = size // cells
-            # The adapted top stages, without their pooling, over a whole trunk map: windows at half
-            # stride overlap four deep, and pooling each window's cells of one pass does a quarter
-            # of the work of a pass per window.
-            top, _ = compile_network(lambda: nn.Sequential(*self.model.top_.stages), (int(maps.shape[1]), -1, -1),
-                                     self.runtime_asked, "cpu",
-                                     f"{spec.name}-adapted-top-maps-{stamp}" if self.pretrained else None)
-            self._window_networks = (trunk, top, stride, cells)
-        return self._window_networks
+            network, _ = compile_network(unpooled, (3, -1, -1), self.runtime_asked, "cpu",
+                                         f"{spec.name}-adapted-unpooled-{weights_stamp(self.model_file)}"
+                                         if self.pretrained else None)
+            cells = int(network(np.zeros((1, 3, size, size), np.float32)).shape[2])
+            self._window_network = (network, size // cells, cells)
+        return self._window_network
 
     def window_rows(self, image: Image.Image, boxes: Sequence[Window]) -> np.ndarray:
         """One view of each square window of ``image`` (``locate``'s region windows), from one
@@ -126,7 +119,7 @@ class AdaptedDeep:
         """
         if not len(boxes):
             return np.zeros((0, self.dim), np.float32)
-        trunk, top, stride, cells = self._windows_split()
+        network, stride, cells = self._windows_network()
         preparer = self.preparer
         rows = np.zeros((len(boxes), self.dim), np.float32)
         margin = (preparer.resize_size - preparer.size) / 2
@@ -138,7 +131,10 @@ class AdaptedDeep:
             # OpenVINO prepares the network again for each new input shape (+80 ms on an 879 x 879
             # pass); photos of one camera repeat their shapes. Padding every side to a multiple of
             # 32 made fewer shapes but 6% more work on the benchmark's composites (10 shapes in 180).
-            maps = top(trunk(np.ascontiguousarray(array.transpose(2, 0, 1))[None]))[0]
+            # The whole photo through the network, unpooled: windows at half stride overlap four
+            # deep, and pooling each window's cells of one pass does a quarter of the work of a
+            # pass per window.
+            maps = network(np.ascontiguousarray(array.transpose(2, 0, 1))[None])[0]
             height, width = maps.shape[1:]
             for i in members:
                 x0, y0, _, _ = boxes[i]
