@@ -102,30 +102,35 @@ def answer(engine: SearchEngine, query: Query, mode: str, calibrator: MatchCalib
 
 
 def classification(catalog, photos, queries, is_absent: np.ndarray) -> list[tuple]:
-    """Rows: the best guess at the leaf, and where the confident ``category`` stops and how often it is right."""
+    """Rows: the best guess at the leaf, and where the confident ``category`` stops and how often it is right.
+
+    "its leaf" is the guess's own leaf, at whatever depth the tree puts it (some grocery leaves
+    sit at the second level, most at the third)."""
     from catalens.search.classify import UNKNOWN, classify
 
     results = []
     for first in range(0, len(queries), 16):
         chunk = queries[first:first + 16]
         results += classify(catalog, [q.image for q in chunk], names=[q.name for q in chunk])
-    leaf_right, depth, right = [], [], []
+    leaf_right, depth, at_leaf, right = [], [], [], []
     for photo, result in zip(photos, results, strict=True):
         guess = "/".join(level.name for level in result.levels)
         leaf_right.append(guess == photo.category)
         stopped = 0 if result.category == UNKNOWN else result.category.count("/") + 1
         depth.append(stopped)
+        at_leaf.append(stopped > 0 and stopped == len(result.levels))
         right.append(stopped > 0 and (photo.category + "/").startswith(result.category + "/"))
-    leaf_right, depth, right = map(np.asarray, (leaf_right, depth, right))
+    leaf_right, depth, at_leaf, right = map(np.asarray, (leaf_right, depth, at_leaf, right))
     rows = []
     for label, subset in (("all val photos", np.ones(len(photos), bool)), ("present products", ~is_absent),
                           ("absent products", is_absent)):
-        d, r = depth[subset], right[subset]
+        d, r, leaf = depth[subset], right[subset], at_leaf[subset]
         answered = d > 0
         rows.append((label, int(subset.sum()), f"{100 * leaf_right[subset].mean():.1f}",
-                     *(f"{100 * (d == k).mean():.1f}" for k in (0, 1, 2, 3)),
+                     *(f"{100 * (d == k).mean():.1f}" for k in (0, 1, 2, 3)), f"{100 * leaf.mean():.1f}",
                      f"{100 * r[answered].mean():.1f}" if answered.any() else "-",
-                     *(f"{100 * r[d == k].mean():.1f}" if (d == k).any() else "-" for k in (1, 2, 3))))
+                     *(f"{100 * r[d == k].mean():.1f}" if (d == k).any() else "-" for k in (1, 2, 3)),
+                     f"{100 * r[leaf].mean():.1f}" if leaf.any() else "-"))
     return rows
 
 
@@ -196,9 +201,10 @@ def main() -> None:
             f"{r['mode']} precision {100 * r['precision']:.1f}% coverage {100 * r['coverage']:.1f}%"
             for r in calibrator.summary()))
         print("\n  classify: best guess at the leaf (levels), and the confident category (threshold "
-              f"{HierarchicalFewShotClassifier().level_threshold:g}): % stopping at each depth, % right where it stops")
-        print(format_table(["photos", "n", "leaf guess right %", "unknown %", "top %", "coarse %", "leaf %",
-                            "right % (answered)", "right @top", "right @coarse", "right @leaf"],
+              f"{HierarchicalFewShotClassifier().level_threshold:g}): % stopping at each depth and at the guess's own "
+              "leaf, % right where it stops")
+        print(format_table(["photos", "n", "leaf guess right %", "unknown %", "depth 1 %", "depth 2 %", "depth 3 %",
+                            "its leaf %", "right % (answered)", "right @1", "right @2", "right @3", "right @leaf"],
                            classification(catalog, photos, queries, is_absent)))
         diagram = args.work / f"reliability-{name}.png"
         plot(diagram, f"{name} catalog, open-set val ({len(photos)} photos)", curves)

@@ -69,6 +69,38 @@ def test_answer_stops_at_the_deepest_confident_level():
         assert prediction.levels[1].confidence >= 0.6 > prediction.levels[2].confidence
 
 
+def test_level_calibration_leaves_a_held_out_items_near_duplicates_out_of_its_second_fit(monkeypatch):
+    # Bursts of four shots of one session: a second fit that kept a held-out shot's burst-mates
+    # would answer it as surely as no shop photo is answered, and the confidences come out low.
+    rng = np.random.default_rng(3)
+    sessions, session_paths = _tree_data(rng, per_leaf=6, spread=0.8)
+    support = np.repeat(sessions, 4, axis=0)
+    support = np.abs(support + 0.01 * rng.normal(size=support.shape)).astype(np.float32)
+    paths = np.repeat(session_paths, 4)
+    burst = np.repeat(np.arange(len(sessions)), 4)
+    seen: list[np.ndarray] = []
+    fit = HierarchicalFewShotClassifier.fit
+
+    def spy(self, features, categories):
+        if not self.calibration_holdout:  # the second fit
+            seen.append(np.asarray(features))
+        return fit(self, features, categories)
+
+    monkeypatch.setattr(HierarchicalFewShotClassifier, "fit", spy)
+
+    def split_bursts(near_duplicate: float) -> int:
+        seen.clear()
+        HierarchicalFewShotClassifier(near_duplicate=near_duplicate).fit(support, paths)
+        (inner,) = seen
+        inside = (support[:, None, :] == inner[None, :, :]).all(axis=2).any(axis=1)
+        kept = np.bincount(burst, weights=inside, minlength=len(sessions))
+        assert 0 < inside.sum() < len(support)
+        return int(((kept > 0) & (kept < 4)).sum())
+
+    assert split_bursts(1.01) > 0  # holding single shots out splits their bursts
+    assert split_bursts(0.8) == 0
+
+
 def test_far_from_every_category_is_unknown():
     rng = np.random.default_rng(3)
     support, paths = _tree_data(rng, per_leaf=3)
