@@ -197,6 +197,14 @@ def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_cha
     assert len(fits) == fitted_once  # read back, not fitted
     assert again.ids == first.ids
     np.testing.assert_allclose(again.classifier.support_, first.classifier.support_)
+    # A file saved before a hyper-parameter existed is fitted again, not read with today's default.
+    real_saved_params = classify.saved_params
+    with monkeypatch.context() as patch:
+        patch.setattr(classify, "saved_params", lambda *args: {
+            key: value for key, value in real_saved_params(*args).items() if key != "near_duplicate"})
+        fresh_classifier()
+    assert len(fits) > fitted_once
+    fitted_once = len(fits)
     # The same keys and categories with other rows (an image indexed again) are another catalog.
     rows = np.ones((2, 3), np.float32)
     assert classify._catalog_stamp(np.arange(2), ["a", "b"], rows, {"deep": 1.0}) != classify._catalog_stamp(
