@@ -132,6 +132,20 @@ def test_nms_drops_a_window_across_the_border_of_two_products_already_kept():
     assert suppress(boxes, by_product, size, LocateSettings(union_covered=None)) == [0, 1, 2, 3]
 
 
+def test_nms_drops_a_whole_window_whose_large_part_clearly_shows_another_product():
+    # A 2x2 grid seen whole: the whole window (0) prefers product 0, and so do most of its parts,
+    # the straddling ones included (1-3), so the majority test keeps it; but one quarter (4)
+    # shows product 1 clearly, and product 0 not at all. Each quarter is then a product.
+    boxes = [(0, 0, 400, 400), (0, 200, 200, 400), (100, 200, 300, 400), (0, 100, 200, 300), (0, 0, 200, 200),
+             (200, 200, 400, 400)]
+    by_product = np.array([[0.66, 0.2, 0.3], [0.7, 0.1, 0.2], [0.65, 0.2, 0.2], [0.6, 0.3, 0.2], [0.0, 0.7, 0.1],
+                           [0.4, 0.1, 0.5]], np.float32)
+    size = (400, 400)
+    assert suppress(boxes, by_product, size, LocateSettings(part_veto=None))[0] == 0
+    kept = suppress(boxes, by_product, size, LocateSettings(part_veto=0.3))
+    assert 0 not in kept and {1, 4}.issubset(kept)
+
+
 @pytest.mark.parametrize("cell", [200, 500])
 def test_snapping_moves_a_box_to_the_border_of_its_product_and_to_the_photo_edge(cell):
     # A 2x2 flyer page of four textured photos (500 px cells: the borders are found on the page
