@@ -22,7 +22,8 @@ its final box, and has a say among the items that agree on a verified box: it na
 photo better than its nearest catalog photos do.
 
 A verified local detection outranks every region detection (as in ``local_search``), and a
-region that overlaps a verified box (IoU > 0.3) or lies mostly inside one is dropped. Scores: a local detection
+region that overlaps a verified box (IoU > 0.3) or lies mostly inside one is dropped, unless it
+holds none of the box's inliers (the box reached over it). Scores: a local detection
 ``1 + min(inliers, cap) / cap``; a region the weighted cosine of its box's crop to the named
 item (without the classifier: the mean over its product's best two catalog photos), in [0, 1].
 """
@@ -87,8 +88,10 @@ class LocateSettings:
     # 0.45 found more at lower precision (2x2 88.8 / 79.8, clutter 83.1 / 79.0).
     min_region_score: float = 0.45
     nms_iou: float = 0.3
-    # A region whose area lies this much inside a verified box is the same product.
+    # A region whose area lies this much inside a verified box is the same product, unless it
+    # holds no more than ``core_overlap`` of the box's inliers' extent.
     covered: float = 0.5
+    core_overlap: float = 0.0
     # Region candidates handed to local verification: each window's best items, this many.
     items_per_window: int = 2
     # A window's score for a product: the mean of its best this many photos of it.
@@ -169,6 +172,8 @@ class _Candidate:
     box: tuple[float, float, float, float]
     evidence: str
     confidence: float | None = None
+    # A verified box's inlier keypoints' extent: where the product surely is.
+    core: tuple[float, float, float, float] | None = None
 
 
 # --- geometry
@@ -380,7 +385,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     records = engine.catalog.items.items({key for _, _, rivals in chosen for key in rivals}) if classifier else {}
     leaves = {str(leaf): i for i, leaf in enumerate(classifier[0].classifier.leaves_)} if classifier else {}
     found: list[_Candidate] = []
-    for row, (_, box, rivals) in enumerate(chosen):
+    for row, (best, box, rivals) in enumerate(chosen):
         if edges is not None:
             # The item's image rectangle carried into the photo holds whatever the catalog photo
             # shows around the product (a shelf, other packs); the product's own borders do not.
@@ -400,7 +405,9 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
         confidence = None
         if classifier is not None and leaf_of[pick] >= 0:
             confidence = float(fitted.classifier.leaf_confidence(tuple(a[row : row + 1] for a in computed), [leaf_of[pick]])[0])
-        found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local", confidence))
+        (x0, y0), (x1, y1) = xy[rivals[best][2]].min(axis=0), xy[rivals[best][2]].max(axis=0)
+        found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local", confidence,
+                                (float(x0), float(y0), float(x1), float(y1))))
     return found
 
 
@@ -696,7 +703,10 @@ def merge(local: Sequence[_Candidate], regions: Sequence[_Candidate], settings: 
     """Verified detections first, then the regions that no verified box explains."""
     merged = list(local)
     for region in regions:
-        if any(iou(region.box, other.box) > settings.nms_iou or _inside_fraction(region.box, other.box) > settings.covered
+        # A verified box can be far larger than its product (the catalog photo's frame, shelf
+        # included) and reach over the next product: a region clear of its inliers is another.
+        if any((iou(region.box, other.box) > settings.nms_iou or _inside_fraction(region.box, other.box) > settings.covered)
+               and (other.core is None or _inside_fraction(other.core, region.box) > settings.core_overlap)
                for other in local):
             continue
         merged.append(region)

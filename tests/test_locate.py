@@ -201,3 +201,16 @@ def test_a_region_is_renamed_by_the_classifier_over_its_box(label_index):
     assert renamed[0].box == wrong.box and renamed[0].evidence == "region"
     assert 0.5 < renamed[0].score <= 1.0
     assert renamed[0].confidence is not None and 0.0 <= renamed[0].confidence <= 1.0
+
+
+def test_a_region_clear_of_a_verified_boxs_inliers_is_kept_though_the_box_covers_it():
+    from catalens.search.locate import _Candidate, merge
+
+    # A verified box that is the catalog photo's loose frame: it spans two grid cells, while its
+    # inliers lie in the right-hand one. The region on the left cell is another product; the one
+    # over the inliers is the verified product again.
+    verified = _Candidate(1, 2.0, (0, 0, 600, 300), "local", core=(380, 40, 460, 220))
+    left, over = _Candidate(2, 0.7, (0, 0, 300, 300), "region"), _Candidate(3, 0.6, (300, 0, 600, 300), "region")
+    assert [c.key for c in merge([verified], [left, over], LocateSettings())] == [1, 2]
+    unknown = _Candidate(1, 2.0, (0, 0, 600, 300), "local")
+    assert [c.key for c in merge([unknown], [left, over], LocateSettings())] == [1]
