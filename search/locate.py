@@ -295,7 +295,7 @@ class WordCandidates:
     items: dict[int, LocalDescriptors]
 
 
-def word_candidates(engine: SearchEngine, image: Image.Image, settings: LocateSettings) -> WordCandidates | None:
+def photo_word_candidates(engine: SearchEngine, image: Image.Image, settings: LocateSettings) -> WordCandidates | None:
     """The photo's keypoints and its best ``settings.word_candidates`` items by visual words; None
     where the catalog has no local feature."""
     features = engine.catalog.local_features()
@@ -337,7 +337,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     against every keypoint, and ``region_items``, each matched only against the keypoints of its
     region (cheaper, and a window's item has nothing to explain elsewhere)."""
     if words is None:
-        words = word_candidates(engine, image, settings)
+        words = photo_word_candidates(engine, image, settings)
     if words is None or len(words.query) < settings.min_inliers:
         return []
     name = engine.catalog.local_features()[0]
@@ -408,7 +408,8 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
         confidence = None
         if classifier is not None and leaf_of[pick] >= 0:
             confidence = float(fitted.classifier.leaf_confidence(tuple(a[row : row + 1] for a in computed), [leaf_of[pick]])[0])
-        (x0, y0), (x1, y1) = xy[rivals[best][2]].min(axis=0), xy[rivals[best][2]].max(axis=0)
+        inliers = xy[rivals[best][2]]
+        (x0, y0), (x1, y1) = inliers.min(axis=0), inliers.max(axis=0)
         found.append(_Candidate(keys[pick], 1.0 + evidence[pick], box, "local", confidence,
                                 (float(x0), float(y0), float(x1), float(y1))))
     return found
@@ -724,7 +725,7 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
     # through the network (OpenVINO): all three release the GIL.
     local_features = engine.catalog.local_features()
     build_models(engine, (*engine.catalog.global_features(), *local_features))
-    words = side_pool().submit(word_candidates, engine, image, settings) if local_features else None
+    words = side_pool().submit(photo_word_candidates, engine, image, settings) if local_features else None
     edges = PhotoEdges.of(image) if settings.snap_band is not None else None
     regions, region_items = region_detections(engine, image, settings, edges)
     local = local_detections(engine, image, region_items, settings, words.result() if words else None, edges)
