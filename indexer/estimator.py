@@ -209,7 +209,10 @@ class Estimator:
 
     @classmethod
     def load(cls: type[E], path: str | Path, **overrides: Any) -> E:
-        """The model saved at ``path``; ``overrides`` replace saved parameters (``progress``...)."""
+        """The model saved at ``path``; ``overrides`` replace saved parameters (``progress``...).
+
+        ``saved_params_`` keeps the parameters as the file wrote them: one added to ``__init__``
+        since reads back as its default, which a caller that must refit then can tell."""
         path = Path(path)
         payload, arrays = _payload(path, cls.__name__)
         saved, state = _decoded(path, payload, arrays, "params"), _decoded(path, payload, arrays, "state")
@@ -217,6 +220,7 @@ class Estimator:
         known = set(inspect.signature(cls.__init__).parameters)
         model = cls(**{key: value for key, value in params.items() if key in known})
         model._restore(state)
+        model.saved_params_ = saved
         return model
 
 

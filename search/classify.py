@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from catalens.indexer.estimator import Estimator, ModelFileError, saved_params
+from catalens.indexer.estimator import Estimator, ModelFileError
 from catalens.indexer.features import embed, feature_spec, feature_weights, l2_normalise
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import vectors_of
@@ -569,13 +569,12 @@ def _load_stored(catalog: Any, stamp: dict[str, Any], params: dict[str, Any],
     if not path.is_file():
         return None
     try:
-        # The saved hyper-parameters as written: one added since the file was fitted must not
-        # read back as its default, as ``load`` would have it.
-        if saved_params(path, HierarchicalFewShotClassifier.__name__) != HierarchicalFewShotClassifier(**params).get_params():
-            return None
         loaded = HierarchicalFewShotClassifier.load(path)
     except (OSError, ModelFileError) as error:
         log.info("%s: refitting the classifier (%s)", catalog.location, error)
+        return None
+    # The hyper-parameters as written: one added since the file was fitted must not pass as its default.
+    if loaded.saved_params_ != HierarchicalFewShotClassifier(**params).get_params():
         return None
     if getattr(loaded, "fitted_on_", None) != stamp:
         return None

@@ -90,7 +90,10 @@ def test_the_file_is_a_numpy_archive_that_loads_without_pickle(tmp_path):
 
 def test_overrides_replace_saved_parameters(tmp_path):
     Plain(progress=True).fit({"x": np.ones(2)}).save(tmp_path / "m.pt")
-    assert Plain.load(tmp_path / "m.pt", progress=False).progress is False
+    loaded = Plain.load(tmp_path / "m.pt", progress=False)
+    assert loaded.progress is False
+    # What the file wrote stays visible: a caller can tell an override (or a default) from it.
+    assert loaded.saved_params_ == {"size": 3, "name": "plain", "weights": [0.5, 2.0], "progress": True}
 
 
 def test_saved_parameters_read_without_building_the_model(tmp_path):
