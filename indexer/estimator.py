@@ -211,8 +211,8 @@ class Estimator:
     def load(cls: type[E], path: str | Path, **overrides: Any) -> E:
         """The model saved at ``path``; ``overrides`` replace saved parameters (``progress``...).
 
-        ``saved_params_`` keeps the parameters as the file wrote them: one added to ``__init__``
-        since reads back as its default, which a caller that must refit then can tell."""
+        ``saved_params_`` keeps the parameters as the file wrote them: a parameter added to
+        ``__init__`` after the file was written takes its default in the model, not in there."""
         path = Path(path)
         payload, arrays = _payload(path, cls.__name__)
         saved, state = _decoded(path, payload, arrays, "params"), _decoded(path, payload, arrays, "state")
