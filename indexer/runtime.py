@@ -77,6 +77,25 @@ def openvino_core():
 
 InputShape = int | tuple[int, ...]
 
+# OpenVINO's Python binding sets up its numpy bridge (a C++ function-local static whose set-up
+# gives up the GIL and takes it back) on the first array an inference converts. Two threads
+# making that first conversion at once deadlock: one waits for the GIL inside the set-up, the
+# other holds the GIL waiting for the static. A server's first searches hung so, 1 start in 13
+# (its search, classify and anomaly requests arrive together); tests/test_speed_paths.py.
+# The process's first inference therefore runs alone.
+_first_inference_lock = threading.Lock()
+_first_inference_done = False
+
+
+def _alone_if_first(infer: Callable[[], np.ndarray]) -> np.ndarray:
+    global _first_inference_done
+    if _first_inference_done:
+        return infer()
+    with _first_inference_lock:
+        result = infer()
+        _first_inference_done = True
+    return result
+
 
 def sample_shapes(input_shape: InputShape) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(one sample's declared shape, -1 where a dimension varies; the shape traced in its place).
@@ -142,8 +161,8 @@ class OpenVinoRunner:
         # One image per inference: measured on 2 cores, bigger batches spill the cache.
         if len(batch) == 1:
             # share_outputs=False: the result must outlive the request's next call.
-            return self._request().infer(np.ascontiguousarray(batch), share_outputs=False)[0]
-        return self._pipelined(batch)
+            return _alone_if_first(lambda: self._request().infer(np.ascontiguousarray(batch), share_outputs=False)[0])
+        return _alone_if_first(lambda: self._pipelined(batch))
 
     def _pipelined(self, batch: np.ndarray) -> np.ndarray:
         """A batch's images in flight ``ASYNC_JOBS`` at a time on an infer-request pool (OpenVINO's

@@ -1,5 +1,6 @@
 """The fast paths give the answers of the plain ones: batched descriptor matching against a
-brute-force matcher, a query's visual words against bulk assignment, per-thread infer requests against one caller, queries side by side against
+brute-force matcher, a query's visual words against bulk assignment, per-thread infer requests against one caller (and a process's first inferences made at once
+without deadlock), queries side by side against
 one at a time, and verification that stops early against verifying every candidate."""
 
 from __future__ import annotations
@@ -83,6 +84,50 @@ def test_openvino_runner_serves_threads_side_by_side_with_the_same_outputs():
         thread.join()
     for position, output in enumerate(expected):
         np.testing.assert_allclose(got[position], output, rtol=1e-5, atol=1e-6)
+
+
+FIRST_INFERENCES_AT_ONCE = """
+import sys, threading
+import numpy as np
+from catalens.indexer.runtime import OpenVinoRunner
+
+def build():
+    import torch
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+
+runner = OpenVinoRunner(build, (3, 32, 32), cache_key="first-inference-probe")
+sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible, to open the race wide
+start = threading.Barrier(4)
+
+def first_inference():
+    start.wait()
+    runner(np.zeros((1, 3, 32, 32), np.float32))
+
+threads = [threading.Thread(target=first_inference) for _ in range(start.parties)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("answered")
+"""
+
+
+def test_first_inferences_of_a_process_made_at_once_do_not_deadlock(tmp_path):
+    # A server's search, classify and anomaly requests arrive together, each with the process's
+    # first inference. Without the first one running alone, about half these processes hung
+    # (from the cached conversion, as a server starts).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CATALENS_CACHE": str(tmp_path / "cache")}
+    for attempt in range(8):  # the first converts and caches; the rest start as a server does
+        try:
+            done = subprocess.run([sys.executable, "-c", FIRST_INFERENCES_AT_ONCE], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"attempt {attempt}: four threads' first inferences deadlocked") from None
+        assert done.returncode == 0 and done.stdout.strip() == "answered", done.stderr[-2000:]
 
 
 def shop_photos(catalog: Path, folder: Path) -> list[Path]:
