@@ -1,7 +1,8 @@
 """The fast paths give the answers of the plain ones: batched descriptor matching against a
-brute-force matcher, a query's visual words against bulk assignment, per-thread infer requests against one caller (and a process's first inferences made at once
-without deadlock), queries side by side against
-one at a time, and verification that stops early against verifying every candidate."""
+brute-force matcher, a query's visual words against bulk assignment, per-thread infer requests
+against one caller (and a process's first inferences, made at once, without deadlock), queries
+side by side against one at a time, and verification that stops early against verifying every
+candidate."""
 
 from __future__ import annotations
 
