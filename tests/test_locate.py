@@ -13,6 +13,7 @@ from catalens.search.locate import (
     LocateSettings,
     PhotoEdges,
     iou,
+    overruled,
     snap_box,
     suppress,
     voted_box,
@@ -214,3 +215,13 @@ def test_a_region_clear_of_a_verified_boxs_inliers_is_kept_though_the_box_covers
     assert [c.key for c in merge([verified], [left, over], LocateSettings())] == [1, 2]
     unknown = _Candidate(1, 2.0, (0, 0, 600, 300), "local")
     assert [c.key for c in merge([unknown], [left, over], LocateSettings())] == [1]
+
+
+def test_the_classifier_overrules_a_verified_sibling_only_when_it_is_sure_of_another_leaf():
+    # Leaf 1 verified (a sibling pack sharing the label's inliers); the crop says leaf 2.
+    sure, unsure = np.array([0.1, 0.2, 0.7]), np.array([0.3, 0.25, 0.45])
+    assert overruled(1, sure, 0.5) == 2
+    assert overruled(1, unsure, 0.5) is None
+    assert overruled(2, sure, 0.5) is None  # it agrees
+    assert overruled(1, sure, None) is None  # switched off
+    assert overruled(-1, sure, 0.5) == 2  # the verified item's leaf unknown to the classifier
