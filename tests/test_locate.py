@@ -12,6 +12,7 @@ from catalens.indexer.pipeline import index_catalog
 from catalens.search.locate import (
     LocateSettings,
     PhotoEdges,
+    disowned,
     iou,
     overruled,
     snap_box,
@@ -225,3 +226,11 @@ def test_the_classifier_overrules_a_verified_sibling_only_when_it_is_sure_of_ano
     assert overruled(2, sure, 0.5) is None  # it agrees
     assert overruled(1, sure, None) is None  # switched off
     assert overruled(-1, sure, 0.5) == 2  # the verified item's leaf unknown to the classifier
+
+
+def test_a_verified_box_is_disowned_only_when_the_classifier_all_but_rules_its_product_out():
+    probabilities = np.array([0.01, 0.04, 0.95])
+    assert disowned(0, probabilities, 0.05) and disowned(1, probabilities, 0.05)
+    assert not disowned(2, probabilities, 0.05)
+    assert not disowned(0, probabilities, None)  # switched off
+    assert not disowned(-1, probabilities, 0.05)  # a product the classifier does not know
