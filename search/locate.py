@@ -709,9 +709,10 @@ def _leaf_probabilities(engine: SearchEngine, crops: Sequence[Image.Image], vect
 
 
 def classified(engine: SearchEngine, image: Image.Image, regions: Sequence[_Candidate],
-               one_view: bool = False) -> list[_Candidate]:
+               mirror: bool = True) -> list[_Candidate]:
     """``regions`` renamed by the catalog's classifier over the crop of each box: the leaf it finds
-    likeliest, as its catalog photo closest to the crop (weighted cosine, the new score).
+    likeliest, as its catalog photo closest to the crop (weighted cosine, the new score); each crop
+    embedded with its mirror image (``LocateSettings.name_with_mirror``) unless ``mirror`` is False.
 
     A window is a part of its product, and its box grew by voting and snapping since it was
     scored; the classifier (prototypes, neighbours and a linear model over the whole catalog)
@@ -719,8 +720,8 @@ def classified(engine: SearchEngine, image: Image.Image, regions: Sequence[_Cand
     if not regions:
         return []
     crops = [image.crop(tuple(round(v) for v in region.box)) for region in regions]
-    vectors = _embed_crops(engine, crops, one_view)
-    classified_ = _leaf_probabilities(engine, crops, vectors, one_view)
+    vectors = _embed_crops(engine, crops, not mirror)
+    classified_ = _leaf_probabilities(engine, crops, vectors, not mirror)
     if classified_ is None:  # nothing to classify with: the windows' own names stand
         return list(regions)
     fitted, computed = classified_
@@ -795,7 +796,7 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
     merged = merge(local, regions, settings)
     if settings.classify:  # after merging: no network pass for a region a verified box explains
         renamed = iter(classified(engine, image, [c for c in merged if c.evidence == "region"],
-                                  not settings.name_with_mirror))
+                                  settings.name_with_mirror))
         merged = sorted((next(renamed) if c.evidence == "region" else c for c in merged), key=lambda c: -c.score)
     records = engine.catalog.items.items(c.key for c in merged)
     detections = []
