@@ -206,8 +206,10 @@ class CatalogService:
 
         return calibrate_catalog(self.catalog, max_queries=max_queries)
 
-    def finetune(self, steps: int | None = None, progress: bool = True):
-        """Adapt the network to the catalog's products; search and classification use it where it helps."""
+    def finetune(self, steps: int | None = None, progress: bool = True, unlabeled: Sequence[ImageSource] = ()):
+        """Adapt the network to the catalog's products; search and classification use it where it helps.
+
+        ``unlabeled``: the shop's own photos without labels, to self-train on (``--unlabeled``)."""
         from catalens.indexer.training.adaptation import adapt_catalog
 
-        return adapt_catalog(self.catalog, steps=steps, progress=progress)
+        return adapt_catalog(self.catalog, steps=steps, progress=progress, unlabeled=unlabeled)

@@ -2,7 +2,7 @@
 confidence says "right", how calibrated it is, and what ``match`` gives at the default threshold.
 
     .venv/bin/python -m benchmarks.bench_confidence [--catalogs full,iconic] [--work DIR] [--modes ...]
-        [--queries 240] [--absent 0.2] [--seed 0]
+        [--queries 240] [--absent 0.2] [--seed 0] [--finetune]
 
 Protocol: ``--absent`` of the 81 products (chosen with ``--seed``) are left out of the catalog;
 the catalog is the iconic + train photos of the rest (``full``), or their iconic images alone
@@ -15,7 +15,8 @@ Per catalog and mode it prints: top-1 accuracy; AUROC of the top result's confid
 top-1 is right", beside the raw score's AUROC; the expected calibration error (10 equal-width
 bins) of that confidence; at the index's default threshold, the precision and coverage of
 ``match`` and the share of absent-product photos that still get one. It saves a reliability
-diagram per catalog (``DIR/reliability-<catalog>.png``).
+diagram per catalog (``DIR/reliability-<catalog>.png``). ``--finetune`` runs ``catalens finetune`` on
+each catalog first (its own index folder), as a shop following the README would, and calibrates after it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ def build(folder: Path, splits: tuple[str, ...], absent: set[str]) -> Path:
         report = index_catalog(manifest, index, IndexConfig(), progress=True)
         print(f"  indexed {report.added} images into {index} in {time.perf_counter() - started:.0f}s")
     return index
+
+
+def adapted(index: Path) -> None:
+    """``catalens finetune`` on the index, once (its report is kept in the index's metadata)."""
+    from catalens.indexer.training.adaptation import adapt_catalog
+
+    catalog = open_catalog(index)
+    try:
+        if "adaptation" not in catalog.meta:
+            report = adapt_catalog(catalog, progress=True)
+            print(f"  finetune: {report.items} items, {report.steps} steps, {report.seconds:.0f}s, held-out "
+                  f"{report.held_out_kind} {report.held_out}: frozen {100 * report.frozen_accuracy:.1f}%, adapted "
+                  f"{100 * report.adapted_accuracy:.1f}%, kept: {report.kept}")
+    finally:
+        catalog.close()
 
 
 def calibrated(index: Path, queries: int) -> MatchCalibrator:
@@ -161,6 +177,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=240, help="held-out catalog queries the calibration uses")
     parser.add_argument("--absent", type=float, default=0.2, help="share of products left out of the catalog")
     parser.add_argument("--seed", type=int, default=0, help="which products are left out")
+    parser.add_argument("--finetune", action="store_true", help="adapt the network (catalens finetune) before calibrating")
     args = parser.parse_args()
     grocery_root()
     absent = absent_products(args.absent, args.seed)
@@ -171,8 +188,10 @@ def main() -> None:
           f"{is_absent.sum()} of them of absent products")
     for name in args.catalogs.split(","):
         print(f"\n== catalog: {' + '.join(SPLITS[name])} of the present products")
-        work = args.work / f"{name}-absent{args.absent:g}-seed{args.seed}"
+        work = args.work / f"{name}-absent{args.absent:g}-seed{args.seed}{'-finetune' if args.finetune else ''}"
         index = build(work, SPLITS[name], absent)
+        if args.finetune:
+            adapted(index)
         calibrator = calibrated(index, args.queries)
         catalog = open_catalog(index)
         engine = SearchEngine(catalog)

@@ -9,6 +9,7 @@ from catalens.datasets.catalog import (
     read_manifest,
     write_manifest,
 )
+from catalens.datasets.photos import read_photo_list
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -17,5 +18,6 @@ __all__ = [
     "load_catalog",
     "read_folder_tree",
     "read_manifest",
+    "read_photo_list",
     "write_manifest",
 ]

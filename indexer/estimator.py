@@ -158,6 +158,13 @@ def saved_params(path: str | Path, estimator: str) -> dict[str, Any]:
     return _decoded(path, *_payload(path, estimator), "params")
 
 
+def saved_state(path: str | Path, estimator: str) -> dict[str, Any]:
+    """What the ``estimator`` (a class name) saved at ``path`` learned, as stored, without building
+    the model (a model's torch modules stay as arrays)."""
+    path = Path(path)
+    return _decoded(path, *_payload(path, estimator), "state")
+
+
 class Estimator:
     """Base of catalens' fitted models: ``get_params``, ``check_is_fitted``, ``save``, ``load``.
 

@@ -393,13 +393,28 @@ def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fractio
     rng = np.random.default_rng(seed)
     products = sorted(by_product)
     n = min(max_queries, 2 * len(records))  # a tiny catalog needs few, and a search may be waiting
+    # Where search uses the adapted network, only photos it never trained on are fair queries: it
+    # names the photos it learnt surer than it will ever name a shop's (a product none of whose
+    # photos was held out is asked with an augmented view).
+    untrained = _untrained_keys(catalog)
     queries: list[CalibrationQuery] = []
     order: list[str] = []
     while len(order) < n:
         order += list(rng.permutation(products))
+    turn: dict[str, int] = {}
     for product in order[:n]:
         members = by_product[product]
-        record = members[int(rng.integers(len(members)))]
+        askable = members if untrained is None else [m for m in members if m.key in untrained]
+        if not askable:
+            query = _augmented_query(members[int(rng.integers(len(members)))], rng)
+            if query is not None:
+                queries.append(CalibrationQuery(query, product, None, "augmented view"))
+            continue
+        # Each product's askable photos in turn, so repeated turns ask other photos.
+        if product not in turn:
+            turn[product] = int(rng.integers(len(askable)))
+        record = askable[turn[product] % len(askable)]
+        turn[product] += 1
         if rng.random() < absent_fraction:
             keep = np.setdiff1d(all_keys, [m.key for m in members], assume_unique=True)
             query = _stored_query(catalog, record)
@@ -421,6 +436,18 @@ def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fractio
             if query is not None:
                 queries.append(CalibrationQuery(query, product, None, "augmented view"))
     return queries
+
+
+def _untrained_keys(catalog: Catalog) -> set[int] | None:
+    """Keys of the items the adapted network that search uses never trained on (its held-out slice,
+    items added since), or None where search uses no adapted network: every stored row is then as
+    fair a query as any other."""
+    from catalens.indexer.training.adaptation import trained_keys
+
+    trained = trained_keys(catalog)
+    if trained is None:
+        return None
+    return set(np.setdiff1d(current_keys(catalog), trained).tolist())
 
 
 ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns from

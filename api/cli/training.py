@@ -39,9 +39,17 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
+    unlabeled = []
+    if args.unlabeled:
+        from catalens.datasets import CatalogError, read_photo_list
+
+        try:
+            unlabeled = read_photo_list(args.unlabeled)
+        except CatalogError as error:
+            raise UsageError(f"--unlabeled {error}") from None
     service = open_service(args)
     try:
-        report = service.finetune(steps=args.steps, progress=not args.json)
+        report = service.finetune(steps=args.steps, progress=not args.json, unlabeled=unlabeled)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -54,7 +62,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         [("finds the right product", f"{100 * report.frozen_accuracy:.1f}%", f"{100 * report.adapted_accuracy:.1f}%")]))
     verdict = ("kept: search and classification now use it" if report.kept
                else "not kept (it did not find more products); the frozen network serves")
-    print(f"\n{report.items} items, {report.products} products, {report.views} views, {report.steps} steps, "
+    photos = (f", self-trained on {report.pseudo_labelled} of {report.unlabeled} unlabeled photos"
+              if report.unlabeled else "")
+    print(f"\n{report.items} items, {report.products} products, {report.views} views, {report.steps} steps{photos}, "
           f"{report.seconds:.0f}s; {verdict}")
     return 0
 
@@ -103,10 +113,14 @@ def register(commands) -> None:
         commands, "finetune", "adapt the network to the catalog's products, for search and classify (CPU)",
         description="Fine-tune the backbone's top stages on the catalog's products; search and classification "
                     "use the adapted network when it finds more products on held-out photos than the frozen one.",
-        epilog="example: catalens finetune --index shop-index")
+        epilog="example: catalens finetune --index shop-index --unlabeled shelf-photos/")
     add_location_arguments(p)
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 200, more for larger catalogs, at most 600)")
+    p.add_argument("--unlabeled", metavar="PATH",
+                   help="the shop's own photos without labels (a folder of photos, or a file listing one photo "
+                        "path a line): the network is trained again on those it can name surely, which teaches "
+                        "it what the shop's photos look like")
     # Before finetune did this by default, --top-block asked for the top stages alone.
     p.add_argument("--top-block", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="the report as one JSON object")

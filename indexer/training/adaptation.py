@@ -33,14 +33,16 @@ from torch import nn
 
 from catalens.indexer.backbone_networks import Backbone
 from catalens.indexer.backbones import get_backbone
-from catalens.indexer.estimator import Estimator
+from catalens.indexer.estimator import Estimator, saved_state
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.features.deep_ft import FEATURE_NAME, MODEL_FILE
+from catalens.indexer.imageio import ImageSource
 from catalens.indexer.runtime import compile_network
-from catalens.indexer.stores import product_of
+from catalens.indexer.stores import product_of, stack_rows
 from catalens.indexer.training import augment
+from catalens.indexer.training.pseudo_labels import select_pseudo_labels
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -58,6 +60,19 @@ PHOTO_VIEWS, PACKSHOT_VIEWS, SINGLE_VIEWS = 4, 8, 64
 CLEAN_SHARE = 0.25
 # Keep the adapted embedding where it gains at least this on the held-out slice.
 MIN_GAIN = 0.005
+# Share of each product's photos (of products with three or more) that training never sees: they
+# judge the adapted network, and the match calibration is fitted on them (photos the network
+# trained on are named surer than any shop photo will be). A held-out photo takes its
+# near-duplicates (shots of one session, cosine >= NEAR_DUPLICATE) out with it.
+HELD_OUT_SHARE = 0.1
+NEAR_DUPLICATE = 0.8
+# Self-training on unlabeled photos: per round, the surest share of each product's photos is
+# trained on under the product it was taken for (a round with a better network keeps more).
+PSEUDO_SHARES = (0.5, 0.8)
+# Augmented views of each unlabeled photo beside its clean crop and mirror image.
+UNLABELED_VIEWS = 2
+# Share of training draws that are pseudo-labelled photos (the rest: the catalog's own views).
+UNLABELED_SHARE = 0.5
 
 
 def first_trained_stage(backbone: Backbone, trained_stages: int = TRAINED_STAGES) -> int:
@@ -206,11 +221,13 @@ class AdaptedTop(Estimator):
 
     def _state(self) -> dict[str, Any]:
         return {"classes": self.classes_, "top": self.top_.state_dict(), "steps": int(self.n_steps_),
-                "first_stage": int(self.first_stage_), "loss_history": list(self.loss_history_)}
+                "first_stage": int(self.first_stage_), "loss_history": list(self.loss_history_),
+                "trained_keys": np.asarray(getattr(self, "trained_keys_", []), np.int64)}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.classes_, self.n_steps_ = np.asarray(state["classes"], dtype=str), int(state["steps"])
         self.first_stage_, self.loss_history_ = int(state["first_stage"]), list(state["loss_history"])
+        self.trained_keys_ = np.asarray(state.get("trained_keys", []), np.int64)
         top = TopStages(self._network(), self.first_stage_, len(self.classes_), self.scale)
         top.load_state_dict(state["top"])
         self.top_ = top.eval()
@@ -296,6 +313,8 @@ class AdaptationReport:
     adapted_accuracy: float
     kept: bool
     seconds: float
+    unlabeled: int = 0  # unlabeled photos read (--unlabeled)
+    pseudo_labelled: int = 0  # of those, trained on under the product they were taken for
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,24 +344,68 @@ def _sample_backgrounds(catalog: Any, records: Sequence, rng: np.random.Generato
     return cutouts, photos
 
 
-def _view_maps(catalog: Any, records: Sequence, positions: list[int], views: AugmentedViews, trunk: FrozenTrunk,
-               progress: bool, desc: str) -> dict[int, np.ndarray]:
-    """Trunk maps of every view of the items at ``positions`` ((2 + views, C, H, W) each); unreadable ones are left out."""
+def _held_out_slice(catalog: Any, records: Sequence, labels: np.ndarray, rng: np.random.Generator) -> set[int]:
+    """Positions of the photos training never sees: about ``HELD_OUT_SHARE`` of each product with
+    three or more photos (at least one, and never all but one), a photo always with its
+    near-duplicates in the frozen descriptor."""
+    vectors: dict[int, np.ndarray] = {}
+    if "deep" in catalog.dims():
+        found, rows = stack_rows(catalog.items.rows("deep"), catalog.dims()["deep"])
+        vectors = dict(zip(found.tolist(), l2_normalise(rows), strict=True))
+    held: set[int] = set()
+    for product in np.unique(labels):
+        members = np.flatnonzero(labels == product)
+        if len(members) < 3:
+            continue
+        target, cap = max(1, round(HELD_OUT_SHARE * len(members))), len(members) - 2
+        chosen: set[int] = set()
+        for position in rng.permutation(members):
+            if len(chosen) >= target:
+                break
+            own = vectors.get(records[position].key)
+            twins = {int(m) for m in members if m == position or (
+                own is not None and records[m].key in vectors and float(vectors[records[m].key] @ own) >= NEAR_DUPLICATE)}
+            if len(chosen | twins) <= cap:
+                chosen |= twins
+        held |= chosen
+    return held
+
+
+def trained_keys(catalog: Any) -> np.ndarray | None:
+    """Keys of the items the catalog's adapted network trained on, or None where search does not
+    use one (no ``deep_ft``, or a model saved before it kept them)."""
+    path = model_path(catalog)
+    if FEATURE_NAME not in catalog.config.features or not path.is_file():
+        return None
+    keys = np.asarray(saved_state(path, AdaptedTop.__name__).get("trained_keys", []), np.int64)
+    return keys if len(keys) else None
+
+def _view_maps(catalog: Any, sources: Sequence, views: AugmentedViews, trunk: FrozenTrunk, progress: bool,
+               desc: str) -> dict[int, np.ndarray]:
+    """Trunk maps of every view of each image in ``sources`` ((2 + views, C, H, W) each), by its
+    position there; unreadable ones are left out, with a warning naming them."""
     from tqdm import tqdm
 
     transform = ViewMaps(views, trunk)
     found: dict[int, np.ndarray] = {}
-    with tqdm(total=len(positions), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(sources), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         # Few images a batch: an image's views are up to 66 squares of the network input.
-        for batch in iter_prepared([records[p].image for p in positions], {"views": transform.preparer}, batch_size=4,
+        for batch in iter_prepared(list(sources), {"views": transform.preparer}, batch_size=4,
                                    num_workers=catalog.config.num_workers, max_pixels=catalog.config.max_pixels,
                                    draft_size=transform.draft_size):
             for row, maps in zip(batch.positions, transform.finish(batch.prepared["views"]), strict=True):
-                found[positions[row]] = maps
+                found[row] = maps
             for error in batch.errors.values():
                 log.warning("finetune: skipped %s", error)
             bar.update(len(batch.positions) + len(batch.errors))
     return found
+
+
+def _item_view_maps(catalog: Any, records: Sequence, positions: list[int], views: AugmentedViews,
+                    trunk: FrozenTrunk, progress: bool, desc: str) -> dict[int, np.ndarray]:
+    """``_view_maps`` of the catalog items at ``positions``, by position in ``records``."""
+    found = _view_maps(catalog, [records[p].image for p in positions], views, trunk, progress, desc)
+    return {positions[row]: maps for row, maps in found.items()}
 
 
 def _nearest_product_accuracy(catalog_rows: np.ndarray, catalog_labels: np.ndarray, query_rows: np.ndarray,
@@ -363,12 +426,49 @@ def _frozen_pooled(trunk: FrozenTrunk, backbone: str, maps: np.ndarray, pretrain
     return l2_normalise(np.concatenate(rows))
 
 
-def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = True, seed: int = 0) -> AdaptationReport:
+def _self_train(model: AdaptedTop, training: np.ndarray, row_labels: Sequence[str], weights: np.ndarray,
+                item_maps: np.ndarray, item_labels: np.ndarray, photo_maps: list[np.ndarray], steps: int | None,
+                progress: bool, seed: int) -> tuple[AdaptedTop, int]:
+    """Rounds of self-training: name the unlabeled photos with the network so far, keep the surest
+    share of each product's (``PSEUDO_SHARES``), and train the top stages afresh on the catalog's
+    views and those photos' views. Returns the last network and how many photos it trained on.
+
+    ``item_maps`` (n, 2, C, H, W) and ``item_labels``: the training items' clean views and
+    products, whose adapted embeddings are the products' prototypes."""
+    if not photo_maps:
+        return model, 0
+    products = np.unique(item_labels)
+    photos = np.stack(photo_maps)  # (n, 2 + views, C, H, W)
+    labelled_total = float(np.sum(weights))
+    kept = 0
+    for share in PSEUDO_SHARES:
+        embedded = model.transform(item_maps)
+        prototypes = l2_normalise(np.stack([embedded[item_labels == product].sum(axis=0) for product in products]))
+        chosen = select_pseudo_labels(model.transform(photos[:, :2]), prototypes, share)
+        kept = len(chosen.rows)
+        views = photos.shape[1]
+        extra = photos[chosen.rows].reshape(-1, *photos.shape[2:])
+        extra_labels = np.repeat(products[chosen.labels], views)
+        # Each kept photo weighs as much as any other; together they are UNLABELED_SHARE of the draws.
+        extra_weight = labelled_total * UNLABELED_SHARE / (1 - UNLABELED_SHARE) / max(len(extra), 1)
+        log.info("finetune: self-training on %d of %d unlabeled photos (share %.2f)", kept, len(photos), share)
+        model = AdaptedTop(model.backbone, model.first_stage_, steps=steps or steps_for(len(item_maps) + kept),
+                           seed=seed, progress=progress).fit(
+            np.concatenate([training, extra]), [*row_labels, *extra_labels.tolist()],
+            np.concatenate([weights, np.full(len(extra), extra_weight)]))
+    return model, kept
+
+
+def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = True, seed: int = 0,
+                  unlabeled: Sequence[ImageSource] = ()) -> AdaptationReport:
     """Train the adapted embedding on the catalog, check it on a held-out slice, keep it where it helps.
 
     Kept, it becomes the catalog's ``deep_ft`` feature (every item's row now, new items' at
     indexing), which search and classification use in place of ``deep``; not kept, an earlier
     one is removed and ``deep`` serves. Either way the report says what was measured.
+
+    ``unlabeled``: the shop's own photos, without labels; the network is then trained again on
+    those it can name surely (``_self_train``), which teaches it what the shop's photos look like.
     """
     started = time.perf_counter()
     config = catalog.config
@@ -380,13 +480,8 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
                          "leaf category tells them apart)")
     rng = np.random.default_rng(seed)
     count_of = dict(zip(products.tolist(), counts.tolist(), strict=True))
-    # One photo of each product that has three or more is held out of training to judge the result.
-    held: set[int] = set()
-    for product in products:
-        members = np.flatnonzero(labels == product)
-        if len(members) >= 3:
-            held.add(int(rng.choice(members)))
-    held_kind = "photos" if len(held) >= max(5, 0.2 * len(products)) else "views"
+    held = _held_out_slice(catalog, records, labels, rng)
+    held_kind = "photos" if len({labels[i] for i in held}) >= max(5, 0.2 * len(products)) else "views"
     if held_kind == "views":
         held = set()
 
@@ -397,10 +492,12 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     maps: dict[int, np.ndarray] = {}
     if many:
         views = AugmentedViews(trunk.preparer, PHOTO_VIEWS, PACKSHOT_VIEWS, seed, cutouts, photos)
-        maps.update(_view_maps(catalog, records, many, views, trunk, progress, "views of products with several photos"))
+        maps.update(_item_view_maps(catalog, records, many, views, trunk, progress,
+                                    "views of products with several photos"))
     if single:
         views = AugmentedViews(trunk.preparer, SINGLE_VIEWS, SINGLE_VIEWS, seed, cutouts, photos)
-        maps.update(_view_maps(catalog, records, single, views, trunk, progress, "views of products with one image"))
+        maps.update(_item_view_maps(catalog, records, single, views, trunk, progress,
+                                    "views of products with one image"))
     positions = sorted(maps)
     if not positions:
         raise ValueError(f"{catalog.location}: none of the items' images could be read")
@@ -418,8 +515,16 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     training = np.concatenate(rows)
     model = AdaptedTop(config.backbone, trunk.first_stage, steps=steps or steps_for(len(positions)), seed=seed,
                        progress=progress).fit(training, row_labels, np.asarray(weights))
-    del training, rows
     clean_maps = np.stack([maps[position][:2] for position in positions])
+    pseudo_labelled = 0
+    if unlabeled:
+        photo_maps = _view_maps(catalog, list(unlabeled), AugmentedViews(trunk.preparer, UNLABELED_VIEWS,
+                                UNLABELED_VIEWS, seed, cutouts, photos), trunk, progress, "views of unlabeled photos")
+        trained = np.array([position not in held for position in positions])
+        model, pseudo_labelled = _self_train(
+            model, training, row_labels, np.asarray(weights), clean_maps[trained], labels[positions][trained],
+            [photo_maps[row] for row in sorted(photo_maps)], steps, progress, seed)
+    del training, rows
     adapted = model.transform(clean_maps)
     keys = np.array([records[position].key for position in positions], np.int64)
     item_labels = labels[positions]
@@ -436,7 +541,7 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     else:
         # No second photo of a product: augmented views drawn with another seed, never trained on.
         chosen = [positions[i] for i in rng.permutation(len(positions))[:200]]
-        probe = _view_maps(catalog, records, chosen, AugmentedViews(trunk.preparer, 2, 2, seed + 1, cutouts, photos),
+        probe = _item_view_maps(catalog, records, chosen, AugmentedViews(trunk.preparer, 2, 2, seed + 1, cutouts, photos),
                            trunk, progress, "held-out views")
         query_maps = np.concatenate([probe[p][2:] for p in chosen if p in probe])
         query_labels = np.concatenate([[labels[p]] * (len(probe[p]) - 2) for p in chosen if p in probe])
@@ -445,6 +550,8 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
                                                     query_labels)
         adapted_accuracy = _nearest_product_accuracy(adapted, item_labels, model.embed_views(query_maps), query_labels)
     kept = bool(adapted_accuracy >= frozen_accuracy + MIN_GAIN)
+    # Which items it learnt from: the match calibration asks only the others (and items added later).
+    model.trained_keys_ = np.array(sorted(records[p].key for p in positions if p not in held), np.int64)
     with catalog.lock:
         if kept:
             model.save(model_path(catalog))
@@ -458,7 +565,8 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     report = AdaptationReport(
         items=len(positions), products=len(products), views=int(sum(len(maps[p]) for p in positions)),
         steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
-        adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1))
+        adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1),
+        unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled)
     catalog.meta["adaptation"] = report.to_json()
     catalog.save()
     log.info("finetune: %s", report)

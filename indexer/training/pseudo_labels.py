@@ -1,0 +1,67 @@
+"""Pseudo-labels for a shop's unlabeled photos: which catalog product each one most likely shows.
+
+Self-training (``catalens finetune --unlabeled``) retrains the adapted network on the photos it
+is surest of. Two things keep it from teaching itself its own mistakes:
+
+- the assignment is balanced over the products (a few Sinkhorn iterations, as in SwAV or
+  self-labelling by optimal transport): without it the few products whose packshot looks most
+  like a shop photo (a pile of produce) absorb the photos of many others;
+- only the surest share of each product's photos is kept, so every product gets some photos and
+  none gets its doubtful ones.
+
+Arrays in, arrays out: embeddings and prototypes are L2-normalised rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """``rows`` of the unlabeled photos kept, each one's ``labels`` (a prototype's index) and ``confidence``."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+def balanced_assignment(similarity: np.ndarray, temperature: float = 0.05, iterations: int = 3) -> np.ndarray:
+    """(n, c) assignment probabilities of n photos to c products, each product about n / c photos.
+
+    ``similarity`` is the photos' cosine to each product's prototype. Rows sum to 1."""
+    logits = (similarity - similarity.max(axis=1, keepdims=True)) / temperature
+    q = np.exp(logits).astype(np.float64)
+    n, c = q.shape
+    for _ in range(iterations):
+        q /= np.maximum(q.sum(axis=0, keepdims=True), 1e-300) * c / n  # each product n / c in all
+        q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)  # each photo one in all
+    return q
+
+
+def select_pseudo_labels(embeddings: np.ndarray, prototypes: np.ndarray, share: float,
+                         temperature: float = 0.05, balanced: bool = True) -> PseudoLabels:
+    """Each photo's likeliest product, and of each product's photos the surest ``share`` (at least one).
+
+    ``embeddings`` (n, d) and ``prototypes`` (c, d) are L2-normalised."""
+    if not len(embeddings) or not len(prototypes):
+        empty = np.zeros(0, np.int64)
+        return PseudoLabels(empty, empty, np.zeros(0))
+    similarity = embeddings @ prototypes.T
+    q = balanced_assignment(similarity, temperature) if balanced else _softmax(similarity / temperature)
+    labels = q.argmax(axis=1)
+    confidence = q.max(axis=1)
+    kept = []
+    for product in np.unique(labels):
+        members = np.flatnonzero(labels == product)
+        count = max(1, int(round(share * len(members))))
+        kept.append(members[np.argsort(-confidence[members], kind="stable")[:count]])
+    rows = np.sort(np.concatenate(kept))
+    return PseudoLabels(rows, labels[rows], confidence[rows])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,151 @@
+"""Self-training on a shop's unlabeled photos (``finetune --unlabeled``), and the slice of the
+catalog that finetune keeps from training for judging it and fitting the match confidence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from catalens.datasets import CatalogError, read_photo_list
+from catalens.indexer.features import l2_normalise
+from catalens.indexer.training.pseudo_labels import balanced_assignment, select_pseudo_labels
+
+
+@pytest.fixture()
+def tiny_index(tiny_catalog, tmp_path):
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+
+    index_catalog(tiny_catalog, tmp_path / "index", IndexConfig(), progress=False)
+    return tmp_path / "index"
+
+
+def _clusters(rng: np.random.Generator, centres: np.ndarray, per: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(len(centres)), per)
+    return l2_normalise(centres[labels] + noise * rng.normal(size=(len(labels), centres.shape[1]))), labels
+
+
+def test_balanced_assignment_spreads_photos_that_one_prototype_would_absorb():
+    rng = np.random.default_rng(0)
+    centres = l2_normalise(rng.normal(size=(4, 16)))
+    photos, truth = _clusters(rng, centres, 25, 0.3)
+    # Every photo looks a little more like product 0's packshot than its own product does.
+    prototypes = l2_normalise(centres + 0.9 * centres[0])
+    plain = (photos @ prototypes.T).argmax(axis=1)
+    balanced = balanced_assignment(photos @ prototypes.T).argmax(axis=1)
+    assert np.allclose(balanced_assignment(photos @ prototypes.T).sum(axis=1), 1.0)
+    assert (plain == truth).mean() < (balanced == truth).mean()
+    assert np.bincount(balanced, minlength=4).min() >= 15  # each product gets about its share
+
+
+def test_pseudo_labels_keep_the_surest_share_of_each_products_photos():
+    rng = np.random.default_rng(1)
+    centres = l2_normalise(rng.normal(size=(3, 8)))
+    photos, truth = _clusters(rng, centres, 20, 0.8)
+    half = select_pseudo_labels(photos, centres, share=0.5)
+    most = select_pseudo_labels(photos, centres, share=0.9)
+    assert set(half.rows) < set(most.rows)
+    assert len(half.rows) == pytest.approx(30, abs=3) and set(np.unique(half.labels)) == {0, 1, 2}
+    # the surer half is righter than everything
+    assert (half.labels == truth[half.rows]).mean() >= (most.labels == truth[most.rows]).mean()
+    empty = select_pseudo_labels(np.zeros((0, 8)), centres, 0.5)
+    assert len(empty.rows) == 0
+
+
+def test_unlabeled_photos_are_read_from_a_folder_or_a_list_file(tmp_path):
+    from tests.conftest import draw_product
+
+    folder = tmp_path / "shelf"
+    for i in range(3):
+        draw_product(folder / "aisle" / f"p{i}.jpg", seed=i)
+    (folder / "notes.txt").write_text("not a photo")
+    assert [p.name for p in read_photo_list(folder)] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    listing = tmp_path / "photos.txt"
+    listing.write_text(f"# shelf photos\nshelf/aisle/p1.jpg\n\n{folder / 'aisle' / 'p2.jpg'}\n")
+    assert read_photo_list(listing) == [folder / "aisle" / "p1.jpg", folder / "aisle" / "p2.jpg"]
+    for bad, reason in ((tmp_path / "missing", "no such folder or file"), (tmp_path / "empty", "no photos found")):
+        if bad.name == "empty":
+            bad.mkdir()
+        with pytest.raises(CatalogError, match=reason) as raised:
+            read_photo_list(bad)
+        assert str(bad) in str(raised.value)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00photo.jpg")
+    with pytest.raises(CatalogError, match="UTF-8"):
+        read_photo_list(tmp_path / "binary.txt")
+
+
+def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_catalog, tmp_path, capsys, monkeypatch):
+    from catalens.api.cli import main
+    from catalens.indexer.training import adaptation
+    from tests.conftest import draw_product
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)  # kept whatever it measures: this checks the plumbing
+    shelf = tmp_path / "shelf"
+    for i in range(6):
+        draw_product(shelf / f"shot{i}.jpg", seed=100 + i)
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "3", "--json", "--unlabeled", str(shelf)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["unlabeled"] == 6 and 1 <= report["pseudo_labelled"] <= 6 and report["kept"]
+    assert main(["finetune", "--index", str(tiny_index), "--unlabeled", str(tmp_path / "nothing")]) == 2
+    assert "--unlabeled" in capsys.readouterr().err
+
+
+def test_finetune_holds_photos_out_with_their_near_duplicates_and_calibration_asks_only_those(tmp_path, monkeypatch):
+    """Products of several photos: about a tenth of each is kept from training, a photo with its
+    near-duplicates; the model stores what it trained on; calibration's photo queries are the others."""
+    from catalens.indexer.training import adaptation
+
+    class Record:
+        def __init__(self, key: int):
+            self.key = key
+
+    class FakeItems:
+        def rows(self, name):
+            return {key: vector.astype(np.float32).tobytes() for key, vector in vectors.items()}
+
+    class FakeCatalog:
+        items = FakeItems()
+
+        def dims(self):
+            return {"deep": 32}
+
+    rng = np.random.default_rng(0)
+    base = l2_normalise(rng.normal(size=(2, 32)))
+    vectors, labels, records = {}, [], []
+    for product in range(2):
+        for shot in range(20):
+            key = 100 * product + shot
+            # shots 0-4 of each product are one burst (near-duplicates); the rest are spread out
+            vectors[key] = base[product] + (0.01 if shot < 5 else 1.0) * rng.normal(size=32)
+            records.append(Record(key))
+            labels.append(f"p{product}")
+    held = adaptation._held_out_slice(FakeCatalog(), records, np.array(labels), np.random.default_rng(3))
+    burst = [{100 * p + s for s in range(5)} for p in range(2)]
+    held_keys = {records[i].key for i in held}
+    for product in range(2):
+        mine = {k for k in held_keys if k // 100 == product}
+        assert 2 <= len(mine) <= 18  # a tenth at least, never all but one
+        assert not (mine & burst[product]) or burst[product] <= mine  # a burst goes out whole or not at all
+    small = adaptation._held_out_slice(FakeCatalog(), records[:2], np.array(labels[:2]), rng)
+    assert small == set()  # a product of two photos trains on both
+
+
+def test_calibration_queries_after_finetune_are_photos_the_network_never_trained_on(tiny_index, monkeypatch):
+    from catalens.indexer.backends import open_catalog
+    from catalens.search import calibration
+
+    catalog = open_catalog(tiny_index)
+    try:
+        keys = sorted(record.key for record in catalog.items.records().values())
+        untrained = set(keys[:4])
+        monkeypatch.setattr(calibration, "_untrained_keys", lambda catalog: untrained)
+        queries = calibration.calibration_queries(catalog, max_queries=24)
+        photo_queries = [q for q in queries if q.kind in ("held-out photo", "absent product")]
+        assert photo_queries
+        by_id = {record.id: record.key for record in catalog.items.records().values()}
+        assert all(by_id[q.query.name] in untrained for q in photo_queries)
+        assert all(q.kind == "augmented view" for q in queries if q.query.name.endswith("(augmented)"))
+    finally:
+        catalog.close()
