@@ -113,3 +113,68 @@ def test_a_folder_name_with_a_newline_is_refused_naming_it(tiny_catalog):
     (tiny_catalog / "Dairy" / "Milk" / "item00.jpg").rename(broken / "item00.jpg")
     with pytest.raises(CatalogError, match="control character"):
         read_folder_tree(tiny_catalog)
+
+
+def _manifest_with(tmp_path: Path, second_line: bytes) -> Path:
+    manifest = tmp_path / "catalog.jsonl"
+    manifest.write_bytes(json.dumps({"id": "ok", "image": "a.jpg"}).encode() + b"\n" + second_line + b"\n")
+    return manifest
+
+
+@pytest.mark.parametrize("attributes", ['[' * 100_000 + ']' * 100_000, '{"a":' * 5000 + '1' + '}' * 5000,
+                                        '{"a":' * 17 + '1' + '}' * 17])
+def test_a_manifest_line_nested_past_the_limit_is_one_error_naming_its_line(tmp_path, attributes):
+    manifest = _manifest_with(tmp_path, b'{"id": "deep", "image": "b.jpg", "attributes": ' + attributes.encode() + b"}")
+    with pytest.raises(CatalogError, match=r"catalog.jsonl:2: .*nested more than 16 levels"):
+        read_manifest(manifest)
+
+
+def test_manifest_attributes_over_the_size_limit_are_refused_with_the_line(tmp_path):
+    line = json.dumps({"id": "big", "image": "b.jpg", "attributes": {"notes": "x" * 70_000}}).encode()
+    with pytest.raises(CatalogError, match=r"catalog.jsonl:2: attributes take more than 65536 bytes"):
+        read_manifest(_manifest_with(tmp_path, line))
+
+
+def test_a_manifest_line_that_is_not_utf8_is_one_error_naming_its_line(tmp_path):
+    manifest = _manifest_with(tmp_path, b'{"id": "caf\xe9", "image": "b.jpg"}')
+    with pytest.raises(CatalogError, match=r"catalog.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("id", "sku\u202e1", "id"), ("id", "nul\x00", "id"), ("title", "Milk\x00", "title"),
+    ("title", "evil\u2066name", "title"), ("category", "Dairy/Mi\u202elk", "category"),
+    ("attributes", {"br\x00and": "x"}, "attribute key"), ("attributes", {"brand": "A\u202eB"}, "attributes.brand"),
+])
+def test_control_and_bidi_characters_are_refused_in_a_manifest_naming_the_field(tmp_path, field, value, named):
+    record = {"id": "sku-2", "image": "b.jpg", field: value}
+    manifest = _manifest_with(tmp_path, json.dumps(record).encode())
+    with pytest.raises(CatalogError, match=rf"catalog.jsonl:2: {named}"):
+        read_manifest(manifest)
+
+
+def test_attribute_values_may_hold_line_breaks_and_tabs(tmp_path):
+    record = {"id": "sku-2", "image": "b.jpg", "attributes": {"notes": "line one\nline\ttwo"}}
+    assert read_manifest(_manifest_with(tmp_path, json.dumps(record).encode()))[1].attributes == record["attributes"]
+
+
+def test_one_id_length_limit_applies_to_manifests(tmp_path):
+    from catalens.datasets.catalog import MAX_ID_CHARS
+
+    ok = json.dumps({"id": "x" * MAX_ID_CHARS, "image": "b.jpg"}).encode()
+    assert read_manifest(_manifest_with(tmp_path, ok))[1].id == "x" * MAX_ID_CHARS
+    long = json.dumps({"id": "x" * 200_000, "image": "b.jpg"}).encode()
+    with pytest.raises(CatalogError, match=rf"catalog.jsonl:2: id .* at most {MAX_ID_CHARS}"):
+        read_manifest(_manifest_with(tmp_path, long))
+
+
+def test_a_category_over_the_level_cap_is_refused_in_a_manifest(tmp_path):
+    line = json.dumps({"id": "sku-2", "image": "b.jpg", "category": "a/" * 40 + "b"}).encode()
+    with pytest.raises(CatalogError, match=r"catalog.jsonl:2: category has 41 levels"):
+        read_manifest(_manifest_with(tmp_path, line))
+
+
+def test_a_folder_name_with_a_bidi_override_is_refused_naming_it(tiny_catalog):
+    (tiny_catalog / "Dairy" / "Milk" / "item00.jpg").rename(tiny_catalog / "Dairy" / "Milk" / "gpj.\u202eexe.jpg")
+    with pytest.raises(CatalogError, match="bidirectional control"):
+        read_folder_tree(tiny_catalog)
