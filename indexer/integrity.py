@@ -20,7 +20,8 @@ from catalens.indexer.estimator import ModelFileError
 from catalens.indexer.features import FeatureUnavailableError, feature_spec
 from catalens.indexer.stores.folder import ITEMS_FILE, FolderCatalog
 
-Status = Literal["ok", "repaired", "damaged"]
+# "rebuildable": damaged, and what ``check`` would rebuild had it been allowed to (--no-repair).
+Status = Literal["ok", "repaired", "rebuildable", "damaged"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,13 @@ class CheckReport:
 
     @property
     def healthy(self) -> bool:
-        """Nothing is left damaged (what was repaired counts as repaired)."""
-        return all(finding.status != "damaged" for finding in self.findings)
+        """Nothing is left damaged or waiting to be rebuilt (what was repaired counts as repaired)."""
+        return all(finding.status in ("ok", "repaired") for finding in self.findings)
+
+    @property
+    def beyond_repair(self) -> bool:
+        """Something is damaged that ``check`` cannot rebuild (restore it, or run what the row names)."""
+        return any(finding.status == "damaged" for finding in self.findings)
 
     def add(self, file: str, status: Status, detail: str = "") -> None:
         self.findings.append(Finding(file, status, detail))
@@ -67,7 +73,7 @@ def check_index(root: str | Path, repair: bool = True) -> CheckReport:
         if repair and any(finding.status == "repaired" for finding in report.findings):
             catalog.save()
         elif not repair:
-            report.findings = [Finding(f.file, "damaged", f.detail + " (not repaired: --no-repair)")
+            report.findings = [Finding(f.file, "rebuildable", f.detail + " (not repaired: --no-repair)")
                                if f.status == "repaired" else f for f in report.findings]
     finally:
         catalog.close()
@@ -115,7 +121,7 @@ def _check_vocabulary(catalog: FolderCatalog, report: CheckReport, repair: bool)
         report.add(name, "ok")
     except ModelFileError as error:
         problem = error.args[0].split(": ", 1)[-1].split(";")[0]
-        if not repair:  # the file stays as it is: reported as damaged by check_index
+        if not repair:  # the file stays as it is: reported as rebuildable by check_index
             report.add(name, "repaired", problem)
             return
         path.unlink()

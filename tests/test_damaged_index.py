@@ -113,6 +113,15 @@ def test_check_without_repair_reports_and_changes_nothing(index, capsys):
     assert vocabulary.read_bytes() == damaged
 
 
+def test_check_without_repair_says_what_it_would_rebuild_and_not_beyond_repair(index, capsys):
+    truncate(index / "models" / "sift_vocabulary.pt", 0.1)
+    (index / "deep.faiss").unlink()
+    status, out, _ = run_cli(capsys, "check", "--index", str(index), "--no-repair")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("models/", "deep.faiss"))}
+    assert all("rebuildable" in row for row in rows.values()) and len(rows) == 2, out
+    assert status == 1 and "beyond what can be rebuilt" not in out and "all of it can be rebuilt" in out
+
+
 def test_a_truncated_fitted_model_names_the_file(index, built_index, capsys):
     from catalens.indexer.features.autoencoder import MODEL_FILE
 

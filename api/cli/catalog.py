@@ -96,8 +96,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError("check verifies a folder index (--index DIR); Elasticsearch checks its own shards")
     report = check(where, repair=not args.no_repair)
     print(format_table(["file", "status", "detail"], [(f.file, f.status, f.detail) for f in report.findings]))
-    if not report.healthy:
+    if report.beyond_repair:
         print(f"\n{where}: damaged beyond what can be rebuilt (see the rows marked damaged)")
+        return 1
+    if not report.healthy:
+        print(f"\n{where}: damaged, and all of it can be rebuilt: run 'catalens check --index {where}' "
+              "without --no-repair")
         return 1
     return 0
 
