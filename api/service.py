@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from catalens.datasets.catalog import CatalogItem
+from catalens.datasets.catalog import CatalogItem, FieldError, check_category_path
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.config import IndexConfig
@@ -108,18 +108,25 @@ class CatalogService:
 
     def check_category(self, category: str | None) -> str | None:
         """``category`` (a path prefix of whole levels) without its outer slashes, if the catalog has
-        it; ``UnknownCategoryError`` naming close ones otherwise."""
-        if not category or not category.strip("/"):
+        it; ``UnknownCategoryError`` naming close ones otherwise, and ``FieldError`` for a path with no
+        level, over the caps of ``check_category_path`` or with a refused character."""
+        if not category or not category.strip():
             return None
+        if not category.strip("/"):
+            raise FieldError(f"category {category!r} names no category level")
         category = category.strip("/")
+        problem = check_category_path(category)
+        if problem:  # checked before any work, which grows with the path's levels
+            raise FieldError(problem)
         paths = self.categories()
         if any(path == category or path.startswith(category + "/") for path in paths):
             return category
         prefixes = {"/".join(path.split("/")[:depth]) for path in paths for depth in range(1, path.count("/") + 2)}
         close = difflib.get_close_matches(category, sorted(prefixes), n=3, cutoff=0.6)
         levels = category.split("/")
-        parent = next(("/".join(levels[:depth]) for depth in range(len(levels) - 1, 0, -1)
-                       if "/".join(levels[:depth]) in prefixes), None)
+        # The path's own proper prefixes, shortest first: at most MAX_CATEGORY_LEVELS of them.
+        own = [category[:end] for end, character in enumerate(category) if character == "/"]
+        parent = next((prefix for prefix in reversed(own) if prefix in prefixes), None)
         if parent and parent not in close:  # the deepest level of the path that does exist
             close.append(parent)
         if not close:  # the same leaf name under another branch

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line_errors() -> tuple[type[Exception], ...]:
     """What a command may raise that is the user's to fix: printed as one line, exit 2."""
     from catalens.api.service import ModelMissingError, UnknownCategoryError
-    from catalens.datasets.catalog import CatalogError
+    from catalens.datasets.catalog import CatalogError, FieldError
     from catalens.indexer.backbones import UnknownBackboneError, WeightsNotFoundError
     from catalens.indexer.catalog import IndexUnavailableError
     from catalens.indexer.config import ConfigError
@@ -46,7 +46,7 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
 
     return (UsageError, CatalogError, ConfigError, IndexUnavailableError, ModelMissingError, NotFittedError,
             ModelFileError, FeatureUnavailableError, UnknownFeatureError, ModeUnavailableError, UnknownBackboneError,
-            WeightsNotFoundError, UnknownCategoryError)
+            WeightsNotFoundError, UnknownCategoryError, FieldError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

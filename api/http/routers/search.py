@@ -21,6 +21,7 @@ from catalens.api.http.schemas import (
 )
 from catalens.api.http.state import ImageFile, ServerState, SettingsDep, StateDep, read_upload
 from catalens.api.service import ModelMissingError, UnknownCategoryError
+from catalens.datasets.catalog import MAX_CATEGORY_CHARS, FieldError, check_category_path
 from catalens.indexer.features import FeatureUnavailableError
 
 router = APIRouter(tags=["search by photo"])
@@ -44,16 +45,25 @@ def image_url(item_id: str) -> str:
 
 
 def clean_category(category: str | None) -> str | None:
-    if not category:
+    """The category path a form field gives ('\\' read as '/', levels trimmed), None for a blank field;
+    a 422 for a path with no level ('/'), over the caps, or with a refused character."""
+    if not category or not category.strip():
         return None
-    return "/".join(part.strip() for part in category.replace("\\", "/").split("/") if part.strip()) or None
+    if len(category) > MAX_CATEGORY_CHARS:  # refused before it is split into levels
+        raise HTTPException(422, f"category has {len(category)} characters; a category path has at most "
+                                 f"{MAX_CATEGORY_CHARS}")
+    cleaned = "/".join(part.strip() for part in category.replace("\\", "/").split("/") if part.strip())
+    problem = check_category_path(cleaned) if cleaned else f"category {category!r} names no category level"
+    if problem:
+        raise HTTPException(422, problem)
+    return cleaned
 
 
 async def checked_category(state: ServerState, category: str | None) -> str | None:
     """The cleaned category filter, if the index has that category; a 422 naming close ones if not."""
     try:
         return await state.run(state.service.check_category, clean_category(category))
-    except UnknownCategoryError as error:
+    except (UnknownCategoryError, FieldError) as error:
         raise HTTPException(422, str(error)) from None
 
 
