@@ -8,12 +8,17 @@ request (``k``, ``mode``, ``weights``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalens.indexer.config import load_layered
+
+# A weight multiplies a feature's similarity (about 0-1) in a sum; far beyond the defaults (0.2-1),
+# and below what would let one feature's rounding error outweigh another's whole score.
+MAX_WEIGHT = 1000.0
 
 
 class SearchSettings(BaseModel):
@@ -55,6 +60,20 @@ class SearchSettings(BaseModel):
     # threshold per mode, fitted for 95% precision on held-out catalog queries.
     confidence: bool = Field(True, description="give each result a calibrated confidence and each query a match")
     match_threshold: float | None = Field(None, ge=0, le=1, description="confidence a top result needs to be the match")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_rank_something(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        """NaN or infinite weights make every score null, negative ones invert the ranking, and all-zero
+        ones leave nothing to rank by: each is refused here, for config files, variables and requests."""
+        if weights is None:
+            return None
+        for name, weight in weights.items():
+            if not math.isfinite(weight) or not 0 <= weight <= MAX_WEIGHT:
+                raise ValueError(f"the weight of {name!r} must be a number from 0 to {MAX_WEIGHT:g}, not {weight}")
+        if not any(weights.values()):
+            raise ValueError("at least one weight must be above 0 (with none, nothing is ranked)")
+        return weights
 
     def merged(self, **overrides: Any) -> SearchSettings:
         """These settings with ``overrides`` (None values ignored), validated."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from readerwriterlock import rwlock
 
 from catalens.api.http.guard import write_refusal
 from catalens.api.service import CatalogService
+from catalens.datasets.catalog import parse_json_field
 from catalens.indexer.imageio import ImageDecodeError, load_query
 from catalens.search.settings import SearchSettings
 
@@ -28,6 +28,8 @@ T = TypeVar("T")
 API_KEY_ENV = "CATALENS_API_KEY"
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 MAX_K = 100
+# A weight per feature: a few dozen bytes; the limit keeps the parse trivial.
+MAX_WEIGHTS_BYTES = 4096
 
 
 @dataclass
@@ -90,10 +92,15 @@ def search_settings(
     parsed = None
     if weights:
         try:
-            parsed = json.loads(weights)
+            parsed = parse_json_field(weights, "weights", MAX_WEIGHTS_BYTES, max_depth=1)
             state.service.engine.weights(state.service.settings.merged(weights=parsed))
-        except (json.JSONDecodeError, ValidationError, ValueError) as error:
-            raise HTTPException(422, f"weights: {str(error).splitlines()[0]}") from None
+        except ValidationError as error:
+            issue = error.errors()[0]
+            where = ".".join(str(part) for part in issue["loc"][1:])
+            raise HTTPException(422, f"weights: {where + ': ' if where else ''}"
+                                     f"{issue['msg'].removeprefix('Value error, ')}") from None
+        except ValueError as error:  # FieldError (size, depth, JSON), or a feature the index lacks
+            raise HTTPException(422, f"weights: {str(error).removeprefix('weights: ').splitlines()[0]}") from None
     settings = state.service.settings.merged(k=k, mode=mode, weights=parsed, collapse=collapse)
     try:
         state.service.engine.check_mode(settings.mode)
