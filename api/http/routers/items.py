@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import mimetypes
 import os
@@ -17,7 +16,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from catalens.api.http.routers.search import _FORMAT_SUFFIX, clean_category, image_url
 from catalens.api.http.schemas import DeleteResponse, Item, Problem, WriteResponse
 from catalens.api.http.state import ImageFile, ServerState, StateDep, Upload, WriterDep, read_upload
-from catalens.datasets.catalog import CatalogItem, check_item_id
+from catalens.datasets.catalog import (
+    MAX_ATTRIBUTES_BYTES,
+    CatalogItem,
+    FieldError,
+    check_item_id,
+    item_problem,
+    parse_json_field,
+)
 from catalens.indexer.imageio import ImageDecodeError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,21 @@ def item_model(record) -> Item:
 def clean_id(item_id: str) -> str:
     """The id as the catalog readers accept it (``check_item_id``): every id written is reachable."""
     item_id = item_id.strip()
-    problem = check_item_id(item_id) or ("an id has at most 512 characters" if len(item_id) > 512 else None)
+    problem = check_item_id(item_id)
     if problem:
         raise HTTPException(422, problem)
     return item_id
+
+
+def parsed_attributes(text: str) -> dict:
+    """The attributes field as a JSON object, within the catalog readers' depth and size limits."""
+    try:
+        attributes = parse_json_field(text or "{}", "attributes", MAX_ATTRIBUTES_BYTES)
+    except FieldError as error:
+        raise HTTPException(422, str(error)) from None
+    if not isinstance(attributes, dict):
+        raise HTTPException(422, "attributes must be a JSON object")
+    return attributes
 
 
 @router.get("/{item_id:path}/image", responses={200: {"content": {"image/*": {}}}, 404: {"model": Problem}})
@@ -89,15 +106,14 @@ async def put_item(
     attributes: Annotated[str, Form(description="a JSON object")] = "{}",
 ) -> WriteResponse:
     """Add an item, or replace the one with this id; every store is updated durably."""
-    item_id = clean_id(id)
-    try:
-        attrs = json.loads(attributes or "{}")
-    except json.JSONDecodeError as error:
-        raise HTTPException(422, f"attributes must be a JSON object ({error.msg})") from None
-    if not isinstance(attrs, dict):
-        raise HTTPException(422, "attributes must be a JSON object")
+    # What the catalog readers refuse is refused here too, naming the field, before the photo is read.
+    fields = CatalogItem(id=clean_id(id), image=Path(), category=clean_category(category) or "",
+                         title=title.strip(), attributes=parsed_attributes(attributes))
+    problem = item_problem(fields)
+    if problem:
+        raise HTTPException(422, problem)
     upload = await read_upload(state, image)
-    return await state.run(_write_item, state, item_id, clean_category(category) or "", title.strip(), attrs, upload)
+    return await state.run(_write_item, state, fields.id, fields.category, fields.title, fields.attributes, upload)
 
 
 @router.delete("/{item_id:path}", response_model=DeleteResponse, responses={404: {"model": Problem}})
