@@ -13,6 +13,10 @@ from typing import Any
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
+# The image formats decoded, as Pillow names them (a camera's two-view MPO file opens as JPEG).
+# Pillow opens forty more; those are refused before any of their code reads the file (EPS hands it
+# to Ghostscript, an interpreter of untrusted PostScript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 
 
 # One limit for every reader and the HTTP API: an id is a URL path, a table cell, a log line.

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from catalens.datasets.catalog import IMAGE_FORMATS
+
 # Far above any product photo (a 64-megapixel phone shot) and far below what a bomb expands to.
 DEFAULT_MAX_PIXELS = 80_000_000
 
@@ -108,6 +110,21 @@ def _reduced(image: Image.Image, max_side: int) -> Image.Image:
     return image.reduce(factor)
 
 
+def _unaccepted(handle) -> str:
+    """Why a file no accepted format recognised is refused: a format catalens does not decode (named
+    from its first bytes, as Pillow's plugins recognise them, without opening it), or no image at all."""
+    handle.seek(0)
+    prefix = handle.read(16)
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            recognised = name not in IMAGE_FORMATS and accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 - a plugin's check of 16 bytes; recognising is only for the message
+            recognised = False
+        if recognised:
+            return f"not an image format catalens decodes (it looks like {name}; catalens decodes {', '.join(IMAGE_FORMATS)})"
+    return "not an image (unrecognised format)"
+
+
 def _describe(source: ImageSource) -> str:
     return "<upload>" if isinstance(source, bytes) else str(source)
 
@@ -167,9 +184,9 @@ def load_rgb(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                image = Image.open(handle)
+                image = Image.open(handle, formats=IMAGE_FORMATS)
             except UnidentifiedImageError:
-                raise ImageDecodeError(name, "not an image (unrecognised format)") from None
+                raise ImageDecodeError(name, _unaccepted(handle)) from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageDecodeError(name, "image too large (decompression bomb refused)") from None
             except (OSError, SyntaxError, ValueError) as error:  # e.g. cut off inside the header

@@ -19,7 +19,7 @@ from readerwriterlock import rwlock
 
 from catalens.api.http.guard import write_refusal
 from catalens.api.service import CatalogService
-from catalens.datasets.catalog import parse_json_field
+from catalens.datasets.catalog import IMAGE_FORMATS, parse_json_field
 from catalens.indexer.imageio import ImageDecodeError, load_query
 from catalens.search.settings import SearchSettings
 
@@ -147,7 +147,7 @@ async def read_upload(state: ServerState, upload: UploadFile | None) -> Upload:
         # PIL can fail while still reading a header (a JPEG cut short), before load_rgb's checks.
         raise HTTPException(400, f"upload cannot be decoded: truncated or corrupt image ({error})") from None
     try:
-        image_format = Image.open(io.BytesIO(data)).format
+        image_format = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).format
     except Exception:  # noqa: BLE001 - the bytes decoded above; the format name is cosmetic
         image_format = None
     return Upload(upload.filename or "<upload>", data, image, image_format)
