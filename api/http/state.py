@@ -110,7 +110,18 @@ def search_settings(
 
 
 SettingsDep = Annotated[SearchSettings, Depends(search_settings)]
-ImageFile = Annotated[UploadFile | None, File(description="the photo")]
+async def single_image(request: Request,
+                       image: Annotated[UploadFile | None, File(description="the photo")] = None) -> UploadFile | None:
+    """The photo part of the form; a 422 where the form sends a field twice (two photos: the parser
+    keeps the last one, and the client may have meant the first)."""
+    form = await request.form()  # parsed once for the route already: this is the same form
+    repeated = sorted(key for key in form.keys() if len(form.getlist(key)) > 1)
+    if repeated:
+        raise HTTPException(422, f"the form sends {', '.join(map(repr, repeated))} more than once; send each field once")
+    return image
+
+
+ImageFile = Annotated[UploadFile | None, Depends(single_image)]
 
 
 def decode_error(error: ImageDecodeError) -> HTTPException:
