@@ -22,7 +22,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catalens.api.http.guard import FORM_OVERHEAD_BYTES, RequestGuard, api_key_problem
+from catalens.api.http.guard import (
+    FORM_OVERHEAD_BYTES,
+    RequestGuard,
+    SecurityHeaders,
+    api_key_problem,
+)
 from catalens.api.http.problems import PathScrubber
 from catalens.api.http.routers import items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
@@ -166,6 +171,7 @@ def create_app(
 
     app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, read_only=read_only,
                        api_key=api_key)
+    app.add_middleware(SecurityHeaders)  # added last, so outermost: the guard's refusals carry them too
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for router in (system.router, search.router, items.router):
