@@ -31,7 +31,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.calibrator()
     writes = "read-only" if args.read_only else f"writes need the X-API-Key header (${API_KEY_ENV})"
     print(f"catalens serve: http://{args.host}:{args.port}/ (API docs at /docs; {writes})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    from catalens.api.http.connections import HeaderDeadlineProtocol
+
+    # Idle keep-alive connections close after 5 s (uvicorn's default, stated here), and each request's
+    # headers must arrive within HEADER_TIMEOUT_SECONDS: slow clients cannot hold connections forever.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                http=HeaderDeadlineProtocol, timeout_keep_alive=5)
     return 0
 
 
