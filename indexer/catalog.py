@@ -144,7 +144,7 @@ class Catalog(ABC):
             replaced = {feature: {int(key): rows[i].astype(np.float32).tobytes() for i, key in enumerate(keys)}}
             for name, values in scalars.items():
                 replaced[name] = {int(key): np.float32(values[i]).tobytes() for i, key in enumerate(keys)}
-            self.items.replace_rows(replaced)
+            self.items.replace_rows(replaced, dims={feature: int(rows.shape[1])})
             self._reindex(feature)
             self.save()
 

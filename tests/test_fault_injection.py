@@ -208,3 +208,135 @@ def test_finetune_killed_at_a_random_point_leaves_a_whole_index(indexed, rng):
     from catalens.api.cli import main
 
     assert main(["search", str(next(iter(_records(indexed).values())).image), "--index", str(indexed)]) == 0
+
+
+# --- the first run, killed at every durable step (issue 35)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the process: no ``except Exception`` handler stops it."""
+
+
+class KillSwitch:
+    """Counts the durable steps of a run (SQLite commits, FAISS, model and metadata files, each
+    before and after) and raises ``Killed`` at step ``at`` (never where ``at`` is None)."""
+
+    def __init__(self, at: int | None = None):
+        self.at, self.steps = at, []
+
+    def step(self, name: str) -> None:
+        self.steps.append(name)
+        if len(self.steps) == self.at:
+            raise Killed(name)
+
+
+def install_kill_switch(monkeypatch, switch: KillSwitch) -> None:
+    from contextlib import contextmanager
+
+    from catalens.indexer import estimator
+    from catalens.indexer.stores import folder
+    from catalens.indexer.stores.faiss_vectors import FaissVectorStore
+    from catalens.indexer.stores.sqlite_items import SqliteItemStore
+
+    transaction = SqliteItemStore._transaction
+
+    @contextmanager
+    def committed_then_step(self):
+        with transaction(self) as db:
+            yield db
+        switch.step("sqlite commit")
+
+    def around(name, function):
+        def wrapped(*args, **kwargs):
+            switch.step(f"before {name}")
+            result = function(*args, **kwargs)
+            switch.step(f"after {name}")
+            return result
+        return wrapped
+
+    monkeypatch.setattr(SqliteItemStore, "_transaction", committed_then_step)
+    monkeypatch.setattr(FaissVectorStore, "save", around("faiss save", FaissVectorStore.save))
+    monkeypatch.setattr(folder, "write_json_atomic", around("catalens.json", folder.write_json_atomic))
+    monkeypatch.setattr(estimator.Estimator, "save", around("model save", estimator.Estimator.save))
+
+
+def index_answers(index: Path, queries: list[Path]) -> dict:
+    """What an index answers: its modes, dims, item count, and each mode's top 5 ids for each query."""
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.engine import SearchEngine
+    from catalens.search.settings import SearchSettings
+
+    catalog = open_catalog(index)
+    try:
+        engine = SearchEngine(catalog, SearchSettings(confidence=False, query_threads=1))
+        answers = {"modes": engine.modes(), "dims": catalog.dims(), "items": catalog.items.count()}
+        for mode in engine.modes():
+            results = engine.search([str(path) for path in queries], k=5, mode=mode)
+            answers[mode] = [[(hit.id, round(hit.score, 3)) for hit in result.results] for result in results]
+        return answers
+    finally:
+        catalog.close()
+
+
+def test_a_first_run_killed_at_any_durable_step_resumes_to_the_index_an_uninterrupted_run_builds(
+        photos, tmp_path, monkeypatch):
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+
+    items = photos[:10]
+    config = IndexConfig(num_workers=0, batch_size=4, commit_every=4)
+    queries = [Path(items[n].image) for n in (0, 5, 9)]
+    with monkeypatch.context() as patched:
+        counted = KillSwitch()
+        install_kill_switch(patched, counted)
+        index_catalog(items, tmp_path / "whole", config, progress=False)
+    expected = index_answers(tmp_path / "whole", queries)
+    assert set(expected["dims"]) == {"deep", "colour"} and "sift" in expected["modes"]
+    assert counted.steps.count("sqlite commit") >= 3 and "before catalens.json" in counted.steps
+    lost = {}
+    for at in range(1, len(counted.steps) + 1):
+        index = tmp_path / f"killed-{at}"
+        with monkeypatch.context() as patched:
+            install_kill_switch(patched, KillSwitch(at))
+            with pytest.raises(Killed):
+                index_catalog(items, index, config, progress=False)
+        index_catalog(items, index, config, progress=False)
+        answers = index_answers(index, queries)
+        if answers != expected:
+            lost[f"{at}: {counted.steps[at - 1]}"] = {key: value for key, value in answers.items()
+                                                        if value != expected[key]}
+    assert not lost, lost
+
+
+EXIT_BEFORE_LAST_METADATA = """
+import os, sys
+from catalens.indexer.stores import folder
+from catalens.api.cli import main
+
+write, seen = folder.write_json_atomic, []
+
+def write_or_die(path, data):
+    seen.append(path)
+    if len(seen) == 2:  # catalens.json is written when the index is made, then after the run's last commit
+        os._exit(137)
+    write(path, data)
+
+folder.write_json_atomic = write_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_first_index_process_dying_after_its_last_commit_resumes_with_every_mode(photos, tmp_path):
+    index, manifest = tmp_path / "index", write_manifest(photos[:8], tmp_path / "first.jsonl")
+    argv = ["index", str(manifest), "--index", str(index), "--quiet"]
+    died = subprocess.run([sys.executable, "-c", EXIT_BEFORE_LAST_METADATA, *argv], capture_output=True, text=True)
+    assert died.returncode == 137, died.stderr
+    assert json.loads((index / "catalens.json").read_text())["dims"] == {}  # what the kill left
+    rerun = subprocess.run([CATALENS, *argv], capture_output=True, text=True)
+    assert rerun.returncode == 0 and "unchanged" in rerun.stdout, rerun.stderr
+    info = json.loads(subprocess.run([CATALENS, "info", "--json", "--index", str(index)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert set(info["dims"]) == {"deep", "colour"} and {"deep", "colour", "local"} <= set(info["modes"])
+    assert json.loads((index / "catalens.json").read_text())["dims"] == info["dims"]
+    assert_consistent(index, {item.id for item in photos[:8]}, "first run killed before its last catalens.json")
+

@@ -167,9 +167,10 @@ class ItemStore(Protocol):
 
     def delete_rows(self, feature: str, keys: Iterable[int]) -> None: ...
 
-    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+    def replace_rows(self, rows: dict[str, dict[int, bytes]], dims: dict[str, int] | None = None) -> None:
         """Each named feature's rows replaced by these, for every item: all at once where the
-        backend has transactions, so a run killed meanwhile leaves the old rows or the new."""
+        backend has transactions, so a run killed meanwhile leaves the old rows or the new.
+        ``dims``: the dimension of those that are vectors, recorded with them."""
 
     def delete_feature(self, feature: str) -> None: ...
 

@@ -27,6 +27,7 @@ from catalens.indexer.catalog import (
     write_json_atomic,
 )
 from catalens.indexer.config import IndexConfig
+from catalens.indexer.features import feature_spec, list_features
 from catalens.indexer.stores import ItemUpdate, vectors_of
 from catalens.indexer.stores.faiss_vectors import FaissVectorStore
 from catalens.indexer.stores.inverted_file import SqliteWordIndex
@@ -56,6 +57,7 @@ class FolderCatalog(Catalog):
                 f"or index the catalog again into a new folder") from None
         super().__init__(str(self.root), config, items, self.root / "models", meta)
         self._vectors: dict[str, FaissVectorStore] = {}
+        self.meta["dims"] = self._committed_dims()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
 
@@ -141,6 +143,18 @@ class FolderCatalog(Catalog):
 
     def dims(self) -> dict[str, int]:
         return dict(self.meta["dims"])
+
+    def _committed_dims(self) -> dict[str, int]:
+        """The dims ``items.sqlite`` committed with the rows (``catalens.json`` is rewritten only
+        after them: a run killed in between left it without them), else derived from one stored
+        row of each global feature (an index written before the store kept them)."""
+        dims = {**self.meta.get("dims", {}), **self.items.dims()}
+        for name in list_features():
+            if name not in dims and feature_spec(name).kind == "global":
+                width = self.items.row_width(name)
+                if width:
+                    dims[name] = width // np.dtype(np.float32).itemsize
+        return dims
 
     def set_dim(self, feature: str, dim: int) -> None:
         known = self.meta["dims"].get(feature)

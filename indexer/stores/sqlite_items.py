@@ -159,6 +159,29 @@ class SqliteItemStore:
         """Bumped by every write: what derived files (FAISS, inverted files) are checked against."""
         return int(self._state("generation") or 0)
 
+    def dims(self) -> dict[str, int]:
+        """Dimension of each global feature's rows: recorded in the transaction that wrote them,
+        so a run killed before ``catalens.json`` was rewritten still knows them."""
+        value = self._state("dims")
+        return {str(name): int(dim) for name, dim in json.loads(value).items()} if value else {}
+
+    def row_width(self, feature: str) -> int | None:
+        """Bytes in one stored ``feature`` row (any one: a global feature's are all alike), or None
+        without rows. One primary-key probe: what an index written before ``dims`` were kept
+        here derives them from."""
+        rows = self._query("SELECT length(data) AS n FROM features WHERE feature = ? LIMIT 1", (feature,))
+        return int(rows[0]["n"]) if rows else None
+
+    @staticmethod
+    def _record_dims(db: sqlite3.Connection, dims: dict[str, int]) -> None:
+        if not dims:
+            return
+        row = db.execute("SELECT value FROM state WHERE name = 'dims'").fetchone()
+        known = json.loads(row[0]) if row else {}
+        merged = {**known, **dims}
+        if merged != known:
+            db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('dims', ?)", (json.dumps(merged, sort_keys=True),))
+
     @property
     def schema_version(self) -> int:
         return int(self._state("schema") or 1)
@@ -240,7 +263,9 @@ class SqliteItemStore:
 
     def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
         keys = []
+        dims = {name: len(row) for update in updates for name, row in update.rows.items() if isinstance(row, np.ndarray)}
         with self._transaction() as db:
+            self._record_dims(db, dims)
             for update in updates:
                 item, key = update.item, item_key(update.item.id)
                 db.execute(
@@ -292,8 +317,10 @@ class SqliteItemStore:
         with self._transaction() as db:
             db.executemany("DELETE FROM features WHERE feature = ? AND key = ?", [(feature, int(key)) for key in keys])
 
-    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
+    def replace_rows(self, rows: dict[str, dict[int, bytes]], dims: dict[str, int] | None = None) -> None:
+        """Every row of each feature of ``rows`` replaced; ``dims``: the new dimension of those that are vectors."""
         with self._transaction() as db:
+            self._record_dims(db, dims or {})
             for feature, by_key in rows.items():
                 db.execute("DELETE FROM features WHERE feature = ?", (feature,))
                 db.executemany("INSERT INTO features(feature, key, data) VALUES(?, ?, ?)",

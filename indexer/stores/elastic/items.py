@@ -307,8 +307,9 @@ class ElasticItemStore:
         fields = self._fields(feature)
         self._update({item_id: dict.fromkeys(fields) for item_id in ids.values()})
 
-    def replace_rows(self, rows: dict[str, dict[int, bytes]]) -> None:
-        """Elasticsearch has no transactions: each feature's fields are cleared, then written."""
+    def replace_rows(self, rows: dict[str, dict[int, bytes]], dims: dict[str, int] | None = None) -> None:
+        """Elasticsearch has no transactions: each feature's fields are cleared, then written.
+        ``dims`` is not needed: the index's mapping records each vector field's dimension."""
         for feature, by_key in rows.items():
             self.delete_feature(feature)
             self.put_rows(feature, by_key)
