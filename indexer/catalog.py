@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from catalens.indexer.features import (
     FeatureUnavailableError,
     feature_spec,
 )
+from catalens.indexer.files import atomic_path
 from catalens.indexer.stores import ItemStore, ItemUpdate, VectorStore, WordIndex
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,8 @@ class IndexDamagedError(IndexUnavailableError):
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 class Catalog(ABC):

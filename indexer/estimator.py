@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from catalens.indexer.files import atomic_path
 
 E = TypeVar("E", bound="Estimator")
 
@@ -205,13 +206,9 @@ class Estimator:
         payload = {"estimator": type(self).__name__, "format": FORMAT, "params": _encode(params, arrays),
                    "state": _encode(self._state(), arrays)}
         meta = np.frombuffer(json.dumps(payload).encode("utf-8"), np.uint8)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             # A handle, not a path: np.savez appends ".npz" to a path that does not end in it.
             np.savez(handle, allow_pickle=False, **{META: meta}, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -183,6 +183,15 @@ def _extract(catalog: Catalog, to_extract: list[tuple[CatalogItem, str]], featur
     return changed
 
 
+class _RunLog(logging.FileHandler):
+    """The run's log file. A record that cannot be written (a full disk) is dropped: the console
+    says what matters, and logging's own traceback for each record would bury the one line that
+    names the problem."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def index_catalog(
     source: str | Path | Sequence[CatalogItem],
     index: str | Path | Catalog,
@@ -200,7 +209,7 @@ def index_catalog(
     owned = not isinstance(index, Catalog)
     catalog, notes = open_for_indexing(index, config or load_config()) if owned else (index, [])
     log_path = catalog.logs_dir / time.strftime("index-%Y%m%d.log")
-    handler = logging.FileHandler(log_path)
+    handler = _RunLog(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)

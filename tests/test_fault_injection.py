@@ -7,6 +7,8 @@ The kill times are drawn from a seeded generator; a failure names the seed, and
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -340,3 +342,130 @@ def test_a_first_index_process_dying_after_its_last_commit_resumes_with_every_mo
     assert json.loads((index / "catalens.json").read_text())["dims"] == info["dims"]
     assert_consistent(index, {item.id for item in photos[:8]}, "first run killed before its last catalens.json")
 
+
+# --- a full disk (ENOSPC) on every write path of index and the HTTP writes (issue 35)
+
+
+def disk_full_after(written: int):
+    """A writer that writes ``written`` bytes of what it was given, then finds the disk full."""
+    def write(path, data=b"x" * 64) -> None:
+        with open(path, "wb") as handle:
+            handle.write(bytes(data)[:written] if isinstance(data, (bytes, bytearray)) else b"x" * written)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return write
+
+
+def full_disk_at(monkeypatch, where: str) -> None:
+    """Make the disk full at one write path: the SQLite commit, a FAISS file, a fitted model's
+    file, catalens.json or an upload."""
+    from catalens.indexer import estimator
+    from catalens.indexer.stores import faiss_vectors
+    from catalens.indexer.stores.sqlite_items import SqliteItemStore
+
+    if where == "sqlite":
+        transaction = SqliteItemStore._transaction
+
+        @contextlib.contextmanager
+        def full(self):
+            with transaction(self) as db:
+                yield db
+                raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(SqliteItemStore, "_transaction", full)
+    elif where == "faiss":
+        def write_index(index, path):
+            disk_full_after(100)(path)
+        monkeypatch.setattr(faiss_vectors.faiss, "write_index", write_index)
+    elif where == "model":
+        monkeypatch.setattr(estimator.np, "savez", lambda handle, **arrays: disk_full_after(0)(handle.name))
+    else:
+        suffix = {"catalens.json": ".tmp", "upload": ".part"}[where]
+        write_text, write_bytes = Path.write_text, Path.write_bytes
+
+        def fail_on(original):
+            def write(self, data, *args, **kwargs):
+                if self.name.endswith(suffix):
+                    disk_full_after(10)(self, data.encode() if isinstance(data, str) else data)
+                return original(self, data, *args, **kwargs)
+            return write
+        monkeypatch.setattr(Path, "write_text", fail_on(write_text))
+        monkeypatch.setattr(Path, "write_bytes", fail_on(write_bytes))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary and partial files under ``folder``, and empty ones (but SQLite's write-ahead log,
+    empty after a checkpoint, and the day's log)."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and (
+        path.name.endswith((".tmp", ".part"))
+        or (path.stat().st_size == 0 and not path.name.endswith((".log", "-wal", "-shm")))))
+
+
+@pytest.mark.parametrize("where", ["sqlite", "faiss", "model", "catalens.json"])
+def test_a_full_disk_while_indexing_is_one_line_leaves_no_partial_file_and_the_rerun_builds_the_whole_index(
+        photos, tmp_path, monkeypatch, capsys, where):
+    from catalens.api.cli import main
+
+    manifest = write_manifest(photos[:8], tmp_path / "catalog.jsonl")
+    queries = [Path(photos[n].image) for n in (0, 7)]
+    assert main(["index", str(manifest), "--index", str(tmp_path / "whole"), "--quiet"]) == 0
+    expected = index_answers(tmp_path / "whole", queries)
+    capsys.readouterr()
+    index = tmp_path / "index"
+    with monkeypatch.context() as patched:
+        full_disk_at(patched, where)
+        status = main(["index", str(manifest), "--index", str(index), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "the disk is full" in err and "Traceback" not in err, err
+    assert not leftovers(index), leftovers(index)
+    assert main(["index", str(manifest), "--index", str(index), "--quiet"]) == 0
+    assert index_answers(index, queries) == expected
+
+
+@pytest.fixture()
+def writer(indexed):
+    from fastapi.testclient import TestClient
+
+    from catalens.api.http.app import create_app
+
+    with TestClient(create_app(indexed, api_key=KEY)) as client:
+        yield client
+
+
+def post_photo(client, photo: CatalogItem) -> httpx.Response:
+    return client.post("/items", headers={"X-API-Key": KEY}, data={"id": photo.id, "category": photo.category},
+                       files={"image": ("p.jpg", Path(photo.image).read_bytes(), "image/jpeg")})
+
+
+@pytest.mark.parametrize("where", ["sqlite", "upload"])
+def test_a_write_refused_for_a_full_disk_is_a_json_507_and_leaves_nothing(writer, indexed, photos, monkeypatch, where):
+    uploads_before = set((indexed / "uploads").glob("*")) if (indexed / "uploads").is_dir() else set()
+    with monkeypatch.context() as patched:
+        full_disk_at(patched, where)
+        response = post_photo(writer, photos[0])
+    assert response.status_code == 507, response.text
+    assert "disk is full" in response.json()["detail"] and "not written" in response.json()["detail"]
+    assert writer.get(f"/items/{photos[0].id}").status_code == 404
+    assert set((indexed / "uploads").glob("*")) == uploads_before
+    assert not leftovers(indexed), leftovers(indexed)
+    assert post_photo(writer, photos[0]).status_code == 200  # once there is space again
+
+
+def test_a_write_committed_before_the_disk_filled_is_answered_as_written_and_found(writer, indexed, photos,
+                                                                                    monkeypatch):
+    with monkeypatch.context() as patched:
+        full_disk_at(patched, "faiss")
+        response = post_photo(writer, photos[1])
+    assert response.status_code == 200 and response.json()["status"] == "added", response.text
+    assert not leftovers(indexed), leftovers(indexed)
+    found = writer.post("/search", data={"mode": "deep", "k": "1"},
+                        files={"image": ("q.jpg", Path(photos[1].image).read_bytes(), "image/jpeg")})
+    assert found.json()["results"][0]["id"] == photos[1].id, found.text
+
+
+def test_a_delete_refused_for_a_full_disk_is_a_json_507_and_keeps_the_item(writer, indexed, monkeypatch):
+    item_id = next(iter(_records(indexed)))
+    with monkeypatch.context() as patched:
+        full_disk_at(patched, "sqlite")
+        response = writer.delete(f"/items/{item_id}", headers={"X-API-Key": KEY})
+    assert response.status_code == 507 and "not removed" in response.json()["detail"], response.text
+    assert writer.get(f"/items/{item_id}").status_code == 200

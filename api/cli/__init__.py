@@ -66,17 +66,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except sqlite3.DatabaseError as error:
-        # Damage the header check at open cannot see (a page in the middle of items.sqlite).
+    except Exception as error:
+        from catalens.indexer.files import disk_full
+
         where = getattr(args, "index", None) or "DIR"
+        if disk_full(error):
+            print(f"catalens {args.command}: the disk is full ({_cause(error)}); free some space and run the same "
+                  "command again: what was committed before stays in the index", file=sys.stderr)
+            return 2
+        if not isinstance(error, sqlite3.DatabaseError):
+            return _unexpected(args, error)
+        # Damage the header check at open cannot see (a page in the middle of items.sqlite).
         print(f"catalens {args.command}: {where}/items.sqlite is damaged ({error}); run 'catalens check --index "
               f"{where}'", file=sys.stderr)
         return 2
-    except Exception as error:
-        if type(error).__module__.startswith("elastic_transport"):
-            print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)
-            return 3
-        raise
+
+
+def _unexpected(args: argparse.Namespace, error: Exception) -> int:
+    if type(error).__module__.startswith("elastic_transport"):
+        print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)
+        return 3
+    raise error
+
+
+def _cause(error: BaseException) -> str:
+    """The last line of what the library said (faiss's messages start with a C++ location)."""
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode
 from catalens.api.service import CatalogService
 from catalens.indexer.backbones import check_backbone
 from catalens.indexer.catalog import IndexUnavailableError
+from catalens.indexer.files import disk_full
 from catalens.indexer.imageio import ImageDecodeError
 from catalens.search.settings import SearchSettings, load_search_settings
 
@@ -164,6 +166,16 @@ def create_app(
     async def _image_error(request: Request, error: ImageDecodeError) -> JSONResponse:
         http = decode_error(error)
         return JSONResponse({"detail": scrub(http.detail)}, status_code=http.status_code)
+
+    async def _disk_full(request: Request, error: Exception) -> JSONResponse:
+        if not disk_full(error):
+            raise error
+        log.error("%s %s: the disk is full (%s)", request.method, request.url.path, error)
+        return JSONResponse({"detail": "the server's disk is full; try again once space is freed"}, status_code=507)
+
+    # What a full disk raises, from Python, SQLite and faiss; any other such error stays a 500.
+    for kind in (OSError, sqlite3.OperationalError, RuntimeError):
+        app.add_exception_handler(kind, _disk_full)
 
     @app.exception_handler(IndexUnavailableError)
     async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:

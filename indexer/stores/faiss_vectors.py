@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from catalens.indexer.files import atomic_path
 from catalens.indexer.stores import ItemFilter
 
 log = logging.getLogger(__name__)
@@ -266,12 +266,8 @@ class FaissVectorStore:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash leaves the previous file intact."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        faiss.write_index(self._index, str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_path(Path(path)) as tmp:
+            faiss.write_index(self._index, str(tmp))
 
     @classmethod
     def load(

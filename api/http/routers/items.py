@@ -24,7 +24,9 @@ from catalens.datasets.catalog import (
     item_problem,
     parse_json_field,
 )
+from catalens.indexer.files import disk_full
 from catalens.indexer.imageio import ImageDecodeError, load_rgb
+from catalens.indexer.pipeline import IndexReport
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,14 @@ async def delete_item(state: WriterDep, item_id: str) -> DeleteResponse:
     def run() -> bool:
         with state.rw.gen_wlock():
             record = state.catalog.items.item_by_id(item_id)
-            removed, _ = state.service.remove([item_id])
+            try:
+                removed, _ = state.service.remove([item_id])
+            except Exception as error:
+                if record is None or state.catalog.items.item_by_id(item_id) is not None:
+                    _refuse_if_disk_full(error, "the item was not removed")
+                    raise
+                _committed_anyway(error, item_id)
+                removed = [item_id]
             if removed and record is not None:
                 _drop_upload(state, Path(record.image))
             return bool(removed)
@@ -131,6 +140,33 @@ async def delete_item(state: WriterDep, item_id: str) -> DeleteResponse:
     if not await state.run(run):
         raise HTTPException(404, f"no item {item_id!r}")
     return DeleteResponse(removed=item_id)
+
+
+def _save_upload(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _holds(state: ServerState, item: CatalogItem) -> bool:
+    """Whether the item store holds ``item`` as given (its image, category, title and attributes)."""
+    record = state.catalog.items.item_by_id(item.id)
+    return record is not None and (record.image, record.category, record.title, record.attributes) == (
+        str(item.image), item.category, item.title, item.attributes)
+
+
+def _refuse_if_disk_full(error: Exception, what: str) -> None:
+    if disk_full(error):
+        raise HTTPException(507, f"the server's disk is full: {what}; try again once space is freed") from None
+
+
+def _committed_anyway(error: Exception, item_id: str) -> None:
+    log.warning("%r: the write is committed to items.sqlite, but what is derived from it was not saved (%s); "
+                "it is rebuilt from items.sqlite when the index is next opened", item_id, error)
 
 
 def _drop_upload(state: ServerState, path: Path) -> None:
@@ -166,14 +202,25 @@ def _write_item(state: ServerState, item_id: str, category: str, title: str, att
     digest = hashlib.sha256(upload.data).hexdigest()[:20]
     name = hashlib.sha1(item_id.encode()).hexdigest()[:12]
     path = state.uploads_dir / f"{name}-{digest}{_FORMAT_SUFFIX.get(upload.format or '', '.img')}"
+    item = CatalogItem(id=item_id, image=path, category=category, title=title, attributes=attributes)
     with state.rw.gen_wlock():
         previous = state.catalog.items.item_by_id(item_id)
-        if not path.exists():
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(upload.data)
-            os.replace(tmp, path)
-        item = CatalogItem(id=item_id, image=path, category=category, title=title, attributes=attributes)
-        report = state.service.add_items([item])
+        saved = not path.exists()
+        try:
+            if saved:
+                _save_upload(path, upload.data)
+            report = state.service.add_items([item])
+        except Exception as error:
+            # The answer says what items.sqlite holds: a write whose commit failed answers an error
+            # and leaves nothing; one that failed after it (a FAISS file on a full disk: derived,
+            # rebuilt from items.sqlite) is written, and answered so.
+            if not _holds(state, item):
+                if saved:
+                    path.unlink(missing_ok=True)
+                _refuse_if_disk_full(error, "the item was not written")
+                raise
+            _committed_anyway(error, item_id)
+            report = IndexReport(index=state.catalog.location, added=previous is None, updated=previous is not None)
         if report.failures:
             if previous is None or Path(previous.image) != path:
                 path.unlink(missing_ok=True)
