@@ -118,6 +118,12 @@ class Catalog(ABC):
     def close(self) -> None:
         self.items.close()
 
+    def catch_up(self, force: bool = False) -> bool:
+        """Take in what other processes wrote to this index since this one last looked (a
+        long-running server calls this for each request); returns whether anything changed.
+        A backend whose searches read the shared store itself has nothing to do."""
+        return False
+
     def remove(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Delete ``ids`` from every store durably; returns (removed, not found)."""
         ids = list(dict.fromkeys(ids))

@@ -58,7 +58,12 @@ class ServerState:
 
 
 def get_state(request: Request) -> ServerState:
-    return request.app.state.catalens
+    """The server's state, the catalog caught up with what other processes (a CLI ``index`` or
+    ``remove``, another server) wrote to the index: checked at most once a second, in FastAPI's
+    thread pool (a plain ``def`` dependency), so a reload never holds the event loop."""
+    state = request.app.state.catalens
+    state.catalog.catch_up()
+    return state
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

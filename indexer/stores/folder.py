@@ -11,10 +11,12 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 META_FILE = "catalens.json"
 ITEMS_FILE = "items.sqlite"
+# Held by a process while it saves FAISS files and catalens.json (``save``).
+LOCK_FILE = "catalens.lock"
+# How often an open catalog looks for what other processes wrote (``catch_up``): a server sees
+# a CLI's writes within about this long, and a search pays one SQLite pragma and one stat a second.
+CATCH_UP_SECONDS = 1.0
 
 
 class FolderCatalog(Catalog):
@@ -58,6 +65,12 @@ class FolderCatalog(Catalog):
         super().__init__(str(self.root), config, items, self.root / "models", meta)
         self._vectors: dict[str, FaissVectorStore] = {}
         self.meta["dims"] = self._committed_dims()
+        # What this process last saw of other writers: SQLite's data_version (which only other
+        # connections' commits change), catalens.json's stamp, and the configuration it held.
+        self._data_version = self.items.data_version()
+        self._meta_stamp = _file_stamp(self.root / META_FILE)
+        self._config_seen = self.config.to_json()
+        self._caught_up = time.monotonic()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
 
@@ -155,6 +168,60 @@ class FolderCatalog(Catalog):
                 if width:
                     dims[name] = width // np.dtype(np.float32).itemsize
         return dims
+
+    def catch_up(self, force: bool = False) -> bool:
+        """Take in what other processes (a CLI run, another server) committed to this index since
+        this one last looked, at most once every ``CATCH_UP_SECONDS`` unless ``force``: their
+        dims and configuration, and vector indexes reloaded (from their files where those are
+        current, else from ``items.sqlite``) when next used. Returns whether anything changed.
+        Caches of what is derived from the catalog follow by themselves: they are keyed by the
+        generation, which every commit bumps."""
+        now = time.monotonic()
+        if not force and now - self._caught_up < CATCH_UP_SECONDS:
+            return False
+        # A write of this process holds the lock: look next time rather than make a request
+        # (/health...) wait for it; the write's own save catches up.
+        if not self.lock.acquire(blocking=force):
+            return False
+        try:
+            self._caught_up = now
+            version, stamp = self.items.data_version(), _file_stamp(self.root / META_FILE)
+            if version == self._data_version and stamp == self._meta_stamp:
+                return False
+            if stamp != self._meta_stamp:
+                self._adopt_meta()
+            self._data_version, self._meta_stamp = version, stamp
+            self.meta["dims"] = self._committed_dims()
+            self._vectors.clear()
+            log.info("%s: changed by another process; vector indexes reload", self.root)
+            return True
+        finally:
+            self.lock.release()
+
+    def _adopt_meta(self) -> None:
+        """catalens.json as another process wrote it: its record of the FAISS files, what it
+        knows that this process does not, and its configuration unless this process changed its
+        own since it last read it (an explicit ``--faiss-factory`` of this run wins)."""
+        try:
+            theirs = _read_meta(self.root / META_FILE)
+        except (IndexDamagedError, OSError) as error:
+            log.warning("%s: %s; keeping what this process knows", self.root / META_FILE, error)
+            return
+        for key in ("faiss_generation", "faiss_built"):
+            self.meta[key] = dict(theirs.get(key, {}))
+        for key, value in theirs.items():
+            self.meta.setdefault(key, value)
+        if self.config.to_json() == self._config_seen and theirs.get("config"):
+            self.config = IndexConfig.from_json(theirs["config"])
+        self._config_seen = self.config.to_json()
+
+    @contextmanager
+    def _one_saver(self) -> Iterator[None]:
+        """Hold the index's lock file: two processes saving at once could leave one's FAISS file
+        under the other's generation in catalens.json."""
+        with open(self.root / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def set_dim(self, feature: str, dim: int) -> None:
         known = self.meta["dims"].get(feature)
@@ -268,7 +335,11 @@ class FolderCatalog(Catalog):
         that stood in for it (exact search, while the catalog was too small to train it) once the
         catalog is large enough. A vector index whose configuration changed is rebuilt now.
         """
-        with self.lock:
+        with self.lock, self._one_saver():
+            # Read before looking for other writers: if one commits after this, the files are
+            # stamped older than they are (rebuilt once more), never newer (trusted wrongly).
+            generation = self.generation
+            self.catch_up(force=True)
             for feature in self.meta["dims"]:
                 if feature not in self._vectors and feature not in self.meta["faiss_generation"]:
                     self.vectors(feature)
@@ -276,7 +347,6 @@ class FolderCatalog(Catalog):
             for feature, store in list(self._vectors.items()):
                 if not store.is_trained or (store.factory != wanted and store.ntotal >= _rows_to_train(wanted)):
                     self._vectors[feature] = store = self._rebuild(feature, self.meta["dims"][feature])
-            generation = self.generation
             for feature, store in self._vectors.items():
                 store.save(self.root / f"{feature}.faiss")
                 self.meta["faiss_generation"][feature] = generation
@@ -285,6 +355,7 @@ class FolderCatalog(Catalog):
             self.meta["updated"] = time.time()
             self.meta["config"] = self.config.to_json()
             write_json_atomic(self.root / META_FILE, self.meta)
+            self._meta_stamp, self._config_seen = _file_stamp(self.root / META_FILE), self.meta["config"]
 
     @property
     def logs_dir(self) -> Path:
@@ -314,6 +385,15 @@ def _faiss_reason(error: Exception) -> str:
     if "read error" in text:
         return "cut short: " + text.rsplit("read error", 1)[1].split(": ", 1)[-1].split(" (")[0] + " bytes read/expected"
     return text.rsplit(": ", 1)[-1][:120]
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten: inode, size and modification time."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -182,6 +182,11 @@ class SqliteItemStore:
         if merged != known:
             db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('dims', ?)", (json.dumps(merged, sort_keys=True),))
 
+    def data_version(self) -> int:
+        """SQLite's ``data_version``: changes when another connection (another process) commits,
+        never for this connection's own commits. One cheap pragma, no table read."""
+        return int(self._query("PRAGMA data_version")[0][0])
+
     @property
     def schema_version(self) -> int:
         return int(self._state("schema") or 1)

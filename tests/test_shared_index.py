@@ -1,0 +1,91 @@
+"""One index, many processes: a running server sees what the CLI adds and removes, in every
+mode; a read-only server writes nothing into the index (issue 35)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from catalens.datasets.catalog import CatalogItem, write_manifest
+from tests.conftest import draw_product
+
+CATALENS = str(Path(sys.executable).parent / "catalens")
+KEY = "shared-index-key-0123"
+
+
+@pytest.fixture()
+def index(synthetic_index, tmp_path) -> Path:
+    return Path(shutil.copytree(synthetic_index[0], tmp_path / "index"))
+
+
+@pytest.fixture()
+def server(index, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from catalens.api.http.app import create_app
+    from catalens.indexer.stores import folder
+    from catalens.search.settings import SearchSettings
+
+    monkeypatch.setattr(folder, "CATCH_UP_SECONDS", 0.0)  # the test does not wait out the second
+    app = create_app(index, api_key=KEY, settings=SearchSettings(confidence=False))
+    with TestClient(app) as client:
+        yield client
+
+
+def search(client, image: Path, mode: str, k: int = 5) -> list[str]:
+    response = client.post("/search", data={"mode": mode, "k": str(k)},
+                           files={"image": ("q.jpg", image.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    return [hit["id"] for hit in response.json()["results"]]
+
+
+def catalens(*argv: str) -> None:
+    done = subprocess.run([CATALENS, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_running_server_sees_what_the_cli_adds_and_removes_in_every_mode(server, index, tmp_path):
+    modes = server.get("/stats").json()["modes"]
+    assert {"fused", "local", "deep", "colour"} <= set(modes)
+    new = [CatalogItem(id=f"new{n}", image=draw_product(tmp_path / f"new{n}.jpg", seed=500 + n, size=200),
+                       category="Fruit/Kiwi") for n in range(3)]
+    catalens("index", str(write_manifest(new, tmp_path / "new.jsonl")), "--index", str(index), "--keep-missing",
+             "--quiet")
+    assert server.get("/stats").json()["items"] == 12
+    for item in new:
+        for mode in modes:
+            assert search(server, Path(item.image), mode)[0] == item.id, (item.id, mode)
+
+    catalens("remove", "new0", "new1", "new2", "--index", str(index))
+    assert server.get("/stats").json()["items"] == 9
+    for mode in modes:
+        found = search(server, Path(new[0].image), mode, k=12)
+        assert not {"new0", "new1", "new2"} & set(found), (mode, found)
+        if mode in ("deep", "colour"):
+            assert len(found) == 9, (mode, found)
+    assert server.get("/items/new0").status_code == 404
+
+
+def test_a_server_writing_after_the_cli_keeps_the_cli_items_in_its_saved_files(server, index, tmp_path):
+    """The server's save comes after the CLI's commit: its FAISS files must hold the CLI's items
+    too, not be stamped with a generation they do not hold."""
+    from catalens.indexer.backends import open_catalog
+
+    added = CatalogItem(id="cli", image=draw_product(tmp_path / "cli.jpg", seed=700, size=200), category="Fruit/Fig")
+    catalens("index", str(write_manifest([added], tmp_path / "cli.jsonl")), "--index", str(index), "--keep-missing",
+             "--quiet")
+    photo = draw_product(tmp_path / "http.jpg", seed=701, size=200)
+    response = server.post("/items", headers={"X-API-Key": KEY}, data={"id": "http", "category": "Fruit/Fig"},
+                           files={"image": ("p.jpg", photo.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    catalog = open_catalog(index)
+    try:
+        for feature in catalog.dims():
+            assert catalog.load_vectors(feature) is None, feature  # the saved file loads and is current
+            assert catalog.vectors(feature).ntotal == catalog.items.count() == 11
+    finally:
+        catalog.close()
