@@ -68,8 +68,9 @@ class CatalogService:
     settings: SearchSettings
 
     @classmethod
-    def open(cls, location: str | Path, settings: SearchSettings | None = None) -> CatalogService:
-        return cls(open_catalog(location), settings or SearchSettings())
+    def open(cls, location: str | Path, settings: SearchSettings | None = None, read_only: bool = False) -> CatalogService:
+        """``read_only``: nothing is written into the index (``open_catalog``)."""
+        return cls(open_catalog(location, read_only=read_only), settings or SearchSettings())
 
     @property
     def engine(self) -> SearchEngine:

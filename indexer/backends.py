@@ -69,15 +69,17 @@ def apply_settled(catalog: Catalog, settled: IndexConfig) -> None:
         catalog.config = settled
 
 
-def open_catalog(location: str | Path, config: IndexConfig | None = None, create: bool = False) -> Catalog:
+def open_catalog(location: str | Path, config: IndexConfig | None = None, create: bool = False,
+                 read_only: bool = False) -> Catalog:
     """The catalog at ``location``.
 
     ``create`` makes a new index there when none exists, with ``config`` (default: the
     configuration from the environment); an existing index keeps its own configuration, and the
-    settings of ``config`` are applied or refused as ``open_for_indexing`` says.
+    settings of ``config`` are applied or refused as ``open_for_indexing`` says. ``read_only``
+    opens a folder index without writing anything into it (Elasticsearch's is its cluster's).
     """
     if create:
         return open_for_indexing(location, config)[0]
     if is_elastic(location):
         return ElasticCatalog.open(str(location), config)
-    return FolderCatalog.open(location)
+    return FolderCatalog.open(location, read_only=read_only)

@@ -55,12 +55,15 @@ class Catalog(ABC):
 
     backend: str
 
-    def __init__(self, location: str, config: IndexConfig, items: ItemStore, models_dir: Path, meta: dict[str, Any]):
+    def __init__(self, location: str, config: IndexConfig, items: ItemStore, models_dir: Path, meta: dict[str, Any],
+                 read_only: bool = False):
         self.location = location
         self.config = config
         self.items = items
         self.models_dir = Path(models_dir)
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
         self.lock = threading.RLock()
         self._cache: dict[str, tuple[Any, Any]] = {}

@@ -1,11 +1,14 @@
 """Writing an index's files so that a crash leaves the previous file whole and a failed write
-(a full disk) leaves no temporary file behind; and telling a full disk from other errors."""
+(a full disk) leaves no temporary file behind, and never into an index this process holds
+read-only; and telling a full disk from other errors."""
 
 from __future__ import annotations
 
 import errno
 import os
 import sqlite3
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +18,42 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
 
 
+# Index folders open in this process, read-only and writable: a file under a folder held only
+# read-only (a read-only server's index) is not written, whichever code asks (a fitted model
+# stored for the next process...). Writes of a writable catalog open beside it go through.
+_held: dict[bool, Counter[Path]] = {True: Counter(), False: Counter()}
+_held_lock = threading.Lock()
+
+
+def hold(folder: Path, read_only: bool) -> None:
+    with _held_lock:
+        _held[read_only][Path(folder).resolve()] += 1
+
+
+def release(folder: Path, read_only: bool) -> None:
+    with _held_lock:
+        _held[read_only][Path(folder).resolve()] -= 1
+        _held[read_only] = +_held[read_only]
+
+
+def held_read_only(path: Path) -> bool:
+    """Whether ``path`` lies in an index folder this process holds read-only, and none writable."""
+    path = Path(path).resolve()
+    with _held_lock:
+        def holding(read_only: bool) -> bool:
+            return any(path.is_relative_to(folder) for folder in _held[read_only])
+        return holding(True) and not holding(False)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; made ``path`` (synced, then renamed) when the
     block ends, deleted when it raises. The name holds the process id, so two processes saving
-    the same file never write one temporary file."""
+    the same file never write one temporary file. A path in an index held read-only is an
+    ``OSError`` (EROFS), which the callers that store a fit for later already take in their stride."""
     path = Path(path)
+    if held_read_only(path):
+        raise OSError(errno.EROFS, "the index is open read-only", str(path))
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp

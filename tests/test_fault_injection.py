@@ -393,10 +393,10 @@ def full_disk_at(monkeypatch, where: str) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary and partial files under ``folder``, and empty ones (but SQLite's write-ahead log,
-    empty after a checkpoint, and the day's log)."""
+    empty after a checkpoint, the day's log and the lock file savers hold)."""
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and (
         path.name.endswith((".tmp", ".part"))
-        or (path.stat().st_size == 0 and not path.name.endswith((".log", "-wal", "-shm")))))
+        or (path.stat().st_size == 0 and not path.name.endswith((".log", "-wal", "-shm", ".lock")))))
 
 
 @pytest.mark.parametrize("where", ["sqlite", "faiss", "model", "catalens.json"])

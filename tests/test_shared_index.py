@@ -89,3 +89,72 @@ def test_a_server_writing_after_the_cli_keeps_the_cli_items_in_its_saved_files(s
             assert catalog.vectors(feature).ntotal == catalog.items.count() == 11
     finally:
         catalog.close()
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def ask_everything(client, photo: Path) -> None:
+    """What a read-only server is asked: stats, an item, searches in every mode (with calibrated
+    confidences, which it fits where none is stored), classification."""
+    stats = client.get("/stats").json()
+    assert stats["read_only"] and stats["items"] == 9
+    for mode in stats["modes"]:
+        assert search(client, photo, mode), mode
+    assert client.post("/classify", files={"image": ("q.jpg", photo.read_bytes(), "image/jpeg")}).status_code == 200
+    item = next(iter(stats["top_categories"]))
+    assert client.get("/items/nothing-here").status_code == 404, item
+
+
+@pytest.fixture()
+def unfitted(index) -> Path:
+    """The index without its stored fits: a server wants to fit and store them."""
+    for name in ("match_calibration.pt", "classifier.pt"):
+        (index / "models" / name).unlink(missing_ok=True)
+    return index
+
+
+def test_a_read_only_server_writes_nothing_into_its_index(unfitted, synthetic_index):
+    from fastapi.testclient import TestClient
+
+    from catalens.api.http.app import create_app
+
+    before = files_of(unfitted)
+    with TestClient(create_app(unfitted, read_only=True)) as client:
+        ask_everything(client, next(synthetic_index[1].rglob("*.jpg")))
+        assert files_of(unfitted) == before
+    after = files_of(unfitted)
+    assert after == before, sorted(set(after) ^ set(before))
+    assert not any(name.endswith(("-wal", "-shm", ".pt.tmp")) for name in after)
+
+
+@pytest.fixture()
+def read_only_mount(unfitted, tmp_path):
+    """``unfitted``, seen through a read-only bind mount (skipped where this process cannot mount)."""
+    mounted = tmp_path / "read-only"
+    mounted.mkdir()
+    done = subprocess.run(["mount", "--bind", str(unfitted), str(mounted)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()})")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], capture_output=True)
+
+
+def test_a_read_only_server_starts_and_answers_from_a_read_only_filesystem(read_only_mount, synthetic_index):
+    from fastapi.testclient import TestClient
+
+    from catalens.api.http.app import create_app
+
+    with pytest.raises(OSError):
+        (read_only_mount / "probe").write_text("")  # the mount is read-only, even for root
+    with TestClient(create_app(read_only_mount, read_only=True)) as client:
+        ask_everything(client, next(synthetic_index[1].rglob("*.jpg")))
+    assert subprocess.run([CATALENS, "info", "--index", str(read_only_mount)], capture_output=True).returncode == 0
+    done = subprocess.run([CATALENS, "remove", "Dairy/Milk/item0.jpg", "--index", str(read_only_mount)], capture_output=True, text=True)
+    assert done.returncode == 2 and "read-only" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -117,7 +117,7 @@ def create_app(
     if not read_only and api_key_problem(api_key):
         raise ValueError(f"{API_KEY_ENV}: {api_key_problem(api_key)}")
     return_large_buffers_to_the_os()
-    service = CatalogService.open(location, settings or load_search_settings())
+    service = CatalogService.open(location, settings or load_search_settings(), read_only=read_only)
     try:
         check_answerable(service)
     except BaseException:
@@ -139,7 +139,8 @@ def create_app(
         executor=ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="catalens"),
     )
 
-    items.remove_orphan_uploads(state)
+    if not read_only:
+        items.remove_orphan_uploads(state)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

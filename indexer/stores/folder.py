@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from catalens.indexer import files
 from catalens.indexer.catalog import (
     Catalog,
     IndexDamagedError,
@@ -53,21 +55,26 @@ class FolderCatalog(Catalog):
 
     backend = "folder"
 
-    def __init__(self, root: Path, config: IndexConfig, meta: dict[str, Any], create: bool = False):
+    def __init__(self, root: Path, config: IndexConfig, meta: dict[str, Any], create: bool = False,
+                 read_only: bool = False):
         self.root = Path(root)
+        if read_only and meta.get("format_version", 1) < FORMAT_VERSION:
+            raise IndexUnavailableError(f"{self.root}: written by an older catalens; open it once writable (any "
+                                        "command but a read-only serve) to upgrade it")
         try:
-            items = SqliteItemStore(self.root / ITEMS_FILE, create=create)
+            items = SqliteItemStore(self.root / ITEMS_FILE, create=create and not read_only, read_only=read_only)
         except ItemStoreDamagedError as error:
             recorded = meta.get("counts", {}).get("items", "?")
             raise IndexDamagedError(
                 f"{error}; catalens.json records {recorded} items: restore {ITEMS_FILE} from a backup, "
                 f"or index the catalog again into a new folder") from None
-        super().__init__(str(self.root), config, items, self.root / "models", meta)
+        super().__init__(str(self.root), config, items, self.root / "models", meta, read_only=read_only)
+        files.hold(self.root, read_only)
         self._vectors: dict[str, FaissVectorStore] = {}
         self.meta["dims"] = self._committed_dims()
         # What this process last saw of other writers: SQLite's data_version (which only other
         # connections' commits change), catalens.json's stamp, and the configuration it held.
-        self._data_version = self.items.data_version()
+        self._data_version = self._store_version()
         self._meta_stamp = _file_stamp(self.root / META_FILE)
         self._config_seen = self.config.to_json()
         self._caught_up = time.monotonic()
@@ -89,8 +96,11 @@ class FolderCatalog(Catalog):
         return cls(root, config, meta, create=True)
 
     @classmethod
-    def open(cls, root: str | Path) -> FolderCatalog:
+    def open(cls, root: str | Path, read_only: bool = False) -> FolderCatalog:
+        """The index at ``root``; ``read_only``: without writing anything into its folder (a
+        read-only server; always on a read-only filesystem, where reading commands still work)."""
         root = Path(root)
+        read_only = read_only or _on_read_only_filesystem(root)
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise IndexUnavailableError(f"{root}: no catalens index here (run 'catalens index CATALOG --index {root}')")
@@ -103,7 +113,7 @@ class FolderCatalog(Catalog):
         never_written = not meta.get("counts", {}).get("items") and not meta.get("dims")
         items_path = root / ITEMS_FILE
         create = never_written and (not items_path.exists() or items_path.stat().st_size == 0)
-        return cls(root, IndexConfig.from_json(meta.get("config", {})), meta, create=create)
+        return cls(root, IndexConfig.from_json(meta.get("config", {})), meta, create=create, read_only=read_only)
 
     @classmethod
     def open_or_create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
@@ -112,6 +122,8 @@ class FolderCatalog(Catalog):
         root = Path(root)
         if not (root / META_FILE).exists():
             return cls.create(root, config)
+        if _on_read_only_filesystem(root):
+            raise IndexUnavailableError(f"{root}: on a read-only filesystem; nothing can be written to this index")
         return cls.open(root)
 
     def reconfigure(self, config: IndexConfig) -> None:
@@ -185,9 +197,12 @@ class FolderCatalog(Catalog):
             return False
         try:
             self._caught_up = now
-            version, stamp = self.items.data_version(), _file_stamp(self.root / META_FILE)
+            version, stamp = self._store_version(), _file_stamp(self.root / META_FILE)
             if version == self._data_version and stamp == self._meta_stamp:
                 return False
+            if self.read_only and version[1:] != self._data_version[1:]:
+                self.items.reopen()
+                version = self._store_version()
             if stamp != self._meta_stamp:
                 self._adopt_meta()
             self._data_version, self._meta_stamp = version, stamp
@@ -214,6 +229,18 @@ class FolderCatalog(Catalog):
         if self.config.to_json() == self._config_seen and theirs.get("config"):
             self.config = IndexConfig.from_json(theirs["config"])
         self._config_seen = self.config.to_json()
+
+    def _store_version(self) -> tuple[Any, ...]:
+        """What changes when another process commits: SQLite's data_version, and for a read-only
+        store (which may be open immutable, blind to commits) the files' stamps."""
+        if not self.read_only:
+            return (self.items.data_version(),)
+        path = self.root / ITEMS_FILE
+        return self.items.data_version(), _file_stamp(path), _file_stamp(path.with_name(ITEMS_FILE + "-wal"))
+
+    def close(self) -> None:
+        super().close()
+        files.release(self.root, self.read_only)
 
     @contextmanager
     def _one_saver(self) -> Iterator[None]:
@@ -291,7 +318,13 @@ class FolderCatalog(Catalog):
 
     # --- writes
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise IndexUnavailableError(f"{self.root}: opened read-only (a read-only server or filesystem); "
+                                        "nothing is written to it")
+
     def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
+        self._check_writable()
         vectors: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         with self.lock:
             for update in updates:
@@ -314,12 +347,14 @@ class FolderCatalog(Catalog):
         return keys
 
     def delete(self, ids: Sequence[str]) -> np.ndarray:
+        self._check_writable()
         keys = np.asarray(self.items.delete(ids), np.int64)
         for feature in list(self.meta["dims"]):
             self.vectors(feature).remove(keys)
         return keys
 
     def _prepare_replace(self, feature: str, dim: int, scalars: Sequence[str]) -> None:
+        self._check_writable()
         self._vectors.pop(feature, None)
         self.meta["faiss_generation"].pop(feature, None)
         (self.root / f"{feature}.faiss").unlink(missing_ok=True)
@@ -335,6 +370,7 @@ class FolderCatalog(Catalog):
         that stood in for it (exact search, while the catalog was too small to train it) once the
         catalog is large enough. A vector index whose configuration changed is rebuilt now.
         """
+        self._check_writable()
         with self.lock, self._one_saver():
             # Read before looking for other writers: if one commits after this, the files are
             # stamped older than they are (rebuilt once more), never newer (trusted wrongly).
@@ -385,6 +421,13 @@ def _faiss_reason(error: Exception) -> str:
     if "read error" in text:
         return "cut short: " + text.rsplit("read error", 1)[1].split(": ", 1)[-1].split(" (")[0] + " bytes read/expected"
     return text.rsplit(": ", 1)[-1][:120]
+
+
+def _on_read_only_filesystem(root: Path) -> bool:
+    try:
+        return bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

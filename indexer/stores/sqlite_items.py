@@ -87,40 +87,63 @@ _MMAP_BYTES = 1 << 30
 class SqliteItemStore:
     """Thread-safe ``ItemStore`` over one ``items.sqlite`` (WAL: readers never wait for a writer)."""
 
-    def __init__(self, path: str | Path, create: bool = True):
+    def __init__(self, path: str | Path, create: bool = True, read_only: bool = False):
         """Open the store at ``path``; with ``create``, a missing or empty file becomes a new store.
 
         Without ``create`` (an index that already holds items), a missing, empty, cut-short or
         foreign file is an ``ItemStoreDamagedError``: it must never pass for an empty catalog.
+        ``read_only`` opens it without writing anything (``read_only_uri``).
         """
-        self.path = Path(path)
-        if not create:
+        self.path, self.read_only = Path(path), read_only
+        if not create or read_only:
             damage = header_damage(self.path)
             if damage:
                 raise ItemStoreDamagedError(f"{self.path}: {damage}")
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # Reads through a memory map: a query reads ~36 keypoint blobs of ~50 KB, which took
-            # 7.3 ms a query through read() calls and 3.3 ms mapped (2,721-item grocery index).
-            self._db.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
-            tables = {row["name"] for row in self._query("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as error:
-            self._db.close()
-            raise ItemStoreDamagedError(f"{self.path}: not a readable SQLite database ({error})") from None
+        tables = self._connect()
         fresh = "items" not in tables
-        if fresh and (tables or not create):
+        if fresh and (tables or not create or read_only):
             self._db.close()
             what = f"tables {', '.join(sorted(tables))}" if tables else "no tables"
             raise ItemStoreDamagedError(f"{self.path}: not a catalens item store ({what}, no 'items' table)")
+        if read_only:
+            if self.schema_version < SCHEMA_VERSION:
+                self._db.close()
+                raise ItemStoreDamagedError(f"{self.path}: written by an older catalens; open it once writable "
+                                            "(any command but a read-only serve) to upgrade it")
+            return
         self._db.executescript(_SCHEMA)
         if fresh:
             self._set_state("schema", str(SCHEMA_VERSION))
         elif self.schema_version < SCHEMA_VERSION:
             self._migrate_keys()
+
+    def _connect(self) -> set[str]:
+        """Open the connection (read-only as ``read_only_uri`` says); returns the file's tables."""
+        if self.read_only:
+            self.opened_as = read_only_uri(self.path)
+            self._db = sqlite3.connect(self.opened_as, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            self.opened_as = str(self.path)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        try:
+            if not self.read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            # Reads through a memory map: a query reads ~36 keypoint blobs of ~50 KB, which took
+            # 7.3 ms a query through read() calls and 3.3 ms mapped (2,721-item grocery index).
+            self._db.execute(f"PRAGMA mmap_size={_MMAP_BYTES}")
+            return {row["name"] for row in self._query("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise ItemStoreDamagedError(f"{self.path}: not a readable SQLite database ({error})") from None
+
+    def reopen(self) -> None:
+        """A read-only store opened immutable sees no later commit: open it again to see them."""
+        with self._lock:
+            self._db.close()
+            self._connect()
 
     def close(self) -> None:
         with self._lock:
@@ -348,6 +371,16 @@ class SqliteItemStore:
 
     def failures(self) -> list[Failure]:
         return [Failure(row["source"], row["item_id"], row["reason"]) for row in self._query("SELECT * FROM failures ORDER BY source")]
+
+
+def read_only_uri(path: Path) -> str:
+    """How to open ``path`` writing nothing beside it: ``immutable=1`` (no lock, no -wal/-shm
+    created), unless a write-ahead log holds commits not yet in the file (a writer is at work,
+    or one was killed): then ``mode=ro``, which reads the log through its -shm, as SQLite must.
+    An immutable store does not see later commits: ``reopen`` it when the file changes."""
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.is_file() and wal.stat().st_size > 0 else "immutable=1"
+    return f"{path.absolute().as_uri()}?{mode}"
 
 
 def header_damage(path: Path) -> str | None:
