@@ -1,21 +1,28 @@
 """Robust image decoding: any file a shop might upload becomes an RGB image or a clear error.
 
-Queries (``load_query``) are decoded within a memory budget counted in bytes, not pixels: the
-header says how many bytes the decoded image takes in its own mode (16-bit, float and alpha
-images take 2-4 bytes a pixel), an image over ``QUERY_MAX_DECODE_BYTES`` is refused before it is
-decoded, JPEG decodes at a reduced scale (draft mode), and anything larger than
-``QUERY_MAX_SIDE`` is reduced in its own mode before any conversion copies it. All queries of a
-process share ``QUERY_DECODE_BUDGET``: a decode waits until its bytes fit.
+Every decode (queries, indexing, uploads, thumbnails, explanations) is bounded by one memory
+budget counted in bytes, not pixels: the header says how many bytes the decoded image takes in
+its own mode (16-bit, float and alpha images take 2-4 bytes a pixel; a progressive JPEG holds
+every coefficient of the full-size image whatever its draft scale), an image over
+``QUERY_MAX_DECODE_BYTES`` is refused before it is decoded, JPEG decodes at a reduced scale
+(draft mode), and anything larger than ``QUERY_MAX_SIDE`` is reduced in its own mode before any
+conversion copies it. All decodes of a process share ``QUERY_DECODE_BUDGET``: a decode waits
+until its bytes fit. CPU is bounded too: a JPEG of more than ``MAX_JPEG_SCANS`` scans and an
+image whose sides are more than ``MAX_ASPECT_RATIO`` apart are refused before decoding.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import mmap
+import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +38,18 @@ QUERY_MAX_SIDE = 1024
 # A query's decoded pixels in their own mode: a 33-megapixel RGB or RGBA image, a 67-megapixel
 # 16-bit grey one. A JPEG counts at its draft scale.
 QUERY_MAX_DECODE_BYTES = 128 * 1024 * 1024
-# What the reduction and the conversion to 8-bit RGB of one query may add: four copies of
-# QUERY_MAX_SIDE^2 pixels at 4 bytes.
+# What the reduction and the conversion to 8-bit RGB of one decode may add: four copies of the
+# reduced image at 4 bytes a pixel, at most QUERY_MAX_SIDE^2 pixels each.
 QUERY_WORK_BYTES = 16 * 1024 * 1024
-# All queries decoding at once: two worst-case queries, so eight concurrent uploads wait their turn.
+# All decodes at once: two worst-case photos, so eight concurrent uploads wait their turn.
 QUERY_BUDGET_BYTES = 2 * (QUERY_MAX_DECODE_BYTES + QUERY_WORK_BYTES)
+# libjpeg walks every block of the image once a scan, at any draft scale (3.3 ms a scan for 40
+# grey megapixels, even for an empty scan). Encoders write 6 (grey) to about 10 (colour) scans;
+# 100 costs at most ~0.6 s at the largest coefficient buffer the byte limit lets through.
+MAX_JPEG_SCANS = 100
+# deep scales a photo's short side up to 256 px before cropping its centre: a 64:1 strip makes a
+# 16384x256 copy (16 MiB, what QUERY_WORK_BYTES allows); a 6000x1 one would make 1.5 GB.
+MAX_ASPECT_RATIO = 64
 
 # A truncated JPEG must raise, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -59,6 +73,9 @@ class DecodeBudget:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
+        self._reset()
+
+    def _reset(self) -> None:
         self._used = 0
         self._free = threading.Condition()
 
@@ -77,6 +94,9 @@ class DecodeBudget:
 
 
 QUERY_DECODE_BUDGET = DecodeBudget(QUERY_BUDGET_BYTES)
+# A decode worker forked while a server thread held the budget's lock would wait on it forever;
+# the child decodes alone and starts with an empty budget of its own.
+os.register_at_fork(after_in_child=QUERY_DECODE_BUDGET._reset)
 
 
 def decoded_bytes(image: Image.Image) -> int:
@@ -85,6 +105,89 @@ def decoded_bytes(image: Image.Image) -> int:
     mode = image.mode
     per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     return image.size[0] * image.size[1] * per_pixel
+
+
+# Markers that may follow a scan's entropy-coded data (0xFF00 is a stuffed byte, 0xFFD0-D7 restarts).
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Start-of-frame markers (0xC4 is DHT, 0xC8 reserved, 0xCC DAC); 0xC2/C6/CA/CE are progressive.
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+@dataclass(frozen=True)
+class JpegLayout:
+    """What a JPEG's markers say its decoding costs, read before any of it is decoded."""
+
+    scans: int  # start-of-scan markers of the first image, counted up to the limit plus one
+    progressive: bool
+    coefficient_bytes: int  # the full-size coefficient buffer libjpeg keeps when it needs several passes
+
+    @property
+    def buffered(self) -> bool:
+        """libjpeg holds every coefficient of the image (progressive, or a sequential image in
+        several scans), at full size whatever the draft scale."""
+        return self.progressive or self.scans > 1
+
+
+def jpeg_layout(data: bytes | mmap.mmap, max_scans: int = MAX_JPEG_SCANS) -> JpegLayout:
+    """Count the scans of the JPEG ``data`` and size its coefficient buffer from its frame header.
+
+    Walks the marker segments and skips each scan's entropy-coded data with one C-level search,
+    so a 20 MB file is read in milliseconds; counting stops past ``max_scans``.
+    """
+    size, position, scans = len(data), 2, 0
+    progressive, coefficient_bytes = False, 0
+    while position + 4 <= size and scans <= max_scans:
+        if data[position] != 0xFF:  # stray bytes: libjpeg skips to the next marker, so do we
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                break
+            position = found.start()
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xD9:  # end of the first image (an MPO's next frames are not decoded)
+            break
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a segment
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        if marker in _FRAME_MARKERS and length >= 8:
+            progressive = marker in _PROGRESSIVE_MARKERS
+            coefficient_bytes = _coefficient_bytes(bytes(data[position + 4:position + 2 + length]))
+        position += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(data, position)
+            position = found.start() if found else size
+    return JpegLayout(scans, progressive, coefficient_bytes)
+
+
+def _coefficient_bytes(frame: bytes) -> int:
+    """Bytes of libjpeg's whole-image coefficient buffer for a frame header (SOFn's payload):
+    64 two-byte coefficients a block, every component's blocks padded to whole MCUs."""
+    height, width, count = int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big"), frame[5]
+    factors = [(frame[7 + 3 * i] >> 4, frame[7 + 3 * i] & 15) for i in range(count) if 8 + 3 * i <= len(frame)]
+    if not factors:
+        return 0
+    h_max = max(max(h for h, _ in factors), 1)
+    v_max = max(max(v for _, v in factors), 1)
+    mcus_x, mcus_y = math.ceil(width / (8 * h_max)), math.ceil(height / (8 * v_max))
+    return sum(mcus_x * h * mcus_y * v for h, v in factors) * 64 * 2
+
+
+def _jpeg_layout_of(source: ImageSource, handle) -> JpegLayout:
+    if isinstance(source, bytes):
+        return jpeg_layout(source)
+    # Mapped, not read: a catalog photo of any size costs no copy to count.
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return jpeg_layout(data)
+
+
+def _reduced_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    factor = max(1, math.ceil(max(size) / max_side))
+    return math.ceil(size[0] / factor), math.ceil(size[1] / factor)
 
 
 def _reduced(image: Image.Image, max_side: int) -> Image.Image:
@@ -96,7 +199,7 @@ def _reduced(image: Image.Image, max_side: int) -> Image.Image:
     if factor <= 1:
         return image
     width, height = image.size
-    size = (math.ceil(width / factor), math.ceil(height / factor))
+    size = _reduced_size(image.size, max_side)
     if image.mode in ("1", "P", "PA"):
         return image.resize(size, Image.NEAREST)
     if image.mode.startswith("I;16"):
@@ -155,16 +258,17 @@ def load_rgb(
     source: ImageSource,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = None,
-    max_side: int | None = None,
-    max_bytes: int | None = None,
-    budget: DecodeBudget | None = None,
+    max_side: int | None = QUERY_MAX_SIDE,
+    max_bytes: int | None = QUERY_MAX_DECODE_BYTES,
+    budget: DecodeBudget | None = QUERY_DECODE_BUDGET,
 ) -> Image.Image:
     """Decode ``source`` (a path or raw bytes) to an upright RGB image (its first frame).
 
     ``draft_size`` lets JPEG decode at a reduced scale when the caller only needs a small image,
     which is several times faster for large photos. ``max_side`` reduces a larger image before
-    any conversion; ``max_bytes`` refuses one whose decoded pixels would take more, before it is
-    decoded; ``budget`` is shared with other decodes. Raises ``ImageDecodeError``.
+    any conversion; ``max_bytes`` refuses one whose decoding would hold more, before it is
+    decoded; ``budget`` is shared with other decodes. The defaults are the limits every decode
+    of the service keeps (see the module's docstring). Raises ``ImageDecodeError``.
     """
     name = _describe(source)
     if isinstance(source, bytes):
@@ -198,15 +302,32 @@ def load_rgb(
                 )
             if width == 0 or height == 0:
                 raise ImageDecodeError(name, "image has no pixels")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise ImageDecodeError(
+                    name, f"image too elongated ({width}x{height}: sides more than {MAX_ASPECT_RATIO}:1 apart; "
+                          "the features scale its short side up to 256 px)")
+            jpeg = image.format in ("JPEG", "MPO")  # MPO: a phone's JPEG with a second view appended
             draft = draft_size or max_side
-            if draft and image.format == "JPEG":
+            if draft and jpeg:
                 image.draft("RGB", (draft, draft))
-            needed = decoded_bytes(image)
+            needed, what = decoded_bytes(image), f"{image.size[0]}x{image.size[1]} {image.mode}"
+            if jpeg:
+                layout = _jpeg_layout_of(source, handle)
+                if layout.scans > MAX_JPEG_SCANS:
+                    raise ImageDecodeError(
+                        name, f"JPEG with too many scans (over {MAX_JPEG_SCANS}; encoders write about 10): "
+                              "decoding walks the whole image once a scan")
+                if layout.buffered:
+                    needed += layout.coefficient_bytes
+                    what = (f"{width}x{height} {'progressive' if layout.progressive else 'multi-scan'} JPEG, "
+                            f"whose {layout.coefficient_bytes / 2**20:.0f} MiB of coefficients are held at full "
+                            f"size, decoded to {what}")
             if max_bytes is not None and needed > max_bytes:
                 raise ImageDecodeError(
-                    name, f"image too large to decode ({image.size[0]}x{image.size[1]} {image.mode}: "
-                          f"{needed / 2**20:.0f} MiB decoded, limit {max_bytes / 2**20:.0f} MiB)")
-            work = QUERY_WORK_BYTES if max_side else 0
+                    name, f"image too large to decode ({what}: {needed / 2**20:.0f} MiB decoded, "
+                          f"limit {max_bytes / 2**20:.0f} MiB)")
+            # The reduction, the conversion to 8-bit RGB and the upright turn each copy the reduced image.
+            work = 4 * 4 * math.prod(_reduced_size(image.size, max_side)) if max_side else 0
             with budget.reserve(needed + work) if budget is not None else nullcontext():
                 try:
                     image.load()

@@ -135,6 +135,9 @@ def decode_error(error: ImageDecodeError) -> HTTPException:
         return HTTPException(415, f"upload is not an image: {reason}")
     if "too large" in reason:
         return HTTPException(413, f"upload refused: {reason}")
+    if "too elongated" in reason or "too many scans" in reason:
+        # Decodable, but what decoding or the features would cost is refused: not a size or a damage.
+        return HTTPException(422, f"upload refused: {reason}")
     return HTTPException(400, f"upload cannot be decoded: {reason}")
 
 
