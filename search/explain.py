@@ -18,6 +18,8 @@ from catalens.search.retrieval import query_descriptors, verified
 log = logging.getLogger(__name__)
 
 _HEIGHT = 360  # both panels are scaled to this height so small catalog shots stay readable
+# A wide photo (up to 64:1, imageio.MAX_ASPECT_RATIO) would make a panel of 23,000 px at that height.
+_MAX_WIDTH = 4 * _HEIGHT
 
 
 def _slug(text: str) -> str:
@@ -25,8 +27,8 @@ def _slug(text: str) -> str:
 
 
 def _panel(image: Image.Image) -> tuple[np.ndarray, float]:
-    scale = _HEIGHT / image.height
-    resized = image.resize((max(1, round(image.width * scale)), _HEIGHT), Image.BILINEAR)
+    scale = min(_HEIGHT / image.height, _MAX_WIDTH / image.width)
+    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     return cv2.cvtColor(np.asarray(resized), cv2.COLOR_RGB2BGR), scale
 
 
@@ -35,8 +37,8 @@ def draw_matches(query_image: Image.Image, item_image: Image.Image, query_points
     left, left_scale = _panel(query_image)
     right, right_scale = _panel(item_image)
     canvas = np.full((_HEIGHT + 28, left.shape[1] + right.shape[1], 3), 255, np.uint8)
-    canvas[28:, : left.shape[1]] = left
-    canvas[28:, left.shape[1] :] = right
+    canvas[28 : 28 + left.shape[0], : left.shape[1]] = left
+    canvas[28 : 28 + right.shape[0], left.shape[1] :] = right
     rng = np.random.default_rng(0)
     for (qx, qy), (ix, iy) in zip(query_points, item_points, strict=True):
         colour = tuple(int(c) for c in rng.integers(40, 255, 3))
@@ -77,6 +79,8 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path)
     for rank, hit in enumerate(result.results, start=1):
         record = engine.catalog.items.item_by_id(hit.id)
         try:
+            # Reduced like a query, within the shared decode budget: a catalog photo of 5790 px
+            # a side would otherwise be decoded, converted and drawn at full size.
             item_image = load_rgb(record.image, engine.catalog.config.max_pixels)
         except (ImageDecodeError, AttributeError) as error:
             log.warning("cannot explain result %s: %s", hit.id, error)
@@ -84,7 +88,12 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path)
         check = checks.get(hit.key)
         pairs = check.pairs if check is not None else np.zeros((0, 2), np.int32)
         item = items.get(hit.key)
-        item_points = item.keypoints[pairs[:, 1], :2] if item is not None and len(pairs) else np.zeros((0, 2))
+        item_points = np.zeros((0, 2))
+        if item is not None and len(pairs):
+            # Keypoints are in the pixels of the image they were found in (indexing decodes a
+            # JPEG at a reduced scale too): scale them to the image drawn here.
+            found_in = item.image_size[0] or item_image.width
+            item_points = item.keypoints[pairs[:, 1], :2] * (item_image.width / found_in)
         inliers = check.inliers if check is not None else 0
         verdict = "verified" if inliers >= min_inliers else "not verified"
         caption = f"#{rank} {hit.title}  score {hit.score:.3f}  {inliers} inliers ({verdict})"

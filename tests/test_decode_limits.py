@@ -205,3 +205,11 @@ def test_an_explanation_decodes_the_result_reduced_within_the_budget(client, dec
     assert response.status_code == 200, response.text
     assert Image.open(io.BytesIO(response.content)).height > 300
     every_decode_was_reduced_and_reserved(decodes)
+
+
+def test_an_explanation_of_a_wide_photo_draws_panels_of_bounded_width():
+    from catalens.search.explain import draw_matches
+
+    wide, square = Image.new("RGB", (64 * 10, 10), (20, 90, 20)), Image.new("RGB", (300, 300))
+    canvas = draw_matches(wide, square, np.array([[600.0, 5.0]]), np.array([[150.0, 150.0]]), "wide")
+    assert canvas.shape[1] <= 4 * 360 + 360  # 23,040 px wide when the panel kept the full height
