@@ -152,10 +152,10 @@ class CatalogService:
         settings = LocateSettings(max_detections=max_detections) if max_detections else LocateSettings()
         return locate(self.engine, sources, names=names, settings=settings)
 
-    def explain(self, result: QueryResult, out_dir: Path) -> list[Path]:
+    def explain(self, result: QueryResult, out_dir: Path, query_image: Image.Image | None = None) -> list[Path]:
         from catalens.search.explain import write_explanations
 
-        return write_explanations(self.engine, result, out_dir)
+        return write_explanations(self.engine, result, out_dir, query_image)
 
     def classify(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None) -> list:
         from catalens.search.classify import classify

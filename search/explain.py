@@ -51,15 +51,20 @@ def draw_matches(query_image: Image.Image, item_image: Image.Image, query_points
     return canvas
 
 
-def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path) -> list[Path]:
-    """Write ``<query>/<rank>_<item>.jpg`` for each result of ``result``; returns the paths."""
+def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
+                       query_image: Image.Image | None = None) -> list[Path]:
+    """Write ``<query>/<rank>_<item>.jpg`` for each result of ``result``; returns the paths.
+
+    ``query_image`` is the query as it was searched (decoded again from ``result.query`` if not
+    given: a server passes the upload it decoded, which saves a decode of up to 0.7 s of CPU)."""
     if result.error is not None or not result.results:
         return []
-    try:
-        query_image = load_query(result.query, engine.catalog.config.max_pixels)
-    except ImageDecodeError as error:
-        log.warning("cannot explain %s: %s", result.query, error)
-        return []
+    if query_image is None:
+        try:
+            query_image = load_query(result.query, engine.catalog.config.max_pixels)
+        except ImageDecodeError as error:
+            log.warning("cannot explain %s: %s", result.query, error)
+            return []
     query = Query(query_image, result.query)
     keys = np.array([hit.key for hit in result.results], np.int64)
     local = engine.catalog.local_features()

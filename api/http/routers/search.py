@@ -163,18 +163,16 @@ async def explain(
     upload = await read_upload(state, image)
 
     def run() -> bytes | None:
-        # The explanation reads the query from the path named in the result.
         with tempfile.TemporaryDirectory(prefix="catalens-explain-") as folder:
-            query_path = Path(folder) / f"query{_FORMAT_SUFFIX.get(upload.format or '', '.img')}"
-            query_path.write_bytes(upload.data)
             with state.rw.gen_rlock():
-                result = state.service.search([upload.image], category=category, names=[str(query_path)],
+                result = state.service.search([upload.image], category=category, names=["query"],
                                               k=settings.k, mode=settings.mode)[0]
                 hits = [hit for hit in result.results or [] if hit.id == id]
                 if not hits:
                     return None
                 result.results = hits
-                drawn = state.service.explain(result, Path(folder) / "out")
+                # The upload as decoded once: decoding it again cost 0.7 s of CPU for a 5790 px PNG.
+                drawn = state.service.explain(result, Path(folder) / "out", upload.image)
             return Path(drawn[0]).read_bytes() if drawn else b""
 
     drawn = await state.run(run)
