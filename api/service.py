@@ -48,9 +48,18 @@ def in_chunks(sources: Sequence[T], ask: Callable[[Sequence[T], int], list], siz
 
 
 def index(source: str | Path | Sequence[CatalogItem], location: str | Path, config: IndexConfig | None = None,
-          prune: bool = True, progress: bool = True) -> IndexReport:
-    """Index a catalog (folder, manifest or items) into the index at ``location``, creating it if needed."""
-    return index_catalog(source, location, config, prune=prune, progress=progress)
+          prune: bool = True, progress: bool = True, refit: bool = True) -> IndexReport:
+    """Index a catalog (folder, manifest or items) into the index at ``location``, creating it if
+    needed; with ``refit``, then fit what search uses on the whole catalog where it went stale, so
+    that the first search need not."""
+    report = index_catalog(source, location, config, prune=prune, progress=progress)
+    if refit and not report.all_failed:
+        service = CatalogService.open(location)
+        try:
+            service.refit(progress=progress)
+        finally:
+            service.close()
+    return report
 
 
 def check(location: str | Path, repair: bool = True) -> CheckReport:
@@ -85,23 +94,25 @@ class CatalogService:
         return self.engine.modes()
 
     def info(self) -> dict[str, Any]:
-        return {**self.catalog.info(), "modes": self.modes(), "calibration": self.calibration_info()}
+        from catalens.search.refit import fitted_status
+
+        fitted = {name: state.to_json() for name, state in fitted_status(self.catalog).items()}
+        return {**self.catalog.info(), "modes": self.modes(), "calibration": self.calibration_info(),
+                "fitted": fitted}
 
     def calibration_info(self) -> dict[str, Any]:
-        """Whether a match calibration is stored, when it was fitted, and how much the catalog has changed since."""
-        from catalens.indexer.estimator import ModelFileError
-        from catalens.search.calibration import MODEL_FILE, MatchCalibrator, current_keys
+        """The match calibration searches use now: whether there is one, stored or in memory, when it
+        was fitted, how much the catalog has changed since, whether it is stale and why."""
+        from catalens.search.calibration import CALIBRATION, current_keys
 
-        path = self.catalog.models_dir / MODEL_FILE
-        if not path.is_file():
-            return {"stored": False}
-        try:
-            model = MatchCalibrator.load(path)
-        except ModelFileError as error:
-            return {"stored": False, "error": str(error)}
-        changed = model.changed_fraction(current_keys(self.catalog))
-        return {"stored": True, "fitted": model.fitted_at_, "changed": round(changed, 4),
-                "stale": changed > model.max_stale, "modes": model.summary()}
+        state = CALIBRATION.status(self.catalog)
+        if state.model is None:
+            return {"present": False, "stored": False, "stale": False, "reason": state.reason,
+                    "refitting": state.refitting}
+        changed = state.model.changed_fraction(current_keys(self.catalog))
+        return {"present": True, "stored": state.stored, "fitted": state.model.fitted_at_, "changed": round(changed, 4),
+                "stale": not state.fresh, "reason": state.reason or None, "refitting": state.refitting,
+                "modes": state.model.summary()}
 
     def categories(self) -> dict[str, int]:
         """Every category path of the catalog, with its number of items."""
@@ -158,9 +169,12 @@ class CatalogService:
         return write_explanations(self.engine, result, out_dir, query_image)
 
     def classify(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None) -> list:
-        from catalens.search.classify import classify
+        from catalens.search.classify import ClassifierMissingError, classify
 
-        return classify(self.catalog, sources, names=names)
+        try:
+            return classify(self.catalog, sources, names=names)
+        except ClassifierMissingError as error:
+            raise ModelMissingError(str(error)) from None
 
     def anomaly(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
                 heatmaps: str | Path | None = None, first: int = 0) -> list:
@@ -208,11 +222,21 @@ class CatalogService:
 
         return train_autoencoder(self.catalog, **options)
 
-    def calibrate(self, max_queries: int = 240):
-        """Fit the match calibration on held-out queries made from the catalog's items, and store it."""
-        from catalens.search.calibration import calibrate_catalog
+    def refit(self, progress: bool = False, store: bool = True, force: Sequence[str] = ()) -> list:
+        """Fit what search uses on the whole catalog (classifier, match calibration) where it is stale
+        or missing: what a command that changed the catalog runs at its end."""
+        from catalens.search.refit import refit_catalog
 
-        return calibrate_catalog(self.catalog, max_queries=max_queries)
+        return refit_catalog(self.catalog, progress=progress, store=store, force=force)
+
+    def calibrate(self, max_queries: int = 240, progress: bool = False):
+        """Fit the match calibration on held-out queries made from the catalog's items, and store it
+        (the classifier too, where it is stale)."""
+        from catalens.search.calibration import calibrate_catalog
+        from catalens.search.classify import CLASSIFIER
+
+        CLASSIFIER.refit(self.catalog, progress=progress)
+        return calibrate_catalog(self.catalog, max_queries=max_queries, progress=progress)
 
     def finetune(self, steps: int | None = None, progress: bool = True, unlabeled: Sequence[ImageSource] = ()):
         """Adapt the network to the catalog's products; search and classification use it where it helps.

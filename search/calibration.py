@@ -14,17 +14,19 @@ near-duplicates (burst shots of one session are no shop photo); a product with o
 searched with an augmented view of it; and a share of queries has its whole product held out,
 since shop photos of products the catalog does not sell must get a low confidence too. The
 default match threshold is the lowest confidence at which the calibration queries' top results
-reach ``target_precision``. The model is stored with the index (``MODEL_FILE``) and refitted
-in memory, with a warning, once the catalog has changed by more than ``max_stale``.
+reach ``target_precision``. The model is stored with the index (``MODEL_FILE``) through the
+``CALIBRATION`` slot (``indexer.fitted``): a search uses the last fit, never fits one; it counts as
+stale once the catalog has changed by more than ``max_stale``, and whoever changed the catalog
+refits it (``search.refit``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from PIL import Image
 
 from catalens.indexer.estimator import Estimator, ModelFileError
 from catalens.indexer.features import feature_spec, l2_normalise
+from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.stores import ItemFilter, ItemRecord, product_of, stack_rows
 from catalens.search.settings import SearchSettings
 
@@ -124,7 +127,8 @@ def category_probabilities(engine: SearchEngine, query: Query, fitted: FittedCla
 
 
 def catalog_classifier(catalog: Catalog) -> FittedClassifier | None:
-    """The catalog's classifier, or None where it has none (no features to classify with)."""
+    """The catalog's last fitted classifier, or None where it has none (no features to classify with,
+    or none fitted yet)."""
     from catalens.search.classify import fitted_classifier
 
     try:
@@ -454,22 +458,23 @@ ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns fr
 
 
 def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuery], modes: Sequence[str],
-                         settings: SearchSettings | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                         settings: SearchSettings | None = None,
+                         progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per mode, (evidence rows, right, is_top) of the top ``ROWS_PER_QUERY`` hits of each query.
 
     The classifier is refitted without the held-out photos (and their twins): one that had learnt
     them would vouch for them as it never can for a shop's photo."""
-    settings = settings or engine.settings
-    classifier = None
-    if catalog_classifier(engine.catalog) is not None:
-        from catalens.search.classify import fit_classifier_without
+    from tqdm import tqdm
 
-        try:
-            classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
-        except ValueError:  # every item held out (a tiny catalog): the category evidence stays constant, unused
-            classifier = None
+    from catalens.search.classify import fit_classifier_without
+
+    settings = settings or engine.settings
+    try:
+        classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
+    except ValueError:  # nothing to classify with, or every item held out (a tiny catalog): the
+        classifier = None  # category evidence stays constant, unused
     out: dict[str, tuple[list, list, list]] = {mode: ([], [], []) for mode in modes}
-    for calibration in queries:
+    for calibration in tqdm(queries, desc="calibrating", unit="query", disable=not progress, dynamic_ncols=True):
         for mode in modes:
             rows, _, products = ranked_evidence(engine, calibration.query, mode, calibration.filter, settings,
                                                 classifier=classifier, absent_leaf=calibration.absent_leaf)
@@ -482,14 +487,16 @@ def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuer
 
 
 def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = None, max_queries: int = 240,
-                          seed: int = 0, calibrator: MatchCalibrator | None = None) -> MatchCalibrator:
-    """A ``MatchCalibrator`` fitted on held-out queries made from ``catalog``'s items, every mode it answers."""
+                          seed: int = 0, calibrator: MatchCalibrator | None = None,
+                          progress: bool = False) -> MatchCalibrator:
+    """A ``MatchCalibrator`` fitted on held-out queries made from ``catalog``'s items, every mode it
+    answers; ``progress``: a progress bar over the queries."""
     from catalens.search.engine import SearchEngine
 
     started = time.perf_counter()
     engine = SearchEngine(catalog, settings)
     queries = calibration_queries(catalog, max_queries=max_queries, seed=seed)
-    evidence = calibration_evidence(engine, queries, engine.modes())
+    evidence = calibration_evidence(engine, queries, engine.modes(), progress=progress)
     keys = np.array([record.key for record in catalog.items.records().values()], np.int64)
     model = (calibrator or MatchCalibrator()).fit(evidence, keys)
     log.info("match calibration fitted on %d held-out queries (%s) in %.1fs", len(queries),
@@ -498,13 +505,16 @@ def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = No
     return model
 
 
-def calibrate_catalog(catalog: Catalog, max_queries: int = 240, seed: int = 0) -> MatchCalibrator:
-    """Fit the catalog's match calibration and store it with the index (``catalens calibrate``)."""
-    model = fit_match_calibration(catalog, max_queries=max_queries, seed=seed)
-    with catalog.lock:
-        model.save(catalog.models_dir / MODEL_FILE)
-    catalog._cache.pop("match_calibrator", None)
-    return model
+def calibrate_catalog(catalog: Catalog, max_queries: int = 240, seed: int = 0, progress: bool = False,
+                      store: bool = True) -> MatchCalibrator:
+    """Fit the catalog's match calibration now, fresh or not, and store it with the index
+    (``catalens calibrate``); searches use it at once."""
+    state = CALIBRATION.refit(catalog, force=True, store=store, progress=progress,
+                              fit=lambda catalog, progress: fit_match_calibration(
+                                  catalog, max_queries=max_queries, seed=seed, progress=progress))
+    if state.model is None:
+        raise CalibrationError(state.reason)
+    return state.model
 
 
 # --- what a search uses
@@ -516,7 +526,7 @@ class CalibrationState:
 
     calibrator: MatchCalibrator | None
     stored: bool
-    changed_fraction: float = 0.0
+    fresh: bool = True
     reason: str = ""
 
 
@@ -526,84 +536,37 @@ def current_keys(catalog: Catalog) -> np.ndarray:
         [record.key for record in catalog.items.records().values()], np.int64))
 
 
-def _cached_state(catalog: Catalog) -> CalibrationState | None:
-    """The kept state, checked against the catalog's keys once per catalog write (every search
-    asks; comparing every key each time cost O(items) a search)."""
-    entry = catalog._cache.get("match_calibrator")
-    if entry is None:
-        return None
-    generation, state = entry
-    if generation == catalog.generation:
-        return state
-    if state.calibrator is None:
-        return None
-    fraction = state.calibrator.changed_fraction(current_keys(catalog))
-    if fraction > state.calibrator.max_stale:
-        return None
-    state.changed_fraction = fraction
-    catalog._cache["match_calibrator"] = (catalog.generation, state)
-    return state
+def _load(catalog: Catalog, path: Path) -> MatchCalibrator:
+    model = MatchCalibrator.load(path)
+    if model.coef_.shape[1] != len(EVIDENCE):
+        raise ModelFileError(f"{path}: the stored match calibration reads other evidence than this catalens "
+                             "(older version); it is fitted again")
+    return model
 
 
-# Serialises fits. Not the catalog's lock: a fit runs searches whose feature extraction runs on
-# other threads (search.retrieval), and those take the catalog's lock to build features.
-_FIT_LOCK = threading.Lock()
+def _freshness(model: MatchCalibrator, catalog: Catalog) -> str | None:
+    """None while the calibration still describes the catalog: at most ``max_stale`` of it changed
+    since the fit, and every mode it answers calibrated."""
+    fraction = model.changed_fraction(current_keys(catalog))
+    if fraction > model.max_stale:
+        return f"{100 * fraction:.0f}% of the catalog changed since the match calibration was fitted"
+    if not set(available_modes_of(catalog)) <= set(model.modes()):
+        return "the match calibration does not cover every mode of the index"
+    return None
+
+
+CALIBRATION = FittedSlot(
+    name="match calibration", model_file=MODEL_FILE, load=_load,
+    fit=lambda catalog, progress: fit_match_calibration(catalog, progress=progress), fresh=_freshness)
 
 
 def match_calibration(catalog: Catalog) -> CalibrationState:
-    """The stored calibrator while it is fresh; else one fitted now, in memory, kept until the
-    catalog changes by more than ``max_stale`` again. ``calibrator`` is None where the catalog
-    cannot be calibrated (fewer than two products...): searches then carry no confidence."""
-    with catalog.lock:
-        state = _cached_state(catalog)
-    if state is not None:
-        return state
-    with _FIT_LOCK:
-        with catalog.lock:
-            current = current_keys(catalog)
-            state = _cached_state(catalog)
-            generation = catalog.generation
-        if state is None:  # not fitted meanwhile by another thread
-            state = _load_or_fit(catalog, current)
-            with catalog.lock:
-                catalog._cache["match_calibrator"] = (generation, state)
-        return state
-
-
-def _load_or_fit(catalog: Catalog, current: np.ndarray) -> CalibrationState:
-    path = catalog.models_dir / MODEL_FILE
-    why = "no match calibration is stored with this index"
-    if path.is_file():
-        try:
-            stored = MatchCalibrator.load(path)
-            fraction = stored.changed_fraction(current)
-            if stored.coef_.shape[1] != len(EVIDENCE):
-                why = "the stored match calibration reads other evidence than this catalens (older version)"
-            elif fraction <= stored.max_stale and set(available_modes_of(catalog)) <= set(stored.modes()):
-                return CalibrationState(stored, True, fraction)
-            elif fraction > stored.max_stale:
-                why = (f"the stored match calibration is stale ({100 * fraction:.0f}% of the catalog changed since "
-                       "it was fitted)")
-            else:
-                why = "the stored match calibration does not cover every mode of the index"
-        except ModelFileError as error:
-            why = str(error)
-    started = time.perf_counter()
-    try:
-        model = fit_match_calibration(catalog)
-    except CalibrationError as error:
-        log.warning("%s: %s; results carry no confidence", catalog.location, error)
-        return CalibrationState(None, False, reason=str(error))
-    try:  # the next process need not fit it again
-        model.save(path)
-        stored = True
-    except OSError as error:
-        log.info("%s: cannot store the match calibration (%s); kept in memory", catalog.location, error)
-        stored = False
-    log.warning("%s: %s; fitted one from %d held-out catalog queries in %.0fs%s", catalog.location, why,
-                int(model.queries_.max()), time.perf_counter() - started,
-                f", stored in {path}" if stored else "; run 'catalens calibrate' to store it")
-    return CalibrationState(model, stored, reason=why)
+    """The last fitted calibrator, fresh or stale (never fitted here: the command that changed the
+    catalog refits it, a server in the background). ``calibrator`` is None where none was ever
+    fitted, or the catalog cannot be calibrated (fewer than two products...): searches then carry
+    no confidence."""
+    state = CALIBRATION.current(catalog)
+    return CalibrationState(state.model, state.stored, state.fresh, state.reason)
 
 
 def available_modes_of(catalog: Catalog) -> list[str]:

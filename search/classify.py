@@ -29,6 +29,7 @@ from PIL import Image
 
 from catalens.indexer.estimator import Estimator, ModelFileError
 from catalens.indexer.features import embed, feature_spec, feature_weights, l2_normalise
+from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.imageio import ImageSource, decode_queries
 from catalens.indexer.stores import vectors_of
 from catalens.search.verification import verify
@@ -309,7 +310,8 @@ class HierarchicalFewShotClassifier(Estimator):
     # whoever loads the model reads from the catalog and hands to ``attach_support``)
 
     _SAVED = ("mean_", "leaves_", "support_leaf_", "counts_", "prototypes_", "temperature_", "unknown_similarity_",
-              "linear_leaves_", "linear_coef_", "linear_intercept_", "level_calibration_", "fitted_on_")
+              "linear_leaves_", "linear_coef_", "linear_intercept_", "level_calibration_", "fitted_on_",
+              "support_keys_")
 
     def _state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._SAVED if hasattr(self, name)}
@@ -511,14 +513,31 @@ class FittedClassifier:
     weights: dict[str, float]
 
 
-def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), stored: bool = False, **params: Any) -> FittedClassifier:
-    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what
-    uses it); ``stored``: read from, or else written to, the catalog's models folder."""
-    specs = [feature_spec(name) for name in catalog.global_features()]
-    weights = feature_weights(specs, "classify")
+@dataclass
+class _CatalogRows:
+    """What a classifier of the catalog is fitted on: its items' weighted features, in key order."""
+
+    keys: np.ndarray
+    ids: list[str]
+    categories: list[str]
+    features: np.ndarray
+    weights: dict[str, float]
+
+    def stamp(self) -> dict[str, Any]:
+        return _catalog_stamp(self.keys, self.categories, self.features, self.weights)
+
+
+def _catalog_rows(catalog: Any, exclude: Sequence[int] = (), weights: dict[str, float] | None = None) -> _CatalogRows:
+    """The catalog's items less ``exclude``, with the features of ``weights`` (default: every
+    global feature with a classification weight); ``ValueError`` where there is nothing to classify with."""
+    if weights is None:
+        weights = feature_weights([feature_spec(name) for name in catalog.global_features()], "classify")
+    weights = dict(weights)
     if not weights:
         raise ValueError(f"{catalog.location}: this index has no features to classify with")
     dims = catalog.dims()
+    if any(name not in dims for name in weights):
+        raise ValueError(f"{catalog.location}: this index no longer holds the features {', '.join(weights)}")
     rows: dict[str, np.ndarray] = {}
     keys = None
     for name in sorted(weights, key=lambda n: -weights[n]):
@@ -539,16 +558,20 @@ def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), stored: bool = Fa
     keys = keys[keep]
     weights = {name: weights[name] for name in rows if name in weights}
     features = weighted_features({name: rows[name][keep] for name in weights}, weights)
-    categories = [records[int(key)].category for key in keys]
-    stamp = _catalog_stamp(keys, categories, features, weights) if stored else None
-    classifier = _load_stored(catalog, stamp, params, features) if stored else None
-    if classifier is None:
-        classifier = HierarchicalFewShotClassifier(**params).fit(features, categories)
-        log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(keys), len(classifier.leaves_),
-                 ", ".join(f"{name} x{weight:g}" for name, weight in weights.items()))
-        if stored:
-            _store(catalog, classifier, stamp)
-    return FittedClassifier(classifier, [records[int(key)].id for key in keys], keys, weights)
+    return _CatalogRows(keys, [records[int(key)].id for key in keys], [records[int(key)].category for key in keys],
+                        features, weights)
+
+
+def _fit_on_catalog(catalog: Any, exclude: Sequence[int] = (), **params: Any) -> FittedClassifier:
+    """The classifier of ``catalog``'s items, less the keys in ``exclude`` (held out to calibrate what uses it)."""
+    data = _catalog_rows(catalog, exclude)
+    classifier = HierarchicalFewShotClassifier(**params).fit(data.features, data.categories)
+    log.info("classifier fitted on %d items in %d leaf categories (features %s)", len(data.keys),
+             len(classifier.leaves_), ", ".join(f"{name} x{weight:g}" for name, weight in data.weights.items()))
+    # What it was fitted on, kept in its file: whether it is fresh, and which rows to attach when read back.
+    classifier.fitted_on_ = data.stamp()
+    classifier.support_keys_ = np.asarray(data.keys, np.int64)
+    return FittedClassifier(classifier, data.ids, data.keys, data.weights)
 
 
 def _catalog_stamp(keys: np.ndarray, categories: Sequence[str], features: np.ndarray,
@@ -562,42 +585,73 @@ def _catalog_stamp(keys: np.ndarray, categories: Sequence[str], features: np.nda
     return {"items": digest.hexdigest(), "weights": dict(weights)}
 
 
-def _load_stored(catalog: Any, stamp: dict[str, Any], params: dict[str, Any],
-                 features: np.ndarray) -> HierarchicalFewShotClassifier | None:
-    """The classifier stored with the catalog when it was fitted on exactly this, else None."""
-    path = Path(catalog.models_dir) / CLASSIFIER_FILE
-    if not path.is_file():
-        return None
+def _load_stored(catalog: Any, path: Path) -> FittedClassifier:
+    """The classifier stored with the catalog, its support rows read from the catalog as they are
+    now; items removed since it was fitted leave its neighbours. ``ModelFileError`` where it
+    cannot serve this catalog."""
+    loaded = HierarchicalFewShotClassifier.load(path)
+    stamp = getattr(loaded, "fitted_on_", None)
+    if not isinstance(stamp, dict) or not stamp.get("weights"):
+        raise ModelFileError(f"{path}: a classifier without a record of what it was fitted on; it is fitted again")
     try:
-        loaded = HierarchicalFewShotClassifier.load(path)
-    except (OSError, ModelFileError) as error:
-        log.info("%s: refitting the classifier (%s)", catalog.location, error)
-        return None
+        data = _catalog_rows(catalog, weights=stamp["weights"])
+    except ValueError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+    keys = getattr(loaded, "support_keys_", None)
+    if keys is None:  # written by an older catalens: usable only on the very state it was fitted on
+        if data.stamp() != stamp:
+            raise ModelFileError(f"{path}: an older catalens' classifier of another catalog state; it is fitted again")
+        keys = data.keys
+    keys = np.asarray(keys, np.int64)
+    position = {int(key): i for i, key in enumerate(data.keys)}
+    kept = np.array([int(key) in position for key in keys], dtype=bool)
+    if not kept.any():
+        raise ModelFileError(f"{path}: none of the items the classifier was fitted on remain; it is fitted again")
+    loaded.support_leaf_ = loaded.support_leaf_[kept]
+    rows = [position[int(key)] for key in keys[kept]]
+    loaded.attach_support(data.features[rows])
+    loaded.support_keys_ = keys[kept]
+    return FittedClassifier(loaded, [data.ids[i] for i in rows], keys[kept], dict(stamp["weights"]))
+
+
+def _classifier_freshness(fitted: FittedClassifier, catalog: Any) -> str | None:
+    """None while the classifier was fitted on exactly the catalog's items and rows, with today's
+    hyper-parameters; else why not."""
+    saved = getattr(fitted.classifier, "saved_params_", None)
     # The hyper-parameters as written: one added since the file was fitted must not pass as its default.
-    if loaded.saved_params_ != HierarchicalFewShotClassifier(**params).get_params():
-        return None
-    if getattr(loaded, "fitted_on_", None) != stamp:
-        return None
-    return loaded.attach_support(features)
-
-
-def _store(catalog: Any, classifier: HierarchicalFewShotClassifier, stamp: dict[str, Any]) -> None:
-    """Keep the fit for the next process (it takes seconds; reading it back, milliseconds)."""
-    classifier.fitted_on_ = stamp
+    if saved is not None and saved != HierarchicalFewShotClassifier().get_params():
+        return "the stored classifier was fitted with other settings (an older catalens)"
     try:
-        classifier.save(Path(catalog.models_dir) / CLASSIFIER_FILE)
-    except OSError as error:  # a read-only index still classifies; it fits again next time
-        log.info("%s: could not store the classifier (%s)", catalog.location, error)
+        data = _catalog_rows(catalog)
+    except ValueError as error:
+        return str(error)
+    if data.stamp() != getattr(fitted.classifier, "fitted_on_", None):
+        return "the catalog changed since the classifier was fitted"
+    return None
+
+
+CLASSIFIER = FittedSlot(
+    name="classifier", model_file=CLASSIFIER_FILE, load=_load_stored,
+    fit=lambda catalog, progress: _fit_on_catalog(catalog), fresh=_classifier_freshness,
+    save=lambda fitted, path: fitted.classifier.save(path))
+
+
+class ClassifierMissingError(ValueError):
+    """No classifier is fitted for this catalog yet; the message says why and what fits one."""
 
 
 def fitted_classifier(catalog: Any) -> FittedClassifier:
-    """The classifier of this catalog state (refitted after any write; stored with the catalog, so
-    that the next process reads it instead of fitting it again)."""
-    return catalog.cached("classifier", lambda: _fit_on_catalog(catalog, stored=True))
+    """The catalog's last fitted classifier, fresh or not (never fitted here: the command that
+    changed the catalog refits it, a server in the background). ``ClassifierMissingError`` where
+    none was ever fitted."""
+    state = CLASSIFIER.current(catalog)
+    if state.model is None:
+        raise ClassifierMissingError(f"{state.reason}; run 'catalens calibrate --index ...' to fit it")
+    return state.model
 
 
 def fit_classifier_without(catalog: Any, exclude: Sequence[int]) -> FittedClassifier:
-    """A classifier of the catalog that never saw the items ``exclude`` (not cached)."""
+    """A classifier of the catalog that never saw the items ``exclude`` (not stored)."""
     return _fit_on_catalog(catalog, exclude, calibration_holdout=0.0)
 
 

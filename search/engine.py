@@ -150,7 +150,7 @@ class SearchEngine:
         mode = self.check_mode(settings.mode)
         filter = self.item_filter(category)
         sources = list(sources)
-        # Fitted (or loaded) once, before the queries run side by side.
+        # Read once, before the queries run side by side.
         calibrator = self.calibrator() if settings.confidence else None
 
         def answer(position: int) -> QueryResult:
@@ -181,7 +181,8 @@ class SearchEngine:
             return list(pool.map(answer, range(len(sources))))
 
     def calibrator(self) -> MatchCalibrator | None:
-        """The catalog's match calibrator (fitted in memory where none is stored or it is stale), or None."""
+        """The catalog's last fitted match calibrator, fresh or stale (never fitted here), or None where
+        none was ever fitted: results then carry no confidence."""
         return match_calibration(self.catalog).calibrator
 
     def rank_products(self, query: Query, mode: str, k: int, filter: ItemFilter | None = None,

@@ -63,11 +63,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     size = info.pop("size_bytes", None)
     info["created"], info["updated"] = _when(info.get("created")), _when(info.get("updated"))
     calibration = info.pop("calibration", None) or {}
-    if calibration.get("stored"):
-        info["calibration"] = (f"fitted {_when(calibration['fitted'])}, {100 * calibration['changed']:.0f}% of the "
-                               "catalog changed since" + (" (stale: run catalens calibrate)" if calibration["stale"] else ""))
-    else:
-        info["calibration"] = calibration.get("error") or "none stored (the first search fits one)"
+    fitted = info.pop("fitted", None) or {}
+    for name, state in fitted.items():
+        if not state["present"]:
+            info[name] = f"missing: {state['reason']} (run catalens calibrate; searches answer without it)"
+            continue
+        info[name] = f"fitted {_when(state['fitted'])}" + ("" if state["stored"] else " (in memory)")
+        if name == "match calibration" and calibration.get("present"):
+            info[name] += f", {100 * calibration['changed']:.0f}% of the catalog changed since"
+        if state["stale"]:
+            info[name] += f"; stale: {state['reason']} (run catalens calibrate; searches use this fit meanwhile)"
     rows = [(key, ", ".join(value) if isinstance(value, list) else value) for key, value in info.items()]
     rows += [(f"dims.{name}", dim) for name, dim in dims.items()]
     if size is not None:
@@ -80,6 +85,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
         removed, missing = service.remove(args.ids)
+        if removed:  # what search fits on the whole catalog follows now, not in the next search
+            service.refit(progress=not args.quiet)
     finally:
         service.close()
     print(f"removed {len(removed)} item(s)" + (f"; not in the index: {', '.join(missing)}" if missing else ""))
@@ -143,6 +150,7 @@ def register(commands) -> None:
                     epilog="example: catalens remove sku-1 sku-2 --index shop-index")
     p.add_argument("ids", nargs="+", metavar="ID", help="catalog ids of the items to delete")
     add_location_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_remove)
 
     p = add_command(commands, "check", "verify an index's files and rebuild what can be rebuilt",

@@ -23,12 +23,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     app = create_app(location(args), read_only=args.read_only)
-    # The match calibration is fitted now where none is stored (or it is stale), not inside the
-    # first request (a minute and more on a catalog of thousands of items).
-    engine = app.state.catalens.service.engine
-    if engine.settings.confidence:
-        print("catalens serve: loading the match calibration (fitting it where the index has none) ...", flush=True)
-        engine.calibrator()
+    # Stale or missing fits are refitted on a background thread (create_app starts it): the server
+    # answers at once, with the last fits meanwhile.
+    state = app.state.catalens
+    if not state.refit.idle():
+        print("catalens serve: refitting the classifier and match calibration in the background "
+              "(searches use the last fits meanwhile)", flush=True)
     writes = "read-only" if args.read_only else f"writes need the X-API-Key header (${API_KEY_ENV})"
     print(f"catalens serve: http://{args.host}:{args.port}/ (API docs at /docs; {writes})", flush=True)
     from catalens.api.http.connections import HeaderDeadlineProtocol

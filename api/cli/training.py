@@ -23,6 +23,8 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
     try:
         model = service.train_autoencoder(epochs=args.epochs, input_kind=args.input, noise=args.noise,
                                           percentile=args.percentile, progress=not args.quiet, fresh=args.fresh)
+        # The 'ae' mode is new (or its codes changed): what search fits on the catalog follows now.
+        service.refit(progress=not args.quiet)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -50,6 +52,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
         report = service.finetune(steps=args.steps, progress=not args.json, unlabeled=unlabeled)
+        # The features search and classify read may have changed: their fits follow now.
+        service.refit(progress=not args.json)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -74,7 +78,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError("--queries must be at least 10")
     service = open_service(args)
     try:
-        model = service.calibrate(max_queries=args.queries)
+        model = service.calibrate(max_queries=args.queries, progress=not args.json)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -85,8 +89,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     rows = [(row["mode"], row["queries"], f"{row['threshold']:.3f}", f"{100 * row['precision']:.1f}%",
              f"{100 * row['coverage']:.1f}%") for row in model.summary()]
     print(format_table(["mode", "held-out queries", "match threshold", "match precision", "coverage"], rows))
-    print(f"\nstored with the index; refit when more than {100 * model.max_stale:.0f}% of the catalog changes "
-          "(searches refit it themselves then)")
+    print(f"\nstored with the index; it counts as stale once more than {100 * model.max_stale:.0f}% of the catalog "
+          "changes (index, remove, finetune and train-ae refit it at their end, a server in the background)")
     return 0
 
 
@@ -131,8 +135,8 @@ def register(commands) -> None:
         description="Search held-out queries made from the catalog's own items (photos left out, augmented views "
                     "of single photos, whole products left out) in every mode, and fit how a result's score, "
                     "margin, verified inliers and neighbours predict that it shows the query's product. Stored "
-                    "with the index; a search fits one itself where none is stored or the catalog has changed by "
-                    "more than 20%% since.",
+                    "with the index; index, remove, finetune and train-ae refit it at their end where the catalog "
+                    "has changed by more than 20%% since; a search never fits it.",
         epilog="example: catalens calibrate --index shop-index")
     add_location_arguments(p)
     p.add_argument("--queries", type=int, default=240, help="held-out queries (more: steadier, slower)")

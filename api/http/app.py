@@ -37,6 +37,7 @@ from catalens.indexer.backbones import check_backbone
 from catalens.indexer.catalog import IndexUnavailableError
 from catalens.indexer.files import disk_full
 from catalens.indexer.imageio import ImageDecodeError
+from catalens.search.refit import background_refit, needs_refit
 from catalens.search.settings import SearchSettings, load_search_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Uploads are product photos: a 40-megapixel limit refuses bombs early and still fits any camera.
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
+# Seconds of quiet after a write before the background refit: writes come in bursts, and a refit
+# reads the whole catalog (a calibration fit of a few hundred items takes seconds).
+REFIT_DELAY = 3.0
 
 __all__ = ["API_KEY_ENV", "create_app"]
 
@@ -105,11 +109,14 @@ def create_app(
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
     workers: int | None = None,
     settings: SearchSettings | None = None,
+    refit_delay: float = REFIT_DELAY,
 ) -> FastAPI:
     """The FastAPI app over the index at ``location``, opened once here.
 
     Writes need ``api_key`` (or ``$CATALENS_API_KEY``) unless ``read_only``; without one this
-    raises ``ValueError`` rather than serve an open write endpoint.
+    raises ``ValueError`` rather than serve an open write endpoint. What search fits on the whole
+    catalog is refitted on a background thread ``refit_delay`` seconds after the last write, and
+    at once where it is stale or missing at start; a read-only server keeps those fits in memory.
     """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not read_only and not api_key:
@@ -141,12 +148,16 @@ def create_app(
 
     if not read_only:
         items.remove_orphan_uploads(state)
+    state.refit = background_refit(service.catalog, delay=refit_delay, store=not read_only, guard=state.rw.gen_rlock)
+    if needs_refit(service.catalog):  # searches answer with the last fits (or without) meanwhile
+        state.refit.poke(delay=0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
             yield
         finally:
+            state.refit.close()
             state.executor.shutdown(wait=True, cancel_futures=True)
             service.close()
 

@@ -86,6 +86,16 @@ class Features(BaseModel):
     explain: bool
 
 
+class FittedModel(BaseModel):
+    present: bool = Field(description="a fit exists (searches use it, stale or not)")
+    fresh: bool
+    stale: bool = Field(description="present but fitted on an older state of the catalog; a refit is due")
+    stored: bool = Field(description="read from or written to the index's models folder (else held in memory)")
+    reason: str | None = Field(None, description="why it is stale or missing")
+    fitted: float | None = Field(None, description="when it was fitted (epoch seconds)")
+    refitting: bool = Field(description="a refit is running now")
+
+
 class Stats(BaseModel):
     items: int
     categories: int
@@ -101,6 +111,9 @@ class Stats(BaseModel):
     features: Features
     read_only: bool
     top_categories: dict[str, int]
+    fitted: dict[str, FittedModel] = Field(
+        default_factory=dict, description="what search fits on the whole catalog (classifier, match calibration): "
+                                          "present, fresh or stale, and why")
 
 
 class Health(BaseModel):

@@ -20,6 +20,7 @@ from readerwriterlock import rwlock
 from catalens.api.http.guard import write_refusal
 from catalens.api.service import CatalogService
 from catalens.datasets.catalog import IMAGE_FORMATS, parse_json_field
+from catalens.indexer.fitted import BackgroundRefit
 from catalens.indexer.imageio import ImageDecodeError, load_query
 from catalens.search.settings import SearchSettings
 
@@ -44,6 +45,8 @@ class ServerState:
     executor: ThreadPoolExecutor
     # Many searches at once, or one write; a waiting writer holds new searches back.
     rw: rwlock.RWLockWrite = field(default_factory=rwlock.RWLockWrite)
+    # Fits what search uses on the whole catalog a while after writes, never inside a request.
+    refit: BackgroundRefit | None = None
 
     @property
     def catalog(self):
@@ -52,6 +55,11 @@ class ServerState:
     @property
     def uploads_dir(self) -> Path:
         return self.catalog.models_dir.parent / "uploads"
+
+    def written(self) -> None:
+        """After a write: the catalog's fitted models are refitted in the background, debounced."""
+        if self.refit is not None:
+            self.refit.poke()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)

@@ -135,6 +135,8 @@ async def delete_item(state: WriterDep, item_id: str) -> DeleteResponse:
                     raise
                 _committed_anyway(error, item_id)
                 removed = [item_id]
+            if removed:
+                state.written()
             if removed and record is not None:
                 _drop_upload(state, Path(record.image))
             return bool(removed)
@@ -230,6 +232,7 @@ def _write_item(state: ServerState, item_id: str, category: str, title: str, att
         if previous is not None and Path(previous.image) != path:
             _drop_upload(state, Path(previous.image))
         record = state.catalog.items.item_by_id(item_id)
+    state.written()
     status = ("added" if report.added else "updated" if report.updated
               else "metadata_updated" if report.metadata_updated else "unchanged")
     return WriteResponse(status=status, item=item_model(record))

@@ -42,5 +42,5 @@ async def stats(state: StateDep) -> Stats:
         size_bytes=info.get("size_bytes"),
         modes=info["modes"], default_mode=info["modes"][0] if info["modes"] else "fused",
         features=Features(classify=bool(info["dims"]), anomaly=info["has_ae"], explain=bool(state.catalog.local_features())),
-        read_only=state.read_only, top_categories=info["top_categories"],
+        read_only=state.read_only, top_categories=info["top_categories"], fitted=info["fitted"],
     )
