@@ -39,6 +39,21 @@ def val_photos(grocery: Path) -> list[LabelledPhoto]:
     return split_photos("val", grocery)
 
 
+def refit_index(location: Path, *names: str) -> None:
+    """What ``catalens index`` fits at its end (the classifier, the match calibration; only those
+    ``names`` where given), for an index built with ``index_catalog``: searches never fit them."""
+    from catalens.indexer.backends import open_catalog
+    from catalens.search.refit import SLOTS
+
+    catalog = open_catalog(location)
+    try:
+        for slot in SLOTS:
+            if not names or slot.name in names:
+                slot.refit(catalog)
+    finally:
+        catalog.close()
+
+
 @pytest.fixture(scope="session")
 def grocery_index(grocery_catalog, tmp_path_factory) -> Path:
     """One index of the grocery catalog, built through a manifest as a user would."""
@@ -49,6 +64,7 @@ def grocery_index(grocery_catalog, tmp_path_factory) -> Path:
     manifest = write_manifest(grocery_catalog, folder / "catalog.jsonl")
     report = index_catalog(manifest, folder / "index", IndexConfig(), progress=False)
     assert not report.failures, report.failures[:3]
+    refit_index(folder / "index", "classifier")  # what the classify tests read; no test here asks for confidence
     return folder / "index"
 
 
@@ -106,4 +122,5 @@ def synthetic_index(tmp_path_factory) -> tuple[Path, Path]:
         draw_product(catalog / ["Dairy/Milk", "Fruit/Apple", "Fruit/Pear"][index % 3] / f"item{index}.jpg", seed=index)
     report = index_catalog(catalog, folder / "index", IndexConfig(), progress=False)
     assert report.added == 9
+    refit_index(folder / "index")
     return folder / "index", catalog

@@ -39,10 +39,12 @@ def pick_small_catalog(catalog: list[CatalogItem], classes: int = 4, per_class: 
 def build_small_index(catalog: list[CatalogItem], folder: Path, classes: int = 4) -> tuple[Path, list[CatalogItem]]:
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from tests.conftest import refit_index
 
     items = pick_small_catalog(catalog, classes)
     report = index_catalog(items, folder / "index", IndexConfig(), progress=False)
     assert not report.failures, report.failures[:3]
+    refit_index(folder / "index")
     return folder / "index", items
 
 

@@ -82,16 +82,16 @@ def test_evidence_reads_margin_to_the_next_product_and_neighbour_agreement():
 def test_search_json_carries_confidence_and_a_match_only_above_the_threshold(tiny_catalog, tmp_path, capsys):
     from catalens.api.cli import main
     from catalens.api.service import CatalogService
+    from catalens.api.service import index as index_and_refit
     from catalens.indexer.config import IndexConfig
-    from catalens.indexer.pipeline import index_catalog
 
     index = tmp_path / "index"
-    index_catalog(tiny_catalog, index, IndexConfig(num_workers=0), progress=False)
+    index_and_refit(tiny_catalog, index, IndexConfig(num_workers=0), progress=False)
+    assert (index / "models" / MODEL_FILE).is_file()  # fitted at the end of indexing, stored with it
     query = tiny_catalog / "Dairy/Yoghurt/item01.jpg"
     assert main(["search", str(query), "--index", str(index), "--k", "4", "--json"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert "match" in line and all(0 <= hit["confidence"] <= 1 for hit in line["results"])
-    assert (index / "models" / MODEL_FILE).is_file()  # fitted at the first search, stored with the index
 
     service = CatalogService.open(index)
     try:
@@ -111,7 +111,7 @@ def test_search_json_carries_confidence_and_a_match_only_above_the_threshold(tin
     assert "confidence" in table and ("no confident match" in table or "match " in table)
 
 
-def test_a_catalog_changed_beyond_max_stale_is_refitted(tiny_catalog, tmp_path, capsys):
+def test_a_catalog_changed_beyond_max_stale_is_stale_until_the_refit(tiny_catalog, tmp_path, capsys):
     from catalens.api.service import CatalogService
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
@@ -125,9 +125,13 @@ def test_a_catalog_changed_beyond_max_stale_is_refitted(tiny_catalog, tmp_path, 
         removed = [record.id for record in list(service.catalog.items.records().values())[:4]]
         service.remove(removed)  # 4 of 12: a third of the catalog
         assert service.info()["calibration"]["stale"]
+        during = service.engine.calibrator()  # searches keep the last fit meanwhile
+        service.refit()  # what remove does at its end
         after = service.engine.calibrator()
+        assert not service.info()["calibration"]["stale"]
     finally:
         service.close()
+    assert during is before
     assert after is not before and after.changed_fraction(after.catalog_keys_) == 0
 
 

@@ -170,8 +170,7 @@ def test_a_saved_classifier_answers_as_the_fitted_one(tmp_path):
         HierarchicalFewShotClassifier.load(tmp_path / "classifier.pt").attach_support(support[:-1])
 
 
-def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_changes(tiny_index, tiny_catalog,
-                                                                                   monkeypatch):
+def test_the_catalog_classifier_is_read_back_and_refitted_only_when_stale(tiny_index, tiny_catalog, monkeypatch):
     from catalens.datasets.catalog import load_catalog
     from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
@@ -183,21 +182,23 @@ def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_cha
     monkeypatch.setattr(classify.HierarchicalFewShotClassifier, "fit",
                         lambda self, *args: fits.append(1) or real_fit(self, *args))
 
-    def fresh_classifier():
+    def fresh_process(refit: bool = False):
         catalog = open_catalog(tiny_index)  # a new process's view: nothing cached in memory
         try:
-            return classify.fitted_classifier(catalog)
+            if refit:  # what the command that changed the catalog does at its end
+                classify.CLASSIFIER.refit(catalog)
+            return classify.fitted_classifier(catalog), classify.CLASSIFIER.status(catalog)
         finally:
             catalog.close()
 
-    first = fresh_classifier()
-    fitted_once = len(fits)
-    assert fitted_once >= 1 and (tiny_index / "models" / classify.CLASSIFIER_FILE).is_file()
-    again = fresh_classifier()
-    assert len(fits) == fitted_once  # read back, not fitted
-    assert again.ids == first.ids
+    assert (tiny_index / "models" / classify.CLASSIFIER_FILE).is_file()  # stored by the index's refit
+    first, state = fresh_process(refit=True)
+    assert not fits and state.fresh and state.stored  # read back, not fitted
+    again, _ = fresh_process()
+    assert not fits and again.ids == first.ids
     np.testing.assert_allclose(again.classifier.support_, first.classifier.support_)
-    # A file saved before a hyper-parameter existed is fitted again, not read with today's default.
+    # A file saved before a hyper-parameter existed is stale (not read with today's default): it
+    # still answers, and the refit fits it again.
     real_load = HierarchicalFewShotClassifier.load
 
     def load_as_written_before(path, **overrides):
@@ -207,17 +208,21 @@ def test_the_catalog_classifier_is_stored_and_refitted_only_when_the_catalog_cha
 
     with monkeypatch.context() as patch:
         patch.setattr(classify.HierarchicalFewShotClassifier, "load", load_as_written_before)
-        fresh_classifier()
-    assert len(fits) > fitted_once
-    fitted_once = len(fits)
+        older, state = fresh_process()
+        assert not fits and not state.fresh and "other settings" in state.reason and older.ids == first.ids
+        fresh_process(refit=True)
+    assert len(fits) == 1
     # The same keys and categories with other rows (an image indexed again) are another catalog.
     rows = np.ones((2, 3), np.float32)
     assert classify._catalog_stamp(np.arange(2), ["a", "b"], rows, {"deep": 1.0}) != classify._catalog_stamp(
         np.arange(2), ["a", "b"], rows * 2, {"deep": 1.0})
-    # A catalog write (one item fewer) makes the stored one stale.
+    # A catalog write (one item fewer) makes the stored one stale: a reader gets it without the
+    # removed item's row, and the refit fits it again.
     index_catalog(load_catalog(tiny_catalog)[1:], tiny_index, IndexConfig(), progress=False)
-    changed = fresh_classifier()
-    assert len(fits) > fitted_once and len(changed.ids) == len(first.ids) - 1
+    stale, state = fresh_process()
+    assert len(fits) == 1 and not state.fresh and len(stale.ids) == len(first.ids) - 1
+    changed, state = fresh_process(refit=True)
+    assert len(fits) == 2 and state.fresh and changed.ids == stale.ids
 
 
 def test_predict_before_fit_fails_clearly():
@@ -240,8 +245,10 @@ def test_result_json_matches_the_contract():
 def tiny_index(tiny_catalog, tmp_path):
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from tests.conftest import refit_index
 
     index_catalog(tiny_catalog, tmp_path / "index", IndexConfig(), progress=False)
+    refit_index(tmp_path / "index")
     return tmp_path / "index"
 
 

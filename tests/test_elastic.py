@@ -713,11 +713,10 @@ def _crop(image):
 
 def _calibrated(engine: SearchEngine) -> SearchEngine:
     """``engine`` with its match calibration and the catalog classifier its confidences read fitted
-    (their own searches and one read of the cluster) before the searches a test inspects."""
-    from catalens.search.calibration import catalog_classifier
+    (as the command that wrote the catalog does at its end) before the searches a test inspects."""
+    from catalens.search.refit import refit_catalog
 
-    engine.calibrator()
-    catalog_classifier(engine.catalog)
+    refit_catalog(engine.catalog)
     return engine
 
 

@@ -19,7 +19,7 @@ import pytest
 from catalens.api.cli import build_parser, main
 from catalens.indexer.config import ConfigError, IndexConfig, settle
 from catalens.indexer.pipeline import IndexReport, index_catalog
-from tests.conftest import draw_product
+from tests.conftest import draw_product, refit_index
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "first-ten-minutes-key"
@@ -48,6 +48,7 @@ def shop(tmp_path_factory) -> tuple[Path, Path]:
                      text=f"item {number}")
     report = index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
     assert report.added == 12 and not report.failures
+    refit_index(folder / "index")
     return folder / "catalog", folder / "index"
 
 

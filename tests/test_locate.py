@@ -20,7 +20,7 @@ from catalens.search.locate import (
     voted_box,
     windows,
 )
-from tests.conftest import textured_label
+from tests.conftest import refit_index, textured_label
 
 CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Juice/Orange", "Juice/Apple"]
 # Where the two products lie in the photo, and at what size: neither at the catalog's scale.
@@ -36,6 +36,7 @@ def label_index(tmp_path_factory):
         path.parent.mkdir(parents=True)
         textured_label(seed).save(path, quality=95)
     index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
+    refit_index(folder / "index")
     rng = np.random.default_rng(5)
     photo = Image.fromarray(rng.integers(100, 140, (480, 760, 3), dtype=np.uint8))
     for category, box in PLACED.items():

@@ -7,11 +7,13 @@ import pytest
 from catalens.api.cli import main
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
+from tests.conftest import refit_index
 
 
 @pytest.fixture()
 def tiny_index(tiny_catalog, tmp_path):
     index_catalog(tiny_catalog, tmp_path / "idx", IndexConfig(num_workers=0), progress=False)
+    refit_index(tmp_path / "idx")
     return tmp_path / "idx"
 
 
