@@ -207,7 +207,26 @@ class CatalogService:
         except (NotFittedError, FeatureUnavailableError) as error:
             raise ModelMissingError(str(error)) from None
 
+    def catalog_audit(self, top: int | None = None, category: str | None = None, problem: str | None = None,
+                      progress: bool = False):
+        """The catalog's suspicious items, most probable first (``search.audit``): misfiled, duplicated,
+        not a product; a category prefix of whole levels and one problem select among them."""
+        from catalens.search.audit import PROBLEMS, audit, select
+
+        if problem is not None and problem not in PROBLEMS:
+            raise FieldError(f"problem {problem!r} is not one of {', '.join(PROBLEMS)}")
+        category = self.check_category(category)
+        report = audit(self.catalog, progress=progress)
+        report.findings = select(report.findings, category=category, problem=problem, top=top)
+        return report
+
     # --- writing
+
+    def dismiss_finding(self, item_id: str) -> dict[str, Any]:
+        """Hide ``item_id``'s audit findings until the item changes (``KeyError`` for an unknown id)."""
+        from catalens.search.audit import dismiss
+
+        return dismiss(self.catalog, item_id)
 
     def add_items(self, items: Sequence[CatalogItem], progress: bool = False) -> IndexReport:
         """Add or replace items (every store, durably); nothing else in the catalog is touched."""

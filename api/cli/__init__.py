@@ -17,7 +17,7 @@ from catalens.api.cli.arguments import HelpFormatter, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from catalens.api.cli import catalog, queries, serve, training
+    from catalens.api.cli import audit, catalog, queries, serve, training
 
     parser = argparse.ArgumentParser(
         prog="catalens", formatter_class=HelpFormatter,
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do ('catalens COMMAND --help' for its options)")
-    for module in (catalog, queries, training, serve):
+    for module in (catalog, queries, audit, training, serve):
         module.register(commands)
     return parser
 

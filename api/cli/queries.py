@@ -194,7 +194,7 @@ def register(commands) -> None:
     p = add_command(
         commands, "anomaly", "score photos by autoencoder reconstruction error, or audit the catalog",
         description="Score photos by how badly the index's autoencoder (catalens train-ae) reconstructs them: "
-                    "above the threshold is anomalous. --audit lists the catalog's own most anomalous items.",
+                    "above the threshold is anomalous. --audit lists the catalog's own most anomalous items ('catalens audit' is the fuller check: misfiled items, duplicates, non-products).",
         epilog="examples: catalens anomaly upload.jpg --index shop-index --heatmaps heatmaps/\n"
                "          catalens anomaly --audit --index shop-index --top 50")
     add_query_arguments(p)
