@@ -30,7 +30,7 @@ from catalens.api.http.guard import (
     api_key_problem,
 )
 from catalens.api.http.problems import PathScrubber
-from catalens.api.http.routers import items, search, system
+from catalens.api.http.routers import audit, items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
 from catalens.api.service import CatalogService
 from catalens.indexer.backbones import check_backbone
@@ -198,6 +198,6 @@ def create_app(
     app.add_middleware(SecurityHeaders)  # added last, so outermost: the guard's refusals carry them too
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for router in (system.router, search.router, items.router):
+    for router in (system.router, search.router, items.router, audit.router):
         app.include_router(router)
     return app

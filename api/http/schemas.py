@@ -123,3 +123,24 @@ class Health(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class AuditFinding(BaseModel):
+    id: str
+    category: str
+    problem: str = Field(description="mislabelled, duplicate or not-a-product")
+    suggested: str | None = Field(None, description="mislabelled: the category the item looks like")
+    score: float = Field(description="calibrated probability that the finding is real")
+    evidence: dict[str, Any] = Field(default_factory=dict, description="neighbours, the level that differs, ids...")
+    image_url: str
+
+
+class AuditResponse(BaseModel):
+    items: int
+    seconds: float
+    dismissed: int = Field(description="findings hidden because a person dismissed them")
+    findings: list[AuditFinding]
+
+
+class DismissResponse(BaseModel):
+    dismissed: str

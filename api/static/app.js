@@ -77,6 +77,7 @@ function searchParams() {
 }
 
 async function runSearch() {
+  $("audit").innerHTML = "";
   const params = searchParams();
   setStatus("searching…");
   $("grid").innerHTML = "";
@@ -251,7 +252,112 @@ function runAll() {
   runAnomaly();
 }
 
+// --- catalog audit: each finding with its neighbours, to confirm or dismiss
+
+function thumb(id, size) {
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = id;
+  img.src = `/items/${encodeURIComponent(id)}/image?size=${size}`;
+  return img;
+}
+
+function describeFinding(finding) {
+  const score = `${(100 * finding.score).toFixed(1)}%`;
+  if (finding.problem === "mislabelled") {
+    return `mislabelled (${score}): filed under ${finding.category}, looks like ${finding.suggested} (${finding.evidence.level} differs)`;
+  }
+  if (finding.problem === "duplicate") {
+    const kind = finding.evidence.exact ? "exact copy" : "near copy";
+    return `duplicate (${score}): ${kind} of ${finding.evidence.ids.join(", ")}`;
+  }
+  const like = finding.evidence.looks_like ? `, looks like a ${finding.evidence.looks_like}` : "";
+  return `not a product (${score})${like}`;
+}
+
+async function dismissFinding(finding, card) {
+  let key = sessionStorage.getItem("catalens-key");
+  if (!key) {
+    key = window.prompt("API key (X-API-Key) to record the dismissal");
+    if (!key) return;
+  }
+  const data = new FormData();
+  data.append("dismiss", finding.id);
+  try {
+    await apiJson("/audit", { method: "POST", body: data, headers: { "X-API-Key": key } });
+    sessionStorage.setItem("catalens-key", key);
+    card.classList.add("dismissed");
+    setStatus(`dismissed ${finding.id}: hidden until the item changes`);
+  } catch (error) {
+    if (error.status === 401) sessionStorage.removeItem("catalens-key");
+    setStatus(`dismiss failed: ${error.message}`, true);
+  }
+}
+
+function renderFinding(finding) {
+  const card = document.createElement("article");
+  card.className = "finding";
+  card.appendChild(thumb(finding.id, 256));
+  const body = document.createElement("div");
+  const what = document.createElement("p");
+  what.className = "what";
+  what.textContent = describeFinding(finding);
+  const id = document.createElement("p");
+  id.className = "muted";
+  id.textContent = `${finding.id} · ${finding.category}`;
+  const strip = document.createElement("div");
+  strip.className = "neighbours";
+  const shown = finding.problem === "duplicate"
+    ? finding.evidence.ids.map((other, i) => ({ id: other, category: finding.evidence.categories[i] }))
+    : [];
+  for (const neighbour of [...shown, ...(finding.evidence.neighbours || [])].slice(0, 8)) {
+    const figure = document.createElement("figure");
+    const img = thumb(neighbour.id, 128);
+    if (neighbour.category !== finding.category) img.className = "other";
+    figure.appendChild(img);
+    const caption = document.createElement("figcaption");
+    caption.textContent = neighbour.category.split("/").pop();
+    caption.title = `${neighbour.id} (${neighbour.category})`;
+    figure.appendChild(caption);
+    strip.appendChild(figure);
+  }
+  const confirm = document.createElement("button");
+  confirm.type = "button";
+  confirm.textContent = "Confirm";
+  confirm.title = "the finding is right: mark it to fix in the catalog";
+  confirm.addEventListener("click", () => card.classList.toggle("confirmed"));
+  const dismiss = document.createElement("button");
+  dismiss.type = "button";
+  dismiss.textContent = "Dismiss";
+  dismiss.title = "nothing is wrong: hide this item's findings until it changes (needs the API key)";
+  dismiss.addEventListener("click", () => dismissFinding(finding, card));
+  body.append(what, id, strip, confirm, dismiss);
+  card.appendChild(body);
+  return card;
+}
+
+async function runAudit() {
+  const box = $("audit");
+  $("grid").innerHTML = "";
+  $("located").hidden = true;
+  box.innerHTML = "";
+  setStatus("auditing the catalog…");
+  const data = new FormData();
+  data.append("top", "50");
+  if ($("audit-problem").value) data.append("problem", $("audit-problem").value);
+  if ($("category").value.trim()) data.append("category", $("category").value.trim());
+  try {
+    const body = await apiJson("/audit", { method: "POST", body: data });
+    for (const finding of body.findings) box.appendChild(renderFinding(finding));
+    const hidden = body.dismissed ? `, ${body.dismissed} dismissed` : "";
+    setStatus(`${body.findings.length} findings in ${body.items} items (${body.seconds.toFixed(1)} s${hidden})`);
+  } catch (error) {
+    setStatus(`audit failed: ${error.message}`, true);
+  }
+}
+
 function wire() {
+  $("audit-controls").addEventListener("submit", (event) => { event.preventDefault(); runAudit(); });
   const drop = $("drop");
   $("file").addEventListener("change", (event) => pick(event.target.files[0]));
   drop.addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") $("file").click(); });
