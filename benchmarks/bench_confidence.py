@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+# `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
+from catalens.api.service import index as index_catalog
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, iconic_photos, split_photos
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
-from catalens.indexer.pipeline import index_catalog
 from catalens.search.calibration import MODEL_FILE, MatchCalibrator, annotate, calibrate_catalog
 from catalens.search.classify import HierarchicalFewShotClassifier
 from catalens.search.engine import Query, QueryResult, SearchEngine
@@ -66,7 +67,10 @@ def adapted(index: Path) -> None:
     catalog = open_catalog(index)
     try:
         if "adaptation" not in catalog.meta:
+            from catalens.search.refit import refit_catalog
+
             report = adapt_catalog(catalog, progress=True)
+            refit_catalog(catalog, progress=True)  # as `catalens finetune` does at its end
             print(f"  finetune: {report.items} items, {report.steps} steps, {report.seconds:.0f}s, held-out "
                   f"{report.held_out_kind} {report.held_out}: frozen {100 * report.frozen_accuracy:.1f}%, adapted "
                   f"{100 * report.adapted_accuracy:.1f}%, kept: {report.kept}")

@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_index(folder: Path, items: int) -> Path:
     """A grocery index of ``items`` catalog photos spread over every class."""
+    # `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
+    from catalens.api.service import index as index_catalog
     from catalens.datasets.grocery import catalog_items
     from catalens.indexer.config import IndexConfig
-    from catalens.indexer.pipeline import index_catalog
 
     catalog = catalog_items(("iconic", "train"))
     step = max(1, len(catalog) // items)

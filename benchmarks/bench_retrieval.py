@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
+from catalens.api.service import index as index_catalog
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, split_photos, train_folds
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
-from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores import ItemFilter, item_key
 from catalens.search.engine import Query, SearchEngine
 from catalens.search.settings import SearchSettings
@@ -66,8 +67,10 @@ def finetune(index: Path) -> dict:
     try:
         if "adaptation" not in catalog.meta:
             from catalens.indexer.training.adaptation import adapt_catalog
+            from catalens.search.refit import refit_catalog
 
             adapt_catalog(catalog, progress=True)
+            refit_catalog(catalog, progress=True)  # as `catalens finetune` does at its end
         return catalog.meta["adaptation"]
     finally:
         catalog.close()

@@ -247,9 +247,10 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
+    # `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
+    from catalens.api.service import index as index_catalog
     from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
-    from catalens.indexer.pipeline import index_catalog
     from catalens.search.engine import SearchEngine
 
     val = split_photos("val")

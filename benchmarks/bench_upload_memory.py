@@ -136,10 +136,11 @@ def free_port() -> int:
 
 
 def build_index(folder: Path) -> Path:
+    # `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
+    from catalens.api.service import index as index_catalog
     from catalens.datasets.catalog import CatalogItem, write_manifest
     from catalens.datasets.sample import write_sample_catalog
     from catalens.indexer.config import IndexConfig
-    from catalens.indexer.pipeline import index_catalog
 
     _, items = write_sample_catalog(folder / "catalog")
     image = folder / "catalog" / "cut-out.png"
