@@ -29,7 +29,8 @@ import numpy as np
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import feature_spec, feature_weights, l2_normalise
 from catalens.indexer.files import atomic_path
-from catalens.indexer.stores import ItemRecord, vectors_of
+from catalens.indexer.stores import ItemRecord
+from catalens.search.classify import aligned_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +111,7 @@ class CatalogRows:
         weights = feature_weights(specs, "classify")
         if not weights:
             raise ValueError(f"{catalog.location}: this index has no global features to audit with")
-        dims = catalog.dims()
-        keys, rows = None, {}
-        for name in sorted(weights, key=lambda n: -weights[n]):
-            found, found_rows = vectors_of(catalog.items, name, dims[name])
-            if keys is None:
-                keys, rows[name] = found, found_rows
-                continue
-            position = {int(key): i for i, key in enumerate(found)}
-            if any(int(key) not in position for key in keys):
-                log.info("audit: some items have no %r rows yet; auditing without that feature", name)
-                continue
-            rows[name] = found_rows[[position[int(key)] for key in keys]]
+        keys, rows = aligned_rows(catalog, weights)
         records_by_key = catalog.items.items(keys.tolist())
         keep = np.array([int(key) in records_by_key for key in keys], dtype=bool)
         keys = keys[keep]

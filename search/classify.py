@@ -527,6 +527,26 @@ class _CatalogRows:
         return _catalog_stamp(self.keys, self.categories, self.features, self.weights)
 
 
+def aligned_rows(catalog: Any, weights: dict[str, float]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(keys, rows by feature) of the items that have a row of every feature in ``weights``, in the
+    same order; a feature some items lack yet (an index built before it existed, until the next
+    index run) is left out of ``rows``, with a log line."""
+    dims = catalog.dims()
+    rows: dict[str, np.ndarray] = {}
+    keys = np.zeros(0, np.int64)
+    for name in sorted(weights, key=lambda n: -weights[n]):
+        found, found_rows = vectors_of(catalog.items, name, dims[name])
+        if not rows:
+            keys, rows[name] = found, found_rows
+            continue
+        position = {int(key): i for i, key in enumerate(found)}
+        if any(int(key) not in position for key in keys):
+            log.info("%s: some items have no %r rows yet; left out until the next index run", catalog.location, name)
+            continue
+        rows[name] = found_rows[[position[int(key)] for key in keys]]
+    return keys, rows
+
+
 def _catalog_rows(catalog: Any, exclude: Sequence[int] = (), weights: dict[str, float] | None = None) -> _CatalogRows:
     """The catalog's items less ``exclude``, with the features of ``weights`` (default: every
     global feature with a classification weight); ``ValueError`` where there is nothing to classify with."""
@@ -538,20 +558,7 @@ def _catalog_rows(catalog: Any, exclude: Sequence[int] = (), weights: dict[str, 
     dims = catalog.dims()
     if any(name not in dims for name in weights):
         raise ValueError(f"{catalog.location}: this index no longer holds the features {', '.join(weights)}")
-    rows: dict[str, np.ndarray] = {}
-    keys = None
-    for name in sorted(weights, key=lambda n: -weights[n]):
-        found, found_rows = vectors_of(catalog.items, name, dims[name])
-        if keys is None:
-            keys, rows[name] = found, found_rows
-            continue
-        position = {int(key): i for i, key in enumerate(found)}
-        if any(int(key) not in position for key in keys):
-            log.info("%s: some items have no %r rows yet; classifying without them until the next index run",
-                     catalog.location, name)
-            weights.pop(name)
-            continue
-        rows[name] = found_rows[[position[int(key)] for key in keys]]
+    keys, rows = aligned_rows(catalog, weights)
     records = catalog.items.items(keys.tolist())
     excluded = set(int(key) for key in exclude)
     keep = np.array([int(key) in records and int(key) not in excluded for key in keys], dtype=bool)
