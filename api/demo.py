@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from catalens.api.tables import format_table
+from catalens.api.tables import search_lines
 
 
 def run_demo(workdir: Path) -> int:
@@ -29,8 +29,7 @@ def run_demo(workdir: Path) -> int:
     result = service.search([query_path], k=5)[0]
     service.close()
     print(f"\nquery: {query_path} (a shop photo of {wanted.id}, '{wanted.title}'), mode {mode}")
-    rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
-    print(format_table(["#", "id", "score", "category", "title"], rows))
+    print("\n".join(search_lines(result, mode)).lstrip("\n"))
     found = bool(result.results) and result.results[0].id == wanted.id
     print("\ntop result is the photographed item" if found else "\ntop result is NOT the photographed item")
     print(f"try: catalens search {query_path} --index {workdir / 'index'}")

@@ -157,11 +157,22 @@ class CatalogService:
 
     def locate(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
                max_detections: int | None = None) -> list:
-        """The catalog products each photo shows, each with its box (``search.locate``)."""
+        """The catalog products each photo shows, each with its box (``search.locate``): the best
+        ``max_detections`` of them."""
         from catalens.search.locate import LocateSettings, locate
 
-        settings = LocateSettings(max_detections=max_detections) if max_detections else LocateSettings()
-        return locate(self.engine, sources, names=names, settings=settings)
+        # A smaller cap would end the search for products early and change which are found: the
+        # second best of 20 must stay the second best of 2. So the search runs to at least the
+        # default cap, and the answer is cut.
+        settings = LocateSettings()
+        if max_detections and max_detections > settings.max_detections:
+            settings = LocateSettings(max_detections=max_detections)
+        results = locate(self.engine, sources, names=names, settings=settings)
+        if max_detections:
+            for result in results:
+                if result.detections:
+                    result.detections = result.detections[:max_detections]
+        return results
 
     def explain(self, result: QueryResult, out_dir: Path, query_image: Image.Image | None = None) -> list[Path]:
         from catalens.search.explain import write_explanations

@@ -589,6 +589,7 @@ def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter |
     confidence = dict(zip(keys.tolist(), calibrator.predict_proba(mode, rows).tolist(), strict=True))
     result.results = [replace(hit, confidence=confidence.get(hit.key)) for hit in hits]
     threshold = settings.match_threshold if settings.match_threshold is not None else calibrator.threshold(mode)
+    result.threshold = float(threshold)
     top = result.results[0]
     result.match = top.id if top.confidence is not None and top.confidence >= threshold else None
     return result

@@ -71,6 +71,19 @@ class ClassifyResult:
     levels: list[LevelPrediction] = field(default_factory=list)
     neighbours: list[str] = field(default_factory=list)
     error: str | None = None
+    # The confidence a level needs to be part of ``category`` (the classifier's ``level_threshold``).
+    sure_at: float = 0.9
+
+    @property
+    def guess(self) -> str:
+        """The best guess at the leaf: the path of ``levels``, sure or not (``category`` stops at the
+        deepest level that is sure)."""
+        return "/".join(level.name for level in self.levels) or self.category
+
+    @property
+    def sure_depth(self) -> int:
+        """How many levels of ``guess`` are sure: 0 for ``unknown``."""
+        return 0 if self.category == UNKNOWN else self.category.count("/") + 1
 
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
@@ -80,6 +93,9 @@ class ClassifyResult:
             "category": self.category,
             "levels": [{"name": level.name, "confidence": round(float(level.confidence), 4)} for level in self.levels],
             "neighbours": list(self.neighbours),
+            "guess": self.guess,
+            "sure_depth": self.sure_depth,
+            "sure_at": self.sure_at,
         }
 
 
@@ -713,5 +729,6 @@ def classify(
             result = results[position]
             result.category = prediction.category
             result.levels = prediction.levels
+            result.sure_at = float(fitted.classifier.level_threshold)
             result.neighbours = [fitted.ids[int(row)] for row in prediction.neighbours[:n_neighbours]]
     return results

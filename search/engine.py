@@ -64,6 +64,9 @@ class QueryResult:
     # whether confidences were computed at all (a catalog too small to calibrate has none).
     match: str | None = None
     calibrated: bool = False
+    # The confidence the top result needed to be the match (the mode's, or the settings'); 1.0 where
+    # the calibration found no threshold right 95% of the time: the mode cannot judge its matches.
+    threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
@@ -71,6 +74,8 @@ class QueryResult:
         out: dict[str, Any] = {"query": self.query}
         if self.calibrated:
             out["match"] = self.match
+            if self.threshold is not None:
+                out["threshold"] = round(float(self.threshold), 4)
         out["results"] = [hit.to_json() for hit in self.results or []]
         return out
 

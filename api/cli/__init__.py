@@ -26,11 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="start with: catalens demo; then catalens index CATALOG --index DIR. "
                "'catalens COMMAND --help' explains each command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    parser.add_argument("--version", action="version", version=f"catalens {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do ('catalens COMMAND --help' for its options)")
     for module in (catalog, queries, audit, training, serve):
         module.register(commands)
     return parser
+
+
+def _version() -> str:
+    import catalens
+
+    return catalens.__version__
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; an option the command does not know is an error with that command's usage,
+    not the top-level one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _one_line_errors() -> tuple[type[Exception], ...]:
@@ -51,23 +68,35 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     console = logging.StreamHandler()
     # The handler's level, not the root's: indexing runs raise the root to INFO for their log file.
     console.setLevel(logging.INFO if args.verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(console)
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # The client logs every retry of an unreachable cluster with its traceback; the one line below says it.
+    logging.getLogger("elastic_transport").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return args.run(args)
     except _one_line_errors() as error:
         print(f"catalens {args.command}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (| head): what it read is the answer
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:
         from catalens.indexer.files import disk_full
+
+        if _from_elasticsearch(error):
+            print(f"catalens {args.command}: Elasticsearch at {_es_url(args)} cannot be reached or refused the "
+                  f"request ({_cause(error)}); is it running? (docker compose up -d)", file=sys.stderr)
+            return 2
 
         where = getattr(args, "index", None) or "DIR"
         if disk_full(error):
@@ -75,18 +104,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "command again: what was committed before stays in the index", file=sys.stderr)
             return 2
         if not isinstance(error, sqlite3.DatabaseError):
-            return _unexpected(args, error)
+            raise
         # Damage the header check at open cannot see (a page in the middle of items.sqlite).
         print(f"catalens {args.command}: {where}/items.sqlite is damaged ({error}); run 'catalens check --index "
               f"{where}'", file=sys.stderr)
         return 2
 
 
-def _unexpected(args: argparse.Namespace, error: Exception) -> int:
-    if type(error).__module__.startswith("elastic_transport"):
-        print(f"catalens {args.command}: Elasticsearch unreachable or refused the request: {error}", file=sys.stderr)
-        return 3
-    raise error
+def _from_elasticsearch(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the Elasticsearch client's: a connection refused, a
+    timeout, an error answer."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__module__.split(".")[0] in ("elastic_transport", "elasticsearch"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _es_url(args: argparse.Namespace) -> str:
+    import os
+
+    from catalens.api.cli.arguments import ES_URL_ENV
+
+    return getattr(args, "es_url", None) or os.environ.get(ES_URL_ENV) or "the given URL"
 
 
 def _cause(error: BaseException) -> str:

@@ -93,7 +93,16 @@ def open_service(args: argparse.Namespace):
 
 
 def read_queries(args: argparse.Namespace) -> list[str]:
-    queries = list(args.images)
+    """The query photos: each PHOTO (a folder stands for the photos below it, sorted), then the
+    lines of ``--from-file``."""
+    from catalens.datasets import read_photo_list
+
+    queries = []
+    for photo in args.images:
+        if Path(photo).is_dir():
+            queries.extend(str(path) for path in read_photo_list(photo))
+        else:
+            queries.append(photo)
     if args.from_file:
         path = Path(args.from_file)
         if not path.is_file():
@@ -104,32 +113,72 @@ def read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
+FORMATS = ("table", "json", "csv")
+
+
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="PHOTO", help="query photos (JPEG, PNG, WebP, ...)")
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON object per photo per line on stdout, as each is answered")
+    parser.add_argument("images", nargs="*", metavar="PHOTO",
+                        help="query photos (JPEG, PNG, WebP, ...); a folder means every photo below it")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="table (for a person, the default), json (one object per photo per line) or csv "
+                             "(one row per result, with a header), on stdout as each photo is answered")
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
     parser.add_argument("--from-file", metavar="LIST",
                         help="a file with one query photo path per line (after any PHOTO); a progress bar "
                              "on stderr when it is a terminal")
 
 
-def print_results(results: Iterable, as_json: bool, render: Callable[[Any], Iterable[str]],
-                  on_each: Callable[[Any], Iterable[str]] | None = None) -> int:
-    """Each query's result, as it comes, as a JSON line, an error line, or ``render``'s lines;
-    ``on_each`` adds lines for a human (on stderr with ``--json``). Returns how many failed."""
+def output_format(args: argparse.Namespace) -> str:
+    """``table``, ``json`` or ``csv``: ``--format``, with ``--json`` as its short form."""
+    chosen = getattr(args, "format", None)
+    if getattr(args, "json", False):
+        if chosen not in (None, "json"):
+            raise UsageError(f"--json and --format {chosen} ask for two formats; give one")
+        return "json"
+    return chosen or "table"
+
+
+def error_text(query: str, error: str) -> str:
+    """``query: error: ...`` with the path said once: decoding errors already start with it."""
+    for prefix in (f"{query}: ", f"{query} "):
+        if error.startswith(prefix):
+            error = error[len(prefix):]
+            break
+    return f"{query}: error: {error}"
+
+
+def print_results(results: Iterable, fmt: str | bool, render: Callable[[Any], Iterable[str]],
+                  on_each: Callable[[Any], Iterable[str]] | None = None,
+                  csv_header: Sequence[str] = (), csv_rows: Callable[[Any], Iterable[Sequence[Any]]] | None = None) -> int:
+    """Each query's result, as it comes: a JSON line, CSV rows (``csv_rows``, under ``csv_header``
+    and an ``error`` column), an error line, or ``render``'s lines; ``on_each`` adds lines for a
+    person (on stderr with json or csv). Returns how many failed."""
+    import csv
+
+    fmt = "json" if fmt is True else "table" if fmt is False else fmt
+    writer = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow([*csv_header, "error"])
     failed = 0
     for result in results:
         failed += result.error is not None
-        if as_json:
+        lines: list[str] = []
+        if fmt == "json":
             lines = [json.dumps(result.to_json(), ensure_ascii=False)]
+        elif writer is not None:
+            if result.error:
+                writer.writerow([result.query, *[""] * (len(csv_header) - 1), result.error])
+            else:
+                for row in csv_rows(result):
+                    writer.writerow([*row, ""])
         elif result.error:
-            lines = [f"{result.query}: error: {result.error}"]
+            lines = [error_text(result.query, result.error)]
         else:
             lines = list(render(result))
         for line in lines:
             tqdm.write(line, file=sys.stdout)
         for line in on_each(result) if on_each else ():
-            tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
+            tqdm.write(line, file=sys.stdout if fmt == "table" else sys.stderr)
         sys.stdout.flush()
     return failed
 

@@ -50,6 +50,14 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
 
+def mode_threshold_text(row: dict) -> str:
+    """A mode's match threshold for a person, or why it has none worth the name."""
+    if row["threshold"] >= 1.0:
+        return "none: this mode cannot judge its matches on this catalog (no threshold was right 95% of the time)"
+    return (f"{row['threshold']:.2f} (matches right {100 * row['precision']:.0f}% of the time on held-out photos, "
+            f"{100 * row['coverage']:.0f}% of them matched)")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
@@ -74,6 +82,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if state["stale"]:
             info[name] += f"; stale: {state['reason']} (run catalens calibrate; searches use this fit meanwhile)"
     rows = [(key, ", ".join(value) if isinstance(value, list) else value) for key, value in info.items()]
+    rows += [(f"match threshold, {row['mode']}", mode_threshold_text(row)) for row in calibration.get("modes") or []]
     rows += [(f"dims.{name}", dim) for name, dim in dims.items()]
     if size is not None:
         rows.append(("size on disk", f"{size / 1e6:.1f} MB"))

@@ -22,30 +22,51 @@ from catalens.api.cli.arguments import (
     answered,
     exit_status,
     open_service,
+    output_format,
     print_results,
     read_queries,
 )
-from catalens.api.tables import format_table
+from catalens.api.tables import format_table, search_lines
 
 
-def _search_table(result) -> Iterator[str]:
-    if not result.calibrated:
-        yield f"\n{result.query}"
-        rows = [(rank, hit.id, f"{hit.score:.3f}", hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
-        yield format_table(["#", "id", "score", "category", "title"], rows) if rows else "no results"
-        return
-    yield f"\n{result.query}: " + (f"match {result.match}" if result.match else "no confident match")
-    rows = [(rank, hit.id, f"{hit.score:.3f}", "" if hit.confidence is None else f"{hit.confidence:.2f}",
-             hit.category, hit.title) for rank, hit in enumerate(result.results, 1)]
-    yield format_table(["#", "id", "score", "confidence", "category", "title"], rows) if rows else "no results"
+def _search_table(mode: str):
+    return lambda result: search_lines(result, mode)
+
+
+SEARCH_CSV = ("query", "rank", "id", "score", "confidence", "match", "category", "title")
+
+
+def _search_csv(result) -> Iterator[tuple]:
+    for rank, hit in enumerate(result.results, 1):
+        yield (result.query, rank, hit.id, f"{hit.score:.6f}", "" if hit.confidence is None else f"{hit.confidence:.4f}",
+               "yes" if rank == 1 and result.match else "", hit.category, hit.title)
 
 
 def _classify_table(result) -> Iterator[str]:
-    yield f"\n{result.query}: {result.category}"
-    rows = [(depth, level.name, f"{level.confidence:.2f}") for depth, level in enumerate(result.levels, 1)]
+    guess = result.guess
+    sure = result.sure_depth
+    if not result.levels:
+        yield f"\n{result.query}: {result.category}"
+    elif sure == len(result.levels):
+        yield f"\n{result.query}: {guess} (sure at every level)"
+    elif sure:
+        yield f"\n{result.query}: best guess {guess}, sure down to {result.category}"
+    else:
+        yield f"\n{result.query}: best guess {guess}, not sure at any level (category: unknown)"
+    rows = [(depth, level.name, f"{level.confidence:.2f}",
+             "yes" if depth <= sure else f"no (< {result.sure_at:.2f})")
+            for depth, level in enumerate(result.levels, 1)]
     if rows:
-        yield format_table(["level", "category", "confidence"], rows)
+        yield format_table(["level", "best guess", "confidence", "sure"], rows)
     yield "nearest items: " + ", ".join(result.neighbours)
+
+
+CLASSIFY_CSV = ("query", "category", "guess", "confidences", "nearest")
+
+
+def _classify_csv(result) -> Iterator[tuple]:
+    yield (result.query, result.category, result.guess, " / ".join(f"{level.confidence:.4f}" for level in result.levels),
+           " ".join(result.neighbours))
 
 
 def _anomaly_line(result) -> Iterator[str]:
@@ -54,12 +75,22 @@ def _anomaly_line(result) -> Iterator[str]:
     yield f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}"
 
 
+ANOMALY_CSV = ("query", "score", "threshold", "anomalous", "heatmap")
+
+
+def _anomaly_csv(result) -> Iterator[tuple]:
+    yield (result.query, f"{result.score:.6f}", f"{result.threshold:.6f}", "yes" if result.anomalous else "no",
+           result.heatmap or "")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     queries = read_queries(args)
-    if args.k < 1:
+    fmt = output_format(args)
+    if args.k is not None and args.k < 1:
         raise UsageError("--k must be at least 1")
     service = open_service(args)
     try:
+        mode = args.mode or service.settings.mode or "fused"
         # Asked before the first photo is read: a mode or category the index lacks is one line.
         service.engine.check_mode(args.mode)
         category = service.check_category(args.category)
@@ -72,7 +103,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         results = answered(queries, lambda chunk, first: service.search(
             chunk, category=category, k=args.k, mode=args.mode, collapse=args.collapse or None), "searching")
-        failed = print_results(results, args.json, _search_table, explain)
+        failed = print_results(results, fmt, _search_table(mode), explain, SEARCH_CSV, _search_csv)
     finally:
         service.close()
     return exit_status(failed, len(queries))
@@ -85,8 +116,18 @@ def _locate_table(result) -> Iterator[str]:
     yield format_table(["#", "id", "score", "confidence", "category", "title", "box"], rows) if rows else "no products found"
 
 
+LOCATE_CSV = ("query", "rank", "id", "score", "confidence", "category", "title", "x0", "y0", "x1", "y1")
+
+
+def _locate_csv(result) -> Iterator[tuple]:
+    for rank, d in enumerate(result.detections, 1):
+        yield (result.query, rank, d.id, f"{d.score:.6f}", "" if d.confidence is None else f"{d.confidence:.4f}",
+               d.category, d.title, *d.box)
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     queries = read_queries(args)
+    fmt = output_format(args)
     if args.max < 1:
         raise UsageError("--max must be at least 1")
     service = open_service(args)
@@ -99,7 +140,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
             return [f"boxes of {result.query}: {write_drawing(result, Path(args.draw))}"]
 
         results = answered(queries, lambda chunk, first: service.locate(chunk, max_detections=args.max), "locating")
-        failed = print_results(results, args.json, _locate_table, draw)
+        failed = print_results(results, fmt, _locate_table, draw, LOCATE_CSV, _locate_csv)
     finally:
         service.close()
     return exit_status(failed, len(queries))
@@ -107,10 +148,11 @@ def cmd_locate(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     queries = read_queries(args)
+    fmt = output_format(args)
     service = open_service(args)
     try:
         failed = print_results(answered(queries, lambda chunk, first: service.classify(chunk), "classifying"),
-                               args.json, _classify_table)
+                               fmt, _classify_table, None, CLASSIFY_CSV, _classify_csv)
     finally:
         service.close()
     return exit_status(failed, len(queries))
@@ -120,6 +162,8 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
     if args.audit and (args.images or args.from_file):
         raise UsageError("--audit scores the catalog's own items; give no query images with it")
     queries = [] if args.audit else read_queries(args)
+    fmt = output_format(args)
+    args.json = fmt == "json"
     service = open_service(args)
     try:
         if args.audit:
@@ -135,8 +179,8 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
             return 0
         results = answered(queries, lambda chunk, first: service.anomaly(chunk, heatmaps=args.heatmaps, first=first),
                            "scoring")
-        failed = print_results(results, args.json, _anomaly_line)
-        if args.heatmaps and args.json and failed < len(queries):
+        failed = print_results(results, fmt, _anomaly_line, None, ANOMALY_CSV, _anomaly_csv)
+        if args.heatmaps and fmt != "table" and failed < len(queries):
             print(f"heatmaps in {args.heatmaps}", file=sys.stderr)
         return exit_status(failed, len(queries))
     finally:
@@ -156,7 +200,8 @@ def register(commands) -> None:
                "          catalens search --from-file photos.txt --index shop-index --json > hits.jsonl")
     add_query_arguments(p)
     add_location_arguments(p)
-    p.add_argument("--k", type=int, default=10, help="results per photo")
+    p.add_argument("-k", "--k", type=int, default=None,
+                   help="results per photo (default: [search] k of --config, or $CATALENS_SEARCH_K, else 10)")
     p.add_argument("--mode", default=None, help=f"how to rank (default fused): {MODES_HELP}")
     p.add_argument("--category", metavar="PATH",
                    help="only items under this category path prefix of whole levels (Packages or Packages/Milk)")
@@ -176,7 +221,7 @@ def register(commands) -> None:
                "          catalens locate --from-file photos.txt --index shop-index --json > found.jsonl")
     add_query_arguments(p)
     add_location_arguments(p)
-    p.add_argument("--max", type=int, default=20, help="at most this many detections per photo")
+    p.add_argument("--max", type=int, default=20, help="the best this many detections per photo")
     p.add_argument("--draw", metavar="OUT",
                    help="folder for each photo drawn with its labelled boxes (PNG, named after the photo)")
     add_config_argument(p, "table [search]")

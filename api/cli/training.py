@@ -87,8 +87,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps({"modes": model.summary()}))
         return 0
     rows = [(row["mode"], row["queries"], f"{row['threshold']:.3f}", f"{100 * row['precision']:.1f}%",
-             f"{100 * row['coverage']:.1f}%") for row in model.summary()]
+             f"{100 * row['coverage']:.1f}%") if row["threshold"] < 1.0 else
+            (row["mode"], row["queries"], "none", "-", "-") for row in model.summary()]
     print(format_table(["mode", "held-out queries", "match threshold", "match precision", "coverage"], rows))
+    unjudged = [row["mode"] for row in model.summary() if row["threshold"] >= 1.0]
+    if unjudged:
+        print(f"\n{', '.join(unjudged)}: no threshold was right 95% of the time on the held-out queries, so "
+              f"{'this mode' if len(unjudged) == 1 else 'these modes'} never call a result a confident match "
+              "(their confidences are still given; a larger catalog, or finetune, can change it)")
     print(f"\nstored with the index; it counts as stale once more than {100 * model.max_stale:.0f}% of the catalog "
           "changes (index, remove, finetune and train-ae refit it at their end, a server in the background)")
     return 0

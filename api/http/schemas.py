@@ -24,6 +24,8 @@ class SearchResponse(BaseModel):
     category: str | None = None
     match: str | None = Field(None, description="the top result's id when its confidence reaches the index's match "
                                                 "threshold, else null: no confident match")
+    threshold: float | None = Field(None, description="the confidence the top result needed to be the match (this "
+                                                      "mode's); 1.0: the mode cannot judge its matches on this catalog")
     results: list[Hit]
     seconds: float
 
@@ -54,6 +56,9 @@ class ClassifyResponse(BaseModel):
     category: str = Field(description="the deepest confident category path, or 'unknown'")
     levels: list[Level]
     neighbours: list[str] = Field(description="ids of the nearest catalog items")
+    guess: str | None = Field(None, description="the best guess at the leaf: the path of levels, sure or not")
+    sure_depth: int | None = Field(None, description="how many levels of guess are sure (0: unknown)")
+    sure_at: float | None = Field(None, description="the confidence a level needs to be sure")
 
 
 class AnomalyResponse(BaseModel):

@@ -50,6 +50,20 @@ LOCK_FILE = "catalens.lock"
 CATCH_UP_SECONDS = 1.0
 
 
+def _looks_like_a_catalog(root: Path) -> bool:
+    """Whether ``root`` holds photos or a JSONL manifest (within two levels): a catalog passed as
+    ``--index``, which an index run would litter rather than read."""
+    from catalens.datasets.catalog import IMAGE_SUFFIXES
+
+    if not root.is_dir():
+        return False
+    for pattern in ("*", "*/*", "*/*/*"):
+        for path in root.glob(pattern):
+            if path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() == ".jsonl":
+                return True
+    return False
+
+
 class FolderCatalog(Catalog):
     """SQLite items, FAISS vectors and inverted files in one folder. Use ``open`` / ``create``."""
 
@@ -103,6 +117,11 @@ class FolderCatalog(Catalog):
         read_only = read_only or _on_read_only_filesystem(root)
         meta_path = root / META_FILE
         if not meta_path.is_file():
+            if _looks_like_a_catalog(root):
+                suggested = f"{root.resolve().name or 'catalog'}-index"
+                raise IndexUnavailableError(
+                    f"{root} is a catalog (photos or a manifest), not an index: index it with 'catalens index {root} "
+                    f"--index {suggested}', then use --index {suggested}")
             raise IndexUnavailableError(f"{root}: no catalens index here (run 'catalens index CATALOG --index {root}')")
         meta = _read_meta(meta_path)
         if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -93,7 +93,7 @@ async def search(
         raise HTTPException(400, result.error)
     hits = [Hit(**hit.to_json(), image_url=image_url(hit.id)) for hit in result.results or []]
     return SearchResponse(query=upload.name, mode=settings.mode, k=settings.k, category=category, match=result.match,
-                          results=hits, seconds=round(seconds, 4))
+                          threshold=result.threshold, results=hits, seconds=round(seconds, 4))
 
 
 @router.post("/locate", response_model=LocateResponse, responses=_ERRORS)
