@@ -148,7 +148,9 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             assert "results in" in page.inner_text("#status")
             # Calibrated confidences on the cards, and the verdict: the top result or "no confident match".
             confidences = [card.query_selector(".confidence").inner_text() for card in cards]
-            assert all(text.endswith("% ·") for text in confidences), confidences
+            assert all(text.endswith("%") for text in confidences), confidences
+            labels = cards[0].query_selector("dl").inner_text()
+            assert "confidence" in labels and "score" in labels, labels  # labelled, not "#2 43% · 1.222"
             verdict = page.inner_text("#match")
             assert verdict.startswith(cards[0].query_selector(".title").inner_text()) or \
                 verdict.startswith("no confident match"), verdict
@@ -156,9 +158,10 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             if classify:
                 page.wait_for_function("!['—', '…'].includes(document.getElementById('classify').textContent)", timeout=60_000)
                 # The confident category, then every level's best guess with its confidence.
+                # The best guess at the leaf first, then how deep it is sure, each level with its confidence.
                 proposed = page.inner_text("#classify")
-                assert proposed.split(" (")[0].split("/")[0] == query.category.split("/")[0], proposed
-                assert "%" in proposed, proposed
+                assert proposed.split(":")[0].split("/")[0] == query.category.split("/")[0], proposed
+                assert "%" in proposed and "sure" in proposed, proposed
             shot = ARTIFACTS / "search.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
@@ -169,9 +172,15 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             page.wait_for_function("document.querySelectorAll('#boxes rect').length > 0", timeout=60_000)
             found = page.inner_text("#located-list")
             assert "confidence" in found and "products found in" in page.inner_text("#status"), found
+            # On a screen of its own, with labels at the page's font size.
+            assert page.is_hidden("#grid") and page.is_hidden("#verdicts"), "locate shares the screen with the search"
+            size = page.eval_on_selector(".box-label", "label => parseFloat(getComputedStyle(label).fontSize)")
+            assert size >= 13, size
             shot = ARTIFACTS / "locate.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"screenshot: {shot}")
+            page.click("#back")
+            page.wait_for_selector("#grid:not([hidden])")
 
             cards[0].click()
             page.wait_for_selector("#detail[open]")

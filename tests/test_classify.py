@@ -237,7 +237,12 @@ def test_result_json_matches_the_contract():
     assert result.to_json() == {
         "query": "q.jpg", "category": "A/B",
         "levels": [{"name": "A", "confidence": 0.97}, {"name": "B", "confidence": 0.61}], "neighbours": ["x", "y"],
+        # Added beside the contract (issue 37): the best guess at the leaf, and how deep it is sure.
+        "guess": "A/B", "sure_depth": 2, "sure_at": 0.9,
     }
+    unsure = ClassifyResult("q.jpg", "A", [LevelPrediction("A", 0.97), LevelPrediction("B", 0.61)], ["x"])
+    assert (unsure.guess, unsure.sure_depth) == ("A/B", 1)
+    assert ClassifyResult("q.jpg", "unknown", [LevelPrediction("A", 0.5)]).sure_depth == 0
     assert ClassifyResult("bad.jpg", error="cannot decode").to_json() == {"query": "bad.jpg", "error": "cannot decode"}
 
 
@@ -261,7 +266,7 @@ def test_classify_cli_json_lines_and_unreadable_image(tiny_index, tiny_catalog, 
     assert main(["classify", str(query), str(bad), "--index", str(tiny_index), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["query"] == str(query)
-    assert set(lines[0]) == {"query", "category", "levels", "neighbours"}
+    assert set(lines[0]) == {"query", "category", "levels", "neighbours", "guess", "sure_depth", "sure_at"}
     assert lines[0]["category"].startswith("Dairy/Milk")  # an indexed image finds its own category
     # The best guess at every level down to the leaf, confidences in [0, 1] never growing with depth;
     # the category is the part of it that reaches the threshold.

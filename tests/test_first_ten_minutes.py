@@ -77,14 +77,15 @@ def test_ci_runs_both_readme_commands_main_job_first():
     assert ci.index("make demo") < ci.index("make test")
 
 
-# --- 2. the README's serve section: the key, read-only, the header, the endpoints, curl
+# --- 2. the docs' serve page (moved from the README, issue 37): the key, read-only, the header, the endpoints, curl
 
 
-def test_readme_says_how_to_serve_and_call_the_api():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_say_how_to_serve_and_call_the_api():
+    page = (ROOT / "docs/http-api.md").read_text()
     for needed in ("CATALENS_API_KEY", "--read-only", "X-API-Key", "/docs", "/redoc", "/stats", "/health"):
-        assert needed in readme, needed
-    curls = [line for line in readme.splitlines() if line.lstrip().startswith("curl")]
+        assert needed in page, needed
+    assert "docs/http-api.md" in (ROOT / "README.md").read_text()
+    curls = [line for line in page.splitlines() if line.lstrip().startswith("curl")]
     joined = "\n".join(curls)
     for endpoint in ("/search", "/classify", "/anomaly", "/items"):
         assert endpoint in joined, endpoint
@@ -92,11 +93,12 @@ def test_readme_says_how_to_serve_and_call_the_api():
     assert any("/items" in line and "X-API-Key" in line and "-F image=@" in line for line in curls)
 
 
-def test_readme_shows_every_command():
-    readme = (ROOT / "README.md").read_text()
+def test_readme_and_the_commands_page_show_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
-    for name in commands:
-        assert f"catalens {name}" in readme, name
+    for page in ("README.md", "docs/commands.md"):
+        text = (ROOT / page).read_text()
+        for name in commands:
+            assert f"catalens {name}" in text, (page, name)
 
 
 # --- 3. /docs and /redoc served by the app itself (the browser test renders them offline)
@@ -342,7 +344,8 @@ def test_index_where_every_image_failed_exits_1(tmp_path):
 def test_search_exits_1_when_no_photo_could_be_answered(shop, tmp_path, capsys):
     photo = str(next(shop[0].rglob("*.jpg")))
     assert main(["search", str(tmp_path / "missing.jpg"), "--index", str(shop[1]), "--mode", "deep"]) == 1
-    assert "missing.jpg: file not found" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "missing.jpg: error: file not found" in out and out.count("missing.jpg") == 1  # the path said once
     assert main(["search", photo, str(tmp_path / "missing.jpg"), "--index", str(shop[1]), "--mode", "deep"]) == 0
     assert main(["classify", str(tmp_path / "missing.jpg"), "--index", str(shop[1])]) == 1
 

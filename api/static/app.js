@@ -50,16 +50,44 @@ async function loadStats() {
   }
 }
 
+// A photo's answers must never sit beside another photo's: a new photo, or an error, clears them.
+function clearVerdicts() {
+  $("match").textContent = "—";
+  $("classify").textContent = state.stats && !state.stats.features.classify ? "not available on this server" : "—";
+  const anomaly = $("anomaly");
+  anomaly.textContent = state.stats && !state.stats.features.anomaly ? "not available on this server" : "—";
+  anomaly.className = "";
+  $("grid").innerHTML = "";
+  $("located-list").innerHTML = "";
+  $("boxes").innerHTML = "";
+  $("labels").innerHTML = "";
+}
+
+// Two screens for a photo: the search results (grid and verdicts), or the products located in it.
+function showScreen(name) {
+  const locating = name === "locate";
+  $("located").hidden = !locating;
+  $("grid").hidden = locating;
+  $("verdicts").hidden = locating;
+  $("back").hidden = !locating;
+}
+
+// An error about the photo itself (unreadable, too large, not an image) is the same for every
+// question: the status line says it once, and the verdict boxes stay empty.
+const PHOTO_ERRORS = [400, 413, 415, 422];
+
 function pick(file) {
   if (!file) return;
   state.file = file;
+  clearVerdicts();
+  showScreen("search");
+  $("audit").innerHTML = "";
   const preview = $("preview");
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("drop-hint").hidden = true;
   $("go").disabled = false;
   $("locate").disabled = false;
-  $("located").hidden = true;
   runAll();
 }
 
@@ -78,27 +106,44 @@ function searchParams() {
 
 async function runSearch() {
   $("audit").innerHTML = "";
+  showScreen("search");
   const params = searchParams();
   setStatus("searching…");
   $("grid").innerHTML = "";
+  $("match").textContent = "…";
   try {
     const body = await apiJson("/search", { method: "POST", body: form(params) });
     state.lastMode = body.mode;
     renderHits(body);
     renderMatch(body);
-    setStatus(`${body.results.length} results in ${body.seconds.toFixed(2)} s (mode ${body.mode})`);
+    setStatus(`${body.results.length} results in ${body.seconds.toFixed(2)} s (mode ${body.mode}). ` +
+      "Score ranks the results (its scale depends on the mode); confidence is the calibrated chance " +
+      "that the item shows the photographed product.");
   } catch (error) {
+    clearVerdicts();
     setStatus(`search failed: ${error.message}`, true);
   }
 }
 
+const percent = (value) => `${Math.round(100 * value)}%`;
+
 function renderMatch(body) {
-  // The verdict the index is calibrated for: the top result, or "no confident match".
+  // The verdict the index is calibrated for: the top result, or why there is no confident match.
   const top = body.results[0];
   let text = "—";
   if (top && top.confidence !== null && top.confidence !== undefined) {
-    const pct = `${Math.round(100 * top.confidence)}% confidence`;
-    text = body.match ? `${top.title || top.id} (${pct})` : `no confident match (best: ${top.title || top.id}, ${pct})`;
+    const name = top.title || top.id;
+    if (body.match) {
+      text = `${name} (confidence ${percent(top.confidence)})`;
+    } else if (body.threshold !== null && body.threshold !== undefined && body.threshold >= 1) {
+      text = `no confident match: mode ${body.mode} cannot judge its matches on this catalog ` +
+        `(best: ${name}, confidence ${percent(top.confidence)}); try another mode`;
+    } else {
+      const needed = body.threshold == null ? "" : `, ${percent(body.threshold)} needed`;
+      text = `no confident match (best: ${name}, confidence ${percent(top.confidence)}${needed})`;
+    }
+  } else if (top) {
+    text = "this index has no match calibration (run catalens calibrate)";
   }
   $("match").textContent = text;
 }
@@ -115,9 +160,15 @@ function renderHits(body) {
     image.src = `${hit.image_url}?size=256`;
     const meta = document.createElement("figcaption");
     meta.className = "meta";
-    meta.innerHTML = `<div><span class="rank">#${rank + 1}</span> <span class="confidence"></span> <span class="score"></span></div><div class="title"></div><div class="category"></div>`;
+    meta.innerHTML = `<div class="title"></div><div class="category"></div>` +
+      `<dl><dt>rank</dt><dd class="rank">#${rank + 1}</dd><dt>confidence</dt><dd class="confidence">–</dd>` +
+      `<dt>score</dt><dd class="score"></dd></dl>`;
     if (hit.confidence !== null && hit.confidence !== undefined) {
-      meta.querySelector(".confidence").textContent = `${Math.round(100 * hit.confidence)}% ·`;
+      meta.querySelector(".confidence").textContent = percent(hit.confidence);
+      if (rank > 0 && hit.confidence > (body.results[0].confidence ?? 1)) {
+        card.classList.add("likelier");
+        card.title = "more likely than the first result to show the photographed product";
+      }
     }
     meta.querySelector(".score").textContent = hit.score.toFixed(3);
     meta.querySelector(".title").textContent = hit.title || hit.id;
@@ -129,9 +180,17 @@ function renderHits(body) {
 }
 
 function describeClassification(result) {
+  // The best guess at the leaf first, then how deep it is sure and each level's confidence.
   if (!result.category) return JSON.stringify(result);
-  const levels = (result.levels || []).map((level) => `${level.name} ${(100 * level.confidence).toFixed(0)}%`);
-  return levels.length ? `${result.category} (${levels.join(" › ")})` : result.category;
+  const levels = result.levels || [];
+  if (!levels.length) return result.category;
+  const guess = result.guess || levels.map((level) => level.name).join("/");
+  const sure = result.sure_depth ?? (result.category === "unknown" ? 0 : result.category.split("/").length);
+  const needed = result.sure_at ?? 0.9;
+  const marks = levels.map((level, depth) => `${level.name} ${percent(level.confidence)}${depth < sure ? " ✓" : ""}`);
+  const depth = sure === levels.length ? "sure at every level"
+    : sure ? `sure down to ${result.category}` : "not sure at any level";
+  return `${guess}: ${depth} (${marks.join(" › ")}; sure from ${percent(needed)})`;
 }
 
 function describeAnomaly(result) {
@@ -151,7 +210,7 @@ async function runClassify() {
   try {
     $("classify").textContent = describeClassification(await apiJson("/classify", { method: "POST", body: form() }));
   } catch (error) {
-    $("classify").textContent = error.message;
+    $("classify").textContent = PHOTO_ERRORS.includes(error.status) ? "—" : error.message;
   }
 }
 
@@ -165,7 +224,7 @@ async function runAnomaly() {
     box.textContent = verdict.line;
     box.className = verdict.bad ? "bad" : "good";
   } catch (error) {
-    box.textContent = error.message;
+    box.textContent = PHOTO_ERRORS.includes(error.status) ? "—" : error.message;
   }
 }
 
@@ -207,7 +266,11 @@ async function showDetail(hit) {
 async function runLocate() {
   if (!state.file) return;
   setStatus("finding the products in the photo…");
-  const figure = $("located");
+  $("audit").innerHTML = "";
+  $("located-list").innerHTML = "";
+  $("boxes").innerHTML = "";
+  $("labels").innerHTML = "";
+  showScreen("locate");
   try {
     const body = await apiJson("/locate", { method: "POST", body: form() });
     const photo = $("located-photo");
@@ -219,28 +282,34 @@ async function runLocate() {
     const list = $("located-list");
     list.innerHTML = "";
     const stroke = Math.max(2, Math.round(Math.max(photo.naturalWidth, photo.naturalHeight) / 300));
+    const labels = $("labels");
+    const width = photo.naturalWidth, height = photo.naturalHeight;
     body.detections.forEach((found, rank) => {
       const [x0, y0, x1, y1] = found.box;
       const ns = "http://www.w3.org/2000/svg";
       const rect = document.createElementNS(ns, "rect");
       Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0, "stroke-width": stroke })
         .forEach(([key, value]) => rect.setAttribute(key, value));
-      const label = document.createElementNS(ns, "text");
-      label.setAttribute("x", x0 + stroke);
-      label.setAttribute("y", y0 + 6 * stroke);
-      label.setAttribute("font-size", 6 * stroke);
-      const sure = found.confidence == null ? "" : ` ${Math.round(100 * found.confidence)}%`;
+      svg.append(rect);
+      // Labels are HTML at the page's font size, placed in percent of the photo: readable at any
+      // photo size, where SVG text shrank with the photo to ~10 px.
+      const label = document.createElement("span");
+      label.className = "box-label";
+      label.style.left = `${(100 * x0) / width}%`;
+      label.style.top = `${(100 * y0) / height}%`;
+      if (y0 / height < 0.08) label.classList.add("inside");  // no room above the box: inside its top
+      const sure = found.confidence == null ? "" : ` · ${percent(found.confidence)}`;
       label.textContent = `${rank + 1}. ${found.title || found.id}${sure}`;
-      svg.append(rect, label);
-      const line = document.createElement("div");
-      line.textContent = `${rank + 1}. ${found.title || found.id} (${found.category}) score ${found.score.toFixed(2)}` +
-        (found.confidence == null ? "" : `, confidence ${found.confidence.toFixed(2)}`);
+      labels.appendChild(label);
+      const line = document.createElement("li");
+      line.textContent = `${found.title || found.id} (${found.category}): confidence ` +
+        (found.confidence == null ? "not available" : percent(found.confidence)) + `, score ${found.score.toFixed(2)}`;
       list.appendChild(line);
     });
-    figure.hidden = false;
-    setStatus(`${body.detections.length} products found in ${body.seconds.toFixed(2)} s`);
+    setStatus(`${body.detections.length} products found in ${body.seconds.toFixed(2)} s. Confidence: the calibrated ` +
+      "chance that the box shows that product's category.");
   } catch (error) {
-    figure.hidden = true;
+    showScreen("search");
     setStatus(`locate failed: ${error.message}`, true);
   }
 }
@@ -339,7 +408,7 @@ function renderFinding(finding) {
 async function runAudit() {
   const box = $("audit");
   $("grid").innerHTML = "";
-  $("located").hidden = true;
+  showScreen("search");
   box.innerHTML = "";
   setStatus("auditing the catalog…");
   const data = new FormData();
@@ -370,6 +439,7 @@ function wire() {
   drop.addEventListener("drop", (event) => pick(event.dataTransfer.files[0]));
   $("controls").addEventListener("submit", (event) => { event.preventDefault(); runSearch(); });
   $("locate").addEventListener("click", runLocate);
+  $("back").addEventListener("click", () => { showScreen("search"); });
   $("mode").addEventListener("change", () => { if (state.file) runSearch(); });
 }
 
