@@ -96,8 +96,9 @@ def _answer(results: list, single: bool):
     """One result for one photo (its error raised as ``PhotoError``); a list, errors kept, for a list."""
     if not single:
         return results
-    if results[0].error is not None:
-        raise PhotoError(f"{results[0].query}: {results[0].error}")
+    query, error = results[0].query, results[0].error
+    if error is not None:
+        raise PhotoError(error if error.startswith(query) else f"{query}: {error}")
     return results[0]
 
 
