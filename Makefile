@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.catalens-installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench docs
 
 setup: $(STAMP)
 
@@ -25,3 +25,6 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.bench_speed
+
+docs: setup
+	$(VENV)/bin/mkdocs serve
