@@ -138,13 +138,13 @@ def output_format(args: argparse.Namespace) -> str:
     return chosen or "table"
 
 
-def error_text(query: str, error: str) -> str:
-    """``query: error: ...`` with the path said once: decoding errors already start with it."""
+def error_reason(query: str, error: str) -> str:
+    """``error`` without the path it starts with (decoding errors name their file), so that a line
+    or row that already names the photo says it once."""
     for prefix in (f"{query}: ", f"{query} "):
         if error.startswith(prefix):
-            error = error[len(prefix):]
-            break
-    return f"{query}: error: {error}"
+            return error[len(prefix):]
+    return error
 
 
 def print_results(results: Iterable, fmt: str | bool, render: Callable[[Any], Iterable[str]],
@@ -167,12 +167,12 @@ def print_results(results: Iterable, fmt: str | bool, render: Callable[[Any], It
             lines = [json.dumps(result.to_json(), ensure_ascii=False)]
         elif writer is not None:
             if result.error:
-                writer.writerow([result.query, *[""] * (len(csv_header) - 1), result.error])
+                writer.writerow([result.query, *[""] * (len(csv_header) - 1), error_reason(result.query, result.error)])
             else:
                 for row in csv_rows(result):
                     writer.writerow([*row, ""])
         elif result.error:
-            lines = [error_text(result.query, result.error)]
+            lines = [f"{result.query}: error: {error_reason(result.query, result.error)}"]
         else:
             lines = list(render(result))
         for line in lines:
