@@ -79,6 +79,8 @@ def _image(photo: Photo) -> str | Path | bytes | Image.Image:
             raise PhotoError(f"an array photo must be HxW or HxWx3/4, not {photo.shape}")
         photo = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     if isinstance(photo, Image.Image):
+        # Decoded here, once: a lazily opened file read by the search's two threads at once breaks.
+        photo.load()
         return photo if photo.mode == "RGB" else photo.convert("RGB")
     if isinstance(photo, (str, Path, bytes)):
         return photo
