@@ -157,7 +157,6 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             classify = page.evaluate("fetch('/stats').then(r => r.json()).then(s => s.features.classify)")
             if classify:
                 page.wait_for_function("!['—', '…'].includes(document.getElementById('classify').textContent)", timeout=60_000)
-                # The confident category, then every level's best guess with its confidence.
                 # The best guess at the leaf first, then how deep it is sure, each level with its confidence.
                 proposed = page.inner_text("#classify")
                 assert proposed.split(":")[0].split("/")[0] == query.category.split("/")[0], proposed
@@ -197,6 +196,37 @@ def test_page_uploads_a_photo_and_shows_the_result_grid(chromium, server):
             context.close()
     assert not page_errors, page_errors
     assert not refused, refused
+
+
+def test_page_clears_the_last_verdicts_and_shows_an_error_once(chromium, server, tmp_path):
+    """A file that is not a photo after a good one: one error, on the status line, and no verdict of
+    the photo before left beside it."""
+    from playwright.sync_api import sync_playwright
+
+    url, query = server
+    not_a_photo = tmp_path / "price-list.jpg"
+    not_a_photo.write_text("a price list, not a photo\n")
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="catalens-chromium-") as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1000})
+        try:
+            _offline(context, url)
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_function("document.getElementById('mode').options.length > 0", timeout=30_000)
+            page.set_input_files("#file", str(query.path))
+            page.wait_for_selector("#grid .hit", timeout=60_000)
+            page.wait_for_function("document.getElementById('match').textContent !== '…'", timeout=60_000)
+            page.set_input_files("#file", str(not_a_photo))
+            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=60_000)
+            page.wait_for_function("!document.body.innerText.includes('…')", timeout=60_000)
+            status = page.inner_text("#status")
+            assert page.inner_text("#match") == "—" and not page.query_selector_all("#grid .hit"), status
+            assert page.inner_text("#classify") in ("—", "not available on this server")
+            reason = status.split(": ", 1)[1]
+            assert page.inner_text("body").count(reason) == 1, page.inner_text("body")
+        finally:
+            context.close()
 
 
 def test_api_docs_render_offline(chromium, server):
