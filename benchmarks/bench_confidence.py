@@ -2,7 +2,7 @@
 confidence says "right", how calibrated it is, and what ``match`` gives at the default threshold.
 
     .venv/bin/python -m benchmarks.bench_confidence [--catalogs full,iconic] [--work DIR] [--modes ...]
-        [--queries 240] [--absent 0.2] [--seed 0] [--finetune]
+        [--queries 240] [--absent 0.2] [--seed 0] [--finetune [--paired]]
 
 Protocol: ``--absent`` of the 81 products (chosen with ``--seed``) are left out of the catalog;
 the catalog is the iconic + train photos of the rest (``full``), or their iconic images alone
@@ -17,6 +17,8 @@ bins) of that confidence; at the index's default threshold, the precision and co
 ``match`` and the share of absent-product photos that still get one. It saves a reliability
 diagram per catalog (``DIR/reliability-<catalog>.png``). ``--finetune`` runs ``catalens finetune`` on
 each catalog first (its own index folder), as a shop following the README would, and calibrates after it.
+``--paired`` (with ``--finetune``) then fits the calibration a second time on the same index from any
+stored item (as before finetune kept its held-out photos for it) and prints the fused row of both.
 """
 
 from __future__ import annotations
@@ -91,6 +93,26 @@ def calibrated(index: Path, queries: int) -> MatchCalibrator:
         return model
     finally:
         catalog.close()
+
+
+def paired_row(engine: SearchEngine, photos, queries, is_absent: np.ndarray, label: str,
+               only_untrained: bool) -> tuple:
+    """The fused row of a calibration fitted here on ``engine``'s catalog, asked only from untrained
+    items or from any."""
+    from catalens.search.calibration import fit_match_calibration
+
+    calibrator = fit_match_calibration(engine.catalog, only_untrained=only_untrained)
+    right, confidence, matched = [], [], []
+    for photo, query in zip(photos, queries, strict=True):
+        result = answer(engine, query, "fused", calibrator)
+        right.append(result.results[0].category == photo.category)
+        confidence.append(result.results[0].confidence)
+        matched.append(result.match is not None)
+    right, confidence, matched = map(np.asarray, (right, confidence, matched))
+    precision = right[matched].mean() if matched.any() else float("nan")
+    return (label, f"{auroc(confidence, right):.3f}", f"{reliability(confidence, right)[0]:.3f}",
+            f"{calibrator.threshold('fused'):.2f}", f"{100 * precision:.1f}", f"{100 * matched.mean():.1f}",
+            f"{100 * matched[is_absent].mean():.1f}")
 
 
 def auroc(scores: np.ndarray, right: np.ndarray) -> float:
@@ -182,6 +204,8 @@ def main() -> None:
     parser.add_argument("--absent", type=float, default=0.2, help="share of products left out of the catalog")
     parser.add_argument("--seed", type=int, default=0, help="which products are left out")
     parser.add_argument("--finetune", action="store_true", help="adapt the network (catalens finetune) before calibrating")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --finetune: also calibrate from any stored item, not only untrained ones, and compare")
     args = parser.parse_args()
     grocery_root()
     absent = absent_products(args.absent, args.seed)
@@ -232,6 +256,12 @@ def main() -> None:
         diagram = args.work / f"reliability-{name}.png"
         plot(diagram, f"{name} catalog, open-set val ({len(photos)} photos)", curves)
         print(f"  reliability diagram: {diagram}")
+        if args.finetune and args.paired:
+            print("\n  fused, the calibration asked from the items the adapted network never trained on, and from any item:")
+            print(format_table(["calibration queries", "AUROC conf", "ECE", "threshold", "match precision %",
+                                "coverage %", "absent matched %"],
+                               [paired_row(engine, photos, queries, is_absent, label, only_untrained)
+                                for label, only_untrained in (("untrained items (shipped)", True), ("any item", False))]))
         catalog.close()
 
 

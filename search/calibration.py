@@ -377,8 +377,12 @@ def _augmented_query(record: ItemRecord, rng: np.random.Generator) -> Query | No
 
 
 def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fraction: float = 0.2,
-                        near_duplicate: float = NEAR_DUPLICATE, seed: int = 0) -> list[CalibrationQuery]:
+                        near_duplicate: float = NEAR_DUPLICATE, seed: int = 0,
+                        only_untrained: bool = True) -> list[CalibrationQuery]:
     """Held-out queries from the catalog's items, products in turn (each product about as often).
+
+    ``only_untrained``: after ``finetune``, ask only items the adapted network never trained on
+    (False: any item, as before; ``benchmarks/bench_confidence.py --paired`` compares the two).
 
     ``absent_fraction`` of them hold their whole product out; ``near_duplicate`` is the cosine
     (first global feature) above which another photo of the product counts as the same shot."""
@@ -400,7 +404,7 @@ def calibration_queries(catalog: Catalog, max_queries: int = 240, absent_fractio
     # Where search uses the adapted network, only photos it never trained on are fair queries: it
     # names the photos it learnt surer than it will ever name a shop's (a product none of whose
     # photos was held out is asked with an augmented view).
-    untrained = _untrained_keys(catalog)
+    untrained = _untrained_keys(catalog) if only_untrained else None
     queries: list[CalibrationQuery] = []
     order: list[str] = []
     while len(order) < n:
@@ -488,14 +492,14 @@ def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuer
 
 def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = None, max_queries: int = 240,
                           seed: int = 0, calibrator: MatchCalibrator | None = None,
-                          progress: bool = False) -> MatchCalibrator:
+                          progress: bool = False, only_untrained: bool = True) -> MatchCalibrator:
     """A ``MatchCalibrator`` fitted on held-out queries made from ``catalog``'s items, every mode it
     answers; ``progress``: a progress bar over the queries."""
     from catalens.search.engine import SearchEngine
 
     started = time.perf_counter()
     engine = SearchEngine(catalog, settings)
-    queries = calibration_queries(catalog, max_queries=max_queries, seed=seed)
+    queries = calibration_queries(catalog, max_queries=max_queries, seed=seed, only_untrained=only_untrained)
     evidence = calibration_evidence(engine, queries, engine.modes(), progress=progress)
     keys = np.array([record.key for record in catalog.items.records().values()], np.int64)
     model = (calibrator or MatchCalibrator()).fit(evidence, keys)
