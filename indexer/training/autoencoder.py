@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
+from catalens.indexer.files import atomic_path
 from catalens.indexer.training.networks import build_autoencoder
 
 log = logging.getLogger(__name__)
@@ -280,9 +281,8 @@ class ConvAutoencoder(Estimator):
             return
         state = {"hyper": self._hyper(), "shape": tuple(shape), "epoch": epoch, "model": self.model_.state_dict(),
                  "optimiser": optimiser.state_dict(), "loss_history": self.loss_history_}
-        tmp = Path(self.checkpoint).with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint)
+        with atomic_path(Path(self.checkpoint)) as tmp:
+            torch.save(state, tmp)
 
     # -- applying
 
@@ -376,6 +376,9 @@ def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder tr
     axes.set_yscale("log")
     axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(figure)
     return path

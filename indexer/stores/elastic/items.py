@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from catalens.datasets.catalog import CatalogItem
+from catalens.indexer.files import atomic_path
 from catalens.indexer.stores import Failure, ItemFilter, ItemRecord, ItemUpdate, item_key
 from catalens.indexer.stores.elastic.mapping import (
     RECORD_FIELDS,
@@ -380,9 +381,8 @@ class ElasticItemStore:
         known = {failure.source: failure for failure in self.failures()}
         known.update({failure.source: failure for failure in failures})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([vars(failure) for failure in known.values()], indent=1))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([vars(failure) for failure in known.values()], indent=1))
 
     def _forget_failures(self, ids: set[str]) -> None:
         """Items written since they failed (the file was fixed) are failures no more."""
@@ -390,7 +390,8 @@ class ElasticItemStore:
         if path is None or not path.is_file():
             return
         kept = [failure for failure in self.failures() if failure.item_id not in ids]
-        path.write_text(json.dumps([vars(failure) for failure in kept], indent=1))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps([vars(failure) for failure in kept], indent=1))
 
     def failures(self) -> list[Failure]:
         path = self._failures_file()
