@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 from catalens.indexer.estimator import ModelFileError
+from catalens.indexer.files import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,11 @@ class FittedSlot(Generic[M]):
                     held.unfittable = (generation, str(error))
                 log.warning("%s: cannot fit the %s: %s", catalog.location, self.name, error)
                 return self.status(catalog)
-            stored = store and self._save(catalog, model)
+            full = None
+            try:
+                stored = store and self._save(catalog, model)
+            except OSError as error:  # a full disk: the fit serves this process, and the caller hears of it
+                full, stored = error, False
             with held.lock:
                 held.model, held.stored, held.fitted_at, held.unfittable = model, stored, time.time(), None
                 # The file as it is now, ours or an older one: neither is read back over this fit.
@@ -186,12 +191,16 @@ class FittedSlot(Generic[M]):
                 held.checked_at, held.warned = object(), False
             log.info("%s: %s fitted in %.1fs%s", catalog.location, self.name, time.perf_counter() - started,
                      "" if stored else " (kept in memory)")
+            if full is not None:
+                raise full
             return self.status(catalog)
 
     def _save(self, catalog: Any, model: M) -> bool:
         try:
             self.save(model, self.path(catalog))
         except OSError as error:  # a read-only folder still serves the fit, from memory
+            if disk_full(error):
+                raise
             log.info("%s: cannot store the %s (%s); kept in memory", catalog.location, self.name, error)
             return False
         return True
@@ -261,7 +270,11 @@ class BackgroundRefit:
             try:
                 with self.guard():
                     refit_stale(self.catalog, self.slots, store=self.store)
-            except Exception:  # noqa: BLE001 - a failed refit must not end the thread; readers keep the last fit
+            except Exception as error:  # noqa: BLE001 - a failed refit must not end the thread; readers keep the last fit
+                if disk_full(error):
+                    log.warning("%s: the disk is full (%s); the new fit serves from memory until it can be stored",
+                                self.catalog.location, error)
+                    continue
                 log.exception("%s: background refit failed; the last fitted models serve on", self.catalog.location)
             finally:
                 with self._wake:

@@ -10,6 +10,22 @@ from catalens.api.cli.arguments import UsageError, add_command, add_location_arg
 from catalens.api.tables import format_table
 
 
+def _refit_after(service, stored: str, progress: bool) -> None:
+    """The refit that follows a training command's commit; a full disk there is one line that says
+    what is stored already and what to run once there is space (not the whole training again)."""
+    from catalens.api.cli import _cause
+    from catalens.indexer.files import disk_full
+
+    try:
+        service.refit(progress=progress)
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        raise UsageError(f"the disk is full ({_cause(error)}); {stored} is stored with the index, but the match "
+                         "calibration and classifier were not refitted: free some space and run 'catalens "
+                         "calibrate'") from None
+
+
 def cmd_train_ae(args: argparse.Namespace) -> int:
     from catalens.indexer.training.train_autoencoder import LOSS_PLOT
 
@@ -24,7 +40,7 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
         model = service.train_autoencoder(epochs=args.epochs, input_kind=args.input, noise=args.noise,
                                           percentile=args.percentile, progress=not args.quiet, fresh=args.fresh)
         # The 'ae' mode is new (or its codes changed): what search fits on the catalog follows now.
-        service.refit(progress=not args.quiet)
+        _refit_after(service, "the autoencoder", progress=not args.quiet)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -53,7 +69,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         report = service.finetune(steps=args.steps, progress=not args.json, unlabeled=unlabeled)
         # The features search and classify read may have changed: their fits follow now.
-        service.refit(progress=not args.json)
+        _refit_after(service, "the fine-tuned network" if report.kept else "the finetune's verdict",
+                     progress=not args.json)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
