@@ -140,10 +140,12 @@ class Catalog(ABC):
         return found, missing
 
     def replace_feature(self, feature: str, keys: Sequence[int], rows: np.ndarray,
-                        scalars: dict[str, np.ndarray] | None = None) -> None:
+                        scalars: dict[str, np.ndarray] | None = None,
+                        committed: Callable[[], None] | None = None) -> None:
         """Every item's ``feature`` row replaced (and one value a key of each ``scalars`` entry),
         the vectors re-indexed: what a model fitted on the whole catalog does once it has
-        re-coded every item."""
+        re-coded every item. ``committed`` is called once the rows are durable, before the
+        derived files (vector indexes, metadata) are written."""
         scalars = scalars or {}
         with self.lock:
             self._prepare_replace(feature, int(rows.shape[1]), list(scalars))
@@ -151,6 +153,8 @@ class Catalog(ABC):
             for name, values in scalars.items():
                 replaced[name] = {int(key): np.float32(values[i]).tobytes() for i, key in enumerate(keys)}
             self.items.replace_rows(replaced, dims={feature: int(rows.shape[1])})
+            if committed is not None:
+                committed()
             self._reindex(feature)
             self.save()
 

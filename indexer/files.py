@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sqlite3
 import threading
 from collections import Counter
@@ -63,6 +64,47 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class Replacement:
+    """What ``replaced_file`` gives its block: call ``committed()`` once the rows written with the
+    new file are committed, from then on the new file stays, whatever fails after."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def committed(self) -> None:
+        self.done = True
+
+
+@contextmanager
+def replaced_file(path: Path) -> Iterator[Replacement]:
+    """A block that saves a new file at ``path`` (a fitted model) and then commits the rows it
+    made: if the block raises before ``committed()``, the previous file is put back (or the new
+    one removed, where there was none), so the file and the rows never disagree. The previous
+    file is kept under a second name (a hard link: no bytes copied, so putting it back needs no
+    space on a full disk)."""
+    path = Path(path)
+    backup = path.with_name(f"{path.name}.{os.getpid()}.previous")
+    had = path.is_file()
+    if had:
+        backup.unlink(missing_ok=True)
+        try:
+            os.link(path, backup)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(path, backup)
+    replacement = Replacement()
+    try:
+        yield replacement
+    except BaseException:
+        if not replacement.done:
+            if had:
+                os.replace(backup, path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        backup.unlink(missing_ok=True)
 
 
 def disk_full(error: BaseException) -> bool:

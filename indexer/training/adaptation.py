@@ -38,6 +38,7 @@ from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.features.deep_ft import FEATURE_NAME, MODEL_FILE
+from catalens.indexer.files import replaced_file
 from catalens.indexer.imageio import ImageSource
 from catalens.indexer.runtime import compile_network
 from catalens.indexer.stores import product_of, stack_rows
@@ -552,23 +553,46 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     kept = bool(adapted_accuracy >= frozen_accuracy + MIN_GAIN)
     # Which items it learnt from: the match calibration asks only the others (and items added later).
     model.trained_keys_ = np.array(sorted(records[p].key for p in positions if p not in held), np.int64)
-    with catalog.lock:
-        if kept:
-            model.save(model_path(catalog))
-            catalog.replace_feature(FEATURE_NAME, keys, adapted)
-            catalog.enable_feature(FEATURE_NAME)
-        else:
-            model_path(catalog).unlink(missing_ok=True)
-            catalog.config.features = [name for name in catalog.config.features if name != FEATURE_NAME]
-            catalog.items.delete_feature(FEATURE_NAME)
-            catalog.save()
     report = AdaptationReport(
         items=len(positions), products=len(products), views=int(sum(len(maps[p]) for p in positions)),
         steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
         adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1),
         unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled)
+    features, previous = list(catalog.config.features), catalog.meta.get("adaptation")
+
+    def put_back() -> None:  # what this process holds, where nothing was committed
+        catalog.config.features = features
+        catalog.meta.pop("adaptation", None)
+        if previous is not None:
+            catalog.meta["adaptation"] = previous
+
     catalog.meta["adaptation"] = report.to_json()
-    catalog.save()
+    with catalog.lock:
+        if kept:
+            # The model file, then the rows it made, with the feature enabled in the one save that
+            # follows them: a failure (a full disk) before the rows are committed puts the previous
+            # model back, so ``deep_ft`` is never enabled with a model its rows were not made by.
+            with replaced_file(model_path(catalog)) as replacement:
+                try:
+                    model.save(model_path(catalog))
+                    if FEATURE_NAME not in catalog.config.features:
+                        catalog.config.features = [*catalog.config.features, FEATURE_NAME]
+                    catalog.replace_feature(FEATURE_NAME, keys, adapted, committed=replacement.committed)
+                except BaseException:
+                    if not replacement.done:
+                        put_back()
+                    raise
+        else:
+            # Disabled first, then its rows and model go: a failure on the way never leaves
+            # ``deep_ft`` enabled without its rows or its model.
+            catalog.config.features = [name for name in features if name != FEATURE_NAME]
+            try:
+                catalog.save()
+            except BaseException:
+                put_back()
+                raise
+            catalog.items.delete_feature(FEATURE_NAME)
+            model_path(catalog).unlink(missing_ok=True)
     log.info("finetune: %s", report)
     return report
 

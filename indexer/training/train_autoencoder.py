@@ -15,6 +15,7 @@ from catalens.indexer.features.autoencoder import (
     AutoencoderInputs,
     extract_inputs,
 )
+from catalens.indexer.files import atomic_path, replaced_file
 from catalens.indexer.training.autoencoder import ConvAutoencoder, plot_loss
 
 if TYPE_CHECKING:
@@ -66,21 +67,39 @@ def train_autoencoder(
         for error in errors.values():
             log.warning("autoencoder: skipped %s", error)
         keys = keys[positions]
-        np.savez(inputs_file, x=X, keys=keys, kind=np.asarray(input_kind))
+        # A handle, not a path: np.savez appends ".npz" to a path that does not end in it.
+        with atomic_path(inputs_file) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, x=X, keys=keys, kind=np.asarray(input_kind))
     model = ConvAutoencoder(input_kind=input_kind, epochs=epochs, noise=noise, percentile=percentile,
                             checkpoint=checkpoint, progress=progress, **hyper)
     model.fit(X)
     codes, scores = model.transform(X), model.catalog_scores_
-    with catalog.lock:
-        catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores})
-        model.save(models / MODEL_FILE)
-        catalog.meta.setdefault("autoencoder", {}).update(
-            {"input": input_kind, "threshold": model.threshold_, "percentile": percentile, "epochs": epochs,
-             "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1]}
-        )
-        catalog.enable_feature(FEATURE_NAME)
-        catalog.save()
-    plot_loss(model.loss_history_, models / LOSS_PLOT)
+    # The model file first, then the rows it coded, with the feature enabled and the metadata in
+    # the one save that follows them: a failure (a full disk) before the rows are committed puts
+    # the previous model back, so a model file never disagrees with the rows.
+    features, settings = list(catalog.config.features), catalog.meta.get("autoencoder")
+    with catalog.lock, replaced_file(models / MODEL_FILE) as replacement:
+        try:
+            model.save(models / MODEL_FILE)
+            catalog.meta["autoencoder"] = {
+                **(settings or {}), "input": input_kind, "threshold": model.threshold_, "percentile": percentile,
+                "epochs": epochs, "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1]}
+            if FEATURE_NAME not in catalog.config.features:
+                catalog.config.features = [*catalog.config.features, FEATURE_NAME]
+            catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores},
+                                    committed=replacement.committed)
+        except BaseException:
+            if not replacement.done:
+                catalog.config.features = features
+                if settings is None:
+                    catalog.meta.pop("autoencoder", None)
+                else:
+                    catalog.meta["autoencoder"] = settings
+            raise
+    try:
+        plot_loss(model.loss_history_, models / LOSS_PLOT)
+    except OSError as error:  # the model is stored: a missing picture of its loss is no reason to fail
+        log.warning("%s: the loss curve was not drawn (%s)", catalog.location, error)
     checkpoint.unlink(missing_ok=True)
     inputs_file.unlink(missing_ok=True)
     return model
