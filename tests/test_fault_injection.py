@@ -469,3 +469,149 @@ def test_a_delete_refused_for_a_full_disk_is_a_json_507_and_keeps_the_item(write
         response = writer.delete(f"/items/{item_id}", headers={"X-API-Key": KEY})
     assert response.status_code == 507 and "not removed" in response.json()["detail"], response.text
     assert writer.get(f"/items/{item_id}").status_code == 200
+
+
+# --- a full disk (ENOSPC) in finetune, train-ae and calibrate (issue 35): each durable step
+
+
+def full_disk_on(monkeypatch, name: str) -> None:
+    """Make the disk full for the file whose name holds ``name``, whichever writer saves it (a
+    fitted model or the autoencoder's inputs through ``np.savez``, a checkpoint through
+    ``torch.save``): 10 bytes are written, then ENOSPC."""
+    import numpy as np
+    import torch
+
+    savez, save = np.savez, torch.save
+
+    def savez_or_full(file, *args, **kwargs):
+        target = str(getattr(file, "name", file))
+        if name in Path(target).name:
+            disk_full_after(10)(target)
+        return savez(file, *args, **kwargs)
+
+    def save_or_full(obj, file, *args, **kwargs):
+        if name in Path(str(file)).name:
+            disk_full_after(10)(file)
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", savez_or_full)
+    monkeypatch.setattr(torch, "save", save_or_full)
+
+
+def stranded(index: Path) -> list[str]:
+    """``leftovers``, and the previous model's second name that a replaced model keeps meanwhile."""
+    return leftovers(index) + sorted(str(path.relative_to(index)) for path in index.rglob("*.previous"))
+
+
+def models_of(index: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (index / "models").glob("*.pt")}
+
+
+def run_training_with_a_full_disk(index: Path, argv: list[str], where: str, monkeypatch, capsys) -> str:
+    """``catalens argv`` with the disk full at ``where``: the one line it printed, after checking
+    it exits 2 and leaves no partial file."""
+    from catalens.api.cli import main
+
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        if where in ("sqlite", "faiss", "catalens.json"):
+            full_disk_at(patched, where)
+        else:
+            full_disk_on(patched, where)
+        status = main([*argv, "--index", str(index)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and "the disk is full" in err and "Traceback" not in err, err
+    assert not stranded(index), stranded(index)
+    return err
+
+
+def assert_as_before(index: Path, before: dict, models: dict[str, bytes], queries: list[Path], rows_committed: bool,
+                     context: str) -> None:
+    """The index opens and checks clean, and no enabled feature lacks its model. Where the disk
+    filled before the new rows were committed, it answers exactly as before, with the previous
+    model files; after, the new model and rows are stored together and every earlier mode serves."""
+    answers = index_answers(index, queries)
+    if rows_committed:
+        assert set(before["modes"]) <= set(answers["modes"]) and answers["items"] == before["items"], context
+    else:
+        assert models_of(index) == models, context
+        assert answers == before, context
+    assert_consistent(index, set(_records(index)), context)
+    meta = json.loads((index / "catalens.json").read_text())
+    for feature, model in (("deep_ft", "deep_ft_adapted.pt"), ("ae", "ae_autoencoder.pt")):
+        assert feature not in meta["config"]["features"] or (index / "models" / model).is_file(), context
+
+
+@pytest.fixture()
+def kept(monkeypatch):
+    """finetune keeps the adapted network whatever it measured (two steps on nine items seldom
+    beat the frozen one), so that its model and rows are written."""
+    from catalens.indexer.training import adaptation
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -2.0)
+
+
+# (where the disk fills, whether the rows are committed by then, whether an earlier finetune's model is there);
+# the refit after a second finetune on the same items finds the calibration fresh and writes nothing.
+FINETUNE_POINTS = [(where, committed, again) for where, committed in (
+    ("deep_ft_adapted", False), ("sqlite", False), ("faiss", True), ("catalens.json", True))
+    for again in (False, True)] + [("match_calibration", True, False)]
+
+
+@pytest.mark.parametrize(("where", "rows_committed", "again"), FINETUNE_POINTS,
+                         ids=[f"{where}-{'again' if again else 'first'}" for where, _, again in FINETUNE_POINTS])
+def test_a_full_disk_in_finetune_is_one_line_and_leaves_the_index_and_model_as_before(
+        indexed, kept, monkeypatch, capsys, where, rows_committed, again):
+    from catalens.api.cli import main
+
+    finetune = ["finetune", "--steps", "2", "--json"]
+    if again:  # a model and rows of an earlier finetune are there to keep
+        assert main([*finetune, "--index", str(indexed)]) == 0
+    queries = [Path(record.image) for record in list(_records(indexed).values())[:2]]
+    before, models = index_answers(indexed, queries), models_of(indexed)
+    err = run_training_with_a_full_disk(indexed, finetune, where, monkeypatch, capsys)
+    if where == "match_calibration":
+        assert "catalens calibrate" in err, err
+    assert_as_before(indexed, before, models, queries, rows_committed, f"finetune, {where}")
+    assert main([*finetune, "--index", str(indexed)]) == 0
+    meta = json.loads((indexed / "catalens.json").read_text())
+    assert "deep_ft" in meta["config"]["features"] and (indexed / "models" / "deep_ft_adapted.pt").is_file()
+    assert_consistent(indexed, set(_records(indexed)), f"finetune after a full disk at {where}")
+
+
+TRAIN_AE_POINTS = [("ae_training_inputs", False), ("ae_training.ckpt", False), ("ae_autoencoder", False),
+                   ("sqlite", False), ("faiss", True), ("catalens.json", True), ("match_calibration", True)]
+
+
+@pytest.mark.parametrize(("where", "rows_committed"), TRAIN_AE_POINTS, ids=[where for where, _ in TRAIN_AE_POINTS])
+def test_a_full_disk_in_train_ae_is_one_line_and_leaves_the_index_and_model_as_before(
+        indexed, monkeypatch, capsys, where, rows_committed):
+    from catalens.api.cli import main
+
+    queries = [Path(record.image) for record in list(_records(indexed).values())[:2]]
+    before, models = index_answers(indexed, queries), models_of(indexed)
+    train = ["train-ae", "--epochs", "1", "--quiet"]
+    err = run_training_with_a_full_disk(indexed, train, where, monkeypatch, capsys)
+    if where == "match_calibration":
+        assert "catalens calibrate" in err, err
+    assert_as_before(indexed, before, models, queries, rows_committed, f"train-ae, {where}")
+    assert main([*train, "--index", str(indexed)]) == 0
+    meta = json.loads((indexed / "catalens.json").read_text())
+    assert "ae" in meta["config"]["features"] and (indexed / "models" / "ae_autoencoder.pt").is_file()
+    assert not (indexed / "models" / "ae_training.ckpt").exists()
+    assert_consistent(indexed, set(_records(indexed)), f"train-ae after a full disk at {where}")
+
+
+@pytest.mark.parametrize("where", ["classifier", "match_calibration"])
+def test_a_full_disk_in_calibrate_is_one_line_and_keeps_the_stored_fits(indexed, monkeypatch, capsys, where):
+    from catalens.api.cli import main
+
+    if where == "classifier":  # calibrate fits the classifier where it is missing or stale
+        (indexed / "models" / "classifier.pt").unlink()
+    queries = [Path(record.image) for record in list(_records(indexed).values())[:2]]
+    before, models = index_answers(indexed, queries), models_of(indexed)
+    run_training_with_a_full_disk(indexed, ["calibrate", "--queries", "10", "--json"], where, monkeypatch, capsys)
+    assert_as_before(indexed, before, models, queries, False, f"calibrate, {where}")
+    assert main(["calibrate", "--queries", "10", "--json", "--index", str(indexed)]) == 0
+    assert not stranded(indexed)
