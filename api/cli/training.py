@@ -69,8 +69,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         report = service.finetune(steps=args.steps, progress=not args.json, unlabeled=unlabeled)
         # The features search and classify read may have changed: their fits follow now.
-        _refit_after(service, "the fine-tuned network" if report.kept else "the finetune's verdict",
-                     progress=not args.json)
+        _refit_after(service, "what finetune found", progress=not args.json)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
