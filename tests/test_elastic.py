@@ -832,9 +832,10 @@ def test_classify_runs_against_elasticsearch_on_the_rows_stored_there(server, es
     """Classification fits on the cluster's stored vectors: the same code as on the folder backend."""
     from PIL import Image
 
-    from catalens.search.classify import classify
+    from catalens.search.classify import CLASSIFIER, classify
 
     _, catalog = _indexed(server, tmp_path, es_catalog)
+    CLASSIFIER.refit(catalog)  # as `catalens index` does at its end: classify itself never fits
     keys, rows = vectors_of(catalog.items, "deep", 12)
     assert len(keys) == len(es_catalog) and rows.shape == (len(es_catalog), 12) and list(keys) == sorted(keys)
     [result] = classify(catalog, [Image.open(es_catalog[2].image)])
