@@ -174,6 +174,10 @@ class ItemStore(Protocol):
 
     def delete_feature(self, feature: str) -> None: ...
 
+    def search_text(self, query: str, k: int, filter: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, BM25 scores > 0) of the ``k`` items whose id, title, category, attributes and words
+        read from their image best match ``query`` (case, diacritics and typos aside), best first."""
+
     def record_failures(self, failures: Sequence[Failure]) -> None: ...
 
     def failures(self) -> list[Failure]: ...

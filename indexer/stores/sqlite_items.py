@@ -21,6 +21,13 @@ import numpy as np
 
 from catalens.datasets.catalog import CatalogItem
 from catalens.indexer.stores import Failure, ItemFilter, ItemRecord, ItemUpdate, item_key
+from catalens.indexer.stores.text import (
+    FIELD_WEIGHTS,
+    ItemText,
+    fts_expression,
+    matching_terms,
+    query_terms,
+)
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -55,6 +62,16 @@ CREATE TABLE IF NOT EXISTS failures (
     at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Text search (``search_text``): one FTS5 row an item (rowid: its key) of its normalised fields
+# (``catalens.indexer.stores.text``), ranked by BM25. Text is normalised before it is stored, so
+# the tokenizer only splits on spaces; typos and compounds are matched by expanding each query
+# term over the index's own vocabulary (``item_text_terms``).
+_TEXT_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS item_text USING fts5(ident, title, category, attributes, words,
+    tokenize = 'unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS item_text_terms USING fts5vocab(item_text, 'row');
 """
 
 # SQLite's default limit on host parameters in one statement is 999.
@@ -107,6 +124,7 @@ class SqliteItemStore:
             what = f"tables {', '.join(sorted(tables))}" if tables else "no tables"
             raise ItemStoreDamagedError(f"{self.path}: not a catalens item store ({what}, no 'items' table)")
         if read_only:
+            self.has_text_index = "item_text" in tables and self._state("text_index") == "1"
             if self.schema_version < SCHEMA_VERSION:
                 self._db.close()
                 raise ItemStoreDamagedError(f"{self.path}: written by an older catalens; open it once writable "
@@ -117,6 +135,9 @@ class SqliteItemStore:
             self._set_state("schema", str(SCHEMA_VERSION))
         elif self.schema_version < SCHEMA_VERSION:
             self._migrate_keys()
+        if self._state("text_index") != "1":
+            self._add_text_index()
+        self.has_text_index = True
 
     def _connect(self) -> set[str]:
         """Open the connection (read-only as ``read_only_uri`` says); returns the file's tables."""
@@ -223,6 +244,18 @@ class SqliteItemStore:
             db.execute("UPDATE items SET key = item_key(id)")
             db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),))
 
+    def _add_text_index(self) -> None:
+        """Stores written before text search get its index from their items (words come with the
+        ``text`` feature's next run)."""
+        self._db.executescript(_TEXT_SCHEMA)  # outside the transaction: executescript commits first
+        with self._transaction() as db:
+            db.execute("DELETE FROM item_text")
+            rows = db.execute("SELECT key, id, title, category, attributes FROM items").fetchall()
+            db.executemany("INSERT INTO item_text(rowid, ident, title, category, attributes, words) VALUES(?, ?, ?, ?, ?, ?)",
+                           [(row["key"], *ItemText.of(row["id"], row["title"], row["category"],
+                                                      json.loads(row["attributes"])).fields()) for row in rows])
+            db.execute("INSERT OR REPLACE INTO state(name, value) VALUES('text_index', '1')")
+
     def verify(self) -> str | None:
         """What SQLite's own check finds wrong with the whole file (it reads every page), or None."""
         try:
@@ -309,6 +342,11 @@ class SqliteItemStore:
                     [(name, key, _blob(row)) for name, row in update.rows.items()],
                 )
                 db.execute("DELETE FROM failures WHERE item_id = ?", (item.id,))
+                # Words read from the image are the rows that are text (the ``text`` feature's).
+                words = " ".join(row for row in update.rows.values() if isinstance(row, str))
+                db.execute("DELETE FROM item_text WHERE rowid = ?", (key,))
+                db.execute("INSERT INTO item_text(rowid, ident, title, category, attributes, words) VALUES(?, ?, ?, ?, ?, ?)",
+                           (key, *ItemText.of(item.id, item.title, item.category, item.attributes, words).fields()))
                 keys.append(key)
         return keys
 
@@ -321,6 +359,11 @@ class SqliteItemStore:
                 [(item.category, item.title, json.dumps(item.attributes, ensure_ascii=False), str(item.image),
                   time.time(), item.id) for item in items],
             )
+            db.executemany(
+                "UPDATE item_text SET ident = ?, title = ?, category = ?, attributes = ? WHERE rowid = ?",
+                [(*ItemText.of(item.id, item.title, item.category, item.attributes).fields()[:4], item_key(item.id))
+                 for item in items],
+            )
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         keys = []
@@ -331,6 +374,7 @@ class SqliteItemStore:
                 db.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
                 for key_chunk in _chunks(found):
                     db.execute(f"DELETE FROM features WHERE key IN ({','.join('?' * len(key_chunk))})", key_chunk)
+                    db.execute(f"DELETE FROM item_text WHERE rowid IN ({','.join('?' * len(key_chunk))})", key_chunk)
                 keys.extend(found)
         return keys
 
@@ -357,6 +401,59 @@ class SqliteItemStore:
     def delete_feature(self, feature: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM features WHERE feature = ?", (feature,))
+
+    # --- text search
+
+    def text_terms(self) -> list[str]:
+        """Every term of the text index (what a query term is matched against, typos allowed)."""
+        return self._cached_terms()[1]
+
+    def _cached_terms(self) -> tuple[int, list[str]]:
+        generation = self.generation
+        cached = getattr(self, "_terms", None)
+        if cached is None or cached[0] != generation:
+            cached = self._terms = (generation, [row[0] for row in self._query("SELECT term FROM item_text_terms")])
+        return cached
+
+    def search_text(self, query: str, k: int, filter: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, BM25 scores > 0) of the ``k`` items whose text best matches ``query``, best first.
+
+        Each query term matches the indexed terms within ``fuzziness: AUTO`` typos of it and those
+        containing it; the item's fields weigh as ``FIELD_WEIGHTS``."""
+        if not self.has_text_index:
+            raise ItemStoreDamagedError(f"{self.path}: written before text search; open it once writable "
+                                        "(any command but a read-only serve) to add its text index")
+        vocabulary = self.text_terms()
+        expansions = [found for term in query_terms(query) for found in matching_terms(term, vocabulary)]
+        if not expansions or (filter is not None and filter.empty):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        # An exact term counts again on its own, so that it ranks above its typos (p0003 above p0013).
+        exact = [term for term in query_terms(query) if term in set(expansions)]
+        scores: dict[int, float] = {}
+        for expression in (fts_expression(expansions), fts_expression(exact)):
+            if expression:
+                for row in self._match(expression, k, filter):
+                    scores[row["key"]] = scores.get(row["key"], 0.0) + max(row["score"], 1e-6)
+        ranked = sorted(scores.items(), key=lambda pair: -pair[1])[:k]
+        return np.array([key for key, _ in ranked], np.int64), np.array([score for _, score in ranked], np.float32)
+
+    def _match(self, expression: str, k: int, filter: ItemFilter | None) -> list[sqlite3.Row]:
+        weights = ", ".join(str(weight) for weight in FIELD_WEIGHTS)
+        sql = f"SELECT rowid AS key, -bm25(item_text, {weights}) AS score FROM item_text WHERE item_text MATCH ?"
+        params: list[Any] = [expression]
+        if filter is not None and filter.category and filter.keys is None:
+            clause, values = category_clause(filter.category)
+            sql += f" AND rowid IN (SELECT key FROM items WHERE {clause})"
+            params += values
+        sql += " ORDER BY score DESC"
+        if filter is None or filter.keys is None:
+            sql += " LIMIT ?"
+            params.append(int(k))
+        rows = self._query(sql, params)
+        if filter is not None and filter.keys is not None:
+            allowed = set(filter.keys.tolist())
+            rows = [row for row in rows if row["key"] in allowed][:k]
+        return rows
 
     # --- failures
 
@@ -407,5 +504,7 @@ def header_damage(path: Path) -> str | None:
     return None
 
 
-def _blob(row: np.ndarray | bytes) -> bytes:
+def _blob(row: np.ndarray | bytes | str) -> bytes:
+    if isinstance(row, str):  # words read from the image
+        return row.encode("utf-8")
     return np.asarray(row, np.float32).tobytes() if isinstance(row, np.ndarray) else bytes(row)
