@@ -147,13 +147,14 @@ class CatalogService:
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; it has {len(paths)} categories"
         raise UnknownCategoryError(f"category {category!r} is not in this index{hint}")
 
-    def search(self, sources: Sequence[ImageSource | Image.Image], category: str | None = None,
-               names: Sequence[str] | None = None, **overrides: Any) -> list[QueryResult]:
+    def search(self, sources: Sequence[ImageSource | Image.Image] = (), category: str | None = None,
+               names: Sequence[str] | None = None, text: str | None = None, **overrides: Any) -> list[QueryResult]:
         """``overrides`` are ``SearchSettings`` fields for this call (``k``, ``mode``, ``weights``...).
+        ``text``: words to search for, alone (no sources: one result) or with each photo (fused).
         A category the catalog does not have is an ``UnknownCategoryError``, not an empty answer."""
         settings = self.settings.merged(**overrides)
         category = self.check_category(category)
-        return self.engine.search(sources, category=category, names=names, settings=settings)
+        return self.engine.search(sources, category=category, names=names, settings=settings, text=text)
 
     def locate(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
                max_detections: int | None = None) -> list:

@@ -210,6 +210,10 @@ class Catalog(ABC):
     def local_features(self) -> list[str]:
         return [spec.name for spec in self.feature_specs() if spec.kind == "local"]
 
+    def text_features(self) -> list[str]:
+        """Names of the configured features that read words from images."""
+        return [spec.name for spec in self.feature_specs() if spec.kind == "text"]
+
     # --- caches for what is derived from the catalog (classifier, inverted file, built features)
 
     def cached(self, name: str, build: Callable[[], T], stamp: Any = None) -> T:

@@ -1,8 +1,10 @@
 """Search by photo: each query image to the best-matching catalog items, in one of several modes.
 
 The modes of a catalog are ``fused`` (every feature with a weight, in one ranking), ``local``
-(the local features alone) and one per global feature (its cosine k nearest neighbours), so
-a feature added to the index is searchable by its name at once. The engine decodes queries,
+(the local features alone) and one per global feature (its cosine k nearest neighbours) or
+text feature (the words read on the photo), so a feature added to the index is searchable by
+its name at once. Typed words search alone (``text`` without a photo) or join a photo's fused
+ranking as one more evidence. The engine decodes queries,
 applies the category filter and turns item keys into results; ``search.retrieval`` and
 ``search.fusion`` rank.
 """
@@ -82,14 +84,17 @@ class QueryResult:
 
 @dataclass
 class Query:
-    """A decoded query image and what was computed from it (shared between modes and features)."""
+    """A decoded query image and what was computed from it (shared between modes and features);
+    ``text``: words typed with it, evidence in fused search."""
 
-    image: Image.Image
+    image: Image.Image | None
     name: str
     # Per catalog: a feature's vector and words come from that catalog's fitted models (its own
     # adapted network, its own vocabulary) and verification from its items, so a query ranked
     # against two indexes must not carry one's results into the other.
     cache: WeakKeyDictionary = field(default_factory=WeakKeyDictionary)
+
+    text: str | None = None
 
     def computed(self, catalog: Catalog) -> dict[str, Any]:
         """What was computed from this image against ``catalog``."""
@@ -100,10 +105,11 @@ def available_modes(catalog: Catalog) -> list[str]:
     """The modes this catalog can answer now, ``fused`` first."""
     globals_ = catalog.global_features()
     locals_ = catalog.local_features()
-    modes = [FUSED] if globals_ or locals_ else []
+    texts = catalog.text_features()
+    modes = [FUSED] if globals_ or locals_ or texts else []
     if locals_:
         modes.append(LOCAL)
-    return modes + [name for name in (*globals_, *locals_) if name not in modes]
+    return modes + [name for name in (*globals_, *locals_, *texts) if name not in modes]
 
 
 class SearchEngine:
@@ -135,7 +141,8 @@ class SearchEngine:
 
     def weights(self, settings: SearchSettings | None = None) -> dict[str, float]:
         """The fused-search weight of each feature this catalog holds (settings override the defaults)."""
-        present = [feature_spec(name) for name in (*self.catalog.global_features(), *self.catalog.local_features())]
+        present = [feature_spec(name) for name in (*self.catalog.global_features(), *self.catalog.local_features(),
+                                                   *self.catalog.text_features())]
         return feature_weights(present, "search", (settings or self.settings).weights)
 
     def item_filter(self, category: str | None) -> ItemFilter | None:
@@ -149,12 +156,22 @@ class SearchEngine:
         category: str | None = None,
         names: Sequence[str] | None = None,
         settings: SearchSettings | None = None,
+        text: str | None = None,
     ) -> list[QueryResult]:
-        """One result per source, in order; an unreadable source gives a result with ``error``."""
+        """One result per source, in order; an unreadable source gives a result with ``error``.
+
+        ``text``: words to search for, alone (no sources: one result, ranked by text) or with
+        each photo (fused mode: the words are one more evidence)."""
         settings = (settings or self.settings).merged(k=k, mode=mode)
-        mode = self.check_mode(settings.mode)
-        filter = self.item_filter(category)
+        text = text.strip() if text and text.strip() else None
         sources = list(sources)
+        if text is not None and not sources:
+            return [self.search_text(text, settings.k, category)]
+        mode = self.check_mode(settings.mode)
+        if text is not None and mode != FUSED:
+            raise ModeUnavailableError(f"--mode {mode}: words with a photo are one more evidence in fused search; "
+                                       "leave the mode out, or search the words alone")
+        filter = self.item_filter(category)
         # Read once, before the queries run side by side.
         calibrator = self.calibrator() if settings.confidence else None
 
@@ -165,7 +182,7 @@ class SearchEngine:
                 return QueryResult(query=name, error=error)
             if filter is not None and filter.empty:
                 return QueryResult(query=name, results=[], calibrated=calibrator is not None)
-            query = Query(image, name)
+            query = Query(image, name, text=text)
             calibrated = calibrator is not None and mode in calibrator.modes()
             # The confidences read the query's top CALIBRATION_DEPTH results: one ranking deep
             # enough serves both (the candidates are the same, so its head is the top k).
@@ -184,6 +201,14 @@ class SearchEngine:
         # the sources' order; at most query_threads images are decoded at once.
         with ThreadPoolExecutor(settings.query_threads, thread_name_prefix="catalens-query") as pool:
             return list(pool.map(answer, range(len(sources))))
+
+    def search_text(self, text: str, k: int, category: str | None = None) -> QueryResult:
+        """Items whose words best match ``text`` (BM25, typos allowed), best first; no confidences."""
+        from catalens.search.text import text_search
+
+        filter = self.item_filter(category)
+        keys, scores = text_search(self, text, k, filter) if filter is None or not filter.empty else ([], [])
+        return QueryResult(query=text, results=self.hits(np.asarray(keys, np.int64), np.asarray(scores, np.float32)))
 
     def calibrator(self) -> MatchCalibrator | None:
         """The catalog's last fitted match calibrator, fresh or stale (never fitted here), or None where
@@ -217,6 +242,10 @@ class SearchEngine:
             return fused_search(self, query, k, filter, settings)
         if mode == LOCAL or feature_spec(mode).kind == "local":
             return local_search(self, query, k, filter, settings, None if mode == LOCAL else [mode])
+        if feature_spec(mode).kind == "text":
+            from catalens.search.text import text_ranking
+
+            return text_ranking(self, query, mode, k, filter)
         return global_search(self, query, mode, k, filter)
 
     def hits(self, keys: np.ndarray, scores: np.ndarray) -> list[SearchHit]:

@@ -6,8 +6,10 @@ are verified geometrically. A candidate scores
 
     sum over global features  w_f * cosine_f(query, item)
     + sum over local features w_l * min(inliers, inlier_cap) / inlier_cap   (0 below min_inliers)
+    + sum over text sources   w_t * bm25(words, item) / best bm25 of those words
 
-a weighted sum that acts as a verified-match boost: a geometrically confirmed match of the
+(text sources: the words typed with the photo, weight ``text_weight``, and those each text
+feature reads on it), a weighted sum that acts as a verified-match boost: a geometrically confirmed match of the
 printed label overrides a few hundredths of cosine, unverified candidates keep their cosine
 order. Weights come from ``SearchSettings.weights``, or each feature's registered default
 (``benchmarks/bench_retrieval.py --sweep`` compares weights).
@@ -31,6 +33,7 @@ from catalens.search.retrieval import (
     word_candidates,
 )
 from catalens.search.settings import SearchSettings
+from catalens.search.text import query_text_evidence
 
 if TYPE_CHECKING:
     from catalens.search.engine import Query, SearchEngine
@@ -42,6 +45,7 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
     weights = engine.weights(settings)
     global_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "global"}
     local_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "local"}
+    text_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "text"}
 
     compute_side_by_side(engine, query, list(global_weights), list(local_weights))
     candidates: dict[int, None] = {}
@@ -55,6 +59,10 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
         keys, _ = word_candidates(engine, query, name, settings.word_candidates, filter)
         candidates.update(dict.fromkeys(keys.tolist()))
         word_lists[name] = keys
+    # Words (typed, or read on the photo) bring their own candidates: a pack named on the query
+    # may be one the pixels ranked far down.
+    worded = query_text_evidence(engine, query, settings.text_weight, text_weights, settings.candidates, filter)
+    candidates.update(dict.fromkeys(worded))
     if not candidates:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     keys = np.fromiter(candidates, np.int64, len(candidates))
@@ -66,6 +74,8 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
         if missing:  # found by another feature only: its cosine by this one, from the stored rows
             known = {**known, **candidate_cosines(engine, query, name, missing)}
         scores += weight * np.array([known.get(int(key), 0.0) for key in keys])
+    if worded:  # before verification: a candidate the words favour is verified first
+        scores += np.array([worded.get(int(key), 0.0) for key in keys])
     for name, weight in local_weights.items():
         scores += weight * _verified_evidence(engine, query, name, keys, scores, word_lists[name], settings)
     order = np.argsort(-scores, kind="stable")[:k]

@@ -33,6 +33,9 @@ class SearchSettings(BaseModel):
     # hundredths of cosine, and colour separates apple varieties and pepper colours (+1 to +3
     # points on grocery val, +0.6 and +1.2 on two session folds of train, bench_retrieval).
     weights: dict[str, float] | None = None
+    # Weight of words typed with a photo (search --text with a photo): the best text match of
+    # the words adds this much to the fused score, others in proportion to their BM25.
+    text_weight: float = Field(0.5, ge=0, le=MAX_WEIGHT, description="weight of words typed with a photo")
     # How many candidates each global feature's kNN and each local feature's words contribute.
     candidates: int = Field(40, ge=1)
     word_candidates: int = Field(40, ge=1)

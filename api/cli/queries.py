@@ -84,16 +84,24 @@ def _anomaly_csv(result) -> Iterator[tuple]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    queries = read_queries(args)
+    text = args.text.strip() if args.text and args.text.strip() else None
+    queries = read_queries(args) if text is None or args.images or args.from_file else []
     fmt = output_format(args)
     if args.k is not None and args.k < 1:
         raise UsageError("--k must be at least 1")
+    if text is not None and queries and args.mode not in (None, "fused"):
+        raise UsageError(f"--text with a photo is fused search, not --mode {args.mode}")
     service = open_service(args)
     try:
         mode = args.mode or service.settings.mode or "fused"
         # Asked before the first photo is read: a mode or category the index lacks is one line.
-        service.engine.check_mode(args.mode)
+        if queries:
+            service.engine.check_mode(args.mode)
         category = service.check_category(args.category)
+        if not queries:  # the words alone
+            results = service.search([], category=category, k=args.k, text=text)
+            print_results(results, fmt, _search_table("text"), None, SEARCH_CSV, _search_csv)
+            return 0
 
         def explain(result) -> list[str]:
             if not args.explain or result.error:
@@ -102,7 +110,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             return [f"explanations of {result.query}: {len(drawn)} image(s) in {args.explain}"]
 
         results = answered(queries, lambda chunk, first: service.search(
-            chunk, category=category, k=args.k, mode=args.mode, collapse=args.collapse or None), "searching")
+            chunk, category=category, k=args.k, mode=args.mode, collapse=args.collapse or None, text=text),
+            "searching")
         failed = print_results(results, fmt, _search_table(mode), explain, SEARCH_CSV, _search_csv)
     finally:
         service.close()
@@ -197,11 +206,15 @@ def register(commands) -> None:
         description="Find the catalog items that best match each photo, best first. Exit status 1 when no photo "
                     "could be read.",
         epilog="examples: catalens search shelf.jpg --index shop-index --k 5\n"
+               "          catalens search --text 'oatly havre' --index shop-index\n"
                "          catalens search --from-file photos.txt --index shop-index --json > hits.jsonl")
     add_query_arguments(p)
     add_location_arguments(p)
     p.add_argument("-k", "--k", type=int, default=None,
                    help="results per photo (default: [search] k of --config, or $CATALENS_SEARCH_K, else 10)")
+    p.add_argument("--text", metavar="WORDS",
+                   help="search by words (ids, titles, categories, attributes, words read on the items' images; "
+                        "typos allowed): alone, or with photos as one more evidence of fused search")
     p.add_argument("--mode", default=None, help=f"how to rank (default fused): {MODES_HELP}")
     p.add_argument("--category", metavar="PATH",
                    help="only items under this category path prefix of whole levels (Packages or Packages/Milk)")

@@ -93,7 +93,7 @@ function pick(file) {
 
 function form(extra) {
   const data = new FormData();
-  data.append("image", state.file, state.file.name || "photo");
+  if (state.file) data.append("image", state.file, state.file.name || "photo");
   for (const [key, value] of Object.entries(extra || {})) {
     if (value !== undefined && value !== null && value !== "") data.append(key, value);
   }
@@ -104,6 +104,13 @@ function searchParams() {
   return { k: $("k").value || "12", mode: $("mode").value, category: $("category").value.trim() };
 }
 
+// Words alone, or with the photo (fused search); the photo's other verdicts are not asked again.
+function wordParams() {
+  const words = $("text").value.trim();
+  if (!words) return {};
+  return state.file ? { text: words, mode: "fused" } : { text: words };
+}
+
 async function runSearch() {
   $("audit").innerHTML = "";
   showScreen("search");
@@ -112,7 +119,7 @@ async function runSearch() {
   $("grid").innerHTML = "";
   $("match").textContent = "…";
   try {
-    const body = await apiJson("/search", { method: "POST", body: form(params) });
+    const body = await apiJson("/search", { method: "POST", body: form({ ...params, ...wordParams() }) });
     state.lastMode = body.mode;
     renderHits(body);
     renderMatch(body);
@@ -438,6 +445,7 @@ function wire() {
   }
   drop.addEventListener("drop", (event) => pick(event.dataTransfer.files[0]));
   $("controls").addEventListener("submit", (event) => { event.preventDefault(); runSearch(); });
+  $("text").addEventListener("input", () => { $("go").disabled = !state.file && !$("text").value.trim(); });
   $("locate").addEventListener("click", runLocate);
   $("back").addEventListener("click", () => { showScreen("search"); });
   $("mode").addEventListener("change", () => { if (state.file) runSearch(); });

@@ -1,7 +1,8 @@
 """The features an index holds, by registry: each module of this package registers one.
 
 As in LIRE, a feature is global (one L2-normalised vector per image: deep, colour, style,
-autoencoder codes) or local (many descriptors per image: RootSIFT). Both do their work in two
+autoencoder codes) or local (many descriptors per image: RootSIFT); a text feature reads the
+words printed in an image, which the item store's text index makes searchable. Both do their work in two
 steps: ``preparer`` runs in a decode worker process on the decoded image, ``finish`` in the main
 process on a batch of what the preparers returned. Indexing, search, fusion and
 classification loop over the registered features; none of them knows a feature by name.
@@ -76,7 +77,22 @@ class LocalFeature(Protocol):
         """Visual word ids of ``descriptors`` under the catalog's current vocabulary."""
 
 
-Feature = GlobalFeature | LocalFeature
+@runtime_checkable
+class TextFeature(Protocol):
+    """The words read from an image, as one string (the item store indexes it for text search)."""
+
+    name: str
+    preparer: Preparer  # image -> str
+    draft_size: int
+
+    def finish(self, prepared: list[Any]) -> list[str]:
+        """One string of words per image."""
+
+    def decode(self, blob: bytes) -> str:
+        """A stored row back to its words."""
+
+
+Feature = GlobalFeature | LocalFeature | TextFeature
 
 
 Window = tuple[int, int, int, int]
@@ -123,10 +139,10 @@ class FeatureSpec:
     """
 
     name: str
-    kind: Literal["global", "local"]
+    kind: Literal["global", "local", "text"]
     build: Callable[[Catalog], Feature]
     dim: int | None = None  # None: it depends on the backbone or on the fitted model
-    similarity: Literal["cosine", "inliers"] = "cosine"
+    similarity: Literal["cosine", "inliers", "bm25"] = "cosine"
     fitted_by: str | None = None
     model_file: str | None = None  # in the catalog's models folder: the feature is rebuilt when it changes
     refresh: Callable[[Catalog, np.ndarray, np.ndarray], None] | None = None
@@ -139,7 +155,7 @@ class FeatureSpec:
 _REGISTRY: dict[str, FeatureSpec] = {}
 
 
-def register_feature(name: str, kind: Literal["global", "local"], **spec: Any) -> Callable[[Callable], Callable]:
+def register_feature(name: str, kind: Literal["global", "local", "text"], **spec: Any) -> Callable[[Callable], Callable]:
     """Decorator over a ``build(catalog)`` function: registers ``name`` as a feature."""
 
     def decorate(build: Callable[[Catalog], Feature]) -> Callable[[Catalog], Feature]:

@@ -25,6 +25,8 @@ from catalens.datasets.catalog import MAX_CATEGORY_CHARS, FieldError, check_cate
 from catalens.indexer.features import FeatureUnavailableError
 
 router = APIRouter(tags=["search by photo"])
+# A query is a few words; a page of text is not one.
+MAX_TEXT_CHARS = 500
 
 _FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 _ERRORS = {
@@ -73,15 +75,26 @@ async def search(
     settings: SettingsDep,
     image: ImageFile = None,
     category: Annotated[str | None, Form(description="only items under this category path prefix")] = None,
+    text: Annotated[str | None, Form(max_length=MAX_TEXT_CHARS,
+                                     description="words to search for (ids, titles, categories, attributes, words "
+                                                 "read on the items' images; typos allowed): alone, or with the "
+                                                 "photo as one more evidence of fused search")] = None,
 ) -> SearchResponse:
-    """Catalog items that best match the photo, best first."""
+    """Catalog items that best match the photo, the words, or both, best first."""
     category = await checked_category(state, category)
-    upload = await read_upload(state, image)
+    text = text.strip() if text and text.strip() else None
+    if text is not None and image is None:
+        upload = None
+    else:
+        upload = await read_upload(state, image)
+    if text is not None and upload is not None and settings.mode not in (None, "fused"):
+        raise HTTPException(422, f"words with a photo are one more evidence of fused search, not mode {settings.mode!r}")
 
     def run():
         started = time.perf_counter()
         with state.rw.gen_rlock():
-            result = state.service.search([upload.image], category=category, names=[upload.name],
+            result = state.service.search([upload.image] if upload else [], category=category,
+                                          names=[upload.name] if upload else None, text=text,
                                           **settings.model_dump(include={"k", "mode", "weights", "collapse"}))[0]
         return result, time.perf_counter() - started
 
@@ -92,8 +105,9 @@ async def search(
     if result.error:
         raise HTTPException(400, result.error)
     hits = [Hit(**hit.to_json(), image_url=image_url(hit.id)) for hit in result.results or []]
-    return SearchResponse(query=upload.name, mode=settings.mode, k=settings.k, category=category, match=result.match,
-                          threshold=result.threshold, results=hits, seconds=round(seconds, 4))
+    return SearchResponse(query=upload.name if upload else text, mode="text" if upload is None else settings.mode,
+                          k=settings.k, category=category, match=result.match, threshold=result.threshold,
+                          results=hits, seconds=round(seconds, 4))
 
 
 @router.post("/locate", response_model=LocateResponse, responses=_ERRORS)

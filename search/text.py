@@ -1,0 +1,61 @@
+"""Search by words: typed text, and the words the ``text`` feature reads on a query photo.
+
+The item store ranks (BM25 over ids, titles, categories, attributes and the words read from
+each item's images, typos allowed: ``ItemStore.search_text``). Here those scores become
+evidence for fused search, relative to the best match of the query, so a weight means the
+same whatever the words' BM25 scale.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from catalens.indexer.stores import ItemFilter
+
+if TYPE_CHECKING:
+    from catalens.search.engine import Query, SearchEngine
+
+
+def text_search(engine: SearchEngine, text: str, k: int, filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, BM25 scores) of the ``k`` items best matching ``text``, best first."""
+    if not text or not text.strip():
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return engine.catalog.items.search_text(text, k, filter)
+
+
+def photo_words(engine: SearchEngine, query: Query, feature: str) -> str:
+    """The words the text ``feature`` reads on the query photo (kept on the query)."""
+    key, computed = f"words-read:{feature}", query.computed(engine.catalog)
+    if key not in computed:
+        computed[key] = engine.catalog.feature(feature).preparer(query.image)
+    return computed[key]
+
+
+def text_evidence(engine: SearchEngine, text: str, k: int, filter: ItemFilter | None) -> dict[int, float]:
+    """Each of the ``k`` best text matches' score relative to the best, in (0, 1]."""
+    keys, scores = text_search(engine, text, k, filter)
+    if not len(keys):
+        return {}
+    return dict(zip(keys.tolist(), (scores / scores[0]).tolist(), strict=True))
+
+
+def query_text_evidence(engine: SearchEngine, query: Query, typed_weight: float, feature_weights: dict[str, float],
+                        k: int, filter: ItemFilter | None) -> dict[int, float]:
+    """The weighted text evidence of a query: its typed text (``query.text``, ``typed_weight``) and
+    the words each weighted text feature reads on its photo, summed per item."""
+    total: dict[int, float] = {}
+    sources = [(query.text, typed_weight)] if query.text else []
+    sources += [(photo_words(engine, query, name), weight) for name, weight in feature_weights.items()
+                if weight and query.image is not None]
+    for text, weight in sources:
+        for key, value in text_evidence(engine, text, k, filter).items():
+            total[key] = total.get(key, 0.0) + weight * value
+    return total
+
+
+def text_ranking(engine: SearchEngine, query: Query, feature: str, k: int,
+                 filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
+    """The mode named after a text feature: items ranked by the words read on the photo alone."""
+    return text_search(engine, photo_words(engine, query, feature), k, filter)
