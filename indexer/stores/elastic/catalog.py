@@ -160,14 +160,17 @@ class ElasticCatalog(Catalog):
     def write(self, updates: Sequence[ItemUpdate]) -> list[int]:
         dims: dict[str, int] = {}
         local: set[str] = set()
+        texts: set[str] = set()
         for update in updates:
             for name, row in update.rows.items():
                 if isinstance(row, np.ndarray):
                     dims[name] = len(row)
+                elif isinstance(row, str):
+                    texts.add(name)
                 else:
                     local.add(name)
         with self.lock:
-            self.items.ensure_index(dims, sorted(local))
+            self.items.ensure_index(dims, sorted(local), text_features=sorted(texts))
             keys = self.items.write(updates)
             self._written += 1
         return keys

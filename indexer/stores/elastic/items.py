@@ -24,11 +24,15 @@ from catalens.indexer.stores.elastic.mapping import (
     RECORD_FIELDS,
     ElasticSettings,
     bulk_actions,
+    document_text,
     feature_blob,
     field_value,
     index_template,
     knn_body,
     local_properties,
+    read_field,
+    text_body,
+    text_properties,
     vector_property,
     vocab_field,
     words_body,
@@ -42,6 +46,16 @@ log = logging.getLogger(__name__)
 ROW_CHUNK = 128
 # The update-by-query script of ``delete_feature``.
 REMOVE_FIELDS = "for (def field : params.fields) { ctx._source.remove(field); }"
+
+
+def _reads_words(feature: str) -> bool:
+    """Whether ``feature`` is a registered text feature (its field holds the words read, not base64)."""
+    from catalens.indexer.features import UnknownFeatureError, feature_spec
+
+    try:
+        return feature_spec(feature).kind == "text"
+    except UnknownFeatureError:
+        return False
 
 
 def _record(source: dict[str, Any]) -> ItemRecord:
@@ -93,14 +107,14 @@ class ElasticItemStore:
         return bool(self.client.indices.exists(index=self.index))
 
     def ensure_index(self, dims: dict[str, int], local_features: Sequence[str] = (),
-                     scalars: Sequence[str] = ()) -> None:
+                     scalars: Sequence[str] = (), text_features: Sequence[str] = ()) -> None:
         """Create the template and the index (no-op if they exist), or add the missing fields.
 
         A vector field keeps its dims: asking for others is refused (``ValueError``) before
         anything is written.
         """
         if not self.exists():
-            template = index_template(dims, local_features, self.settings)
+            template = index_template(dims, local_features, self.settings, text_features)
             self.client.indices.put_index_template(name=self.index, **template)
             self.client.indices.create(index=self.index)
             self._properties_cache = None
@@ -117,6 +131,8 @@ class ElasticItemStore:
         wanted: dict[str, Any] = {name: vector_property(dim, self.settings) for name, dim in dims.items()}
         for feature in local_features:
             wanted.update(local_properties(feature))
+        for feature in text_features:
+            wanted.update(text_properties(feature))
         wanted.update({name: {"type": "float"} for name in scalars})
         # Fields of a newer catalens, or of a feature added since, can join a live index;
         # existing documents lack them until they are written again.
@@ -205,6 +221,8 @@ class ElasticItemStore:
         else:
             # Keypoint blobs are the largest rows: their chunk size bounds every request's answer.
             sources = self._by_key(keys, ["key", feature], ROW_CHUNK)
+        if _reads_words(feature):  # the words as read, an empty string where none were
+            return {int(source["key"]): feature_blob(source[feature], "text") for source in sources if feature in source}
         # An image without keypoints stores an empty blob: as before, it has none to fetch.
         return {int(source["key"]): feature_blob(source[feature]) for source in sources if source.get(feature) not in (None, "")}
 
@@ -280,7 +298,20 @@ class ElasticItemStore:
 
     def update_metadata(self, items: Sequence[CatalogItem]) -> None:
         self._update({item.id: {"category": item.category, "title": item.title, "attributes": item.attributes,
-                                "image": str(item.image)} for item in items})
+                                "image": str(item.image),
+                                "search_text": document_text(item.id, item.title, item.category, item.attributes)}
+                      for item in items})
+
+    def search_text(self, query: str, k: int, filter: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, BM25 scores): one fuzzy ``match`` on ``search_text`` and on each text feature's words."""
+        if not self.exists() or not query.strip() or (filter is not None and filter.empty):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        properties = self._properties()
+        fields = sorted(read_field(name) for name, spec in properties.items()
+                        if spec.get("type") == "text" and read_field(name) in properties)
+        hits = self.client.search(index=self.index, **text_body(query, k, fields, filter))["hits"]["hits"]
+        return (np.array([int(hit["_source"]["key"]) for hit in hits], np.int64),
+                np.array([max(float(hit["_score"]), 1e-6) for hit in hits], np.float32))
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         ids = list(dict.fromkeys(ids))

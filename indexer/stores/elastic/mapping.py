@@ -6,7 +6,10 @@ serialised keypoints, ``binary``: stored, never indexed), ``f_words`` (its visua
 whitespace tokens, so word candidates are a BM25-scored bool/should of term queries) and
 ``f_vocab`` (the vocabulary the words came from, ``pending`` before they are quantised). The
 category path is indexed with a ``path_hierarchy`` tokenizer (one term filters on a prefix)
-beside a ``keyword`` copy for aggregations.
+beside a ``keyword`` copy for aggregations. Text search reads ``search_text`` (the item's id,
+title, category and attribute values) and, for a text feature ``f``, ``f_read`` (the words read
+from its image; ``f`` keeps them as read, unindexed), both through the ``folded`` analyser (lower
+case, ASCII folding: mjölk is mjolk) and queried with ``match``, ``fuzziness: AUTO``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from catalens.indexer.stores import ItemFilter, ItemUpdate, item_key
+from catalens.indexer.stores.text import ItemText, read_words
 
 # Fields a search hit needs to become an ItemRecord; keypoints and vectors stay on the server.
 RECORD_FIELDS = ["key", "id", "image", "category", "title", "attributes", "fingerprint"]
@@ -54,6 +58,34 @@ def words_text(words: np.ndarray | Sequence[int]) -> str:
     return " ".join(f"w{int(word)}" for word in np.asarray(words).ravel())
 
 
+SEARCH_TEXT = "search_text"
+FOLDED = {"type": "text", "analyzer": "folded"}
+
+
+def read_field(feature: str) -> str:
+    return f"{feature}_read"
+
+
+def text_properties(feature: str) -> dict[str, Any]:
+    """A text feature's fields: the words as read (kept, not indexed), and their searchable form."""
+    return {feature: {"type": "text", "index": False}, read_field(feature): FOLDED}
+
+
+def document_text(item_id: str, title: str, category: str, attributes: Any) -> str:
+    """The ``search_text`` of an item: its normalised id, title, category levels and attribute values."""
+    return " ".join(part for part in ItemText.of(item_id, title, category, attributes).fields() if part)
+
+
+def text_body(query: str, k: int, fields: Sequence[str], filter: ItemFilter | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``Elasticsearch.search`` for a text query: one fuzzy ``match`` a field."""
+    should = [{"match": {field: {"query": query, "fuzziness": "AUTO"}}} for field in (SEARCH_TEXT, *fields)]
+    body: dict[str, Any] = {"bool": {"should": should, "minimum_should_match": 1}}
+    clauses = filter_clauses(filter)
+    if clauses:
+        body["bool"]["filter"] = clauses
+    return {"query": body, "size": int(k), "source": ["key"]}
+
+
 def vector_property(dim: int, settings: ElasticSettings) -> dict[str, Any]:
     return {
         "type": "dense_vector", "dims": int(dim), "index": True, "similarity": "cosine",
@@ -70,7 +102,7 @@ def local_properties(feature: str) -> dict[str, Any]:
 
 
 def index_template(dims: dict[str, int], local_features: Sequence[str] = (),
-                   settings: ElasticSettings | None = None) -> dict[str, Any]:
+                   settings: ElasticSettings | None = None, text_features: Sequence[str] = ()) -> dict[str, Any]:
     """The body of ``PUT _index_template/<index>``: settings, analysers and the item mapping."""
     settings = settings or ElasticSettings()
     properties: dict[str, Any] = {
@@ -85,9 +117,12 @@ def index_template(dims: dict[str, int], local_features: Sequence[str] = (),
         "title": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 256}}},
         "attributes": {"type": "flattened"},
         "updated_at": {"type": "date", "format": "epoch_second"},
+        SEARCH_TEXT: FOLDED,
     }
     for feature in local_features:
         properties.update(local_properties(feature))
+    for feature in text_features:
+        properties.update(text_properties(feature))
     for feature, dim in sorted(dims.items()):
         properties[feature] = vector_property(dim, settings)
     return {
@@ -100,7 +135,10 @@ def index_template(dims: dict[str, int], local_features: Sequence[str] = (),
                 "refresh_interval": settings.refresh_interval,
                 "analysis": {
                     "tokenizer": {"category_path": {"type": "path_hierarchy", "delimiter": "/"}},
-                    "analyzer": {"category_path": {"type": "custom", "tokenizer": "category_path"}},
+                    "analyzer": {
+                        "category_path": {"type": "custom", "tokenizer": "category_path"},
+                        "folded": {"type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding"]},
+                    },
                 },
             },
             "mappings": {"dynamic": "strict", "properties": properties},
@@ -167,10 +205,13 @@ def item_document(update: ItemUpdate) -> dict[str, Any]:
     document: dict[str, Any] = {
         "key": item_key(item.id), "id": item.id, "image": str(item.image), "fingerprint": update.fingerprint,
         "category": item.category, "title": item.title, "attributes": item.attributes,
-        "updated_at": int(time.time()),
+        "updated_at": int(time.time()), SEARCH_TEXT: document_text(item.id, item.title, item.category, item.attributes),
     }
     for feature, row in update.rows.items():
-        if isinstance(row, np.ndarray):
+        if isinstance(row, str):  # words read from the image
+            document[feature] = row
+            document[read_field(feature)] = read_words(row)
+        elif isinstance(row, np.ndarray):
             document[feature] = [float(v) for v in np.asarray(row, np.float32).ravel()]
         else:
             document[feature] = base64.b64encode(bytes(row)).decode("ascii")
@@ -198,8 +239,10 @@ def field_value(kind: str | None, feature: str, blob: bytes) -> Any:
     raise ValueError(f"{feature!r} rows cannot be written as partial updates: its field is {kind or 'not mapped'}")
 
 
-def feature_blob(value: Any) -> bytes:
-    """A field's value as the item store returns rows: base64 text decoded, numbers as float32."""
+def feature_blob(value: Any, kind: str | None = None) -> bytes:
+    """A field's value as the item store returns rows: words as UTF-8, base64 text decoded, numbers as float32."""
+    if kind == "text":
+        return str(value).encode("utf-8")
     if isinstance(value, str):
         return base64.b64decode(value)
     return np.asarray(value, np.float32).tobytes()
