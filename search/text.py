@@ -55,6 +55,30 @@ def query_text_evidence(engine: SearchEngine, query: Query, typed_weight: float,
     return total
 
 
+def matched_words(engine: SearchEngine, text: str, keys: list[int]) -> dict[int, list[str]]:
+    """For each of ``keys``, its indexed terms that ``text`` matched (typos and compounds included),
+    and from which field: what ``search --text --explain`` prints."""
+    from catalens.indexer.stores.text import ItemText, matching_terms, query_terms
+
+    records = engine.catalog.items.items(keys)
+    read = {name: engine.catalog.items.rows(name, keys) for name in engine.catalog.text_features()}
+    fields = ("id", "title", "category", "attributes", "read")
+    found: dict[int, list[str]] = {}
+    for key in keys:
+        record = records.get(int(key))
+        if record is None:
+            continue
+        words = " ".join(rows[int(key)].decode("utf-8") for rows in read.values() if int(key) in rows)
+        item = ItemText.of(record.id, record.title, record.category, record.attributes, words)
+        matched = []
+        for field, value in zip(fields, item.fields(), strict=True):
+            present = list(dict.fromkeys(value.split()))
+            for term in query_terms(text):
+                matched += [f"{found_term} ({field})" for found_term in matching_terms(term, present)]
+        found[int(key)] = list(dict.fromkeys(matched))
+    return found
+
+
 def text_ranking(engine: SearchEngine, query: Query, feature: str, k: int,
                  filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """The mode named after a text feature: items ranked by the words read on the photo alone."""

@@ -111,6 +111,14 @@ def test_cli_search_by_words_alone_prints_the_same_json_as_photo_search(titled_i
     assert set(result["results"][0]) >= {"id", "score", "category", "title"}
 
 
+def test_explain_prints_the_words_each_result_matched(titled_index, capsys, tmp_path):
+    from catalens.api.cli import main
+
+    index, _ = titled_index
+    assert main(["search", "--text", "oatlu", "--index", str(index), "--k", "1", "--explain", str(tmp_path)]) == 0
+    assert "item1: oatly (title)" in capsys.readouterr().out
+
+
 def test_words_with_a_photo_join_fused_search(titled_index):
     from catalens.api.service import CatalogService
 

@@ -100,7 +100,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         category = service.check_category(args.category)
         if not queries:  # the words alone
             results = service.search([], category=category, k=args.k, text=text)
-            print_results(results, fmt, _search_table("text"), None, SEARCH_CSV, _search_csv)
+
+            def words(result) -> list[str]:
+                if not args.explain:
+                    return []
+                from catalens.search.text import matched_words
+
+                matched = matched_words(service.engine, text, [hit.key for hit in result.results])
+                return [f"{hit.id}: {', '.join(matched.get(hit.key, [])) or '-'}" for hit in result.results]
+
+            print_results(results, fmt, _search_table("text"), words, SEARCH_CSV, _search_csv)
             return 0
 
         def explain(result) -> list[str]:
@@ -221,7 +230,8 @@ def register(commands) -> None:
     p.add_argument("--collapse", action="store_true",
                    help="one result per product (the item's 'product' attribute, else its category)")
     p.add_argument("--explain", metavar="OUT",
-                   help="folder for images of the keypoints each result shares with the photo (modes fused, local)")
+                   help="folder for images of the keypoints each result shares with the photo (modes fused, local); "
+                        "with --text alone, the words each result matched are printed")
     add_config_argument(p, "table [search]")
     p.set_defaults(run=cmd_search)
 
