@@ -142,8 +142,15 @@ def local_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
 
     A verified item scores its inliers plus its word score, so any verified match ranks above
     every unverified one; the rest keep the word score (< 1). Several local features add up.
+    In the ``local`` mode (``features`` None) of a catalog with a text feature, the words read on
+    the query (a text logo is words) add ``local_text_weight`` times their relative BM25.
     """
     scores: dict[int, float] = {}
+    if features is None and settings.local_text_weight:
+        from catalens.search.text import query_text_evidence
+
+        weights = dict.fromkeys(engine.catalog.text_features(), settings.local_text_weight)
+        scores.update(query_text_evidence(engine, query, 0.0, weights, max(k, settings.local_verify_top), filter))
     for feature in features or engine.catalog.local_features():
         keys, word_scores = word_candidates(engine, query, feature, max(k, settings.local_verify_top), filter)
         checks = verified(engine, query, feature, keys[: settings.local_verify_top], settings)

@@ -43,6 +43,8 @@ class SearchSettings(BaseModel):
     verify_top: int = Field(20, ge=0)
     # ...and of the bag-of-words list in local search.
     local_verify_top: int = Field(40, ge=0)
+    # Local (logo) mode of a catalog with a text feature: weight of the words read on the query.
+    local_text_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
     # Fewer inliers than this is chance agreement (non-matching grocery pairs give 4-7).
     min_inliers: int = Field(8, ge=1)
     # Inliers beyond this count as certain: evidence is min(inliers, cap) / cap.
