@@ -124,3 +124,21 @@ def synthetic_index(tmp_path_factory) -> tuple[Path, Path]:
     assert report.added == 9
     refit_index(folder / "index")
     return folder / "index", catalog
+
+
+SHOP_CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"]
+
+
+def indexed_shop(folder: Path) -> tuple[Path, Path]:
+    """(catalog folder, index folder) under ``folder``: 12 generated photos in ``SHOP_CATEGORIES``,
+    indexed, and fitted as ``catalens index`` leaves them."""
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+
+    for number in range(12):
+        draw_product(folder / "catalog" / SHOP_CATEGORIES[number % 3] / f"item{number:02d}.jpg", seed=number,
+                     text=f"item {number}")
+    report = index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
+    assert report.added == 12 and not report.failures
+    refit_index(folder / "index")
+    return folder / "catalog", folder / "index"

@@ -17,25 +17,15 @@ import pytest
 from PIL import Image
 
 from catalens.api.cli import main
-from catalens.indexer.config import IndexConfig
-from catalens.indexer.pipeline import index_catalog
-from tests.conftest import draw_product, refit_index
+from tests.conftest import draw_product, indexed_shop
 
 ROOT = Path(__file__).resolve().parents[1]
-CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"]
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory) -> tuple[Path, Path]:
     """(catalog folder, index folder): 12 generated photos in 3 categories, indexed and fitted once."""
-    folder = tmp_path_factory.mktemp("contact")
-    for number in range(12):
-        draw_product(folder / "catalog" / CATEGORIES[number % 3] / f"item{number:02d}.jpg", seed=number,
-                     text=f"item {number}")
-    report = index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
-    assert report.added == 12 and not report.failures
-    refit_index(folder / "index")
-    return folder / "catalog", folder / "index"
+    return indexed_shop(tmp_path_factory.mktemp("contact"))
 
 
 def photos(shop) -> list[Path]:

@@ -19,11 +19,10 @@ import pytest
 from catalens.api.cli import build_parser, main
 from catalens.indexer.config import ConfigError, IndexConfig, settle
 from catalens.indexer.pipeline import IndexReport, index_catalog
-from tests.conftest import draw_product, refit_index
+from tests.conftest import draw_product, indexed_shop
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "first-ten-minutes-key"
-CATEGORIES = ["Dairy/Milk", "Dairy/Yoghurt", "Fruit/Apple"]
 
 
 def catalens(*argv: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -42,14 +41,7 @@ def one_line(done: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory) -> tuple[Path, Path]:
     """(catalog folder, index folder): 12 generated photos in 3 categories, indexed once."""
-    folder = tmp_path_factory.mktemp("shop")
-    for number in range(12):
-        draw_product(folder / "catalog" / CATEGORIES[number % 3] / f"item{number:02d}.jpg", seed=number,
-                     text=f"item {number}")
-    report = index_catalog(folder / "catalog", folder / "index", IndexConfig(num_workers=0), progress=False)
-    assert report.added == 12 and not report.failures
-    refit_index(folder / "index")
-    return folder / "catalog", folder / "index"
+    return indexed_shop(tmp_path_factory.mktemp("shop"))
 
 
 @pytest.fixture()
