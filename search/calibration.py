@@ -450,7 +450,7 @@ def _untrained_keys(catalog: Catalog) -> set[int] | None:
     """Keys of the items the adapted network that search uses never trained on (its held-out slice,
     items added since), or None where search uses no adapted network: every stored row is then as
     fair a query as any other."""
-    from catalens.indexer.training.adaptation import trained_keys
+    from catalens.indexer.features.deep_ft import trained_keys
 
     trained = trained_keys(catalog)
     if trained is None:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from catalens.indexer.backbones import get_backbone
-from catalens.indexer.estimator import saved_params
+from catalens.indexer.estimator import saved_params, saved_state
 from catalens.indexer.features import Window, l2_normalise, register_feature, windows_by_side
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.runtime import compile_network, weights_stamp
@@ -151,3 +151,14 @@ class AdaptedDeep:
                   description="the backbone's top stages adapted to the catalog's products")
 def build_adapted_deep(catalog: Catalog) -> AdaptedDeep:
     return AdaptedDeep(catalog.models_dir / MODEL_FILE, catalog.config.input_scaling, catalog.config.runtime)
+
+
+def trained_keys(catalog: Catalog) -> np.ndarray | None:
+    """Keys of the items the catalog's adapted network trained on (stored with it by ``finetune``),
+    or None where search does not use one (no ``deep_ft``, or a model saved before it kept them).
+    Read without building the network: a search's calibration asks it, and must not import torch."""
+    path = Path(catalog.models_dir) / MODEL_FILE
+    if FEATURE_NAME not in catalog.config.features or not path.is_file():
+        return None
+    keys = np.asarray(saved_state(path, "AdaptedTop").get("trained_keys", []), np.int64)
+    return keys if len(keys) else None

@@ -33,7 +33,7 @@ from torch import nn
 
 from catalens.indexer.backbone_networks import Backbone
 from catalens.indexer.backbones import get_backbone
-from catalens.indexer.estimator import Estimator, saved_state
+from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
@@ -371,15 +371,6 @@ def _held_out_slice(catalog: Any, records: Sequence, labels: np.ndarray, rng: np
         held |= chosen
     return held
 
-
-def trained_keys(catalog: Any) -> np.ndarray | None:
-    """Keys of the items the catalog's adapted network trained on, or None where search does not
-    use one (no ``deep_ft``, or a model saved before it kept them)."""
-    path = model_path(catalog)
-    if FEATURE_NAME not in catalog.config.features or not path.is_file():
-        return None
-    keys = np.asarray(saved_state(path, AdaptedTop.__name__).get("trained_keys", []), np.int64)
-    return keys if len(keys) else None
 
 def _view_maps(catalog: Any, sources: Sequence, views: AugmentedViews, trunk: FrozenTrunk, progress: bool,
                desc: str) -> dict[int, np.ndarray]:
