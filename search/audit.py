@@ -30,7 +30,7 @@ from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import feature_spec, feature_weights, l2_normalise
 from catalens.indexer.files import atomic_path
 from catalens.indexer.stores import ItemRecord
-from catalens.search.classify import aligned_rows
+from catalens.search.classify import aligned_rows, nearest_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ PROBLEMS = ("mislabelled", "duplicate", "not-a-product")
 LEVEL_NAMES = ("top", "coarse", "leaf")
 DISMISSED_FILE = "audit_dismissed.json"
 PLACEHOLDERS_FILE = "audit_placeholders.npz"
-# Similarity products held at once (~256 MB of float32), as in the classifier.
-_SIMILARITY_BUDGET = 1 << 26
 
 
 @dataclass
@@ -128,23 +126,8 @@ class CatalogRows:
 
 def nearest(rows: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: bool = True
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(positions (n, k) nearest first, similarities) of each query row among ``rows``; with
-    ``exclude_self`` the queries are ``rows`` and each leaves itself out."""
-    queries = rows if queries is None else queries
-    k = max(1, min(k, len(rows) - (1 if exclude_self else 0)))
-    out = np.zeros((len(queries), k), np.int64)
-    out_sims = np.zeros((len(queries), k), np.float32)
-    block = max(1, _SIMILARITY_BUDGET // max(len(rows), 1))
-    for start in range(0, len(queries), block):
-        sims = queries[start : start + block] @ rows.T
-        if exclude_self:
-            sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1)
-        out[start : start + block] = np.take_along_axis(top, order, axis=1)
-        out_sims[start : start + block] = np.take_along_axis(top_sims, order, axis=1)
-    return out, out_sims
+    """``nearest_rows``, each row leaving itself out by default: leave-one-out evidence."""
+    return nearest_rows(rows, k, queries, exclude_self)
 
 
 # --- category tree

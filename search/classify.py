@@ -43,6 +43,30 @@ CLASSIFIER_FILE = "classifier.pt"
 _SIMILARITY_BUDGET = 1 << 26
 
 
+def nearest_rows(rows: np.ndarray, k: int, queries: np.ndarray | None = None,
+                 exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (n, k) nearest first, cosine similarities) of each query row among ``rows``
+    (L2-normalised both); with ``exclude_self`` the queries are ``rows`` and each leaves itself out.
+
+    Query rows go a block at a time, each block's similarities at most ~64M floats: fitting on a
+    100k-item catalog held out 20k rows, and their similarities at once took 6.4 GB and more."""
+    queries = rows if queries is None else queries
+    k = max(1, min(k, len(rows) - (1 if exclude_self else 0)))
+    nearest = np.zeros((len(queries), k), np.int64)
+    nearest_sims = np.zeros((len(queries), k), np.float32)
+    block = max(1, _SIMILARITY_BUDGET // max(len(rows), 1))
+    for start in range(0, len(queries), block):
+        sims = queries[start : start + block] @ rows.T
+        if exclude_self:
+            sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1)
+        nearest[start : start + block] = np.take_along_axis(top, order, axis=1)
+        nearest_sims[start : start + block] = np.take_along_axis(top_sims, order, axis=1)
+    return nearest, nearest_sims
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
@@ -355,20 +379,7 @@ class HierarchicalFewShotClassifier(Estimator):
         return self._nearest(self._embed(np.asarray(features, dtype=np.float32)), k)
 
     def _nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, len(self.support_))
-        nearest = np.zeros((len(queries), k), np.int64)
-        nearest_sims = np.zeros((len(queries), k), np.float32)
-        # Query rows a block at a time, each block's similarities at most ~64M floats: fitting on a
-        # 100k-item catalog held out 20k rows, and their similarities at once took 6.4 GB and more.
-        block = max(1, _SIMILARITY_BUDGET // max(len(self.support_), 1))
-        for start in range(0, len(queries), block):
-            sims = queries[start : start + block] @ self.support_.T
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            top_sims = np.take_along_axis(sims, top, axis=1)
-            order = np.argsort(-top_sims, axis=1)
-            nearest[start : start + block] = np.take_along_axis(top, order, axis=1)
-            nearest_sims[start : start + block] = np.take_along_axis(top_sims, order, axis=1)
-        return nearest, nearest_sims
+        return nearest_rows(self.support_, k, queries)
 
     def leaf_proba(self, features: np.ndarray, evidence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(leaf probabilities (n, leaves), nearest support rows (n, k), their similarities).
