@@ -20,7 +20,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -211,3 +211,19 @@ def feature_weights(specs: Sequence[FeatureSpec], use: Literal["search", "classi
         if spec.replaces and weights.get(spec.name):
             weights.pop(spec.replaces, None)
     return {name: weight for name, weight in weights.items() if weight}
+
+
+T = TypeVar("T")
+
+
+def options_of(catalog: Any, feature: str, options: type[T]) -> T:
+    """``options`` (a dataclass) with the catalog's ``feature_options[feature]`` over its defaults;
+    a setting it does not have is a ``ValueError`` naming the known ones."""
+    import dataclasses
+
+    overrides = dict(catalog.config.feature_options.get(feature, {}))
+    known = {field.name for field in dataclasses.fields(options)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown {feature} settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return options(**overrides)

@@ -10,7 +10,6 @@ and a run killed at any point is repaired by the next.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -70,12 +69,9 @@ class SiftOptions:
 
     @classmethod
     def from_catalog(cls, catalog: Any) -> SiftOptions:
-        overrides = dict(catalog.config.feature_options.get(FEATURE_NAME, {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown sift settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-        return cls(**overrides)
+        from catalens.indexer.features import options_of
+
+        return options_of(catalog, FEATURE_NAME, cls)
 
 
 # --- extraction

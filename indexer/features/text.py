@@ -9,7 +9,6 @@ of CPU, several times the other features together (``benchmarks/bench_text.py``)
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -53,12 +52,9 @@ class PrintedText:
 
 
 def text_options(catalog: Catalog) -> OcrOptions:
-    overrides = dict(catalog.config.feature_options.get(FEATURE_NAME, {}))
-    known = {field.name for field in dataclasses.fields(OcrOptions)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown text settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    return OcrOptions(**overrides)
+    from catalens.indexer.features import options_of
+
+    return options_of(catalog, FEATURE_NAME, OcrOptions)
 
 
 # search_weight 0.05: the words read on a query photo, as fused evidence, on grocery Packages (100 val
