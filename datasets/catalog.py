@@ -194,8 +194,17 @@ def item_problem(item: CatalogItem) -> str | None:
             or text_problem("title", item.title) or check_attributes(item.attributes))
 
 
+def folder_title(relative: Path) -> str:
+    """The title of a folder tree's image: its leaf folder, the product (``Packages/Milk/Arla-Standard-Milk/
+    IMG_0042.jpg`` is "Arla Standard Milk"). A file name is a camera's or a shoot's counter, not a name
+    a person reads in search results; the id keeps it. An image beside no folder keeps its file stem."""
+    name = relative.parent.name or relative.stem
+    return " ".join(name.replace("_", " ").replace("-", " ").split()) or name
+
+
 def read_folder_tree(root: str | Path) -> list[CatalogItem]:
-    """Every image below ``root``; its folder path is the category, its relative path the id."""
+    """Every image below ``root``; its folder path is the category, its relative path the id, its
+    leaf folder the title (``folder_title``)."""
     root = Path(root)
     if not root.is_dir():
         raise CatalogError(f"{root}: not a folder")
@@ -208,7 +217,7 @@ def read_folder_tree(root: str | Path) -> list[CatalogItem]:
             id=relative.as_posix(),
             image=path.resolve(),
             category=relative.parent.as_posix() if relative.parent != Path(".") else "",
-            title=path.stem,
+            title=folder_title(relative),
         )
         problem = item_problem(item)
         if problem:

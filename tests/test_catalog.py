@@ -14,6 +14,28 @@ def test_folder_tree_folders_become_the_category_path(tiny_catalog):
     assert by_id["Fruit/Apple/item02.jpg"].image.is_file()
 
 
+
+def test_folder_tree_titles_are_the_product_folder_made_readable_and_ids_keep_the_file_name(tmp_path):
+    from tests.conftest import draw_product
+
+    draw_product(tmp_path / "Fruit/Kiwi/Kiwi_010.jpg", seed=1)
+    draw_product(tmp_path / "Packages/Milk/Arla-Standard-Milk/IMG_0042.jpg", seed=2)
+    draw_product(tmp_path / "loose_photo.jpg", seed=3)
+    titles = {item.id: item.title for item in read_folder_tree(tmp_path)}
+    assert titles == {"Fruit/Kiwi/Kiwi_010.jpg": "Kiwi",
+                      "Packages/Milk/Arla-Standard-Milk/IMG_0042.jpg": "Arla Standard Milk",
+                      "loose_photo.jpg": "loose photo"}
+
+
+def test_manifest_titles_are_kept_as_written(tmp_path):
+    from tests.conftest import draw_product
+
+    image = draw_product(tmp_path / "Kiwi_010.jpg", seed=1)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "k", "image": str(image), "category": "Fruit/Kiwi",
+                                    "title": "Kiwi_010 (organic)"}) + "\n")
+    assert read_manifest(manifest)[0].title == "Kiwi_010 (organic)"
+
 def test_manifest_resolves_relative_images_against_its_folder(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
