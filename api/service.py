@@ -219,6 +219,16 @@ class CatalogService:
         except (NotFittedError, FeatureUnavailableError) as error:
             raise ModelMissingError(str(error)) from None
 
+    def anomaly_threshold(self) -> tuple[float, float]:
+        """(threshold, percentile) of the index's autoencoder: the threshold is that percentile of
+        held-out catalog photos' scores."""
+        from catalens.search.anomaly import anomaly_threshold
+
+        try:
+            return anomaly_threshold(self.catalog)
+        except (NotFittedError, FeatureUnavailableError) as error:
+            raise ModelMissingError(str(error)) from None
+
     def catalog_audit(self, top: int | None = None, category: str | None = None, problem: str | None = None,
                       progress: bool = False):
         """The catalog's suspicious items, most probable first (``search.audit``): misfiled, duplicated,

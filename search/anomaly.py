@@ -48,13 +48,25 @@ class AnomalyResult:
                 "threshold": round(float(self.threshold), 6), "anomalous": bool(self.anomalous)}
 
 
+# Tukey's "far out" fence: a score more than this many interquartile ranges above the upper quartile
+# of the catalog's own scores lies outside their spread. The threshold cannot tell that: it is a
+# percentile of the catalog's scores, so a fixed share of ordinary photos (1 in 20 at p95) is above
+# it by construction, and an audit's top few are "anomalous" in every catalog, clean or not.
+FAR_OUT_IQRS = 3.0
+
+
 @dataclass(frozen=True)
 class AuditEntry:
+    """A catalog item's anomaly score; ``percentile``: the share of the catalog's scored items at or
+    below it (100 for the highest); ``outlier``: above the threshold and the far-out fence too."""
+
     id: str
     image: str
     category: str
     score: float
     anomalous: bool
+    percentile: float = 100.0
+    outlier: bool = False
 
 
 def centre_crop(image: Image.Image) -> Image.Image:
@@ -116,6 +128,19 @@ def score_anomalies(
     return results
 
 
+def far_out_fence(scores: Sequence[float] | np.ndarray) -> float:
+    """Upper quartile + ``FAR_OUT_IQRS`` interquartile ranges of ``scores``: above it, a score is
+    outside the spread of the others, however many of them a percentile threshold flags."""
+    q1, q3 = np.percentile(np.asarray(scores, np.float64), [25, 75])
+    return float(q3 + FAR_OUT_IQRS * (q3 - q1))
+
+
+def anomaly_threshold(catalog) -> tuple[float, float]:
+    """(threshold, percentile): the threshold is that percentile of held-out catalog photos' scores."""
+    ae = load_autoencoder(catalog)
+    return ae.threshold, float(ae.model.percentile)
+
+
 def audit_catalog(catalog, limit: int | None = None, progress: bool = False) -> list[AuditEntry]:
     """The catalog's own items, most anomalous first (for catalog cleaning).
 
@@ -134,10 +159,15 @@ def audit_catalog(catalog, limit: int | None = None, progress: bool = False) -> 
         fresh = {missing[position].key: np.float32(score).tobytes() for position, score in zip(positions, scores, strict=True)}
         catalog.items.put_rows(SCORE_FEATURE, fresh)
         stored.update(fresh)
+    scored = [(record, float(np.frombuffer(stored[record.key], np.float32)[0])) for record in records
+              if record.key in stored]
+    scores = np.sort([score for _, score in scored])
+    fence = far_out_fence(scores) if len(scores) else 0.0
     entries = [
-        AuditEntry(record.id, record.image, record.category, float(np.frombuffer(stored[record.key], np.float32)[0]),
-                   bool(np.frombuffer(stored[record.key], np.float32)[0] > ae.threshold))
-        for record in records if record.key in stored
+        AuditEntry(record.id, record.image, record.category, score, score > ae.threshold,
+                   float(100.0 * np.searchsorted(scores, score, side="right") / len(scores)),
+                   score > ae.threshold and score > fence)
+        for record, score in scored
     ]
     entries.sort(key=lambda entry: entry.score, reverse=True)
     return entries[:limit] if limit else entries

@@ -224,6 +224,40 @@ def test_cli_train_and_score(tiny_catalog, tmp_path, capsys):
     assert len([line for line in capsys.readouterr().out.splitlines() if "Dairy" in line or "Fruit" in line]) == 3
 
 
+
+def test_far_out_fence_lies_beyond_an_ordinary_spread_and_below_a_clear_outlier():
+    from catalens.search.anomaly import far_out_fence
+
+    ordinary = np.random.default_rng(0).normal(0.0, 1.0, 200)
+    fence = far_out_fence(np.append(ordinary, 25.0))
+    assert ordinary.max() < fence < 25.0
+
+
+def test_anomaly_audit_says_which_items_above_the_threshold_are_ordinary_and_which_are_outliers(ae_index, capsys):
+    """A percentile threshold is exceeded by some ordinary photos in every catalog: the table must not
+    call them anomalies without a word, and must tell them from a score far beyond the catalog's."""
+    from catalens.api.cli import main
+    from catalens.indexer.features.autoencoder import SCORE_FEATURE
+
+    threshold = ae_index.meta["autoencoder"]["threshold"]
+    keys = sorted(ae_index.items.rows(SCORE_FEATURE))
+    ids = {record.key: record.id for record in ae_index.items.records().values()}
+    # Eleven ordinary scores whose top two are just above the threshold, and one far beyond them all.
+    scores = [*(threshold + np.linspace(-1.0, 0.2, len(keys) - 1)), threshold + 10.0]
+    ae_index.items.put_rows(SCORE_FEATURE, {key: np.float32(score).tobytes() for key, score in zip(keys, scores, strict=True)})
+    assert main(["anomaly", "--audit", "--index", str(ae_index.location), "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[-1]: line for line in out.splitlines() if line.split() and line.split()[-1] in ids.values()}
+    assert len(rows) == 5 and "verdict" in out and " yes " not in out
+    assert "OUTLIER" in rows[ids[keys[-1]]]
+    assert all("high, not an outlier" in rows[ids[key]] for key in keys[-3:-1])
+    assert all("normal" in rows[ids[key]] for key in keys[-5:-3])
+    assert "percentile 95" in out and "3 of 12 items" in out
+    assert main(["anomaly", "--audit", "--index", str(ae_index.location), "--top", "2", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["anomalous"], line["outlier"]) for line in lines] == [(True, True), (True, False)]
+    assert lines[0]["percentile"] == 100.0
+
 # --- real data
 
 

@@ -75,6 +75,31 @@ def _anomaly_line(result) -> Iterator[str]:
     yield f"{result.query}: {verdict} (score {result.score:.4f}, threshold {result.threshold:.4f}){extra}"
 
 
+def _audit_verdict(entry) -> str:
+    if entry.outlier:
+        return "OUTLIER"
+    return "high, not an outlier" if entry.anomalous else "normal"
+
+
+def _audit_lines(shown, entries, threshold: float, percentile: float) -> Iterator[str]:
+    """The ``shown`` items of an audit of ``entries``, each with where it stands in the catalog, and
+    what the words mean: the threshold is a percentile of the catalog's own scores, so a clean
+    catalog has items above it too."""
+    from catalens.search.anomaly import FAR_OUT_IQRS
+
+    rows = [(rank, f"{e.score:.4f}", f"{e.percentile:.0f}", _audit_verdict(e), e.category, e.id)
+            for rank, e in enumerate(shown, 1)]
+    yield format_table(["#", "score", "percentile", "verdict", "category", "id"], rows) if rows else "no items scored"
+    above = sum(e.anomalous for e in entries)
+    yield (f"\nthreshold {threshold:.4f}: percentile {percentile:g} of the catalog's own photos' scores, so about {(100 - percentile) / 100:.0%} of ordinary photos score above it; "
+           f"here {above} of {len(entries)} items do.")
+    yield ("normal: below the threshold. high, not an outlier: above it, but within the spread of the catalog's "
+           "own scores, as ordinary photos at the edge of the catalog are. OUTLIER: above it and more than "
+           f"{FAR_OUT_IQRS:g} interquartile ranges above the catalog's upper quartile: look at these first.")
+    yield ("percentile: the share of the catalog scoring at or below the item. 'catalens audit' weighs more "
+           "evidence: misfiled items, duplicates, photos that are not a product.")
+
+
 ANOMALY_CSV = ("query", "score", "threshold", "anomalous", "heatmap")
 
 
@@ -185,15 +210,17 @@ def cmd_anomaly(args: argparse.Namespace) -> int:
     service = open_service(args)
     try:
         if args.audit:
-            entries = service.audit(limit=args.top, progress=not args.json)
+            # All of them: where the top items stand needs the whole catalog's scores.
+            entries = service.audit(progress=not args.json)
+            shown = entries[: args.top] if args.top else entries
             if args.json:
-                for entry in entries:
+                for entry in shown:
                     print(json.dumps({"id": entry.id, "image": entry.image, "category": entry.category,
-                                      "score": round(entry.score, 6), "anomalous": entry.anomalous}, ensure_ascii=False))
+                                      "score": round(entry.score, 6), "anomalous": entry.anomalous,
+                                      "percentile": round(entry.percentile, 2), "outlier": entry.outlier},
+                                     ensure_ascii=False))
             else:
-                rows = [(rank, f"{e.score:.4f}", "yes" if e.anomalous else "", e.category, e.id)
-                        for rank, e in enumerate(entries, 1)]
-                print(format_table(["#", "score", "anomalous", "category", "id"], rows))
+                print("\n".join(_audit_lines(shown, entries, *service.anomaly_threshold())))
             return 0
         results = answered(queries, lambda chunk, first: service.anomaly(chunk, heatmaps=args.heatmaps, first=first),
                            "scoring")
