@@ -87,6 +87,17 @@ def test_saved_model_scores_like_the_fitted_one(tmp_path):
     assert loaded.threshold_ == model.threshold_
 
 
+
+def test_training_that_barely_lowers_the_loss_warns_with_what_it_means_and_what_to_do(caplog):
+    X = _smooth(96, np.random.default_rng(0))
+    learnt = _tiny(epochs=15).fit(X)
+    assert learnt.loss_history_[-1] < 0.9 * learnt.baseline_loss_ and learnt.loss_warning() is None
+    with caplog.at_level("WARNING", logger="catalens.indexer.training.autoencoder"):
+        barely = _tiny(epochs=2, learning_rate=1e-6).fit(X)
+    warning = barely.loss_warning()
+    assert warning is not None and warning in caplog.text
+    assert "barely learnt" in warning and "--epochs" in warning and "more photos" in warning
+
 # --- with an index
 
 
@@ -257,6 +268,25 @@ def test_anomaly_audit_says_which_items_above_the_threshold_are_ordinary_and_whi
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(line["anomalous"], line["outlier"]) for line in lines] == [(True, True), (True, False)]
     assert lines[0]["percentile"] == 100.0
+
+
+def test_cli_train_ae_warns_in_its_output_and_stored_report_when_the_loss_barely_fell(tiny_catalog, tmp_path, capsys):
+    from catalens.api.cli import main
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+
+    folder = tmp_path / "index"
+    index_catalog(tiny_catalog, folder, IndexConfig(features=["deep", "colour"]), progress=False)
+    # One epoch of twelve photos is one optimiser step: far too little to learn anything.
+    assert main(["train-ae", "--index", str(folder), "--epochs", "1", "--input", "pixels", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: the autoencoder barely learnt" in out and "--epochs 60" in out
+    index = open_catalog(folder)
+    try:
+        assert "barely learnt" in index.meta["autoencoder"]["loss_warning"]
+    finally:
+        index.close()
 
 # --- real data
 

@@ -47,10 +47,15 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
         service.close()
     rows = [
         ("input", model.input_kind), ("epochs", model.epochs), ("code dims", model.code_dim),
-        ("final loss", f"{model.loss_history_[-1]:.4f}"), ("threshold", f"{model.threshold_:.4f}"),
-        ("loss curve", str(Path(service.catalog.models_dir) / LOSS_PLOT)),
+        ("loss", f"{model.loss_history_[0]:.4f} -> {model.loss_history_[-1]:.4f} (the average photo: "
+                 f"{model.baseline_loss_:.4f})"),
+        ("threshold", f"{model.threshold_:.4f}"), ("loss curve", str(Path(service.catalog.models_dir) / LOSS_PLOT)),
     ]
     print(format_table(["autoencoder", "value"], rows))
+    # Logged on stderr while training too; repeated here, beside the numbers, for whoever reads stdout.
+    warning = model.loss_warning()
+    if warning:
+        print(f"\nwarning: {warning}")
     return 0
 
 

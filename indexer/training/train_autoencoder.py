@@ -83,7 +83,8 @@ def train_autoencoder(
             model.save(models / MODEL_FILE)
             catalog.meta["autoencoder"] = {
                 **(settings or {}), "input": input_kind, "threshold": model.threshold_, "percentile": percentile,
-                "epochs": epochs, "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1]}
+                "epochs": epochs, "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1],
+                "loss_warning": model.loss_warning()}
             if FEATURE_NAME not in catalog.config.features:
                 catalog.config.features = [*catalog.config.features, FEATURE_NAME]
             catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores},
