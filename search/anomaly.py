@@ -76,8 +76,42 @@ def centre_crop(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def render_heatmap(image: Image.Image, error_map: np.ndarray, path: Path, vmax: float | None = None) -> Path:
-    """The centre crop beside the same crop overlaid with the error map (red = badly reconstructed)."""
+# The colour bar beside a heatmap: without it a map says "red here", not how bad red is.
+SCALE_WIDTH = 160
+_BAR = (8, 36, 22, 212)  # left, top, right, bottom of the bar within the scale strip
+
+
+def _draw_scale(height: int, vmax: float, marks: Sequence[tuple[float, str]]) -> Image.Image:
+    """The strip right of a heatmap: the colour map from 0 (bottom) to ``vmax`` (top), labelled."""
+    from matplotlib import cm
+    from PIL import ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (SCALE_WIDTH, height), (255, 255, 255))
+    left, top, right, bottom = _BAR
+    ramp = cm.inferno(np.linspace(1.0, 0.0, bottom - top))[:, :3] * 255
+    strip.paste(Image.fromarray(np.repeat(ramp[:, None, :], right - left, axis=1).astype(np.uint8)), (left, top))
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=11)
+    draw.text((4, 2), "reconstruction error", fill=(0, 0, 0), font=font)
+    draw.text((4, 16), "(squared, standardised)", fill=(90, 90, 90), font=font)
+
+    def label(value: float, text: str) -> None:
+        y = bottom - round((bottom - top) * min(value / vmax, 1.0))
+        draw.line([(right, y), (right + 4, y)], fill=(0, 0, 0))
+        draw.text((right + 7, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+
+    label(vmax, f"{vmax:.3g} or more")
+    label(0.0, "0: rebuilt exactly")
+    for value, text in marks:
+        if 0 < value < vmax:
+            label(value, f"{value:.3g}: {text}")
+    return strip
+
+
+def render_heatmap(image: Image.Image, error_map: np.ndarray, path: Path, vmax: float | None = None,
+                   marks: Sequence[tuple[float, str]] = ()) -> Path:
+    """The centre crop beside the same crop overlaid with the error map (red = badly reconstructed),
+    and a colour bar from 0 to ``vmax`` with ``marks`` ((value, what it is)) on it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +122,10 @@ def render_heatmap(image: Image.Image, error_map: np.ndarray, path: Path, vmax: 
     normed = np.clip(error_map / scale, 0.0, 1.0)
     heat = Image.fromarray((cm.inferno(normed)[..., :3] * 255).astype(np.uint8)).resize((224, 224), Image.BICUBIC)
     overlay = Image.blend(crop, heat, 0.55)
-    canvas = Image.new("RGB", (448, 224))
+    canvas = Image.new("RGB", (448 + SCALE_WIDTH, 224))
     canvas.paste(crop, (0, 0))
     canvas.paste(overlay, (224, 0))
+    canvas.paste(_draw_scale(224, scale, marks), (448, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
@@ -114,6 +149,9 @@ def score_anomalies(
     """One result per source, in order; an unreadable source gives a result with ``error``."""
     ae = load_autoencoder(catalog)
     threshold = ae.threshold
+    # A high error of the catalog's own photos (their mean over the map): redder patches are rebuilt
+    # worse than nearly every catalog photo is on average.
+    scale_marks = [(ae.model.error_scale_, f"p{ae.model.percentile:g} of catalog")]
     results = []
     for position, (name, image, error) in enumerate(decode_queries(sources, names, catalog.config.max_pixels)):
         if error is not None:
@@ -123,7 +161,7 @@ def score_anomalies(
         result = AnomalyResult(name, float(scores[0]), threshold, bool(scores[0] > threshold), error_map=maps[0])
         if heatmaps_dir is not None:
             result.heatmap = render_heatmap(image, maps[0], Path(heatmaps_dir) / _heatmap_name(position, name),
-                                            vmax=ae.heatmap_scale)
+                                            vmax=ae.heatmap_scale, marks=scale_marks)
         results.append(result)
     return results
 

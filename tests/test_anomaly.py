@@ -190,7 +190,33 @@ def test_score_anomalies_json_contract_and_heatmaps(ae_index, tiny_catalog, tmp_
     assert list(bad) == ["query", "error"] and "broken.jpg" in bad["error"]
     assert results[0].error_map.shape == (64, 64)
     assert all(r.heatmap.is_file() for r in results[:2])
-    assert Image.open(results[1].heatmap).size == (448, 224)
+    from catalens.search.anomaly import SCALE_WIDTH
+
+    assert Image.open(results[1].heatmap).size == (448 + SCALE_WIDTH, 224)
+
+
+def test_heatmaps_carry_a_colour_bar_from_zero_to_their_top_value_with_labels(tmp_path):
+    from matplotlib import cm
+
+    from catalens.search.anomaly import render_heatmap
+
+    photo = Image.new("RGB", (300, 200), (40, 120, 200))
+    error_map = np.linspace(0.0, 2.0, 64).reshape(8, 8)
+    drawn = np.asarray(Image.open(render_heatmap(photo, error_map, tmp_path / "map.png", vmax=2.0,
+                                                 marks=[(1.0, "p95 of catalog")])).convert("RGB")).astype(int)
+    assert drawn.shape[1] > 448
+    scale = drawn[:, 448:]
+    # The bar: rows of one colour across its width, running from the map's 0 (bottom) to its top value (top).
+    band = scale[:, 10:20]
+    bar = np.flatnonzero((band == band[:, :1]).all(axis=(1, 2)) & (band[:, 0] != 255).any(axis=1))
+    assert len(bar) > 100 and np.all(np.diff(bar) == 1)
+    column = scale[:, 15]
+    low, high = (np.asarray(cm.inferno(value)[:3]) * 255 for value in (0.0, 1.0))
+    assert np.abs(column[bar[-1]] - low).max() <= 3 and np.abs(column[bar[0]] - high).max() <= 3
+    # Its labels: dark text right of the bar, at the bottom, middle and top of it.
+    text = (scale[:, 30:] < 128).all(axis=2)
+    for y in (bar[0], (bar[0] + bar[-1]) // 2, bar[-1]):
+        assert text[y - 6 : y + 6].any(), y
 
 
 def test_audit_ranks_all_items_and_scores_a_noise_image_above_the_typical_item(ae_index, tiny_catalog, tmp_path):
