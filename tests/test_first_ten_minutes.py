@@ -60,6 +60,8 @@ def test_demo_runs_as_the_readme_says_with_a_relative_workdir(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "indexed 24 new, 0 unchanged, 0 failed" in done.stdout
     assert "top result is the photographed item" in done.stdout
+    # The same table as 'catalens search' prints (issue 37): the confidence column beside the score.
+    assert re.search(r"^#\s+id\s+score\s+confidence\s+category\s+title$", done.stdout, re.MULTILINE), done.stdout
 
 
 def test_ci_runs_both_readme_commands_main_job_first():
