@@ -10,7 +10,11 @@ import pytest
 
 from catalens.datasets import CatalogError, read_photo_list
 from catalens.indexer.features import l2_normalise
-from catalens.indexer.training.pseudo_labels import balanced_assignment, select_pseudo_labels
+from catalens.indexer.training.pseudo_labels import (
+    balanced_assignment,
+    select_pseudo_labels,
+    toward_shop_photos,
+)
 
 
 @pytest.fixture()
@@ -54,6 +58,29 @@ def test_pseudo_labels_keep_the_surest_share_of_each_products_photos():
     assert len(empty.rows) == 0
 
 
+def test_items_move_toward_their_products_shop_photos_and_a_shop_photo_then_finds_them():
+    """A packshot (axis 0 or 1) and its product's shop photos (mostly axis 2 or 3) are far apart;
+    after the move a new shop photo of product A is nearer A's item than B's; without photos, rows stay."""
+    rng = np.random.default_rng(0)
+    items = l2_normalise(np.eye(6, dtype=np.float32)[[0, 0, 1, 4]] + rng.normal(0, 0.05, (4, 6)).astype(np.float32))
+    products = np.array(["A", "A", "B", "C"])
+    # Shop photos: A's lean on axis 2, B's on axis 3; each is nearer its own packshot than the other.
+    photos = l2_normalise(np.vstack([np.eye(6)[0] * 0.5 + np.eye(6)[2] + rng.normal(0, 0.05, (1, 6)) for _ in range(8)]
+                                    + [np.eye(6)[1] * 0.5 + np.eye(6)[3] + rng.normal(0, 0.05, (1, 6)) for _ in range(8)]
+                                    + [np.eye(6)[4] * 0.5 + np.eye(6)[5] + rng.normal(0, 0.05, (1, 6)) for _ in range(8)]
+                                    ).astype(np.float32))
+    query = l2_normalise((np.eye(6)[2] + 0.3 * np.eye(6)[3])[None].astype(np.float32))[0]
+    moved, n = toward_shop_photos(items, products, photos, share=0.5, own_weight=0.3)
+    assert n == 3 and moved.shape == items.shape and np.allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
+    assert float(query @ items[0]) < 0.1 < float(query @ moved[0])  # before: A's packshot nowhere near
+    assert float(query @ moved[0]) > float(query @ moved[2])  # after: A before B
+    assert np.allclose(moved[0], moved[0] @ moved[1] * moved[0], atol=0.1)  # A's items moved alike
+    unmoved, n = toward_shop_photos(items, products, photos[:0], share=0.5, own_weight=0.3)
+    assert n == 0 and np.allclose(unmoved, items, atol=1e-6)
+    kept_all, _ = toward_shop_photos(items, products, photos, share=0.5, own_weight=1.0)
+    assert np.allclose(kept_all, items, atol=1e-6)
+
+
 def test_unlabeled_photos_are_read_from_a_folder_or_a_list_file(tmp_path):
     from tests.conftest import draw_product
 
@@ -88,6 +115,21 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     assert main(["finetune", "--index", str(tiny_index), "--steps", "3", "--json", "--unlabeled", str(shelf)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["unlabeled"] == 6 and 1 <= report["pseudo_labelled"] <= 6 and report["kept"]
+    assert report["toward_shop_photos"] >= 1
+    # The stored rows are the network's moved toward the shop photos, not what it makes of the items alone.
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.features import embed
+    from catalens.indexer.imageio import load_query
+
+    catalog = open_catalog(tiny_index)
+    try:
+        records = sorted(catalog.items.records().values(), key=lambda record: record.key)
+        stored = catalog.items.rows("deep_ft", [record.key for record in records])
+        network = embed(catalog.feature("deep_ft"), [load_query(record.image) for record in records])
+        similarity = [float(np.frombuffer(stored[r.key], np.float32) @ network[i]) for i, r in enumerate(records)]
+        assert min(similarity) < 0.999
+    finally:
+        catalog.close()
     assert main(["finetune", "--index", str(tiny_index), "--unlabeled", str(tmp_path / "nothing")]) == 2
     assert "--unlabeled" in capsys.readouterr().err
 
