@@ -214,3 +214,27 @@ def test_python_api_opens_an_elasticsearch_url_as_the_command_line_does(monkeypa
     assert _location("http://localhost:9200") == "es+http://localhost:9200/catalens"
     assert _location("http://localhost:9200/shop") == "es+http://localhost:9200/shop"
     assert _location("shop-index") == "shop-index"
+
+
+# --- the server's settings are each request's defaults (found on a fresh-clone tour)
+
+
+def _search_without_k(app, photo: Path) -> dict:
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        response = client.post("/search", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_http_search_without_k_gives_the_servers_k(shop, monkeypatch):
+    from catalens.api.http.app import create_app
+    from catalens.search.settings import load_search_settings
+
+    photo = photos(shop)[0]
+    monkeypatch.setenv("CATALENS_SEARCH_K", "2")
+    body = _search_without_k(create_app(shop[1], read_only=True, settings=load_search_settings()), photo)
+    assert body["k"] == 2 and len(body["results"]) == 2, body
+    body = _search_without_k(create_app(shop[1], read_only=True, settings=load_search_settings(k=500)), photo)
+    assert body["k"] == 100 and len(body["results"]) == 12  # the server's 500, within MAX_K = 100: all 12 items

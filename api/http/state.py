@@ -94,7 +94,8 @@ WriterDep = Annotated[ServerState, Depends(require_writer)]
 
 def search_settings(
     state: StateDep,
-    k: Annotated[int, Form(ge=1, le=MAX_K, description="results per photo")] = 10,
+    k: Annotated[int | None, Form(ge=1, le=MAX_K, description=f"results per photo (default: the server's [search] k, "
+                                                              f"at most {MAX_K}; else 10)")] = None,
     mode: Annotated[str | None, Form(description="fused (default), local, or a global feature: deep, colour, ...")] = None,
     weights: Annotated[str | None, Form(description='fused search: a JSON object of feature weights, e.g. {"deep": 1, "sift": 0.5}')] = None,
     collapse: Annotated[bool | None, Form(description="one result per product (its best item)")] = None,
@@ -114,6 +115,8 @@ def search_settings(
                                      f"{issue['msg'].removeprefix('Value error, ')}") from None
         except ValueError as error:  # FieldError (size, depth, JSON), or a feature the index lacks
             raise HTTPException(422, f"weights: {str(error).removeprefix('weights: ').splitlines()[0]}") from None
+    # No k in the request: the server's own setting (--config, $CATALENS_SEARCH_K), within what one request may ask.
+    k = min(state.service.settings.k, MAX_K) if k is None else k
     settings = state.service.settings.merged(k=k, mode=mode, weights=parsed, collapse=collapse)
     try:
         state.service.engine.check_mode(settings.mode)
