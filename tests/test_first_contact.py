@@ -238,3 +238,17 @@ def test_http_search_without_k_gives_the_servers_k(shop, monkeypatch):
     assert body["k"] == 2 and len(body["results"]) == 2, body
     body = _search_without_k(create_app(shop[1], read_only=True, settings=load_search_settings(k=500)), photo)
     assert body["k"] == 100 and len(body["results"]) == 12  # the server's 500, within MAX_K = 100: all 12 items
+
+
+def test_serve_reads_its_search_settings_from_config(shop, tmp_path, monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.setdefault("app", app))
+    config = tmp_path / "shop.toml"
+    config.write_text('[search]\nk = 3\nmode = "deep"\n')
+    assert main(["serve", "--index", str(shop[1]), "--read-only", "--config", str(config)]) == 0
+    body = _search_without_k(served["app"], photos(shop)[0])
+    assert body["k"] == 3 and body["mode"] == "deep" and len(body["results"]) == 3, body
+    config.write_text("[search]\nkk = 3\n")
+    assert main(["serve", "--index", str(shop[1]), "--read-only", "--config", str(config)]) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from catalens.api.cli.arguments import UsageError, add_command, add_location_arguments, location
+from catalens.api.cli.arguments import UsageError, add_command, add_config_argument, add_location_arguments, location
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -22,7 +22,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    app = create_app(location(args), read_only=args.read_only)
+    from catalens.search.settings import load_search_settings
+
+    # Read before the index is opened: a misspelt setting is one line, as in search.
+    settings = load_search_settings(args.config)
+    app = create_app(location(args), read_only=args.read_only, settings=settings)
     # Stale or missing fits are refitted on a background thread (create_app starts it): the server
     # answers at once, with the last fits meanwhile.
     state = app.state.catalens
@@ -54,4 +58,5 @@ def register(commands) -> None:
     p.add_argument("--port", type=int, default=8000, help="port")
     p.add_argument("--read-only", action="store_true",
                    help="no writes: POST/DELETE /items answer 403, and no API key is needed")
+    add_config_argument(p, "table [search] (k, mode, weights, ...: each request's defaults)")
     p.set_defaults(run=cmd_serve)
