@@ -252,3 +252,37 @@ def test_serve_reads_its_search_settings_from_config(shop, tmp_path, monkeypatch
     assert body["k"] == 3 and body["mode"] == "deep" and len(body["results"]) == 3, body
     config.write_text("[search]\nkk = 3\n")
     assert main(["serve", "--index", str(shop[1]), "--read-only", "--config", str(config)]) == 2
+
+
+# --- what commands print when there is little to say (found on a fresh-clone tour)
+
+
+class _FakeService:
+    """Stands in for the index's service where only what a command prints is under test."""
+
+    def __init__(self, **answers):
+        self.answers = answers
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.answers[name]
+
+    def close(self) -> None:
+        pass
+
+
+def test_calibrate_speaks_of_one_mode_it_cannot_judge_in_the_singular(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from catalens.api.cli import training
+
+    rows = [{"mode": "fused", "queries": 120, "threshold": 0.82, "precision": 0.95, "coverage": 0.5},
+            {"mode": "ae", "queries": 120, "threshold": 1.0, "precision": 0.0, "coverage": 0.0}]
+    model = SimpleNamespace(summary=lambda: rows, max_stale=0.2)
+    monkeypatch.setattr(training, "open_service", lambda args: _FakeService(calibrate=model))
+    assert main(["calibrate", "--index", "unused"]) == 0
+    out = capsys.readouterr().out
+    assert "ae: no threshold was right 95% of the time" in out
+    assert "this mode never calls a result a confident match (its confidences" in out, out
+    rows.append({"mode": "colour", "queries": 120, "threshold": 1.0, "precision": 0.0, "coverage": 0.0})
+    assert main(["calibrate", "--index", "unused"]) == 0
+    assert "these modes never call a result a confident match (their confidences" in capsys.readouterr().out

@@ -113,9 +113,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(format_table(["mode", "held-out queries", "match threshold", "match precision", "coverage"], rows))
     unjudged = [row["mode"] for row in model.summary() if row["threshold"] >= 1.0]
     if unjudged:
+        one = len(unjudged) == 1
         print(f"\n{', '.join(unjudged)}: no threshold was right 95% of the time on the held-out queries, so "
-              f"{'this mode' if len(unjudged) == 1 else 'these modes'} never call a result a confident match "
-              "(their confidences are still given; a larger catalog, or finetune, can change it)")
+              f"{'this mode never calls' if one else 'these modes never call'} a result a confident match "
+              f"({'its' if one else 'their'} confidences are still given; a larger catalog, or finetune, can change it)")
     print(f"\nstored with the index; it counts as stale once more than {100 * model.max_stale:.0f}% of the catalog "
           "changes (index, remove, finetune and train-ae refit it at their end, a server in the background)")
     return 0
