@@ -286,3 +286,16 @@ def test_calibrate_speaks_of_one_mode_it_cannot_judge_in_the_singular(monkeypatc
     rows.append({"mode": "colour", "queries": 120, "threshold": 1.0, "precision": 0.0, "coverage": 0.0})
     assert main(["calibrate", "--index", "unused"]) == 0
     assert "these modes never call a result a confident match (their confidences" in capsys.readouterr().out
+
+
+def test_audit_without_findings_says_so_instead_of_an_empty_table(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from catalens.api.cli import audit
+
+    report = SimpleNamespace(findings=[], items=59, seconds=2.8, dismissed=0)
+    monkeypatch.setattr(audit, "open_service", lambda args: _FakeService(catalog_audit=report))
+    assert main(["audit", "--index", "unused", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no findings\n") and "problem" not in out, out
+    assert "0 findings in 59 items" in out

@@ -41,7 +41,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(finding.to_json(), ensure_ascii=False))
         return 0
     rows = [(rank, f"{f.score:.3f}", f.problem, f.category, f.id, _why(f)) for rank, f in enumerate(report.findings, 1)]
-    print(format_table(["#", "score", "problem", "category", "id", "why"], rows))
+    print(format_table(["#", "score", "problem", "category", "id", "why"], rows) if rows else "no findings")
     hidden = f", {report.dismissed} dismissed" if report.dismissed else ""
     print(f"\n{len(report.findings)} findings in {report.items} items ({report.seconds:.1f}s{hidden}); "
           "score: the probability that the finding is real")
