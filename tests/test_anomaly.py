@@ -98,6 +98,18 @@ def test_training_that_barely_lowers_the_loss_warns_with_what_it_means_and_what_
     assert warning is not None and warning in caplog.text
     assert "barely learnt" in warning and "--epochs" in warning and "more photos" in warning
 
+
+def test_a_loss_that_ends_above_the_average_photos_is_said_to_be_above_it():
+    """Not '0.0% below': a final loss of 0.996 against the average photo's 0.991 is above it."""
+    X = _smooth(48, np.random.default_rng(0))
+    model = _tiny(epochs=1).fit(X)
+    baseline = model.baseline_loss_
+    model.loss_history_ = [baseline * 1.01, baseline * 1.005]
+    warning = model.loss_warning()
+    assert "0.5% above the" in warning and "below" not in warning, warning
+    model.loss_history_ = [baseline, baseline * 0.95]
+    assert "5.0% below the" in model.loss_warning()
+
 # --- with an index
 
 

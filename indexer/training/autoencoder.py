@@ -334,8 +334,9 @@ class ConvAutoencoder(Estimator):
         reduction = 1.0 - last / baseline if baseline > 0 else 0.0
         if reduction >= MIN_LOSS_REDUCTION:
             return None
+        versus = f"{reduction:.1%} below" if reduction >= 0 else f"{-reduction:.1%} above"
         return (f"the autoencoder barely learnt this catalog: its loss went {first:.3f} -> {last:.3f}, "
-                f"{max(reduction, 0.0):.1%} below the {baseline:.3f} of rebuilding every photo as the average one "
+                f"{versus} the {baseline:.3f} of rebuilding every photo as the average one "
                 f"(at least {MIN_LOSS_REDUCTION:.0%} is wanted), so its anomaly scores and heatmaps say little; "
                 f"train longer (--epochs {max(4 * self.epochs, 60)}) or on more photos")
 
