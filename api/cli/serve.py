@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from catalens.api.cli.arguments import UsageError, add_command, add_config_argument, add_location_arguments, location
+from catalens.api.cli.arguments import (
+    UsageError,
+    add_command,
+    add_config_argument,
+    add_location_arguments,
+    location,
+)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
