@@ -58,6 +58,17 @@ def test_search_k_comes_from_the_config_file_the_variable_and_then_the_option(sh
     assert len(json_lines(capsys.readouterr().out)[0]["results"]) == 1
 
 
+def test_every_command_on_photos_takes_config_and_names_a_bad_one(shop, tmp_path, capsys):
+    """search, locate, classify and anomaly read the same [search] table: a misspelt setting in it is
+    one line naming the file, exit 2, whichever of them is run."""
+    config = tmp_path / "shop.toml"
+    config.write_text("[search]\nkk = 3\n")
+    photo = str(photos(shop)[0])
+    for command in ("search", "locate", "classify", "anomaly"):
+        assert main([command, photo, "--index", str(shop[1]), "--config", str(config)]) == 2, command
+        assert str(config) in capsys.readouterr().err, command
+
+
 def test_locate_max_n_gives_the_first_n_of_a_larger_max(shop):
     from catalens.api.service import CatalogService
 

@@ -284,6 +284,7 @@ def register(commands) -> None:
         epilog="example: catalens classify new-item.jpg --index shop-index")
     add_query_arguments(p)
     add_location_arguments(p)
+    add_config_argument(p, "table [search]")
     p.set_defaults(run=cmd_classify)
 
     p = add_command(
@@ -297,4 +298,5 @@ def register(commands) -> None:
     p.add_argument("--heatmaps", metavar="OUT", help="folder for heatmaps of where reconstruction failed")
     p.add_argument("--audit", action="store_true", help="list the catalog's own most anomalous items instead")
     p.add_argument("--top", type=int, default=20, help="with --audit: how many items to list")
+    add_config_argument(p, "table [search]")
     p.set_defaults(run=cmd_anomaly)
