@@ -126,14 +126,14 @@ def test_linear_model_only_for_categories_with_enough_support():
 
 def test_neighbours_found_a_block_of_rows_at_a_time_are_those_of_all_rows_at_once(monkeypatch):
     # A 100k-item catalog's fit compares 20k held-out rows with every item: at once, 6.4 GB.
-    import catalens.search.classify as classify
+    import catalens.search.classifier as classifier_module
 
     rng = np.random.default_rng(3)
     support, paths = _tree_data(rng, per_leaf=6)
     queries = np.abs(support + 0.3 * rng.normal(size=support.shape)).astype(np.float32)
     classifier = HierarchicalFewShotClassifier().fit(support, paths)
     whole = classifier.nearest_support(queries, 5)
-    monkeypatch.setattr(classify, "_SIMILARITY_BUDGET", 3 * len(support))  # blocks of 3 rows
+    monkeypatch.setattr(classifier_module, "_SIMILARITY_BUDGET", 3 * len(support))  # blocks of 3 rows
     blocked = classifier.nearest_support(queries, 5)
     np.testing.assert_array_equal(blocked[0], whole[0])
     np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-6)
