@@ -140,7 +140,7 @@ def answer(engine: SearchEngine, query: Query, mode: str, calibrator: MatchCalib
     settings = engine.settings
     keys, scores = engine.rank_products(query, mode, settings.k, None, settings)
     result = QueryResult(query=query.name, results=engine.hits(keys, scores))
-    return annotate(engine, query, mode, None, settings, result, calibrator)
+    return annotate(engine.catalog, query, mode, None, settings, result, calibrator)
 
 
 def classification(catalog, photos, queries, is_absent: np.ndarray) -> list[tuple]:

@@ -110,22 +110,22 @@ def query_profile(engine, queries: list[Path]) -> list[tuple[str, str]]:
         query = Query(clock(totals, "decode", load_query, path), str(path))
         for name in weights:
             if name == "sift":
-                clock(totals, "sift: keypoints", retrieval.query_descriptors, engine, query, name)
-                clock(totals, "sift: words", retrieval.query_words, engine, query, name)
+                clock(totals, "sift: keypoints", retrieval.query_descriptors, engine.catalog, query, name)
+                clock(totals, "sift: words", retrieval.query_words, engine.catalog, query, name)
             else:
                 clock(totals, f"{name}: network" if name.startswith("deep") else f"{name}: vector",
-                      retrieval.query_vector, engine, query, name)
+                      retrieval.query_vector, engine.catalog, query, name)
         candidates = 0.0
         started = time.perf_counter()
         for name in weights:
             if name == "sift":
-                retrieval.word_candidates(engine, query, name, settings.word_candidates, None)
+                retrieval.word_candidates(engine.catalog, query, name, settings.word_candidates, None)
             else:
-                retrieval.global_search(engine, query, name, settings.candidates, None)
+                retrieval.global_search(engine.catalog, query, name, settings.candidates, None)
         candidates = time.perf_counter() - started
         totals["candidates (kNN, inverted file)"] += candidates
         started = time.perf_counter()
-        keys, scores = fused_search(engine, query, settings.candidates, None, settings)
+        keys, scores = fused_search(engine.catalog, query, weights, settings.candidates, None, settings)
         # fused_search asks for the candidates again (same cost), then verifies and scores them.
         totals["verification and scoring"] += time.perf_counter() - started - candidates
         clock(totals, "products", lambda keys, scores: rank_products(
@@ -184,8 +184,8 @@ def grown_rows(engine, queries: list[Path], sizes: list[int]) -> list[tuple[str,
     prepared = []
     for path in queries:
         query = Query(load_query(path), str(path))
-        prepared.append(({name: retrieval.query_vector(engine, query, name) for name in real},
-                         retrieval.query_words(engine, query, "sift")))
+        prepared.append(({name: retrieval.query_vector(catalog, query, name) for name in real},
+                         retrieval.query_words(catalog, query, "sift")))
     rows = []
     for size in sizes:
         source = rng.integers(0, len(words), size) if size > len(words) else np.arange(len(words))

@@ -36,12 +36,13 @@ from catalens.indexer.estimator import Estimator, ModelFileError
 from catalens.indexer.features import feature_spec, l2_normalise
 from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.stores import ItemFilter, ItemRecord, product_of, stack_rows
+from catalens.search.query import Query, QueryResult
+from catalens.search.ranking import available_modes, rank_products
 from catalens.search.settings import SearchSettings
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
     from catalens.search.classify import FittedClassifier
-    from catalens.search.engine import Query, QueryResult, SearchEngine
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def hit_evidence(mode: str, scores: np.ndarray, products: Sequence[str], inliers
     return rows
 
 
-def category_probabilities(engine: SearchEngine, query: Query, fitted: FittedClassifier | None,
+def category_probabilities(catalog: Catalog, query: Query, fitted: FittedClassifier | None,
                            absent_leaf: str | None = None) -> dict[str, float]:
     """The classifier's probability of each leaf category for this query (empty without a classifier).
 
@@ -112,9 +113,9 @@ def category_probabilities(engine: SearchEngine, query: Query, fitted: FittedCla
     from catalens.search.classify import weighted_features
     from catalens.search.retrieval import query_vector
 
-    key, computed = f"category_proba:{id(fitted)}:{absent_leaf}", query.computed(engine.catalog)
+    key, computed = f"category_proba:{id(fitted)}:{absent_leaf}", query.computed(catalog)
     if key not in computed:
-        features = weighted_features({name: query_vector(engine, query, name)[None] for name in fitted.weights},
+        features = weighted_features({name: query_vector(catalog, query, name)[None] for name in fitted.weights},
                                      fitted.weights)
         probs, _, _ = fitted.classifier.leaf_proba(features)
         leaves = [str(leaf) for leaf in fitted.classifier.leaves_]
@@ -137,7 +138,7 @@ def catalog_classifier(catalog: Catalog) -> FittedClassifier | None:
         return None
 
 
-def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Sequence[int]) -> np.ndarray:
+def _verified_inliers(catalog: Catalog, query: Query, mode: str, keys: Sequence[int]) -> np.ndarray:
     """Best inliers of each key over the local features, as far as this mode verified it (0 otherwise).
 
     Only modes that verify read them: what another mode verified on the same query earlier must
@@ -145,8 +146,8 @@ def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Seque
     out = np.zeros(len(keys), np.float64)
     if mode != "fused" and not _is_local(mode):
         return out
-    computed = query.computed(engine.catalog)
-    features = engine.catalog.local_features() if mode in ("fused", "local") else [mode]
+    computed = query.computed(catalog)
+    features = catalog.local_features() if mode in ("fused", "local") else [mode]
     for feature in features:
         checks = computed.get(f"verified:{feature}", {})
         for i, key in enumerate(keys):
@@ -156,7 +157,7 @@ def _verified_inliers(engine: SearchEngine, query: Query, mode: str, keys: Seque
     return out
 
 
-def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None,
+def ranked_evidence(catalog: Catalog, query: Query, mode: str, filter: ItemFilter | None,
                     settings: SearchSettings, keys: Sequence[int] | None = None,
                     scores: Sequence[float] | None = None, classifier: FittedClassifier | None = None,
                     absent_leaf: str | None = None,
@@ -165,19 +166,19 @@ def ranked_evidence(engine: SearchEngine, query: Query, mode: str, filter: ItemF
     against this query's top ``DEPTH`` results in ``mode``, every photo of a product counted,
     uncollapsed (``reference``, where the caller has ranked them already)."""
     reference_keys, reference_scores = reference if reference is not None else \
-        engine.rank_products(query, mode, DEPTH, filter, settings.merged(collapse=False))
+        rank_products(catalog, query, mode, DEPTH, filter, settings.merged(collapse=False))
     if keys is None:
         keys, scores = reference_keys, reference_scores
     keys = [int(key) for key in keys]
-    records = engine.catalog.items.items([*keys, *reference_keys.tolist()])
+    records = catalog.items.items([*keys, *reference_keys.tolist()])
     reference_products = [product_of(records[int(key)]) for key in reference_keys if int(key) in records]
     reference_scores = np.asarray([s for key, s in zip(reference_keys, reference_scores, strict=True) if int(key) in records])
     kept = [i for i, key in enumerate(keys) if key in records]
     keys = [keys[i] for i in kept]
     products = [product_of(records[key]) for key in keys]
-    leaf_proba = category_probabilities(engine, query, classifier, absent_leaf)
+    leaf_proba = category_probabilities(catalog, query, classifier, absent_leaf)
     rows = hit_evidence(mode, np.asarray([scores[i] for i in kept]), products,
-                        _verified_inliers(engine, query, mode, keys), reference_scores, reference_products,
+                        _verified_inliers(catalog, query, mode, keys), reference_scores, reference_products,
                         settings.inlier_cap, np.array([leaf_proba.get(records[key].category, 0.0) for key in keys])
                         if leaf_proba else None)
     return rows, np.asarray(keys, np.int64), products
@@ -345,8 +346,6 @@ class CalibrationQuery:
 def _stored_query(catalog: Catalog, record: ItemRecord) -> Query | None:
     """A query holding the item's stored rows as if extracted from its photo (no decoding), or None
     where the item lacks a row of some feature."""
-    from catalens.search.engine import Query
-
     query = Query(Image.new("RGB", (1, 1)), record.id)
     computed = query.computed(catalog)
     dims = catalog.dims()
@@ -366,7 +365,6 @@ def _stored_query(catalog: Catalog, record: ItemRecord) -> Query | None:
 def _augmented_query(record: ItemRecord, rng: np.random.Generator) -> Query | None:
     from catalens.indexer.imageio import load_query
     from catalens.indexer.training.augment import photo_view
-    from catalens.search.engine import Query
 
     try:
         image = load_query(record.image)
@@ -461,7 +459,7 @@ def _untrained_keys(catalog: Catalog) -> set[int] | None:
 ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns from
 
 
-def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuery], modes: Sequence[str],
+def calibration_evidence(catalog: Catalog, queries: Sequence[CalibrationQuery], modes: Sequence[str],
                          settings: SearchSettings | None = None,
                          progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per mode, (evidence rows, right, is_top) of the top ``ROWS_PER_QUERY`` hits of each query.
@@ -472,15 +470,15 @@ def calibration_evidence(engine: SearchEngine, queries: Sequence[CalibrationQuer
 
     from catalens.search.classify import fit_classifier_without
 
-    settings = settings or engine.settings
+    settings = settings or SearchSettings()
     try:
-        classifier = fit_classifier_without(engine.catalog, sorted({key for q in queries for key in q.held_out}))
+        classifier = fit_classifier_without(catalog, sorted({key for q in queries for key in q.held_out}))
     except ValueError:  # nothing to classify with, or every item held out (a tiny catalog): the
         classifier = None  # category evidence stays constant, unused
     out: dict[str, tuple[list, list, list]] = {mode: ([], [], []) for mode in modes}
     for calibration in tqdm(queries, desc="calibrating", unit="query", disable=not progress, dynamic_ncols=True):
         for mode in modes:
-            rows, _, products = ranked_evidence(engine, calibration.query, mode, calibration.filter, settings,
+            rows, _, products = ranked_evidence(catalog, calibration.query, mode, calibration.filter, settings,
                                                 classifier=classifier, absent_leaf=calibration.absent_leaf)
             rows, products = rows[:ROWS_PER_QUERY], products[:ROWS_PER_QUERY]
             out[mode][0].append(rows)
@@ -495,12 +493,9 @@ def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = No
                           progress: bool = False, only_untrained: bool = True) -> MatchCalibrator:
     """A ``MatchCalibrator`` fitted on held-out queries made from ``catalog``'s items, every mode it
     answers; ``progress``: a progress bar over the queries."""
-    from catalens.search.engine import SearchEngine
-
     started = time.perf_counter()
-    engine = SearchEngine(catalog, settings)
     queries = calibration_queries(catalog, max_queries=max_queries, seed=seed, only_untrained=only_untrained)
-    evidence = calibration_evidence(engine, queries, engine.modes(), progress=progress)
+    evidence = calibration_evidence(catalog, queries, available_modes(catalog), settings, progress=progress)
     keys = np.array([record.key for record in catalog.items.records().values()], np.int64)
     model = (calibrator or MatchCalibrator()).fit(evidence, keys)
     log.info("match calibration fitted on %d held-out queries (%s) in %.1fs", len(queries),
@@ -554,7 +549,7 @@ def _freshness(model: MatchCalibrator, catalog: Catalog) -> str | None:
     fraction = model.changed_fraction(current_keys(catalog))
     if fraction > model.max_stale:
         return f"{100 * fraction:.0f}% of the catalog changed since the match calibration was fitted"
-    if not set(available_modes_of(catalog)) <= set(model.modes()):
+    if not set(available_modes(catalog)) <= set(model.modes()):
         return "the match calibration does not cover every mode of the index"
     return None
 
@@ -573,13 +568,7 @@ def match_calibration(catalog: Catalog) -> CalibrationState:
     return CalibrationState(state.model, state.stored, state.fresh, state.reason)
 
 
-def available_modes_of(catalog: Catalog) -> list[str]:
-    from catalens.search.engine import available_modes
-
-    return available_modes(catalog)
-
-
-def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter | None, settings: SearchSettings,
+def annotate(catalog: Catalog, query: Query, mode: str, filter: ItemFilter | None, settings: SearchSettings,
              result: QueryResult, calibrator: MatchCalibrator,
              reference: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
     """``result`` with each hit's confidence and the query's ``match`` (None below the threshold).
@@ -588,8 +577,8 @@ def annotate(engine: SearchEngine, query: Query, mode: str, filter: ItemFilter |
     if not result.results:
         return result
     hits = result.results
-    rows, keys, _ = ranked_evidence(engine, query, mode, filter, settings, [hit.key for hit in hits],
-                                    [hit.score for hit in hits], catalog_classifier(engine.catalog), reference=reference)
+    rows, keys, _ = ranked_evidence(catalog, query, mode, filter, settings, [hit.key for hit in hits],
+                                    [hit.score for hit in hits], catalog_classifier(catalog), reference=reference)
     confidence = dict(zip(keys.tolist(), calibrator.predict_proba(mode, rows).tolist(), strict=True))
     result.results = [replace(hit, confidence=confidence.get(hit.key)) for hit in hits]
     threshold = settings.match_threshold if settings.match_threshold is not None else calibrator.threshold(mode)

@@ -71,8 +71,8 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
     checks, items, query_points = {}, {}, np.zeros((0, 4), np.float32)
     if local:  # the first local feature's matches; an index without one draws the pairs without lines
         try:
-            checks = verified(engine, query, local[0], keys, engine.settings)
-            query_points = query_descriptors(engine, query, local[0]).keypoints
+            checks = verified(engine.catalog, query, local[0], keys, engine.settings)
+            query_points = query_descriptors(engine.catalog, query, local[0]).keypoints
             feature = engine.catalog.feature(local[0])
             items = {key: feature.decode(blob) for key, blob in engine.catalog.items.rows(local[0], keys).items()}
         except FeatureUnavailableError as error:

@@ -17,6 +17,7 @@ order. Weights come from ``SearchSettings.weights``, or each feature's registere
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from itertools import zip_longest
 from typing import TYPE_CHECKING
 
@@ -36,32 +37,33 @@ from catalens.search.settings import SearchSettings
 from catalens.search.text import query_text_evidence
 
 if TYPE_CHECKING:
-    from catalens.search.engine import Query, SearchEngine
+    from catalens.indexer.catalog import Catalog
+    from catalens.search.query import Query
 
 
-def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter | None,
+def fused_search(catalog: Catalog, query: Query, weights: Mapping[str, float], k: int, filter: ItemFilter | None,
                  settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, fused scores) of the ``k`` best candidates, best first."""
-    weights = engine.weights(settings)
+    """(keys, fused scores) of the ``k`` best candidates, best first; ``weights``: each feature's
+    weight (``search.ranking.search_weights``)."""
     global_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "global"}
     local_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "local"}
     text_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "text"}
 
-    compute_side_by_side(engine, query, list(global_weights), list(local_weights))
+    compute_side_by_side(catalog, query, list(global_weights), list(local_weights))
     candidates: dict[int, None] = {}
     cosines: dict[str, dict[int, float]] = {}
     for name in global_weights:
-        keys, scores = global_search(engine, query, name, max(k, settings.candidates), filter)
+        keys, scores = global_search(catalog, query, name, max(k, settings.candidates), filter)
         candidates.update(dict.fromkeys(keys.tolist()))
         cosines[name] = dict(zip(keys.tolist(), scores.tolist(), strict=True))
     word_lists = {}
     for name in local_weights:
-        keys, _ = word_candidates(engine, query, name, settings.word_candidates, filter)
+        keys, _ = word_candidates(catalog, query, name, settings.word_candidates, filter)
         candidates.update(dict.fromkeys(keys.tolist()))
         word_lists[name] = keys
     # Words (typed, or read on the photo) bring their own candidates: a pack named on the query
     # may be one the pixels ranked far down.
-    worded = query_text_evidence(engine, query, settings.text_weight, text_weights, settings.candidates, filter)
+    worded = query_text_evidence(catalog, query, settings.text_weight, text_weights, settings.candidates, filter)
     candidates.update(dict.fromkeys(worded))
     if not candidates:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -72,17 +74,17 @@ def fused_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
         known = cosines[name]
         missing = [int(key) for key in keys if int(key) not in known]
         if missing:  # found by another feature only: its cosine by this one, from the stored rows
-            known = {**known, **candidate_cosines(engine, query, name, missing)}
+            known = {**known, **candidate_cosines(catalog, query, name, missing)}
         scores += weight * np.array([known.get(int(key), 0.0) for key in keys])
     if worded:  # before verification: a candidate the words favour is verified first
         scores += np.array([worded.get(int(key), 0.0) for key in keys])
     for name, weight in local_weights.items():
-        scores += weight * _verified_evidence(engine, query, name, keys, scores, word_lists[name], settings)
+        scores += weight * _verified_evidence(catalog, query, name, keys, scores, word_lists[name], settings)
     order = np.argsort(-scores, kind="stable")[:k]
     return keys[order], scores[order].astype(np.float32)
 
 
-def _verified_evidence(engine: SearchEngine, query: Query, feature: str, keys: np.ndarray, prior: np.ndarray,
+def _verified_evidence(catalog: Catalog, query: Query, feature: str, keys: np.ndarray, prior: np.ndarray,
                        word_keys: np.ndarray, settings: SearchSettings) -> np.ndarray:
     """Each candidate's verified-match evidence in [0, 1] for the local ``feature``.
 
@@ -99,7 +101,7 @@ def _verified_evidence(engine: SearchEngine, query: Query, feature: str, keys: n
     position = {int(key): row for row, key in enumerate(keys.tolist())}
     found = np.zeros(len(keys), np.float64)
     for start in range(0, len(queue), _VERIFY_CHUNK):
-        checks = verified(engine, query, feature, queue[start : start + _VERIFY_CHUNK], settings)
+        checks = verified(catalog, query, feature, queue[start : start + _VERIFY_CHUNK], settings)
         for key, check in checks.items():
             found[position[key]] = evidence(check, settings)
         left = [position[key] for key in queue[start + _VERIFY_CHUNK :]]

@@ -21,52 +21,53 @@ from catalens.search.settings import SearchSettings
 from catalens.search.verification import Verification, verify_many
 
 if TYPE_CHECKING:
-    from catalens.search.engine import Query, SearchEngine
+    from catalens.indexer.catalog import Catalog
+    from catalens.search.query import Query
 
 
 # --- global features
 
 
-def query_vector(engine: SearchEngine, query: Query, feature: str) -> np.ndarray:
+def query_vector(catalog: Catalog, query: Query, feature: str) -> np.ndarray:
     """The query's L2-normalised ``feature`` vector."""
-    key, computed = f"vector:{feature}", query.computed(engine.catalog)
+    key, computed = f"vector:{feature}", query.computed(catalog)
     if key not in computed:
-        computed[key] = embed(engine.catalog.feature(feature), [query.image])[0]
+        computed[key] = embed(catalog.feature(feature), [query.image])[0]
     return computed[key]
 
 
-def global_search(engine: SearchEngine, query: Query, feature: str, k: int,
+def global_search(catalog: Catalog, query: Query, feature: str, k: int,
                   filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, cosines) of the ``k`` nearest items by ``feature``, best first."""
-    scores, keys = engine.catalog.vectors(feature).search(query_vector(engine, query, feature)[None], k, filter)
+    scores, keys = catalog.vectors(feature).search(query_vector(catalog, query, feature)[None], k, filter)
     valid = keys[0] >= 0
     return keys[0][valid], scores[0][valid]
 
 
-def candidate_cosines(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int]) -> dict[int, float]:
+def candidate_cosines(catalog: Catalog, query: Query, feature: str, keys: Sequence[int]) -> dict[int, float]:
     """Cosine of the query to each of ``keys`` by ``feature``, from the stored rows (absent rows are left out)."""
-    dim = engine.catalog.dims()[feature]
-    found, rows = stack_rows(engine.catalog.items.rows(feature, [int(key) for key in keys]), dim)
-    cosines = l2_normalise(rows) @ query_vector(engine, query, feature) if len(found) else np.zeros(0, np.float32)
+    dim = catalog.dims()[feature]
+    found, rows = stack_rows(catalog.items.rows(feature, [int(key) for key in keys]), dim)
+    cosines = l2_normalise(rows) @ query_vector(catalog, query, feature) if len(found) else np.zeros(0, np.float32)
     return dict(zip(found.tolist(), cosines.tolist(), strict=True))
 
 
-def build_models(engine: SearchEngine, names: Sequence[str]) -> None:
+def build_models(catalog: Catalog, names: Sequence[str]) -> None:
     """Build these features' models in the calling thread, before work goes to ``side_pool``:
     building one compiles a network (and may import OpenVINO, whose converter forks a process);
     beside another thread's BLAS product, that fork hung the product (OpenBLAS's fork handler
     waits on it)."""
     for name in names:
-        engine.catalog.feature(name)
+        catalog.feature(name)
 
 
-def compute_side_by_side(engine: SearchEngine, query: Query, global_features: Sequence[str],
+def compute_side_by_side(catalog: Catalog, query: Query, global_features: Sequence[str],
                          local_features: Sequence[str]) -> None:
     """The query's vectors and words for these features, the network and the keypoints computed
     at once on two threads (both release the GIL), kept on the query for the rankers."""
-    build_models(engine, (*global_features, *local_features))
-    jobs = [lambda name=name: query_vector(engine, query, name) for name in global_features]
-    jobs += [lambda name=name: query_words(engine, query, name) for name in local_features]
+    build_models(catalog, (*global_features, *local_features))
+    jobs = [lambda name=name: query_vector(catalog, query, name) for name in global_features]
+    jobs += [lambda name=name: query_words(catalog, query, name) for name in local_features]
     if len(jobs) < 2:
         for job in jobs:
             job()
@@ -92,36 +93,36 @@ def side_pool() -> ThreadPoolExecutor:
 # --- local features
 
 
-def query_descriptors(engine: SearchEngine, query: Query, feature: str) -> Any:
-    key, computed = f"descriptors:{feature}", query.computed(engine.catalog)
+def query_descriptors(catalog: Catalog, query: Query, feature: str) -> Any:
+    key, computed = f"descriptors:{feature}", query.computed(catalog)
     if key not in computed:
-        computed[key] = engine.catalog.feature(feature).preparer(query.image)
+        computed[key] = catalog.feature(feature).preparer(query.image)
     return computed[key]
 
 
-def word_candidates(engine: SearchEngine, query: Query, feature: str, k: int,
+def word_candidates(catalog: Catalog, query: Query, feature: str, k: int,
                     filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, tf-idf scores in (0, 1]) of the ``k`` items sharing the most weighted words with the query."""
-    return engine.catalog.words(feature).search(query_words(engine, query, feature), k, filter)
+    return catalog.words(feature).search(query_words(catalog, query, feature), k, filter)
 
 
-def query_words(engine: SearchEngine, query: Query, feature: str) -> np.ndarray:
+def query_words(catalog: Catalog, query: Query, feature: str) -> np.ndarray:
     """The visual words of the query's ``feature`` descriptors."""
-    key, computed = f"words:{feature}", query.computed(engine.catalog)
+    key, computed = f"words:{feature}", query.computed(catalog)
     if key not in computed:
-        computed[key] = engine.catalog.feature(feature).quantise(query_descriptors(engine, query, feature))
+        computed[key] = catalog.feature(feature).quantise(query_descriptors(catalog, query, feature))
     return computed[key]
 
 
-def verified(engine: SearchEngine, query: Query, feature: str, keys: Sequence[int],
+def verified(catalog: Catalog, query: Query, feature: str, keys: Sequence[int],
              settings: SearchSettings) -> dict[int, Verification]:
     """Geometric verification of ``keys`` against the query, each pair once per query."""
-    cache: dict[int, Verification] = query.computed(engine.catalog).setdefault(f"verified:{feature}", {})
+    cache: dict[int, Verification] = query.computed(catalog).setdefault(f"verified:{feature}", {})
     todo = [int(key) for key in keys if int(key) not in cache]
     if todo:
-        local = engine.catalog.feature(feature)
-        descriptors = query_descriptors(engine, query, feature)
-        stored = engine.catalog.items.rows(feature, todo)
+        local = catalog.feature(feature)
+        descriptors = query_descriptors(catalog, query, feature)
+        stored = catalog.items.rows(feature, todo)
         found = [key for key in todo if stored.get(key) is not None]
         checks = verify_many(descriptors, [local.decode(stored[key]) for key in found], settings.geometry, settings.ratio)
         cache.update(zip(found, checks, strict=True))
@@ -136,7 +137,7 @@ def evidence(verification: Verification, settings: SearchSettings) -> float:
     return min(verification.inliers, settings.inlier_cap) / settings.inlier_cap
 
 
-def local_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter | None, settings: SearchSettings,
+def local_search(catalog: Catalog, query: Query, k: int, filter: ItemFilter | None, settings: SearchSettings,
                  features: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Bag-of-words shortlist, its top ``local_verify_top`` re-ranked by RANSAC inliers.
 
@@ -149,11 +150,11 @@ def local_search(engine: SearchEngine, query: Query, k: int, filter: ItemFilter 
     if features is None and settings.local_text_weight:
         from catalens.search.text import query_text_evidence
 
-        weights = dict.fromkeys(engine.catalog.text_features(), settings.local_text_weight)
-        scores.update(query_text_evidence(engine, query, 0.0, weights, max(k, settings.local_verify_top), filter))
-    for feature in features or engine.catalog.local_features():
-        keys, word_scores = word_candidates(engine, query, feature, max(k, settings.local_verify_top), filter)
-        checks = verified(engine, query, feature, keys[: settings.local_verify_top], settings)
+        weights = dict.fromkeys(catalog.text_features(), settings.local_text_weight)
+        scores.update(query_text_evidence(catalog, query, 0.0, weights, max(k, settings.local_verify_top), filter))
+    for feature in features or catalog.local_features():
+        keys, word_scores = word_candidates(catalog, query, feature, max(k, settings.local_verify_top), filter)
+        checks = verified(catalog, query, feature, keys[: settings.local_verify_top], settings)
         for key, word_score in zip(keys.tolist(), word_scores.tolist(), strict=True):
             check = checks.get(key)
             inliers = check.inliers if check is not None and check.inliers >= settings.min_inliers else 0

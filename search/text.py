@@ -15,53 +15,54 @@ import numpy as np
 from catalens.indexer.stores import ItemFilter
 
 if TYPE_CHECKING:
-    from catalens.search.engine import Query, SearchEngine
+    from catalens.indexer.catalog import Catalog
+    from catalens.search.query import Query
 
 
-def text_search(engine: SearchEngine, text: str, k: int, filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
+def text_search(catalog: Catalog, text: str, k: int, filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, BM25 scores) of the ``k`` items best matching ``text``, best first."""
     if not text or not text.strip():
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return engine.catalog.items.search_text(text, k, filter)
+    return catalog.items.search_text(text, k, filter)
 
 
-def photo_words(engine: SearchEngine, query: Query, feature: str) -> str:
+def photo_words(catalog: Catalog, query: Query, feature: str) -> str:
     """The words the text ``feature`` reads on the query photo (kept on the query)."""
-    key, computed = f"words-read:{feature}", query.computed(engine.catalog)
+    key, computed = f"words-read:{feature}", query.computed(catalog)
     if key not in computed:
-        computed[key] = engine.catalog.feature(feature).preparer(query.image)
+        computed[key] = catalog.feature(feature).preparer(query.image)
     return computed[key]
 
 
-def text_evidence(engine: SearchEngine, text: str, k: int, filter: ItemFilter | None) -> dict[int, float]:
+def text_evidence(catalog: Catalog, text: str, k: int, filter: ItemFilter | None) -> dict[int, float]:
     """Each of the ``k`` best text matches' score relative to the best, in (0, 1]."""
-    keys, scores = text_search(engine, text, k, filter)
+    keys, scores = text_search(catalog, text, k, filter)
     if not len(keys):
         return {}
     return dict(zip(keys.tolist(), (scores / scores[0]).tolist(), strict=True))
 
 
-def query_text_evidence(engine: SearchEngine, query: Query, typed_weight: float, feature_weights: dict[str, float],
+def query_text_evidence(catalog: Catalog, query: Query, typed_weight: float, feature_weights: dict[str, float],
                         k: int, filter: ItemFilter | None) -> dict[int, float]:
     """The weighted text evidence of a query: its typed text (``query.text``, ``typed_weight``) and
     the words each weighted text feature reads on its photo, summed per item."""
     total: dict[int, float] = {}
     sources = [(query.text, typed_weight)] if query.text else []
-    sources += [(photo_words(engine, query, name), weight) for name, weight in feature_weights.items()
+    sources += [(photo_words(catalog, query, name), weight) for name, weight in feature_weights.items()
                 if weight and query.image is not None]
     for text, weight in sources:
-        for key, value in text_evidence(engine, text, k, filter).items():
+        for key, value in text_evidence(catalog, text, k, filter).items():
             total[key] = total.get(key, 0.0) + weight * value
     return total
 
 
-def matched_words(engine: SearchEngine, text: str, keys: list[int]) -> dict[int, list[str]]:
+def matched_words(catalog: Catalog, text: str, keys: list[int]) -> dict[int, list[str]]:
     """For each of ``keys``, its indexed terms that ``text`` matched (typos and compounds included),
     and from which field: what ``search --text --explain`` prints."""
     from catalens.indexer.stores.text import ItemText, matching_terms, query_terms
 
-    records = engine.catalog.items.items(keys)
-    read = {name: engine.catalog.items.rows(name, keys) for name in engine.catalog.text_features()}
+    records = catalog.items.items(keys)
+    read = {name: catalog.items.rows(name, keys) for name in catalog.text_features()}
     fields = ("id", "title", "category", "attributes", "read")
     found: dict[int, list[str]] = {}
     for key in keys:
@@ -79,7 +80,7 @@ def matched_words(engine: SearchEngine, text: str, keys: list[int]) -> dict[int,
     return found
 
 
-def text_ranking(engine: SearchEngine, query: Query, feature: str, k: int,
+def text_ranking(catalog: Catalog, query: Query, feature: str, k: int,
                  filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """The mode named after a text feature: items ranked by the words read on the photo alone."""
-    return text_search(engine, photo_words(engine, query, feature), k, filter)
+    return text_search(catalog, photo_words(catalog, query, feature), k, filter)

@@ -336,10 +336,10 @@ def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
     from catalens.search.retrieval import global_search
 
     def deep_retriever(engine, query, k, filter):
-        return global_search(engine, query, "deep", k, filter)
+        return global_search(engine.catalog, query, "deep", k, filter)
 
     def fused_retriever(engine, query, k, filter):
-        return fused_search(engine, query, k, filter, engine.settings)
+        return fused_search(engine.catalog, query, engine.weights(), k, filter, engine.settings)
 
     photos = [photo for photo in val_photos if photo.top == "Packages"]
     index = open_catalog(grocery_index)

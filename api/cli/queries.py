@@ -131,7 +131,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     return []
                 from catalens.search.text import matched_words
 
-                matched = matched_words(service.engine, text, [hit.key for hit in result.results])
+                matched = matched_words(service.catalog, text, [hit.key for hit in result.results])
                 return [f"{hit.id}: {', '.join(matched.get(hit.key, [])) or '-'}" for hit in result.results]
 
             print_results(results, fmt, _search_table("text"), words, SEARCH_CSV, _search_csv)

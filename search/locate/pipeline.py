@@ -72,7 +72,7 @@ def locate_image(engine: SearchEngine, image: Image.Image, settings: LocateSetti
     # The keypoints (OpenCV) and their visual words (FAISS) on a side thread while the windows go
     # through the network (OpenVINO): all three release the GIL.
     local_features = engine.catalog.local_features()
-    build_models(engine, (*engine.catalog.global_features(), *local_features))
+    build_models(engine.catalog, (*engine.catalog.global_features(), *local_features))
     words = side_pool().submit(photo_word_candidates, engine, image, settings) if local_features else None
     edges = PhotoEdges.of(image) if settings.snap_band is not None else None
     regions, region_items = region_detections(engine, image, settings, edges)
