@@ -435,7 +435,7 @@ def test_finetune_that_does_not_help_is_not_kept_and_removes_an_earlier_one(tiny
 
 def test_adapted_top_loads_as_it_was_saved_and_an_older_file_says_what_to_do(tmp_path):
     from catalens.indexer.estimator import ModelFileError
-    from catalens.indexer.training.adaptation import AdaptedTop
+    from catalens.indexer.features.adapted_model import AdaptedTop
 
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(8, 192, 8, 8)).astype(np.float16)  # what the last two blocks of lite0 read
@@ -476,6 +476,6 @@ def test_augmented_views_are_the_same_for_the_same_image_and_packshots_are_paste
 
 
 def test_adaptation_trains_longer_for_larger_catalogs_within_a_cap():
-    from catalens.indexer.training.adaptation import steps_for
+    from catalens.indexer.features.adapted_model import steps_for
 
     assert steps_for(81) == 203 and steps_for(2721) == 308 and steps_for(1_000_000) == 600

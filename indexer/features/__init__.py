@@ -166,6 +166,9 @@ def register_feature(name: str, kind: Literal["global", "local", "text"], **spec
 
 
 _discovered = False
+# Modules of this package that register no feature: the decode loop, and the adapted network's
+# model (which imports torch, where a search must not).
+_NOT_FEATURES = ("decode", "adapted_model")
 
 
 def _discover() -> None:
@@ -174,7 +177,7 @@ def _discover() -> None:
     if _discovered:
         return
     for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name != "decode":
+        if not module.name.startswith("_") and module.name not in _NOT_FEATURES:
             importlib.import_module(f"{__name__}.{module.name}")
     _discovered = True
 

@@ -1,7 +1,7 @@
 """The ``deep_ft`` global feature: the network adapted to the catalog by ``catalens finetune``.
 
 The frozen trunk and the top stages trained on the catalog's products
-(``catalens.indexer.training.adaptation``), compiled as one network like ``deep``. Where finetune
+(``catalens.indexer.features.adapted_model``, fitted by ``catalens.indexer.training.adaptation``), compiled as one network like ``deep``. Where finetune
 keeps it, it stands in for ``deep`` in search and classification, and new items get its rows at
 indexing time.
 """
@@ -23,7 +23,7 @@ from catalens.indexer.runtime import compile_network, weights_stamp
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
-    from catalens.indexer.training.adaptation import AdaptedTop
+    from catalens.indexer.features.adapted_model import AdaptedTop
 
 FEATURE_NAME = "deep_ft"
 MODEL_FILE = "deep_ft_adapted.pt"
@@ -66,7 +66,7 @@ class AdaptedDeep:
     def model(self) -> AdaptedTop:
         """The fitted top stages, loaded on first use."""
         if self._model is None:
-            from catalens.indexer.training.adaptation import AdaptedTop
+            from catalens.indexer.features.adapted_model import AdaptedTop
 
             self._model = AdaptedTop.load(self.model_file, progress=False)
         return self._model
