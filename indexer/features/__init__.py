@@ -20,13 +20,10 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    from catalens.indexer.catalog import Catalog
 
 Preparer = Callable[[Image.Image], Any]
 
@@ -131,7 +128,8 @@ class FeatureSpec:
     """A registered feature: what it is, and how a catalog builds it.
 
     ``build(catalog)`` returns the feature, or raises ``FeatureUnavailableError`` where what it
-    needs is missing. A feature fitted on the catalog names its ``model_file`` (in the
+    needs is missing. The catalog is an ``indexer.catalog.Catalog``, typed ``Any`` here because
+    the catalog imports this registry. A feature fitted on the catalog names its ``model_file`` (in the
     catalog's models folder) and ``fitted_by``, the command that fits it. ``refresh(catalog, changed_keys, removed_keys)`` keeps what depends on the whole
     catalog (a visual vocabulary and words) in line after a run. ``search_weight`` and
     ``classify_weight`` are its default weights in fused search and classification; a feature
@@ -140,12 +138,12 @@ class FeatureSpec:
 
     name: str
     kind: Literal["global", "local", "text"]
-    build: Callable[[Catalog], Feature]
+    build: Callable[[Any], Feature]
     dim: int | None = None  # None: it depends on the backbone or on the fitted model
     similarity: Literal["cosine", "inliers", "bm25"] = "cosine"
     fitted_by: str | None = None
     model_file: str | None = None  # in the catalog's models folder: the feature is rebuilt when it changes
-    refresh: Callable[[Catalog, np.ndarray, np.ndarray], None] | None = None
+    refresh: Callable[[Any, np.ndarray, np.ndarray], None] | None = None
     search_weight: float = 0.0
     classify_weight: float = 0.0
     replaces: str | None = None
@@ -158,7 +156,7 @@ _REGISTRY: dict[str, FeatureSpec] = {}
 def register_feature(name: str, kind: Literal["global", "local", "text"], **spec: Any) -> Callable[[Callable], Callable]:
     """Decorator over a ``build(catalog)`` function: registers ``name`` as a feature."""
 
-    def decorate(build: Callable[[Catalog], Feature]) -> Callable[[Catalog], Feature]:
+    def decorate(build: Callable[[Any], Feature]) -> Callable[[Any], Feature]:
         _REGISTRY[name] = FeatureSpec(name=name, kind=kind, build=build, **spec)
         return build
 
