@@ -13,7 +13,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from catalens.api.cli.arguments import HelpFormatter, UsageError
+from catalens.api.cli.arguments import HelpFormatter, UsageError, error_cause
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if _from_elasticsearch(error):
             print(f"catalens {args.command}: Elasticsearch at {_es_url(args)} cannot be reached or refused the "
-                  f"request ({_cause(error)}); is it running? (docker compose up -d)", file=sys.stderr)
+                  f"request ({error_cause(error)}); is it running? (docker compose up -d)", file=sys.stderr)
             return 2
 
         where = getattr(args, "index", None) or "DIR"
         if disk_full(error):
-            print(f"catalens {args.command}: the disk is full ({_cause(error)}); free some space and run the same "
+            print(f"catalens {args.command}: the disk is full ({error_cause(error)}); free some space and run the same "
                   "command again: what was committed before stays in the index", file=sys.stderr)
             return 2
         if not isinstance(error, sqlite3.DatabaseError):
@@ -129,12 +129,6 @@ def _es_url(args: argparse.Namespace) -> str:
     from catalens.api.cli.arguments import ES_URL_ENV
 
     return getattr(args, "es_url", None) or os.environ.get(ES_URL_ENV) or "the given URL"
-
-
-def _cause(error: BaseException) -> str:
-    """The last line of what the library said (faiss's messages start with a C++ location)."""
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ class UsageError(Exception):
     """A command line that cannot be carried out; printed as one line, exit code 2."""
 
 
+def error_cause(error: BaseException) -> str:
+    """The last line of what the library said (faiss's messages start with a C++ location)."""
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in its help, except where there is nothing to show (a switch, no
     default); descriptions keep their line breaks, and example lines are kept as written."""

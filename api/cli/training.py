@@ -6,14 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from catalens.api.cli.arguments import UsageError, add_command, add_location_arguments, open_service
+from catalens.api.cli.arguments import (
+    UsageError,
+    add_command,
+    add_location_arguments,
+    error_cause,
+    open_service,
+)
 from catalens.api.tables import format_table
 
 
 def _refit_after(service, stored: str, progress: bool) -> None:
     """The refit that follows a training command's commit; a full disk there is one line that says
     what is stored already and what to run once there is space (not the whole training again)."""
-    from catalens.api.cli import _cause
     from catalens.indexer.files import disk_full
 
     try:
@@ -21,7 +26,7 @@ def _refit_after(service, stored: str, progress: bool) -> None:
     except Exception as error:
         if not disk_full(error):
             raise
-        raise UsageError(f"the disk is full ({_cause(error)}); {stored} is stored with the index, but the match "
+        raise UsageError(f"the disk is full ({error_cause(error)}); {stored} is stored with the index, but the match "
                          "calibration and classifier were not refitted: free some space and run 'catalens "
                          "calibrate'") from None
 
