@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from catalens.indexer.pipeline import IndexReport
     from catalens.search.anomaly import AnomalyResult
     from catalens.search.classify import ClassifyResult
-    from catalens.search.engine import QueryResult
     from catalens.search.locate import LocateResult
+    from catalens.search.query import QueryResult
 
 Photo = str | Path | bytes | Image.Image | np.ndarray
 """What every method takes as a photo: a file path, the file's bytes, a PIL image, or an array
