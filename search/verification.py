@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
 
 from catalens.indexer.blas import blas_threads
 from catalens.indexer.features.sift import LocalDescriptors
+
+if TYPE_CHECKING:
+    from catalens.search.settings import SearchSettings
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,38 @@ class Verification:
 
 
 _EMPTY = Verification(0, 0)
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Geometric verification as one search runs it: the transform fitted (``geometry``), Lowe's
+    ``ratio`` for descriptor matches, and what the inliers are worth: nothing below
+    ``min_inliers`` (chance agreement; non-matching grocery pairs give 4-7), certain from
+    ``inlier_cap``. Built once per search from its settings (``from_settings``)."""
+
+    geometry: Literal["similarity", "affine", "homography"] = "similarity"
+    ratio: float = 0.8
+    min_inliers: int = 8
+    inlier_cap: int = 30
+
+    @classmethod
+    def from_settings(cls, settings: SearchSettings) -> Verifier:
+        return cls(settings.geometry, settings.ratio, settings.min_inliers, settings.inlier_cap)
+
+    def verify_many(self, query: LocalDescriptors, items: Sequence[LocalDescriptors]) -> list[Verification]:
+        """The verification of each of ``items`` against ``query``."""
+        return verify_many(query, items, self.geometry, self.ratio)
+
+    def inliers(self, verification: Verification) -> int:
+        """The inliers that count: zero below ``min_inliers``."""
+        return verification.inliers if verification.inliers >= self.min_inliers else 0
+
+    def evidence(self, verification: Verification) -> float:
+        """A verified match as evidence in [0, 1]: zero below ``min_inliers``, then
+        min(inliers, inlier_cap) / inlier_cap."""
+        if verification.inliers < self.min_inliers:
+            return 0.0
+        return min(verification.inliers, self.inlier_cap) / self.inlier_cap
 
 
 def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.8) -> list[np.ndarray]:
