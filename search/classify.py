@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,20 @@ class FittedClassifier:
     ids: list[str]
     keys: np.ndarray
     weights: dict[str, float]
+
+    def leaf_probabilities(self, vectors: Mapping[str, np.ndarray], absent_leaf: str | None = None) -> dict[str, float]:
+        """The probability of each leaf category for one query's ``vectors`` (one per weighted feature).
+
+        ``absent_leaf`` is left out and the rest renormalised: a calibration query of a product the
+        catalog is taken not to hold asks a classifier that never learnt it."""
+        features = weighted_features({name: vectors[name][None] for name in self.weights}, self.weights)
+        probs, _, _ = self.classifier.leaf_proba(features)
+        leaves = [str(leaf) for leaf in self.classifier.leaves_]
+        probs = probs[0].copy()
+        if absent_leaf in leaves:
+            probs[leaves.index(absent_leaf)] = 0.0
+            probs /= max(probs.sum(), 1e-12)
+        return dict(zip(leaves, probs.tolist(), strict=True))
 
 
 @dataclass
