@@ -102,6 +102,7 @@ def query_profile(engine, queries: list[Path]) -> list[tuple[str, str]]:
     from catalens.search.engine import Query
     from catalens.search.fusion import fused_search
     from catalens.search.products import rank_products
+    from catalens.search.verification import Verifier
 
     settings = engine.settings
     weights = engine.weights(settings)
@@ -110,11 +111,11 @@ def query_profile(engine, queries: list[Path]) -> list[tuple[str, str]]:
         query = Query(clock(totals, "decode", load_query, path), str(path))
         for name in weights:
             if name == "sift":
-                clock(totals, "sift: keypoints", retrieval.query_descriptors, engine.catalog, query, name)
-                clock(totals, "sift: words", retrieval.query_words, engine.catalog, query, name)
+                clock(totals, "sift: keypoints", query.descriptors, engine.catalog, name)
+                clock(totals, "sift: words", query.words, engine.catalog, name)
             else:
                 clock(totals, f"{name}: network" if name.startswith("deep") else f"{name}: vector",
-                      retrieval.query_vector, engine.catalog, query, name)
+                      query.vector, engine.catalog, name)
         candidates = 0.0
         started = time.perf_counter()
         for name in weights:
@@ -125,7 +126,8 @@ def query_profile(engine, queries: list[Path]) -> list[tuple[str, str]]:
         candidates = time.perf_counter() - started
         totals["candidates (kNN, inverted file)"] += candidates
         started = time.perf_counter()
-        keys, scores = fused_search(engine.catalog, query, weights, settings.candidates, None, settings)
+        keys, scores = fused_search(engine.catalog, query, weights, settings.candidates, None, settings,
+                                    Verifier.from_settings(settings))
         # fused_search asks for the candidates again (same cost), then verifies and scores them.
         totals["verification and scoring"] += time.perf_counter() - started - candidates
         clock(totals, "products", lambda keys, scores: rank_products(
@@ -173,7 +175,6 @@ def grown_rows(engine, queries: list[Path], sizes: list[int]) -> list[tuple[str,
         recommended_search_parameters,
     )
     from catalens.indexer.stores.inverted_file import BagOfWords, decode_words, words_feature
-    from catalens.search import retrieval
     from catalens.search.engine import Query
 
     catalog, settings = engine.catalog, engine.settings
@@ -184,8 +185,7 @@ def grown_rows(engine, queries: list[Path], sizes: list[int]) -> list[tuple[str,
     prepared = []
     for path in queries:
         query = Query(load_query(path), str(path))
-        prepared.append(({name: retrieval.query_vector(catalog, query, name) for name in real},
-                         retrieval.query_words(catalog, query, "sift")))
+        prepared.append(({name: query.vector(catalog, name) for name in real}, query.words(catalog, "sift")))
     rows = []
     for size in sizes:
         source = rng.integers(0, len(words), size) if size > len(words) else np.arange(len(words))

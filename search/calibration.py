@@ -104,27 +104,11 @@ def hit_evidence(mode: str, scores: np.ndarray, products: Sequence[str], inliers
 
 def category_probabilities(catalog: Catalog, query: Query, fitted: FittedClassifier | None,
                            absent_leaf: str | None = None) -> dict[str, float]:
-    """The classifier's probability of each leaf category for this query (empty without a classifier).
-
-    ``absent_leaf`` is left out and the rest renormalised: a calibration query of a product the
-    catalog is taken not to hold asks a classifier that never learnt it."""
+    """The classifier's probability of each leaf category for this query, ``absent_leaf`` left out
+    (``FittedClassifier.leaf_probabilities``); empty without a classifier."""
     if fitted is None:
         return {}
-    from catalens.search.classify import weighted_features
-    from catalens.search.retrieval import query_vector
-
-    key, computed = f"category_proba:{id(fitted)}:{absent_leaf}", query.computed(catalog)
-    if key not in computed:
-        features = weighted_features({name: query_vector(catalog, query, name)[None] for name in fitted.weights},
-                                     fitted.weights)
-        probs, _, _ = fitted.classifier.leaf_proba(features)
-        leaves = [str(leaf) for leaf in fitted.classifier.leaves_]
-        probs = probs[0].copy()
-        if absent_leaf in leaves:
-            probs[leaves.index(absent_leaf)] = 0.0
-            probs /= max(probs.sum(), 1e-12)
-        computed[key] = dict(zip(leaves, probs.tolist(), strict=True))
-    return computed[key]
+    return query.leaf_probabilities(catalog, fitted, absent_leaf)
 
 
 def catalog_classifier(catalog: Catalog) -> FittedClassifier | None:
@@ -146,10 +130,9 @@ def _verified_inliers(catalog: Catalog, query: Query, mode: str, keys: Sequence[
     out = np.zeros(len(keys), np.float64)
     if mode != "fused" and not _is_local(mode):
         return out
-    computed = query.computed(catalog)
     features = catalog.local_features() if mode in ("fused", "local") else [mode]
     for feature in features:
-        checks = computed.get(f"verified:{feature}", {})
+        checks = query.verifications(catalog, feature)
         for i, key in enumerate(keys):
             check = checks.get(int(key))
             if check is not None:
@@ -346,19 +329,20 @@ class CalibrationQuery:
 def _stored_query(catalog: Catalog, record: ItemRecord) -> Query | None:
     """A query holding the item's stored rows as if extracted from its photo (no decoding), or None
     where the item lacks a row of some feature."""
-    query = Query(Image.new("RGB", (1, 1)), record.id)
-    computed = query.computed(catalog)
     dims = catalog.dims()
+    vectors, descriptors = {}, {}
     for name in catalog.global_features():
         blob = catalog.items.rows(name, [record.key]).get(record.key)
         if blob is None:
             return None
-        computed[f"vector:{name}"] = l2_normalise(np.frombuffer(blob, np.float32).reshape(1, dims[name]))[0]
+        vectors[name] = l2_normalise(np.frombuffer(blob, np.float32).reshape(1, dims[name]))[0]
     for name in catalog.local_features():
         blob = catalog.items.rows(name, [record.key]).get(record.key)
         if blob is None:
             return None
-        computed[f"descriptors:{name}"] = catalog.feature(name).decode(blob)
+        descriptors[name] = catalog.feature(name).decode(blob)
+    query = Query(Image.new("RGB", (1, 1)), record.id)
+    query.preset(catalog, vectors, descriptors)
     return query
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from catalens.indexer.features import FeatureUnavailableError
 from catalens.indexer.imageio import ImageDecodeError, load_query, load_rgb
 from catalens.search.engine import Query, QueryResult, SearchEngine
-from catalens.search.retrieval import query_descriptors, verified
+from catalens.search.verification import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
     checks, items, query_points = {}, {}, np.zeros((0, 4), np.float32)
     if local:  # the first local feature's matches; an index without one draws the pairs without lines
         try:
-            checks = verified(engine.catalog, query, local[0], keys, engine.settings)
-            query_points = query_descriptors(engine.catalog, query, local[0]).keypoints
+            checks = query.verified(engine.catalog, local[0], keys, Verifier.from_settings(engine.settings))
+            query_points = query.descriptors(engine.catalog, local[0]).keypoints
             feature = engine.catalog.feature(local[0])
             items = {key: feature.decode(blob) for key, blob in engine.catalog.items.rows(local[0], keys).items()}
         except FeatureUnavailableError as error:

@@ -28,13 +28,12 @@ from catalens.indexer.stores import ItemFilter
 from catalens.search.retrieval import (
     candidate_cosines,
     compute_side_by_side,
-    evidence,
     global_search,
-    verified,
     word_candidates,
 )
 from catalens.search.settings import SearchSettings
 from catalens.search.text import query_text_evidence
+from catalens.search.verification import Verifier
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -42,9 +41,9 @@ if TYPE_CHECKING:
 
 
 def fused_search(catalog: Catalog, query: Query, weights: Mapping[str, float], k: int, filter: ItemFilter | None,
-                 settings: SearchSettings) -> tuple[np.ndarray, np.ndarray]:
+                 settings: SearchSettings, verifier: Verifier) -> tuple[np.ndarray, np.ndarray]:
     """(keys, fused scores) of the ``k`` best candidates, best first; ``weights``: each feature's
-    weight (``search.ranking.search_weights``)."""
+    weight (``search.ranking.search_weights``); ``verifier``: how local matches are verified."""
     global_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "global"}
     local_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "local"}
     text_weights = {name: w for name, w in weights.items() if feature_spec(name).kind == "text"}
@@ -79,13 +78,14 @@ def fused_search(catalog: Catalog, query: Query, weights: Mapping[str, float], k
     if worded:  # before verification: a candidate the words favour is verified first
         scores += np.array([worded.get(int(key), 0.0) for key in keys])
     for name, weight in local_weights.items():
-        scores += weight * _verified_evidence(catalog, query, name, keys, scores, word_lists[name], settings)
+        scores += weight * _verified_evidence(catalog, query, name, keys, scores, word_lists[name],
+                                              settings.verify_top, verifier)
     order = np.argsort(-scores, kind="stable")[:k]
     return keys[order], scores[order].astype(np.float32)
 
 
 def _verified_evidence(catalog: Catalog, query: Query, feature: str, keys: np.ndarray, prior: np.ndarray,
-                       word_keys: np.ndarray, settings: SearchSettings) -> np.ndarray:
+                       word_keys: np.ndarray, verify_top: int, verifier: Verifier) -> np.ndarray:
     """Each candidate's verified-match evidence in [0, 1] for the local ``feature``.
 
     The candidates verified are the best ``verify_top`` by the global features' fused score and
@@ -95,15 +95,15 @@ def _verified_evidence(catalog: Catalog, query: Query, feature: str, keys: np.nd
     change. On grocery val (iconic + train catalog) this verifies 35 candidates a query where
     verifying every list's head verified 54, with top-1 68.6% against 68.2%.
     """
-    by_prior = keys[np.argsort(-prior, kind="stable")[: settings.verify_top]]
-    queue = list(dict.fromkeys(key for pair in zip_longest(by_prior.tolist(), word_keys[: settings.verify_top].tolist())
+    by_prior = keys[np.argsort(-prior, kind="stable")[:verify_top]]
+    queue = list(dict.fromkeys(key for pair in zip_longest(by_prior.tolist(), word_keys[:verify_top].tolist())
                                for key in pair if key is not None))
     position = {int(key): row for row, key in enumerate(keys.tolist())}
     found = np.zeros(len(keys), np.float64)
     for start in range(0, len(queue), _VERIFY_CHUNK):
-        checks = verified(catalog, query, feature, queue[start : start + _VERIFY_CHUNK], settings)
+        checks = query.verified(catalog, feature, queue[start : start + _VERIFY_CHUNK], verifier)
         for key, check in checks.items():
-            found[position[key]] = evidence(check, settings)
+            found[position[key]] = verifier.evidence(check)
         left = [position[key] for key in queue[start + _VERIFY_CHUNK :]]
         certain = found >= 1.0
         # Certain evidence adds the same weight to any candidate, so the priors decide.

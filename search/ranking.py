@@ -16,6 +16,7 @@ from catalens.search.fusion import fused_search
 from catalens.search.retrieval import global_search, local_search
 from catalens.search.settings import SearchSettings
 from catalens.search.text import text_ranking
+from catalens.search.verification import Verifier
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -63,9 +64,11 @@ def rank(catalog: Catalog, query: Query, mode: str, k: int, filter: ItemFilter |
     """(keys, scores) of one decoded query in ``mode``, best first. What a query computes is kept
     on it, so ranking the same ``Query`` in several modes extracts each feature once."""
     if mode == FUSED:
-        return fused_search(catalog, query, search_weights(catalog, settings), k, filter, settings)
+        return fused_search(catalog, query, search_weights(catalog, settings), k, filter, settings,
+                            Verifier.from_settings(settings))
     if mode == LOCAL or feature_spec(mode).kind == "local":
-        return local_search(catalog, query, k, filter, settings, None if mode == LOCAL else [mode])
+        return local_search(catalog, query, k, filter, settings, Verifier.from_settings(settings),
+                            None if mode == LOCAL else [mode])
     if feature_spec(mode).kind == "text":
         return text_ranking(catalog, query, mode, k, filter)
     return global_search(catalog, query, mode, k, filter)

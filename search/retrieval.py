@@ -1,6 +1,6 @@
 """Candidates and their evidence, per feature: k nearest neighbours of a global feature, words and
-geometric verification of a local one. Each is computed once per query and kept on it, so
-fusion and the single-feature modes share the work.
+geometric verification of a local one. What the query computes for them (vectors, words,
+verifications) is kept on the ``Query``, so fusion and the single-feature modes share the work.
 
 The local side is the logo mode: a small crop of a logo finds the items that print it, because
 the word index only needs the crop's few words and RANSAC only needs a handful of inliers.
@@ -11,14 +11,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from catalens.indexer.features import embed, l2_normalise
+from catalens.indexer.features import l2_normalise
 from catalens.indexer.stores import ItemFilter, stack_rows
 from catalens.search.settings import SearchSettings
-from catalens.search.verification import Verification, verify_many
+from catalens.search.verification import Verifier
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -28,18 +28,10 @@ if TYPE_CHECKING:
 # --- global features
 
 
-def query_vector(catalog: Catalog, query: Query, feature: str) -> np.ndarray:
-    """The query's L2-normalised ``feature`` vector."""
-    key, computed = f"vector:{feature}", query.computed(catalog)
-    if key not in computed:
-        computed[key] = embed(catalog.feature(feature), [query.image])[0]
-    return computed[key]
-
-
 def global_search(catalog: Catalog, query: Query, feature: str, k: int,
                   filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, cosines) of the ``k`` nearest items by ``feature``, best first."""
-    scores, keys = catalog.vectors(feature).search(query_vector(catalog, query, feature)[None], k, filter)
+    scores, keys = catalog.vectors(feature).search(query.vector(catalog, feature)[None], k, filter)
     valid = keys[0] >= 0
     return keys[0][valid], scores[0][valid]
 
@@ -48,7 +40,7 @@ def candidate_cosines(catalog: Catalog, query: Query, feature: str, keys: Sequen
     """Cosine of the query to each of ``keys`` by ``feature``, from the stored rows (absent rows are left out)."""
     dim = catalog.dims()[feature]
     found, rows = stack_rows(catalog.items.rows(feature, [int(key) for key in keys]), dim)
-    cosines = l2_normalise(rows) @ query_vector(catalog, query, feature) if len(found) else np.zeros(0, np.float32)
+    cosines = l2_normalise(rows) @ query.vector(catalog, feature) if len(found) else np.zeros(0, np.float32)
     return dict(zip(found.tolist(), cosines.tolist(), strict=True))
 
 
@@ -66,8 +58,8 @@ def compute_side_by_side(catalog: Catalog, query: Query, global_features: Sequen
     """The query's vectors and words for these features, the network and the keypoints computed
     at once on two threads (both release the GIL), kept on the query for the rankers."""
     build_models(catalog, (*global_features, *local_features))
-    jobs = [lambda name=name: query_vector(catalog, query, name) for name in global_features]
-    jobs += [lambda name=name: query_words(catalog, query, name) for name in local_features]
+    jobs = [lambda name=name: query.vector(catalog, name) for name in global_features]
+    jobs += [lambda name=name: query.words(catalog, name) for name in local_features]
     if len(jobs) < 2:
         for job in jobs:
             job()
@@ -93,53 +85,15 @@ def side_pool() -> ThreadPoolExecutor:
 # --- local features
 
 
-def query_descriptors(catalog: Catalog, query: Query, feature: str) -> Any:
-    key, computed = f"descriptors:{feature}", query.computed(catalog)
-    if key not in computed:
-        computed[key] = catalog.feature(feature).preparer(query.image)
-    return computed[key]
-
-
 def word_candidates(catalog: Catalog, query: Query, feature: str, k: int,
                     filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, tf-idf scores in (0, 1]) of the ``k`` items sharing the most weighted words with the query."""
-    return catalog.words(feature).search(query_words(catalog, query, feature), k, filter)
-
-
-def query_words(catalog: Catalog, query: Query, feature: str) -> np.ndarray:
-    """The visual words of the query's ``feature`` descriptors."""
-    key, computed = f"words:{feature}", query.computed(catalog)
-    if key not in computed:
-        computed[key] = catalog.feature(feature).quantise(query_descriptors(catalog, query, feature))
-    return computed[key]
-
-
-def verified(catalog: Catalog, query: Query, feature: str, keys: Sequence[int],
-             settings: SearchSettings) -> dict[int, Verification]:
-    """Geometric verification of ``keys`` against the query, each pair once per query."""
-    cache: dict[int, Verification] = query.computed(catalog).setdefault(f"verified:{feature}", {})
-    todo = [int(key) for key in keys if int(key) not in cache]
-    if todo:
-        local = catalog.feature(feature)
-        descriptors = query_descriptors(catalog, query, feature)
-        stored = catalog.items.rows(feature, todo)
-        found = [key for key in todo if stored.get(key) is not None]
-        checks = verify_many(descriptors, [local.decode(stored[key]) for key in found], settings.geometry, settings.ratio)
-        cache.update(zip(found, checks, strict=True))
-        cache.update({key: Verification(0, 0) for key in todo if key not in cache})
-    return {int(key): cache[int(key)] for key in keys}
-
-
-def evidence(verification: Verification, settings: SearchSettings) -> float:
-    """A verified match as evidence in [0, 1]: zero below ``min_inliers`` (chance agreement)."""
-    if verification.inliers < settings.min_inliers:
-        return 0.0
-    return min(verification.inliers, settings.inlier_cap) / settings.inlier_cap
+    return catalog.words(feature).search(query.words(catalog, feature), k, filter)
 
 
 def local_search(catalog: Catalog, query: Query, k: int, filter: ItemFilter | None, settings: SearchSettings,
-                 features: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Bag-of-words shortlist, its top ``local_verify_top`` re-ranked by RANSAC inliers.
+                 verifier: Verifier, features: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bag-of-words shortlist, its top ``local_verify_top`` re-ranked by ``verifier``'s inliers.
 
     A verified item scores its inliers plus its word score, so any verified match ranks above
     every unverified one; the rest keep the word score (< 1). Several local features add up.
@@ -154,10 +108,10 @@ def local_search(catalog: Catalog, query: Query, k: int, filter: ItemFilter | No
         scores.update(query_text_evidence(catalog, query, 0.0, weights, max(k, settings.local_verify_top), filter))
     for feature in features or catalog.local_features():
         keys, word_scores = word_candidates(catalog, query, feature, max(k, settings.local_verify_top), filter)
-        checks = verified(catalog, query, feature, keys[: settings.local_verify_top], settings)
+        checks = query.verified(catalog, feature, keys[: settings.local_verify_top], verifier)
         for key, word_score in zip(keys.tolist(), word_scores.tolist(), strict=True):
             check = checks.get(key)
-            inliers = check.inliers if check is not None and check.inliers >= settings.min_inliers else 0
+            inliers = verifier.inliers(check) if check is not None else 0
             scores[key] = scores.get(key, 0.0) + inliers + word_score
     if not scores:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)

@@ -26,14 +26,6 @@ def text_search(catalog: Catalog, text: str, k: int, filter: ItemFilter | None) 
     return catalog.items.search_text(text, k, filter)
 
 
-def photo_words(catalog: Catalog, query: Query, feature: str) -> str:
-    """The words the text ``feature`` reads on the query photo (kept on the query)."""
-    key, computed = f"words-read:{feature}", query.computed(catalog)
-    if key not in computed:
-        computed[key] = catalog.feature(feature).preparer(query.image)
-    return computed[key]
-
-
 def text_evidence(catalog: Catalog, text: str, k: int, filter: ItemFilter | None) -> dict[int, float]:
     """Each of the ``k`` best text matches' score relative to the best, in (0, 1]."""
     keys, scores = text_search(catalog, text, k, filter)
@@ -48,7 +40,7 @@ def query_text_evidence(catalog: Catalog, query: Query, typed_weight: float, fea
     the words each weighted text feature reads on its photo, summed per item."""
     total: dict[int, float] = {}
     sources = [(query.text, typed_weight)] if query.text else []
-    sources += [(photo_words(catalog, query, name), weight) for name, weight in feature_weights.items()
+    sources += [(query.words_read(catalog, name), weight) for name, weight in feature_weights.items()
                 if weight and query.image is not None]
     for text, weight in sources:
         for key, value in text_evidence(catalog, text, k, filter).items():
@@ -83,4 +75,4 @@ def matched_words(catalog: Catalog, text: str, keys: list[int]) -> dict[int, lis
 def text_ranking(catalog: Catalog, query: Query, feature: str, k: int,
                  filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
     """The mode named after a text feature: items ranked by the words read on the photo alone."""
-    return text_search(catalog, photo_words(catalog, query, feature), k, filter)
+    return text_search(catalog, query.words_read(catalog, feature), k, filter)

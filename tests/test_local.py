@@ -165,7 +165,8 @@ def test_a_query_ranked_against_two_indexes_carries_nothing_from_one_into_the_ot
         fresh = second.rank(Query(photo, "photo"), "local", 2)
         reused = second.rank(shared, "local", 2)
         assert reused[0].tolist() == fresh[0].tolist() and np.allclose(reused[1], fresh[1])
-        assert shared.computed(indexes[0]) is not shared.computed(indexes[1])
+        first_words, second_words = (shared.words(catalog, "sift") for catalog in indexes)
+        assert first_words is not second_words  # each index's own vocabulary
     finally:
         for catalog in indexes:
             catalog.close()
@@ -334,12 +335,14 @@ def test_fused_beats_deep_by_ten_points_on_packages(grocery_index, val_photos):
     from catalens.search.engine import Query
     from catalens.search.fusion import fused_search
     from catalens.search.retrieval import global_search
+    from catalens.search.verification import Verifier
 
     def deep_retriever(engine, query, k, filter):
         return global_search(engine.catalog, query, "deep", k, filter)
 
     def fused_retriever(engine, query, k, filter):
-        return fused_search(engine.catalog, query, engine.weights(), k, filter, engine.settings)
+        return fused_search(engine.catalog, query, engine.weights(), k, filter, engine.settings,
+                            Verifier.from_settings(engine.settings))
 
     photos = [photo for photo in val_photos if photo.top == "Packages"]
     index = open_catalog(grocery_index)
