@@ -84,7 +84,7 @@ def photo_word_candidates(engine: SearchEngine, image: Image.Image, settings: Lo
         return None
     name = features[0]
     query = photo_keypoints(image, settings)
-    if len(query) < settings.min_inliers:
+    if len(query) < settings.detection_inliers:
         return WordCandidates(query, {})
     keys, _ = engine.catalog.words(name).search(engine.catalog.feature(name).quantise(query),
                                                 settings.word_candidates, None)
@@ -103,7 +103,7 @@ def _matched(query: LocalDescriptors, items: dict[int, LocalDescriptors], rows: 
     for key, item in items.items():
         # Query to item, so that several instances of one product in the photo all keep their matches.
         found = match_descriptors(query.descriptors[rows], item.descriptors, settings.ratio)
-        if len(found) >= settings.min_inliers:
+        if len(found) >= settings.detection_inliers:
             found[:, 0] = rows[found[:, 0]]
             pairs[key] = found
     return pairs
@@ -119,7 +119,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     region (cheaper, and a window's item has nothing to explain elsewhere)."""
     if words is None:
         words = photo_word_candidates(engine, image, settings)
-    if words is None or len(words.query) < settings.min_inliers:
+    if words is None or len(words.query) < settings.detection_inliers:
         return []
     name = engine.catalog.local_features()[0]
     query = words.query
@@ -139,8 +139,8 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     while pairs and len(chosen) < settings.max_detections:
         for key in stale:
             usable = pairs[key][active[pairs[key][:, 0]]]
-            fits[key] = _fit_box(query, items[key], usable, image.size, settings.min_inliers) \
-                if len(usable) >= settings.min_inliers else None
+            fits[key] = _fit_box(query, items[key], usable, image.size, settings.detection_inliers) \
+                if len(usable) >= settings.detection_inliers else None
         fits = {key: fit for key, fit in fits.items() if fit is not None}
         if not fits:
             break

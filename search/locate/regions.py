@@ -63,13 +63,13 @@ def region_detections(engine: SearchEngine, image: Image.Image, settings: Locate
         for row, window_keys in enumerate(keys):
             own[row, np.searchsorted(union, window_keys[window_keys >= 0])] = True
     total = np.where(own, total, -1.0)
-    # Each window's score for each product: the mean of its best ``product_votes`` items (a
+    # Each window's score for each product: the mean of its best ``photos_per_product`` items (a
     # window not among an item's neighbours gives it 0), so one lucky look-alike photo counts
     # less than several photos of the same product.
     records = engine.catalog.items.items(union.tolist())
     products, product_of = np.unique([records[int(key)].category if int(key) in records else "" for key in union],
                                      return_inverse=True)
-    votes = max(1, settings.product_votes)
+    votes = max(1, settings.photos_per_product)
     by_product = np.zeros((len(boxes), len(products)), np.float32)
     best_item = np.zeros((len(boxes), len(products)), np.int64)
     floored = np.maximum(total, 0.0)

@@ -20,7 +20,9 @@ class LocateSettings:
     keypoints: int = 3000
     # Each candidate is matched against every keypoint: fewer is faster at the same recall.
     word_candidates: int = 20
-    min_inliers: int = 15
+    # Inliers a verified box needs (and the query words and matches a candidate needs to be tried):
+    # a detection among a shelf's many packs, stricter than search's ``min_inliers`` of 8.
+    detection_inliers: int = 15
     inlier_cap: int = 30
     ratio: float = 0.8
     # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
@@ -39,8 +41,9 @@ class LocateSettings:
     core_overlap: float = 0.0
     # Region candidates handed to local verification: each window's best items, this many.
     items_per_window: int = 2
-    # A window's score for a product: the mean of its best this many photos of it.
-    product_votes: int = 2
+    # A window's score for a product: the mean of its best this many photos of it (search's
+    # ``product_votes`` is another rule: an item's own score plus its product's other photos').
+    photos_per_product: int = 2
     # NMS ranks a window by score * (side / smallest side) ** size_prior.
     size_prior: float = 0.15
     # A part agrees with its window when it scores the window's product within this of its own best.
