@@ -124,7 +124,8 @@ class Query:
 
     def verified(self, catalog: Catalog, feature: str, keys: Sequence[int], verifier: Verifier) -> dict[int, Verification]:
         """Geometric verification of the items ``keys`` against the query by the local ``feature``,
-        each pair once per query (an item without a row of ``feature`` verifies nothing)."""
+        each pair once per query, by the first ``verifier`` that asks; an item without a row of
+        ``feature`` verifies nothing."""
         done = self._against(catalog).verified.setdefault(feature, {})
         todo = [int(key) for key in keys if int(key) not in done]
         if todo:
