@@ -219,7 +219,9 @@ class ConvAutoencoder(Estimator):
                  self.percentile, len(cal) if n_cal else len(train), "held-out" if n_cal else "training")
         warning = self.loss_warning()
         if warning:
-            log.warning(warning)
+            # Logged, not warned: `catalens train-ae` prints it after its table and stores it with
+            # the report; on stderr it would print twice and crowd a failure's one line.
+            log.info(warning)
         return self
 
     def _calibrate(self, X: np.ndarray, descriptors: np.ndarray | None, held_out: np.ndarray,
