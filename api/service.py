@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from catalens.datasets.catalog import CatalogItem, FieldError, check_category_path
+from catalens.errors import InputError, UnavailableError
 from catalens.indexer.backends import open_catalog
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.config import IndexConfig
@@ -32,11 +33,11 @@ from catalens.search.settings import SearchSettings
 T = TypeVar("T")
 
 
-class ModelMissingError(RuntimeError):
+class ModelMissingError(UnavailableError, RuntimeError):
     """What was asked needs a model the catalog has not fitted yet; the message says what to run."""
 
 
-class UnknownCategoryError(ValueError):
+class UnknownCategoryError(InputError, ValueError):
     """A category filter that names no category of the catalog; the message names close ones."""
 
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catalens.errors import InputError
+
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -38,11 +40,11 @@ _REFUSED_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]
 _REFUSED_IN_PROSE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError, ValueError):
     """A catalog that cannot be read: the message names the file (and line) and the reason."""
 
 
-class FieldError(ValueError):
+class FieldError(InputError, ValueError):
     """A value catalens will not store or search by (an id, category, title, attribute, JSON field):
     the message names the field and the reason."""
 

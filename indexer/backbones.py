@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from catalens.errors import InputError, UnavailableError
+
 if TYPE_CHECKING:
     from catalens.indexer.backbone_networks import Backbone
 
@@ -27,11 +29,11 @@ INPUT_SCALINGS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 }
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UnavailableError, FileNotFoundError):
     """Pretrained weights for a backbone are not on this machine."""
 
 
-class UnknownBackboneError(KeyError):
+class UnknownBackboneError(InputError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
 

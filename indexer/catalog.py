@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from catalens.errors import UnavailableError
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.features import (
     Feature,
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class IndexUnavailableError(RuntimeError):
+class IndexUnavailableError(UnavailableError, RuntimeError):
     """An index that cannot be opened or used as asked; the message names it and what to do."""
 
 

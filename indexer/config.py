@@ -33,8 +33,10 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from catalens.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A configuration value that cannot be used; the message names the field and its source."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from catalens.errors import UnavailableError
 from catalens.indexer.files import atomic_path
 
 E = TypeVar("E", bound="Estimator")
@@ -31,11 +32,11 @@ FORMAT = 2
 META = "__meta__"
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(UnavailableError, RuntimeError):
     """A learned model used before it was fitted; the message says how to fit it."""
 
 
-class ModelFileError(RuntimeError):
+class ModelFileError(UnavailableError, RuntimeError):
     """A model file that cannot be loaded; the message names the file and what to do."""
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from catalens.errors import InputError
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.features import feature_spec
 from catalens.indexer.imageio import ImageSource, decode_queries
@@ -33,7 +34,7 @@ from catalens.search.text import text_search
 log = logging.getLogger(__name__)
 
 
-class ModeUnavailableError(ValueError):
+class ModeUnavailableError(InputError, ValueError):
     """A mode this catalog cannot answer (unknown, or its feature not built yet): the message says which exist."""
 
 

@@ -13,7 +13,8 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 
-from catalens.api.cli.arguments import HelpFormatter, UsageError, error_cause
+from catalens.api.cli.arguments import HelpFormatter, error_cause
+from catalens.errors import CatalensError, InputError, UnavailableError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,20 +51,12 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return args
 
 
-def _one_line_errors() -> tuple[type[Exception], ...]:
-    """What a command may raise that is the user's to fix: printed as one line, exit 2."""
-    from catalens.api.service import ModelMissingError, UnknownCategoryError
-    from catalens.datasets.catalog import CatalogError, FieldError
-    from catalens.indexer.backbones import UnknownBackboneError, WeightsNotFoundError
-    from catalens.indexer.catalog import IndexUnavailableError
-    from catalens.indexer.config import ConfigError
-    from catalens.indexer.estimator import ModelFileError, NotFittedError
-    from catalens.indexer.features import FeatureUnavailableError, UnknownFeatureError
-    from catalens.search.engine import ModeUnavailableError
+# What the library's errors exit with, by kind (``catalens.errors``): each is printed as one line.
+EXIT_CODES: dict[type[CatalensError], int] = {InputError: 2, UnavailableError: 2, CatalensError: 2}
 
-    return (UsageError, CatalogError, ConfigError, IndexUnavailableError, ModelMissingError, NotFittedError,
-            ModelFileError, FeatureUnavailableError, UnknownFeatureError, ModeUnavailableError, UnknownBackboneError,
-            WeightsNotFoundError, UnknownCategoryError, FieldError)
+
+def exit_code(error: CatalensError) -> int:
+    return next(EXIT_CODES[kind] for kind in type(error).__mro__ if kind in EXIT_CODES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("elastic_transport").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return args.run(args)
-    except _one_line_errors() as error:
+    except CatalensError as error:  # the user's to fix: one line, no traceback
         print(f"catalens {args.command}: {error}", file=sys.stderr)
-        return 2
+        return exit_code(error)
     except BrokenPipeError:  # the reader went away (| head): what it read is the answer
         import os
 

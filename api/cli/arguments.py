@@ -14,11 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from catalens.errors import InputError
+
 ES_URL_ENV = "CATALENS_ES_URL"
 BACKENDS = ("folder", "es")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A command line that cannot be carried out; printed as one line, exit code 2."""
 
 

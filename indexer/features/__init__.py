@@ -25,14 +25,16 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from catalens.errors import InputError, UnavailableError
+
 Preparer = Callable[[Image.Image], Any]
 
 
-class FeatureUnavailableError(RuntimeError):
+class FeatureUnavailableError(UnavailableError, RuntimeError):
     """A feature this catalog cannot compute (yet): the message says why and what to run."""
 
 
-class UnknownFeatureError(KeyError):
+class UnknownFeatureError(InputError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
 
