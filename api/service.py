@@ -7,7 +7,9 @@ library's own result types (``QueryResult``, ``ClassifyResult``, ``AnomalyResult
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from catalens.api.uploads import drop_upload, remove_orphan_uploads, save_upload, upload_path
 from catalens.datasets.catalog import CatalogItem, FieldError, check_category_path
 from catalens.errors import InputError, UnavailableError
 from catalens.indexer.backends import open_catalog
@@ -27,10 +30,12 @@ from catalens.indexer.features import FeatureUnavailableError
 from catalens.indexer.imageio import ImageSource
 from catalens.indexer.integrity import CheckReport
 from catalens.indexer.pipeline import IndexReport, index_catalog
+from catalens.indexer.stores import ItemRecord
 from catalens.search.engine import QueryResult, SearchEngine
 from catalens.search.settings import SearchSettings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ModelMissingError(UnavailableError, RuntimeError):
@@ -39,6 +44,17 @@ class ModelMissingError(UnavailableError, RuntimeError):
 
 class UnknownCategoryError(InputError, ValueError):
     """A category filter that names no category of the catalog; the message names close ones."""
+
+
+@dataclass
+class ItemWrite:
+    """What ``CatalogService.write_item`` did: ``status`` is added, updated, metadata_updated or
+    unchanged, ``record`` the item as stored; ``failure`` says why the photo could not be indexed
+    (then nothing was written)."""
+
+    status: str
+    record: ItemRecord | None = None
+    failure: str | None = None
 
 
 def in_chunks(sources: Sequence[T], ask: Callable[[Sequence[T], int], list], size: int = 8) -> Iterator:
@@ -89,10 +105,30 @@ class CatalogService:
     def close(self) -> None:
         self.catalog.close()
 
+    def warm_up(self) -> None:
+        """Load now what answering needs, so that the first question neither waits for it nor meets
+        a bare error: the backbone's weights, every fitted model and every vector index (a damaged
+        FAISS file is rebuilt from SQLite, with one warning). Raises what makes the index unanswerable
+        (``ModelFileError`` naming a model that does not load, ``WeightsNotFoundError``...)."""
+        from catalens.indexer.backbones import check_backbone
+
+        check_backbone(self.catalog.config.backbone)
+        for feature in self.catalog.dims():
+            self.catalog.vectors(feature)
+        self.catalog.features()
+
     # --- reading
 
     def modes(self) -> list[str]:
         return self.engine.modes()
+
+    def item(self, item_id: str) -> ItemRecord | None:
+        """The item stored under ``item_id``; None if there is none."""
+        return self.catalog.items.item_by_id(item_id)
+
+    def count(self) -> int:
+        """How many items the catalog holds."""
+        return self.catalog.items.count()
 
     def info(self) -> dict[str, Any]:
         from catalens.search.refit import fitted_status
@@ -259,6 +295,71 @@ class CatalogService:
         """(removed, not found)."""
         return self.catalog.remove(ids)
 
+    @property
+    def uploads_dir(self) -> Path:
+        """Where the images written as bytes (``write_item``) are kept: ``uploads/`` beside the models."""
+        return self.catalog.models_dir.parent / "uploads"
+
+    def write_item(self, item: CatalogItem, data: bytes, image_format: str | None = None) -> ItemWrite:
+        """Add ``item`` with the image ``data`` (``item.image`` is ignored: the image is kept in
+        ``uploads_dir``), or replace the item with its id; every store is updated durably.
+
+        What items.sqlite holds decides: a write whose commit failed raises, and leaves nothing (not
+        its image either); one that failed after it (a FAISS file on a full disk: derived, rebuilt
+        from items.sqlite) is written, and answered so. The caller holds writes to the catalog back
+        meanwhile."""
+        self.uploads_dir.mkdir(exist_ok=True)
+        path = upload_path(self.uploads_dir, item.id, data, image_format)
+        item = dataclasses.replace(item, image=path)
+        previous = self.item(item.id)
+        saved = not path.exists()
+        try:
+            if saved:
+                save_upload(path, data)
+            report = self.add_items([item])
+        except Exception as error:
+            if not self._holds(item):
+                if saved:
+                    path.unlink(missing_ok=True)
+                raise
+            _committed_anyway(error, item.id)
+            report = IndexReport(index=self.catalog.location, added=previous is None, updated=previous is not None)
+        if report.failures:
+            if previous is None or Path(previous.image) != path:
+                path.unlink(missing_ok=True)
+            return ItemWrite(status="failed", failure=report.failures[0].reason)
+        if previous is not None and Path(previous.image) != path:
+            drop_upload(self.uploads_dir, Path(previous.image))
+        status = ("added" if report.added else "updated" if report.updated
+                  else "metadata_updated" if report.metadata_updated else "unchanged")
+        return ItemWrite(status=status, record=self.item(item.id))
+
+    def delete_item(self, item_id: str) -> bool:
+        """Remove an item from every store, durably, and its uploaded image; False if there was no
+        such item. Raises where the removal was not committed to items.sqlite."""
+        record = self.item(item_id)
+        try:
+            removed, _ = self.remove([item_id])
+        except Exception as error:
+            if record is None or self.item(item_id) is not None:
+                raise
+            _committed_anyway(error, item_id)
+            removed = [item_id]
+        if removed and record is not None:
+            drop_upload(self.uploads_dir, Path(record.image))
+        return bool(removed)
+
+    def remove_orphan_uploads(self) -> int:
+        """Delete the uploads no item uses (what a write killed before its commit left behind); run
+        when no write is under way."""
+        return remove_orphan_uploads(self.uploads_dir, (record.image for record in self.catalog.items.records().values()))
+
+    def _holds(self, item: CatalogItem) -> bool:
+        """Whether the item store holds ``item`` as given (its image, category, title and attributes)."""
+        record = self.item(item.id)
+        return record is not None and (record.image, record.category, record.title, record.attributes) == (
+            str(item.image), item.category, item.title, item.attributes)
+
     def train_autoencoder(self, **options: Any):
         from catalens.indexer.training.train_autoencoder import train_autoencoder
 
@@ -287,3 +388,8 @@ class CatalogService:
         from catalens.indexer.training.adaptation import adapt_catalog
 
         return adapt_catalog(self.catalog, steps=steps, progress=progress, unlabeled=unlabeled)
+
+
+def _committed_anyway(error: Exception, item_id: str) -> None:
+    log.warning("%r: the write is committed to items.sqlite, but what is derived from it was not saved (%s); "
+                "it is rebuilt from items.sqlite when the index is next opened", item_id, error)

@@ -198,7 +198,7 @@ class Index:
         return missing
 
     def _save_upload(self, item_id: str, image: bytes | Image.Image) -> Path:
-        uploads = self.service.catalog.models_dir.parent / "uploads"  # where POST /items keeps its images
+        uploads = self.service.uploads_dir  # where POST /items keeps its images
         uploads.mkdir(exist_ok=True)
         if isinstance(image, bytes):
             image = Image.open(io.BytesIO(image))

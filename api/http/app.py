@@ -29,12 +29,11 @@ from catalens.api.http.guard import (
     SecurityHeaders,
     api_key_problem,
 )
-from catalens.api.http.problems import PathScrubber
+from catalens.api.http.problems import PathScrubber, status_of
 from catalens.api.http.routers import audit, items, search, system
 from catalens.api.http.state import API_KEY_ENV, STATIC_DIR, ServerState, decode_error
 from catalens.api.service import CatalogService
-from catalens.indexer.backbones import check_backbone
-from catalens.indexer.catalog import IndexUnavailableError
+from catalens.errors import CatalensError
 from catalens.indexer.files import disk_full
 from catalens.indexer.imageio import ImageDecodeError
 from catalens.search.refit import background_refit, needs_refit
@@ -90,17 +89,6 @@ def return_large_buffers_to_the_os() -> None:
         pass
 
 
-def check_answerable(service: CatalogService) -> None:
-    """Refuse to serve an index that cannot answer: the backbone's weights, every fitted model and
-    every vector index are loaded now (a damaged FAISS file is rebuilt from SQLite, with one
-    warning), so the first visitor neither waits for them nor meets a bare 500."""
-    catalog = service.catalog
-    check_backbone(catalog.config.backbone)
-    for feature in catalog.dims():
-        catalog.vectors(feature)
-    catalog.features()  # raises ModelFileError naming a model that does not load
-
-
 def create_app(
     location: str | Path,
     read_only: bool = False,
@@ -126,7 +114,7 @@ def create_app(
     return_large_buffers_to_the_os()
     service = CatalogService.open(location, settings or load_search_settings(), read_only=read_only)
     try:
-        check_answerable(service)
+        service.warm_up()  # so that the first visitor neither waits for it nor meets a bare 500
     except BaseException:
         service.close()
         raise
@@ -147,7 +135,7 @@ def create_app(
     )
 
     if not read_only:
-        items.remove_orphan_uploads(state)
+        service.remove_orphan_uploads()  # no write is under way yet
     state.refit = background_refit(service.catalog, delay=refit_delay, store=not read_only, guard=state.rw.gen_rlock)
     if needs_refit(service.catalog):  # searches answer with the last fits (or without) meanwhile
         state.refit.poke(delay=0)
@@ -189,9 +177,9 @@ def create_app(
     for kind in (OSError, sqlite3.OperationalError, RuntimeError):
         app.add_exception_handler(kind, _disk_full)
 
-    @app.exception_handler(IndexUnavailableError)
-    async def _index_error(request: Request, error: IndexUnavailableError) -> JSONResponse:
-        return JSONResponse({"detail": scrub(str(error))}, status_code=503)
+    @app.exception_handler(CatalensError)
+    async def _library_error(request: Request, error: CatalensError) -> JSONResponse:
+        return JSONResponse({"detail": scrub(str(error))}, status_code=status_of(error))
 
     app.add_middleware(RequestGuard, max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES, read_only=read_only,
                        api_key=api_key)

@@ -2,7 +2,8 @@
 
 Library errors name files for the person at the terminal (``/srv/shop-index: no autoencoder
 trained...``); a client gets the same sentence with the index called "this index" and any
-other server path as ``<server path>``.
+other server path as ``<server path>``. The library's errors (``catalens.errors``) answer with
+the status of their kind, from ``STATUSES``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from fastapi import HTTPException
+
+from catalens.errors import CatalensError, InputError, UnavailableError
 
 # An absolute path of two or more parts (Windows drive paths too), stopped by quotes and spaces.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\:,;()<>]+[/\\])+[^\s'\"/\\:,;()<>]*")
@@ -47,3 +52,17 @@ class PathScrubber:
         for root in self._roots:  # what the pattern leaves: a root of one part (/root, /srv)
             message = message.replace(root, "<server path>")
         return message
+
+
+# What the library's errors answer with, by kind: the caller's to fix, or not answerable until a
+# model, feature or index is there.
+STATUSES: dict[type[CatalensError], int] = {InputError: 422, UnavailableError: 503, CatalensError: 500}
+
+
+def status_of(error: CatalensError) -> int:
+    return next(STATUSES[kind] for kind in type(error).__mro__ if kind in STATUSES)
+
+
+def problem(error: CatalensError, context: str | None = None) -> HTTPException:
+    """The HTTP error for ``error``: its kind's status, its message after ``context`` if given."""
+    return HTTPException(status_of(error), f"{context}: {error}" if context else str(error))

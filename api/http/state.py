@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from readerwriterlock import rwlock
 
 from catalens.api.http.guard import write_refusal
+from catalens.api.http.problems import status_of
 from catalens.api.service import CatalogService
 from catalens.datasets.catalog import IMAGE_FORMATS, parse_json_field
 from catalens.indexer.fitted import BackgroundRefit
@@ -51,10 +52,6 @@ class ServerState:
     @property
     def catalog(self):
         return self.service.catalog
-
-    @property
-    def uploads_dir(self) -> Path:
-        return self.catalog.models_dir.parent / "uploads"
 
     def written(self) -> None:
         """After a write: the catalog's fitted models are refitted in the background, debounced."""
@@ -121,7 +118,7 @@ def search_settings(
     try:
         state.service.engine.check_mode(settings.mode)
     except ModeUnavailableError as error:
-        raise HTTPException(422, str(error).replace("--mode ", "mode ")) from None
+        raise HTTPException(status_of(error), str(error).replace("--mode ", "mode ")) from None
     return settings.merged(mode=settings.mode or "fused")
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, HTTPException
 
+from catalens.api.http.fields import checked_category, image_url
 from catalens.api.http.guard import write_refusal
-from catalens.api.http.routers.search import checked_category, image_url
 from catalens.api.http.schemas import AuditFinding, AuditResponse, DismissResponse, Problem
 from catalens.api.http.state import StateDep, api_key_header
 from catalens.search.audit import PROBLEMS

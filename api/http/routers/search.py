@@ -10,6 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, HTTPException
 from fastapi.responses import Response
 
+from catalens.api.http.fields import checked_category, image_url
+from catalens.api.http.problems import problem
 from catalens.api.http.schemas import (
     AnomalyResponse,
     ClassifyResponse,
@@ -20,15 +22,13 @@ from catalens.api.http.schemas import (
     SearchResponse,
 )
 from catalens.api.http.state import ImageFile, ServerState, SettingsDep, StateDep, read_upload
-from catalens.api.service import ModelMissingError, UnknownCategoryError
-from catalens.datasets.catalog import MAX_CATEGORY_CHARS, FieldError, check_category_path
+from catalens.api.service import ModelMissingError
 from catalens.indexer.features import FeatureUnavailableError
 
 router = APIRouter(tags=["search by photo"])
 # A query is a few words; a page of text is not one.
 MAX_TEXT_CHARS = 500
 
-_FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 _ERRORS = {
     400: {"model": Problem, "description": "the photo cannot be decoded (truncated, corrupt)"},
     413: {"model": Problem, "description": "the photo is larger than the upload limit (bytes or pixels)"},
@@ -38,35 +38,6 @@ _ERRORS = {
     503: {"model": Problem, "description": "what was asked needs a model this index has not fitted yet "
                                            "(the detail says which command fits it)"},
 }
-
-
-def image_url(item_id: str) -> str:
-    from urllib.parse import quote
-
-    return f"/items/{quote(item_id, safe='')}/image"
-
-
-def clean_category(category: str | None) -> str | None:
-    """The category path a form field gives ('\\' read as '/', levels trimmed), None for a blank field;
-    a 422 for a path with no level ('/'), over the caps, or with a refused character."""
-    if not category or not category.strip():
-        return None
-    if len(category) > MAX_CATEGORY_CHARS:  # refused before it is split into levels
-        raise HTTPException(422, f"category has {len(category)} characters; a category path has at most "
-                                 f"{MAX_CATEGORY_CHARS}")
-    cleaned = "/".join(part.strip() for part in category.replace("\\", "/").split("/") if part.strip())
-    problem = check_category_path(cleaned) if cleaned else f"category {category!r} names no category level"
-    if problem:
-        raise HTTPException(422, problem)
-    return cleaned
-
-
-async def checked_category(state: ServerState, category: str | None) -> str | None:
-    """The cleaned category filter, if the index has that category; a 422 naming close ones if not."""
-    try:
-        return await state.run(state.service.check_category, clean_category(category))
-    except (UnknownCategoryError, FieldError) as error:
-        raise HTTPException(422, str(error)) from None
 
 
 @router.post("/search", response_model=SearchResponse, responses=_ERRORS)
@@ -101,7 +72,7 @@ async def search(
     try:
         result, seconds = await state.run(run)
     except FeatureUnavailableError as error:
-        raise HTTPException(503, f"mode {settings.mode!r} is not available for this index: {error}") from None
+        raise problem(error, f"mode {settings.mode!r} is not available for this index") from None
     if result.error:
         raise HTTPException(400, result.error)
     hits = [Hit(**hit.to_json(), image_url=image_url(hit.id)) for hit in result.results or []]
@@ -143,7 +114,9 @@ async def _ask(state: ServerState, image, method: str, feature: str) -> dict[str
 
     try:
         result = await state.run(run)
-    except (ModelMissingError, FeatureUnavailableError, ValueError) as error:
+    except (ModelMissingError, FeatureUnavailableError) as error:
+        raise problem(error, f"{feature} is not available for this index") from None
+    except ValueError as error:  # what the model refuses to answer (a ValueError of its own)
         raise HTTPException(503, f"{feature} is not available for this index: {error}") from None
     if result.get("error"):
         raise HTTPException(400, str(result["error"]))

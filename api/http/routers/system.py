@@ -20,7 +20,7 @@ async def page(state: StateDep) -> FileResponse:
 
 @router.get("/health", response_model=Health)
 async def health(state: StateDep) -> Health:
-    return Health(status="ok", items=await state.run(state.catalog.items.count))
+    return Health(status="ok", items=await state.run(state.service.count))
 
 
 @router.get("/stats", response_model=Stats)
