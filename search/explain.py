@@ -65,6 +65,26 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
         except ImageDecodeError as error:
             log.warning("cannot explain %s: %s", result.query, error)
             return []
+    folder = Path(out_dir) / _slug(Path(result.query).stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, canvas in draw_explanations(engine, result, query_image):
+        path = folder / name
+        cv2.imwrite(str(path), canvas)
+        written.append(path)
+    return written
+
+
+def jpeg_bytes(canvas: np.ndarray) -> bytes:
+    """A drawn explanation as a JPEG file's bytes (as ``write_explanations`` writes it)."""
+    return cv2.imencode(".jpg", canvas)[1].tobytes()
+
+
+def draw_explanations(engine: SearchEngine, result: QueryResult, query_image: Image.Image) -> list[tuple[str, np.ndarray]]:
+    """(file name ``<rank>_<item>.jpg``, BGR canvas) for each result of ``result`` whose image can be
+    read, drawn in memory; ``query_image`` is the query as it was searched."""
+    if result.error is not None or not result.results:
+        return []
     query = Query(query_image, result.query)
     keys = np.array([hit.key for hit in result.results], np.int64)
     local = engine.catalog.local_features()
@@ -77,9 +97,7 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
             items = {key: feature.decode(blob) for key, blob in engine.catalog.items.rows(local[0], keys).items()}
         except FeatureUnavailableError as error:
             log.info("no local features to explain with (%s)", error)
-    folder = Path(out_dir) / _slug(Path(result.query).stem)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    drawn = []
     min_inliers = engine.settings.min_inliers
     for rank, hit in enumerate(result.results, start=1):
         record = engine.catalog.items.item_by_id(hit.id)
@@ -103,7 +121,5 @@ def write_explanations(engine: SearchEngine, result: QueryResult, out_dir: Path,
         verdict = "verified" if inliers >= min_inliers else "not verified"
         caption = f"#{rank} {hit.title}  score {hit.score:.3f}  {inliers} inliers ({verdict})"
         canvas = draw_matches(query_image, item_image, query_points[pairs[:, 0], :2] if len(pairs) else np.zeros((0, 2)), item_points, caption)
-        path = folder / f"{rank:02d}_{_slug(hit.id)}.jpg"
-        cv2.imwrite(str(path), canvas)
-        written.append(path)
-    return written
+        drawn.append((f"{rank:02d}_{_slug(hit.id)}.jpg", canvas))
+    return drawn
