@@ -176,7 +176,8 @@ def test_orphan_uploads_are_removed_at_start_and_used_ones_kept(index):
     kept = list(uploads.iterdir())
     (uploads / "0123456789ab-deadbeef.jpg").write_bytes(jpeg_bytes(6))  # killed before its item committed
     (uploads / "0123456789ab-deadbeef.part").write_bytes(b"half")     # killed while saving
-    create_app(index, api_key=KEY).state.catalens.service.close()
+    with TestClient(create_app(index, api_key=KEY)):  # a restart, shut down as a server is
+        pass
     assert sorted(uploads.iterdir()) == kept
 
 
