@@ -41,7 +41,11 @@ from catalens.indexer.files import replaced_file
 from catalens.indexer.imageio import ImageSource
 from catalens.indexer.stores import product_of, stack_rows
 from catalens.indexer.training import augment
-from catalens.indexer.training.pseudo_labels import select_pseudo_labels, toward_shop_photos
+from catalens.indexer.training.pseudo_labels import (
+    product_prototypes,
+    select_pseudo_labels,
+    toward_shop_photos,
+)
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -280,7 +284,7 @@ def _self_train(model: AdaptedTop, training: np.ndarray, row_labels: Sequence[st
     kept = 0
     for share in PSEUDO_SHARES:
         embedded = model.transform(item_maps)
-        prototypes = l2_normalise(np.stack([embedded[item_labels == product].sum(axis=0) for product in products]))
+        _, prototypes = product_prototypes(embedded, item_labels)
         chosen = select_pseudo_labels(model.transform(photos[:, :2]), prototypes, share)
         kept = len(chosen.rows)
         views = photos.shape[1]

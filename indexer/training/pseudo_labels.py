@@ -28,6 +28,14 @@ class PseudoLabels:
     confidence: np.ndarray
 
 
+def product_prototypes(rows: np.ndarray, products: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct products, sorted; each one's prototype: the L2-normalised sum of its rows)."""
+    names, product_of_row = np.unique(products, return_inverse=True)
+    prototypes = np.zeros((len(names), rows.shape[1]), np.float64)
+    np.add.at(prototypes, product_of_row, rows)
+    return names, prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+
+
 def balanced_assignment(similarity: np.ndarray, temperature: float = 0.05, iterations: int = 3) -> np.ndarray:
     """(n, c) assignment probabilities of n photos to c products, each product about n / c photos.
 
@@ -77,10 +85,8 @@ def toward_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_r
     a shop's query finds its product more often by what the product looks like in that shop.
     Pseudo-labels are wrong for some photos; the mean of many, most of them right, still points
     the right way (prototype rectification in the few-shot literature)."""
-    products, product_of_item = np.unique(item_products, return_inverse=True)
-    prototypes = np.zeros((len(products), item_rows.shape[1]), np.float64)
-    np.add.at(prototypes, product_of_item, item_rows)
-    prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    products, prototypes = product_prototypes(item_rows, item_products)
+    product_of_item = np.searchsorted(products, item_products)
     chosen = select_pseudo_labels(photo_rows, prototypes, share)
     means = np.zeros_like(prototypes)
     np.add.at(means, chosen.labels, photo_rows[chosen.rows])
