@@ -38,10 +38,14 @@ class AuditSettings:
     passes: int = 2  # later passes read the neighbours' categories as the earlier pass corrected them
     # Two rows this close in every feature are one image (re-encoded at most); flagged whatever their categories.
     exact_similarity: float = 0.999
-    # Closer than any two photos of the grocery catalog's different products (measured), so a pair this
-    # close under two different categories is one photo filed twice (resized, cropped, re-encoded).
-    near_similarity: float = 0.88
+    # With colour this close and the keypoints verified (below), no two photos of the grocery
+    # catalog's different products reach it (measured), so such a pair under two different
+    # categories is one photo filed twice (resized, cropped, re-encoded).
+    near_similarity: float = 0.85
     near_colour_similarity: float = 0.97
+    # A near pair is one image only where its stored keypoints verify this many matches: copies keep
+    # 70-340 on grocery, blank, noise or generated pictures alike in the global rows 0-19.
+    copy_min_inliers: int = 30
     placeholder_prior: float = 0.01
     seed: int = 0
 

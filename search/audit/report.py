@@ -11,7 +11,7 @@ import numpy as np
 
 from catalens.indexer.features import l2_normalise
 from catalens.search.audit.dismissals import item_digest, read_dismissed
-from catalens.search.audit.duplicates import duplicate_pairs, duplicate_score
+from catalens.search.audit.duplicates import duplicate_pairs, duplicate_score, stored_pair_inliers
 from catalens.search.audit.mislabelled import (
     LeaveOneOut,
     _planted_leaves,
@@ -85,7 +85,7 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
         current = np.where(mislabel_p >= 0.5, suggested, labels)
     steps.update()
 
-    duplicates = duplicate_pairs(data, neighbours, settings)
+    duplicates = duplicate_pairs(data, neighbours, settings, stored_pair_inliers(catalog, data.keys))
     steps.update()
 
     # Photos that are not a product, against generated placeholders embedded with the same features.
