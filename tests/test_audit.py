@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 
 from catalens.datasets.catalog import CatalogItem
 from catalens.search.audit import (
@@ -219,3 +219,57 @@ def test_grocery_subset_with_planted_errors_finds_them_first(grocery, tmp_path):
     assert figures["precision"] >= 0.75, figures
     assert figures["suggestion"] >= 0.9, figures
     assert report.seconds < 30
+
+
+def test_pictures_alike_only_in_the_global_rows_are_no_duplicate_unless_their_keypoints_verify(tmp_path):
+    """Two noise pictures are as close as copies in the deep and colour rows; their keypoints do not
+    match. A half-size copy of a product photo under another category keeps its keypoints."""
+    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.search.audit.duplicates import duplicate_pairs, stored_pair_inliers
+    from catalens.search.audit.rows import CatalogRows, NeighbourLists
+
+    rng = np.random.default_rng(0)
+    items = []
+    for c, category in enumerate(CATEGORIES):
+        for i, path in enumerate(_shots(tmp_path / "images", c, 3)):
+            items.append(CatalogItem(f"sku-{c}-{i}", path, category))
+    label = Image.new("RGB", (320, 320), (250, 250, 245))  # a printed label: many corners
+    draw = ImageDraw.Draw(label)
+    for _ in range(120):
+        x, y = rng.integers(0, 300, 2)
+        w, h = rng.integers(6, 40, 2)
+        draw.rectangle((int(x), int(y), int(x + w), int(y + h)), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    label.save(tmp_path / "images" / "label.jpg", quality=92)
+    label.resize((160, 160)).save(tmp_path / "images" / "small.jpg", quality=80)
+    items.append(CatalogItem("sku-label", tmp_path / "images" / "label.jpg", "Dairy/Milk/Whole"))
+    items.append(CatalogItem("sku-small", tmp_path / "images" / "small.jpg", "Fruit/Pear"))
+    for n, category in enumerate(CATEGORIES[:2]):
+        noise = rng.integers(100, 156, (256, 256, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "images" / f"noise{n}.png")
+        items.append(CatalogItem(f"sku-noise-{n}", tmp_path / "images" / f"noise{n}.png", category))
+    index_catalog(items, tmp_path / "index", IndexConfig(features=["deep", "colour", "sift"]), progress=False)
+
+    catalog = open_catalog(tmp_path / "index")
+    try:
+        data = CatalogRows.from_catalog(catalog)
+        ids = data.ids
+        positions, sims = {}, {}
+        for name, rows in data.rows.items():
+            positions[name], sims[name] = nearest(rows, len(ids) - 1)
+        neighbours = NeighbourLists(positions, sims)
+        # No gate on the global rows (the test's network is not the pretrained one): every pair
+        # under two categories is a candidate, and only the keypoints decide.
+        settings = AuditSettings(near_similarity=-1.0, near_colour_similarity=-1.0)
+        loose = {frozenset((ids[i], ids[j])) for i, j, _, _ in duplicate_pairs(data, neighbours, settings)}
+        assert frozenset(("sku-noise-0", "sku-noise-1")) in loose
+        assert frozenset(("sku-label", "sku-small")) in loose
+        inliers = stored_pair_inliers(catalog, data.keys)
+        assert inliers is not None
+        verified = {frozenset((ids[i], ids[j]))
+                    for i, j, _, _ in duplicate_pairs(data, neighbours, settings, inliers)}
+    finally:
+        catalog.close()
+    assert frozenset(("sku-noise-0", "sku-noise-1")) not in verified
+    assert frozenset(("sku-label", "sku-small")) in verified
