@@ -87,8 +87,11 @@ def _fit_temperature(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray)
     return best
 
 
-MISLABEL_EVIDENCE = ("log p(filed leaf)", "log p(best other leaf)", "log p(filed parent)",
-                     "nearest in filed leaf - nearest elsewhere", "neighbours in filed leaf", "product mates elsewhere")
+# The columns of ``mislabel_evidence``, in order; then one gap per stored feature.
+MISLABEL_EVIDENCE = ("log p(filed leaf)", "log p(filed leaf) - neighbours' log p(own leaf)", "log p(best other leaf)",
+                     "log p(filed parent)", "nearest in filed leaf - nearest elsewhere", "neighbours in filed leaf",
+                     "product mates elsewhere", "nearest similarity", "nearest similarity x log p(filed leaf)",
+                     "nearest similarity x gap")
 
 
 def _gap(positions: np.ndarray, sims: np.ndarray, labels: np.ndarray, leaf: np.ndarray) -> np.ndarray:
@@ -121,7 +124,11 @@ def mislabel_evidence(loo: LeaveOneOut, neighbours: NeighbourLists, labels: np.n
     # How close the item's nearest neighbour is at all: an isolated photo (a studio packshot among
     # shelf photos) has weak neighbours whatever its label, and its other columns mean less.
     isolation = neighbours.sims["combined"][:, 0]
-    columns = [np.log(p_leaf + 1e-6), np.log(p_other + 1e-6), np.log(p_parent + 1e-6), gap, agree, mates,
+    # The item's fit against its neighbours' fit to their own leaves: a packshot's neighbours (other
+    # packshots) fit theirs as badly as it fits its own, a misfiled photo's fit theirs well.
+    own_fit = np.log(p[rows, labels] + 1e-6)
+    relative = np.log(p_leaf + 1e-6) - own_fit[combined[:, :k]].mean(axis=1)
+    columns = [np.log(p_leaf + 1e-6), relative, np.log(p_other + 1e-6), np.log(p_parent + 1e-6), gap, agree, mates,
                isolation, isolation * np.log(p_leaf + 1e-6), isolation * gap]
     for name in sorted(neighbours.positions):
         if name != "combined":
