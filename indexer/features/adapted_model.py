@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalens.indexer.backbone_networks import Backbone
 from catalens.indexer.backbones import get_backbone
+from catalens.indexer.backbones.networks import Backbone
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.deep import DeepPreparer

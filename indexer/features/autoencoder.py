@@ -62,7 +62,7 @@ class AutoencoderInputs:
         self.preparer, self.draft_size = deep.preparer, deep.draft_size
         runtime = "torch" if deep.runtime == "torch" else "auto"
         def build():
-            from catalens.indexer.backbone_networks import FeatureMaps
+            from catalens.indexer.backbones.networks import FeatureMaps
 
             return FeatureMaps(deep.model)
 

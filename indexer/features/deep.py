@@ -14,7 +14,7 @@ from catalens.indexer.features import l2_normalise, register_feature
 from catalens.indexer.runtime import compile_network, resolve_device, weights_stamp
 
 if TYPE_CHECKING:
-    from catalens.indexer.backbone_networks import Backbone
+    from catalens.indexer.backbones.networks import Backbone
     from catalens.indexer.catalog import Catalog
 
 log = logging.getLogger(__name__)

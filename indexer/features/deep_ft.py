@@ -47,7 +47,7 @@ class AdaptedDeep:
         def build():
             from torch import nn
 
-            from catalens.indexer.backbone_networks import AdaptedNetwork
+            from catalens.indexer.backbones.networks import AdaptedNetwork
 
             model = self.model
             frozen = nn.Sequential(*spec.create(pretrained=model.pretrained).stages()[: model.first_stage_])

@@ -43,7 +43,7 @@ class StyleFeature:
         device_ = resolve_device(device)
 
         def build():
-            from catalens.indexer.backbone_networks import GramVectors
+            from catalens.indexer.backbones.networks import GramVectors
 
             return GramVectors(spec.create(pretrained=pretrained), tuple(stages), spec.input_size, MAX_CHANNELS)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from catalens.errors import InputError, UnavailableError
 
 if TYPE_CHECKING:
-    from catalens.indexer.backbone_networks import Backbone
+    from catalens.indexer.backbones.networks import Backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,7 +159,7 @@ def _efficientnet_lite_weights(variant: str, explicit: Path | None = None) -> Pa
 for _variant, _size in (("lite0", 256), ("lite1", 272), ("lite2", 288)):
 
     def _build(weights: Path | None, pretrained: bool, _v: str = _variant) -> Backbone:
-        from catalens.indexer.backbone_networks import EfficientNetLite
+        from catalens.indexer.backbones.networks import EfficientNetLite
 
         return EfficientNetLite(_v, weights, pretrained)
 
@@ -229,7 +229,7 @@ def _torchvision_locator(backbone: str, *weight_enums: str) -> Callable[[Path | 
 def _resnet50(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import resnet50
 
-    from catalens.indexer.backbone_networks import ResNetPooled, load_state
+    from catalens.indexer.backbones.networks import ResNetPooled, load_state
 
     model = resnet50()
     if pretrained:
@@ -242,7 +242,7 @@ def _resnet50(weights: Path | None, pretrained: bool) -> Backbone:
 def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import vgg16
 
-    from catalens.indexer.backbone_networks import Fc7, load_state
+    from catalens.indexer.backbones.networks import Fc7, load_state
 
     model = vgg16()
     if pretrained:
@@ -255,7 +255,7 @@ def _vgg16_fc7(weights: Path | None, pretrained: bool) -> Backbone:
 def _alexnet_fc7(weights: Path | None, pretrained: bool) -> Backbone:
     from torchvision.models import alexnet
 
-    from catalens.indexer.backbone_networks import Fc7, load_state
+    from catalens.indexer.backbones.networks import Fc7, load_state
 
     model = alexnet()
     if pretrained:

@@ -1,4 +1,4 @@
-"""The backbone networks themselves (PyTorch modules), built by the registry in ``backbones``,
+"""The backbone networks themselves (PyTorch modules), built by the registry (``catalens.indexer.backbones``),
 and the modules the features build on a backbone's stages.
 
 Kept apart from the registry and the features so that naming, checking and preprocessing a
