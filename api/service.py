@@ -22,7 +22,6 @@ from PIL import Image
 from catalens.api.uploads import drop_upload, remove_orphan_uploads, save_upload, upload_path
 from catalens.datasets.catalog import CatalogItem, FieldError, check_category_path
 from catalens.errors import InputError, UnavailableError
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.estimator import NotFittedError
@@ -31,6 +30,7 @@ from catalens.indexer.imageio import ImageSource
 from catalens.indexer.integrity import CheckReport
 from catalens.indexer.pipeline import IndexReport, index_catalog
 from catalens.indexer.stores import ItemRecord
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import QueryResult, SearchEngine
 from catalens.search.settings import SearchSettings
 

@@ -30,10 +30,10 @@ from PIL import Image, ImageDraw, ImageFont
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import CatalogItem
 from catalens.datasets.grocery import catalog_items
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores import vectors_of
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.audit import AuditSettings, audit, parent_of
 
 FRACTION = 0.05

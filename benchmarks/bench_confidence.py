@@ -34,9 +34,9 @@ from catalens.api.service import index as index_catalog
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, iconic_photos, split_photos
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.calibration import MODEL_FILE, MatchCalibrator, annotate, calibrate_catalog
 from catalens.search.classify import HierarchicalFewShotClassifier
 from catalens.search.engine import Query, QueryResult, SearchEngine

@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the grown index is kept (default: a temporary folder)")
     args = parser.parse_args()
 
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
 
     val = split_photos("val")

@@ -83,7 +83,7 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 
 
 def in_process(index: Path, photos: list[bytes], count: int, mode: str | None, k: int) -> list[float]:
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
 
     opened = open_catalog(index)

@@ -30,8 +30,8 @@ import numpy as np
 from catalens.api.tables import format_table
 from catalens.datasets.composites import Composite, layouts
 from catalens.datasets.grocery import split_photos
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import SearchEngine
 from catalens.search.locate import Detection, LocateSettings, draw_detections, iou, locate
 

@@ -27,9 +27,9 @@ import numpy as np
 from benchmarks.bench_retrieval import GROUPS, accuracy, build
 from catalens.api.tables import format_table
 from catalens.datasets.grocery import split_photos, train_folds
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import Query, SearchEngine
 from catalens.search.settings import SearchSettings
 

@@ -40,10 +40,10 @@ from catalens.api.service import index as index_catalog
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import write_manifest
 from catalens.datasets.grocery import catalog_items, grocery_root, split_photos, train_folds
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
 from catalens.indexer.stores import ItemFilter, item_key
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import Query, SearchEngine
 from catalens.search.settings import SearchSettings
 

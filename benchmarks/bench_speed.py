@@ -249,8 +249,8 @@ def main() -> None:
 
     # `catalens index` as the CLI runs it: then fits what search uses (the classifier, the confidence)
     from catalens.api.service import index as index_catalog
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
 
     val = split_photos("val")

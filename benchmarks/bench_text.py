@@ -34,11 +34,11 @@ from PIL import Image
 from catalens.api.tables import format_table
 from catalens.datasets.catalog import CatalogItem
 from catalens.datasets.grocery import grocery_root, split_photos
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
 from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores import ItemFilter, item_key
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import Query, SearchEngine
 from catalens.search.settings import SearchSettings
 

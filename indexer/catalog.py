@@ -2,7 +2,7 @@
 feature, and the models fitted on the catalog.
 
 ``Catalog`` is what indexing, search, classification, anomaly scoring and training work on;
-they never ask which backend is underneath (``catalens.indexer.backends.open_catalog`` opens one).
+they never ask which backend is underneath (``catalens.indexer.stores.backends.open_catalog`` opens one).
 """
 
 from __future__ import annotations

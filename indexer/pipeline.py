@@ -20,12 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from catalens.datasets.catalog import CatalogItem, load_catalog
-from catalens.indexer.backends import open_for_indexing
 from catalens.indexer.catalog import Catalog
 from catalens.indexer.config import IndexConfig, load_config
 from catalens.indexer.features import Feature
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.stores import Failure, ItemRecord, ItemUpdate
+from catalens.indexer.stores.backends import open_for_indexing
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def val_photos(grocery: Path) -> list[LabelledPhoto]:
 def refit_index(location: Path, *names: str) -> None:
     """What ``catalens index`` fits at its end (the classifier, the match calibration; only those
     ``names`` where given), for an index built with ``index_catalog``: searches never fit them."""
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.refit import SLOTS
 
     catalog = open_catalog(location)

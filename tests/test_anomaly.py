@@ -116,9 +116,9 @@ def test_a_loss_that_ends_above_the_average_photos_is_said_to_be_above_it():
 @pytest.fixture()
 def ae_index(tiny_catalog, tmp_path):
     """The tiny catalog indexed, with a few-step pixel autoencoder trained on it."""
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     folder = tmp_path / "index"
     index_catalog(tiny_catalog, folder, IndexConfig(features=["deep", "colour"]), progress=False)
@@ -310,9 +310,9 @@ def test_anomaly_audit_says_which_items_above_the_threshold_are_ordinary_and_whi
 
 def test_cli_train_ae_warns_in_its_output_and_stored_report_when_the_loss_barely_fell(tiny_catalog, tmp_path, capsys):
     from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     folder = tmp_path / "index"
     index_catalog(tiny_catalog, folder, IndexConfig(features=["deep", "colour"]), progress=False)
@@ -339,9 +339,9 @@ def test_audit_of_a_grocery_catalog_ranks_slipped_in_foreign_images_first(grocer
     """
     from catalens.datasets.catalog import CatalogItem, write_manifest
     from catalens.datasets.grocery import split_photos
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.anomaly import audit_catalog
 
     photos = split_photos("train", grocery)

@@ -316,7 +316,7 @@ def test_bad_item_fields_are_422(client, small_index, data, fragment):
 
 
 def test_add_replace_and_delete_an_item_update_search_durably(client, small_index, class_queries):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
 
     headers = {"X-API-Key": KEY}

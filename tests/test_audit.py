@@ -66,7 +66,7 @@ def flawed_index(tmp_path_factory) -> tuple[Path, list[CatalogItem]]:
 
 
 def _findings(index: Path, **settings):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(index)
     try:
@@ -127,8 +127,8 @@ def test_a_blank_placeholder_is_the_first_not_a_product_finding(flawed_index):
 
 
 def test_dismissed_findings_stay_hidden_until_the_item_changes(flawed_index, tmp_path):
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     index = tmp_path / "index"
     shutil.copytree(flawed_index[0], index)
@@ -198,9 +198,9 @@ def test_grocery_subset_with_planted_errors_finds_them_first(grocery, tmp_path):
     from bench_audit import mislabel_figures, plant_mislabels
 
     from catalens.datasets.grocery import catalog_items
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     items, seen = [], {}
     for item in catalog_items(("iconic", "train"), grocery):

@@ -106,7 +106,7 @@ def test_a_folder_of_the_catalog_that_cannot_be_listed_is_an_error_naming_it(tin
 
 def test_an_unlistable_folder_removes_nothing_from_the_index(tiny_catalog, tmp_path, monkeypatch, capsys):
     from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     index = tmp_path / "index"
     assert main(["index", str(tiny_catalog), "--index", str(index), "--quiet"]) == 0

@@ -172,9 +172,9 @@ def test_a_saved_classifier_answers_as_the_fitted_one(tmp_path):
 
 def test_the_catalog_classifier_is_read_back_and_refitted_only_when_stale(tiny_index, tiny_catalog, monkeypatch):
     from catalens.datasets.catalog import load_catalog
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search import classify
 
     fits = []
@@ -291,7 +291,7 @@ def test_classify_cli_prints_a_table(tiny_index, tiny_catalog, capsys):
 
 @pytest.mark.slow
 def test_grocery_classify_on_val_beats_chance_by_far(grocery_index, val_photos):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.classify import classify
 
     index = open_catalog(grocery_index)
@@ -337,7 +337,7 @@ def test_colour_histogram_tells_apart_what_differs_only_in_colour(tmp_path):
 
 
 def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.classify import classify, fitted_classifier
 
     index = open_catalog(tiny_index)
@@ -352,9 +352,9 @@ def test_index_keeps_colour_rows_and_classify_uses_them(tiny_index, tiny_catalog
 def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(tiny_index, tiny_catalog, capsys,
                                                                               monkeypatch):
     from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.training import adaptation
     from catalens.search.classify import classify, fitted_classifier
     from catalens.search.engine import SearchEngine
@@ -416,7 +416,7 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
 
 def test_finetune_that_does_not_help_is_not_kept_and_removes_an_earlier_one(tiny_index, capsys, monkeypatch):
     from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.training import adaptation
 
     monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)

@@ -22,7 +22,6 @@ from elastic_transport import ApiResponseMeta, ConnectionError, HttpHeaders, Nod
 from elasticsearch import Elasticsearch
 
 from catalens.datasets.catalog import CatalogItem
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.catalog import IndexUnavailableError
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
@@ -35,6 +34,7 @@ from catalens.indexer.stores import (
     item_key,
     vectors_of,
 )
+from catalens.indexer.stores.backends import open_catalog
 from catalens.indexer.stores.elastic.catalog import (
     ElasticCatalog,
     elastic_location,

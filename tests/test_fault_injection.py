@@ -54,7 +54,7 @@ def assert_consistent(index: Path, committed: set[str], context: str) -> int:
     """The index opens and checks clean; every FAISS index holds exactly the stored rows; every
     item has its deep and colour rows; every id in ``committed`` is there. Returns the item count."""
     from catalens.api.cli import main
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     context = f"{context} (CATALENS_FAULT_SEED={SEED})"
     assert main(["check", "--index", str(index)]) == 0, context
@@ -186,7 +186,7 @@ def test_http_writes_killed_at_a_random_point_keep_what_was_answered_and_leave_n
 
 
 def _records(index: Path):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(index)
     try:
@@ -269,7 +269,7 @@ def install_kill_switch(monkeypatch, switch: KillSwitch) -> None:
 
 def index_answers(index: Path, queries: list[Path]) -> dict:
     """What an index answers: its modes, dims, item count, and each mode's top 5 ids for each query."""
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
     from catalens.search.settings import SearchSettings
 

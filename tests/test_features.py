@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.features import (
     UnknownFeatureError,
@@ -17,6 +16,7 @@ from catalens.indexer.features import (
     register_feature,
 )
 from catalens.indexer.pipeline import index_catalog
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import SearchEngine
 
 

@@ -275,7 +275,7 @@ def test_info_reports_the_faiss_index_really_built(shop, tmp_path, capsys, monke
 
 
 def test_an_ivf_index_is_trained_once_the_catalog_is_large_enough(tmp_path):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     for number in range(48):
         draw_product(tmp_path / "catalog" / "Shelf" / f"p{number:02d}.jpg", seed=100 + number, size=64)

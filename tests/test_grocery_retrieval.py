@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from catalens.indexer.backends import open_catalog
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import SearchEngine
 
 

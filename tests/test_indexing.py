@@ -10,9 +10,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.pipeline import index_catalog
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search.engine import SearchEngine
 from tests.conftest import draw_product
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import sift
 from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer, vocabulary_path
 from catalens.indexer.pipeline import index_catalog
+from catalens.indexer.stores.backends import open_catalog
 from catalens.indexer.stores.inverted_file import BagOfWords, decode_words, words_feature
 from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
 from catalens.search.engine import SearchEngine

@@ -186,7 +186,7 @@ def test_composites_are_deterministic_and_know_their_boxes(val_photos):
 
 
 def test_a_region_is_renamed_by_the_classifier_over_its_box(label_index):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.engine import SearchEngine
     from catalens.search.locate import _Candidate, classified
 

@@ -117,9 +117,9 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     assert report["unlabeled"] == 6 and 1 <= report["pseudo_labelled"] <= 6 and report["kept"]
     assert report["toward_shop_photos"] >= 1
     # The stored rows are the network's moved toward the shop photos, not what it makes of the items alone.
-    from catalens.indexer.backends import open_catalog
     from catalens.indexer.features import embed
     from catalens.indexer.imageio import load_query
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(tiny_index)
     try:
@@ -175,7 +175,7 @@ def test_finetune_holds_photos_out_with_their_near_duplicates_and_calibration_as
 
 
 def test_calibration_queries_after_finetune_are_photos_the_network_never_trained_on(tiny_index, monkeypatch):
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search import calibration
 
     catalog = open_catalog(tiny_index)

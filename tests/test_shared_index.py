@@ -73,7 +73,7 @@ def test_a_running_server_sees_what_the_cli_adds_and_removes_in_every_mode(serve
 def test_a_server_writing_after_the_cli_keeps_the_cli_items_in_its_saved_files(server, index, tmp_path):
     """The server's save comes after the CLI's commit: its FAISS files must hold the CLI's items
     too, not be stamped with a generation they do not hold."""
-    from catalens.indexer.backends import open_catalog
+    from catalens.indexer.stores.backends import open_catalog
 
     added = CatalogItem(id="cli", image=draw_product(tmp_path / "cli.jpg", seed=700, size=200), category="Fruit/Fig")
     catalens("index", str(write_manifest([added], tmp_path / "cli.jsonl")), "--index", str(index), "--keep-missing",

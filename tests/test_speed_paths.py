@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catalens.indexer.backends import open_catalog
 from catalens.indexer.features.sift import SiftPreparer
 from catalens.indexer.runtime import OpenVinoRunner
+from catalens.indexer.stores.backends import open_catalog
 from catalens.search import fusion
 from catalens.search.engine import SearchEngine
 from catalens.search.verification import match_many, verify, verify_many

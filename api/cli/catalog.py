@@ -105,7 +105,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from catalens.api.cli.arguments import UsageError
     from catalens.api.service import check
-    from catalens.indexer.backends import is_elastic
+    from catalens.indexer.stores.backends import is_elastic
 
     where = location(args)
     if is_elastic(where):

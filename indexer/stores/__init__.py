@@ -11,7 +11,7 @@ An index holds three kinds of store, each a small Protocol here:
 Item keys (the int64 ids every store speaks) are the same on every backend: ``item_key``
 derives them from the catalog id, so a re-indexed item keeps its key and two machines agree.
 Backends: ``folder`` (SQLite, FAISS files and an inverted file in one folder) and ``elastic``
-(one Elasticsearch index). ``indexer.catalog.open_catalog`` picks one from a location string.
+(one Elasticsearch index). ``backends.open_catalog`` picks one from a location string.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class FolderCatalog(Catalog):
     @classmethod
     def open_or_create(cls, root: str | Path, config: IndexConfig) -> FolderCatalog:
         """The index at ``root`` with its own configuration, or a new one with ``config``
-        (``catalens.indexer.backends.open_for_indexing`` says what ``config`` does to an existing one)."""
+        (``catalens.indexer.stores.backends.open_for_indexing`` says what ``config`` does to an existing one)."""
         root = Path(root)
         if not (root / META_FILE).exists():
             return cls.create(root, config)
