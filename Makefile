@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/torch.txt
 	$(PY) -m pip install -q -e '.[dev]'
 	# OCR models of the 'text' feature: only the two ONNX files of rapidocr-onnxruntime's wheel,
 	# never the wheel itself (it requires opencv-python, whose cv2 would shadow contrib's SIFT).
-	$(PY) -m catalens.indexer.ocr
+	$(PY) -m catalens.indexer.features.ocr
 	touch $(STAMP)
 
 demo: setup

@@ -177,7 +177,7 @@ def test_the_text_feature_is_registered_opt_in():
 
 
 def _ocr_models_present() -> bool:
-    from catalens.indexer.ocr import DETECTOR, models_dir
+    from catalens.indexer.features.ocr import DETECTOR, models_dir
 
     return (models_dir() / DETECTOR).is_file()
 

@@ -166,9 +166,9 @@ def register_feature(name: str, kind: Literal["global", "local", "text"], **spec
 
 
 _discovered = False
-# Modules of this package that register no feature: the decode loop, and the adapted network's
-# model (which imports torch, where a search must not).
-_NOT_FEATURES = ("decode", "adapted_model")
+# Modules of this package that register no feature: the decode loop, the OCR reader (``text``'s,
+# imported by it), and the adapted network's model (which imports torch, where a search must not).
+_NOT_FEATURES = ("decode", "ocr", "adapted_model")
 
 
 def _discover() -> None:

@@ -1,4 +1,4 @@
-"""The ``text`` feature: the words printed on each image, read by OCR (``catalens.indexer.ocr``).
+"""The ``text`` feature: the words printed on each image, read by OCR (``catalens.indexer.features.ocr``).
 
 Its row is the words read, one detected line a line; the item store indexes them with the
 item's other fields for text search (``ItemStore.search_text``), and fused search can compare
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from catalens.indexer.features import FeatureUnavailableError, register_feature
-from catalens.indexer.ocr import OcrModelsMissingError, OcrOptions, TextReader
+from catalens.indexer.features.ocr import OcrModelsMissingError, OcrOptions, TextReader
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog

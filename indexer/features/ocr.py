@@ -129,7 +129,7 @@ class TextReader:
         if missing:
             raise OcrModelsMissingError(
                 f"the OCR models are not in {folder} ({', '.join(missing)} missing): run 'make setup' or "
-                f"'python -m catalens.indexer.ocr' (it downloads {WHEEL} and keeps its models), or set {MODELS_ENV}")
+                f"'python -m catalens.indexer.features.ocr' (it downloads {WHEEL} and keeps its models), or set {MODELS_ENV}")
         self.folder = folder
         characters = onnx_metadata(folder / RECOGNISER).get("character", "").splitlines()
         # CTC: index 0 is the blank, the last the space PaddleOCR appends.
