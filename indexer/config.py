@@ -34,14 +34,18 @@ from pydantic_settings import (
 )
 
 from catalens.errors import InputError
+from catalens.indexer.features import FeatureSpec, feature_spec, list_features
 
 
 class ConfigError(InputError, ValueError):
     """A configuration value that cannot be used; the message names the field and its source."""
 
 
-# The long side of the copy SIFT runs on, for new indexes and for those stored without it.
-SIFT_IMAGE_SIZE, LEGACY_SIFT_IMAGE_SIZE = 256, 320
+def _registered(names: Collection[str] | None = None) -> list[FeatureSpec]:
+    """The registered features among ``names`` (all of them: None); unknown names are left to the
+    checks that report them (``check_buildable``)."""
+    known = list_features()
+    return [feature_spec(name) for name in known if names is None or name in names]
 
 
 class IndexConfig(BaseModel):
@@ -76,13 +80,15 @@ class IndexConfig(BaseModel):
     commit_every: int = Field(128, ge=1)
 
     @model_validator(mode="after")
-    def _sift_image_size(self) -> IndexConfig:
-        # New indexes run SIFT on a 256-px copy: on grocery it matched or beat 320 px (fused top-1,
-        # val and two session folds of train, both catalogs) for a quarter less time. Written into
-        # the configuration (in place, so it does not count as a setting given for a run), so the
-        # index keeps it; stored configurations without it were built at 320 (``from_json``).
-        if "sift" in self.features:
-            self.feature_options.setdefault("sift", {}).setdefault("image_size", SIFT_IMAGE_SIZE)
+    def _written_options(self) -> IndexConfig:
+        # Each feature's ``written_options`` go into the configuration (in place, so they do not
+        # count as settings given for a run), so the index keeps them; stored configurations
+        # without them get the feature's ``stored_options`` (``from_json``).
+        for spec in _registered(self.features):
+            if spec.written_options:
+                options = self.feature_options.setdefault(spec.name, {})
+                for key, value in spec.written_options.items():
+                    options.setdefault(key, value)
         return self
 
     @field_validator("features", mode="before")
@@ -101,19 +107,19 @@ class IndexConfig(BaseModel):
         """A stored configuration, including those written by older catalens versions."""
         data = dict(data)
         features = list(data.get("features") or ["deep", "colour", "sift"])
-        # Before features were listed, two switches and an untyped "extra" table said the same.
-        if data.pop("local_features", True) is False:
-            features = [name for name in features if name != "sift"]
-        if data.pop("colour_features", True) is False:
-            features = [name for name in features if name != "colour"]
+        # Before features were listed, switches and an untyped "extra" table said the same.
         extra = data.pop("extra", None) or {}
-        if "local" in extra:
-            data.setdefault("feature_options", {}).setdefault("sift", dict(extra["local"]))
+        for spec in _registered():
+            if spec.legacy_switch and data.pop(spec.legacy_switch, True) is False:
+                features = [name for name in features if name != spec.name]
+            if spec.legacy_options and spec.legacy_options in extra:
+                data.setdefault("feature_options", {}).setdefault(spec.name, dict(extra[spec.legacy_options]))
         data["features"] = features
         data.setdefault("input_scaling", "imagenet")
-        if "sift" in features:  # built before the size was written down: at catalens 0.2's 320 px
-            options = data.setdefault("feature_options", {})
-            options["sift"] = {"image_size": LEGACY_SIFT_IMAGE_SIZE, **options.get("sift", {})}
+        for spec in _registered(features):  # built before these options were written down
+            if spec.stored_options:
+                options = data.setdefault("feature_options", {})
+                options[spec.name] = {**spec.stored_options, **options.get(spec.name, {})}
         known = set(cls.model_fields)
         return cls(**{key: value for key, value in data.items() if key in known})
 
@@ -195,10 +201,12 @@ def load_layered(model: type[M], table: str, env_prefix: str, path: str | Path |
     return model(**_validated(model, given, "arguments", values))
 
 
-# Switches from before ``features`` was a list (``from_json`` reads their stored form): still
-# honoured, since scripts and the issue tracker use them, and ignoring one silently indexed
-# every feature for a user who asked for fewer.
-LEGACY_FEATURE_SWITCHES = {"CATALENS_LOCAL_FEATURES": "sift", "CATALENS_COLOUR_FEATURES": "colour"}
+def legacy_feature_switches() -> dict[str, str]:
+    """``CATALENS_<SWITCH>`` variable -> feature, of each feature's ``legacy_switch``: from before
+    ``features`` was a list (``from_json`` reads their stored form), still honoured, since scripts
+    and the issue tracker use them, and ignoring one silently indexed every feature for a user who
+    asked for fewer."""
+    return {f"CATALENS_{spec.legacy_switch.upper()}": spec.name for spec in _registered() if spec.legacy_switch}
 
 
 def _switched_off(variable: str) -> bool:
@@ -214,11 +222,11 @@ def _switched_off(variable: str) -> bool:
 def load_config(path: str | Path | None = None, **overrides: Any) -> IndexConfig:
     """Defaults, then ``path`` (or ``$CATALENS_CONFIG``) table ``[index]``, then ``CATALENS_<FIELD>``, then overrides.
 
-    ``CATALENS_LOCAL_FEATURES=false`` / ``CATALENS_COLOUR_FEATURES=false`` drop sift / colour from
-    the features, unless the arguments list the features themselves.
+    A feature's legacy switch set false (``legacy_feature_switches``: ``CATALENS_LOCAL_FEATURES=false``)
+    drops it from the features, unless the arguments list the features themselves.
     """
     config = load_layered(IndexConfig, "index", "CATALENS_", path, **overrides)
-    dropped = {feature for variable, feature in LEGACY_FEATURE_SWITCHES.items() if _switched_off(variable)}
+    dropped = {feature for variable, feature in legacy_feature_switches().items() if _switched_off(variable)}
     if dropped and overrides.get("features") is None:
         # Given as the list the switches stand for, so it counts as set explicitly.
         features = [name for name in config.features if name not in dropped]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import pkgutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -136,6 +136,14 @@ class FeatureSpec:
     catalog (a visual vocabulary and words) in line after a run. ``search_weight`` and
     ``classify_weight`` are its default weights in fused search and classification; a feature
     with ``replaces`` set stands in for that one wherever both are present.
+
+    What an index's configuration (``IndexConfig``) holds for the feature, applied there without
+    naming it: ``written_options`` are written into a new index's ``feature_options`` (so the
+    index keeps them when the defaults change), ``stored_options`` are what a stored
+    configuration without them was built with. From before ``IndexConfig.features`` was a list,
+    ``legacy_switch`` names the boolean setting that left the feature out (stored, and read as
+    the variable ``CATALENS_<SWITCH>``), ``legacy_options`` the key of the untyped ``extra`` table
+    that held its options.
     """
 
     name: str
@@ -150,6 +158,10 @@ class FeatureSpec:
     classify_weight: float = 0.0
     replaces: str | None = None
     description: str = ""
+    written_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    stored_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    legacy_switch: str | None = None
+    legacy_options: str | None = None
 
 
 _REGISTRY: dict[str, FeatureSpec] = {}

@@ -89,6 +89,6 @@ class ColourHistogram:
 
 
 @register_feature("colour", "global", dim=ColourHistogram.dim, search_weight=0.3, classify_weight=0.6,
-                  description="HSV histogram of the image's centre")
+                  legacy_switch="colour_features", description="HSV histogram of the image's centre")
 def build_colour(catalog: Catalog) -> ColourHistogram:
     return ColourHistogram()

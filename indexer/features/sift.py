@@ -56,8 +56,8 @@ class SiftOptions:
     max_keypoints: int = 400
     # Long side of the copy SIFT runs on: product photos are ~350 px; more pixels cost time
     # (SIFT upsamples 2x internally) without finding more of the printed label. New indexes
-    # write 256 into their configuration, indexes from before it were built at 320
-    # (``catalens.indexer.config.SIFT_IMAGE_SIZE``).
+    # write it into their configuration, indexes from before it were built at 320 (the
+    # registration's ``written_options`` and ``stored_options``; docs/speed.md).
     image_size: int = 256
     # 0 chooses from the catalog size (see ``auto_vocab_size``).
     vocab_size: int = 0
@@ -283,6 +283,8 @@ def refresh_words(catalog: Catalog, changed_keys: Collection[int], removed_keys:
 
 
 @register_feature("sift", "local", similarity="inliers", refresh=refresh_words, search_weight=0.2,
+                  written_options={"image_size": SiftOptions.image_size}, stored_options={"image_size": 320},
+                  legacy_switch="local_features", legacy_options="local",
                   description="RootSIFT keypoints, visual words, geometric verification")
 def build_sift(catalog: Catalog) -> SiftFeature:
     return SiftFeature(SiftOptions.from_catalog(catalog), catalog)
