@@ -241,6 +241,12 @@ class CatalogService:
         except ClassifierMissingError as error:
             raise ModelMissingError(str(error)) from None
 
+    def can_score_anomalies(self) -> bool:
+        """Whether the index holds what anomaly scoring needs (a trained autoencoder's codes)."""
+        from catalens.search.anomaly import can_score
+
+        return can_score(self.catalog)
+
     def anomaly(self, sources: Sequence[ImageSource | Image.Image], names: Sequence[str] | None = None,
                 heatmaps: str | Path | None = None, first: int = 0) -> list:
         """Anomaly scores; with ``heatmaps``, a heatmap each, numbered from ``first`` (the position

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from catalens.indexer.features.autoencoder import (
+    FEATURE_NAME,
     SCORE_FEATURE,
     IndexAutoencoder,
     extract_inputs,
@@ -140,6 +141,11 @@ def score_images(ae: IndexAutoencoder, images: Sequence[Image.Image]) -> tuple[n
     """Scores (n,) and error maps (n, h, w) of decoded images."""
     _, scores, maps = ae.model.analyse(ae.inputs.images(images))
     return scores, maps
+
+
+def can_score(catalog) -> bool:
+    """Whether ``catalog`` holds what anomaly scoring reads: the autoencoder's codes."""
+    return FEATURE_NAME in catalog.global_features()
 
 
 def score_anomalies(

@@ -31,7 +31,7 @@ async def stats(state: StateDep) -> Stats:
         with state.rw.gen_rlock():
             info = state.service.info()
             categories = state.catalog.items.categories()
-            has_ae = "ae" in info["modes"]
+            has_ae = state.service.can_score_anomalies()
         return {**info, "has_ae": has_ae,
                 "top_categories": dict(sorted(categories.items(), key=lambda pair: -pair[1])[:50])}
 
