@@ -22,6 +22,7 @@ import numpy as np
 
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
+from catalens.search.settings import INLIER_CAP, MIN_INLIERS
 
 UNKNOWN = "unknown"
 # Most similarities held at once when comparing rows with every support row (~256 MB of float32).
@@ -447,8 +448,8 @@ class EvidenceConfig:
 
     # Verifying ~1 ms a pair: the nearest 20 support items hold the right leaf for most queries.
     verify_top: int = 20
-    min_inliers: int = 8
-    inlier_cap: int = 30
+    min_inliers: int = MIN_INLIERS
+    inlier_cap: int = INLIER_CAP
 
 
 def verified_evidence(

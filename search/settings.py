@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from catalens.indexer.config import load_layered
 
+# Geometric verification is worth the same wherever it runs (search, classification, locate):
+# fewer inliers than MIN_INLIERS is chance agreement (non-matching grocery pairs give 4-7),
+# INLIER_CAP or more count as certain (evidence min(inliers, cap) / cap), and descriptor matches
+# pass Lowe's ratio test at RATIO.
+MIN_INLIERS, INLIER_CAP, RATIO = 8, 30, 0.8
+
 # A weight multiplies a feature's similarity (about 0-1) in a sum; far beyond the defaults (0.2-1),
 # and below what would let one feature's rounding error outweigh another's whole score.
 MAX_WEIGHT = 1000.0
@@ -45,10 +51,9 @@ class SearchSettings(BaseModel):
     local_verify_top: int = Field(40, ge=0)
     # Local (logo) mode of a catalog with a text feature: weight of the words read on the query.
     local_text_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT)
-    # Fewer inliers than this is chance agreement (non-matching grocery pairs give 4-7).
-    min_inliers: int = Field(8, ge=1)
-    # Inliers beyond this count as certain: evidence is min(inliers, cap) / cap.
-    inlier_cap: int = Field(30, ge=1)
+    # What verified inliers are worth: nothing below min_inliers, certain from inlier_cap (above).
+    min_inliers: int = Field(MIN_INLIERS, ge=1)
+    inlier_cap: int = Field(INLIER_CAP, ge=1)
     geometry: Literal["similarity", "affine", "homography"] = "similarity"
     # Product-level ranking in fused search (search/products.py): an item scores its own score plus
     # this weight times its product's best product_votes - 1 other candidates; collapse shows each
@@ -57,7 +62,7 @@ class SearchSettings(BaseModel):
     product_weight: float = Field(0.1, ge=0)
     product_votes: int = Field(5, ge=1)
     collapse: bool = Field(False, description="one result per product (its best item)")
-    ratio: float = Field(0.8, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
+    ratio: float = Field(RATIO, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
     # Queries of one batch (search --from-file) answered side by side (benchmarks/bench_speed.py).
     query_threads: int = Field(2, ge=1, description="queries of a batch answered at once")
     # Calibrated confidence (search/calibration.py): a result's probability of showing the query's

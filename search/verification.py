@@ -16,6 +16,7 @@ import numpy as np
 
 from catalens.indexer.blas import blas_threads
 from catalens.indexer.features.sift import LocalDescriptors
+from catalens.search.settings import INLIER_CAP, MIN_INLIERS, RATIO
 
 if TYPE_CHECKING:
     from catalens.search.settings import SearchSettings
@@ -36,13 +37,13 @@ _EMPTY = Verification(0, 0)
 class Verifier:
     """Geometric verification as one search runs it: the transform fitted (``geometry``), Lowe's
     ``ratio`` for descriptor matches, and what the inliers are worth: nothing below
-    ``min_inliers`` (chance agreement; non-matching grocery pairs give 4-7), certain from
-    ``inlier_cap``. Built once per search from its settings (``from_settings``)."""
+    ``min_inliers`` (chance agreement), certain from ``inlier_cap`` (``search.settings.MIN_INLIERS``,
+    ``INLIER_CAP``). Built once per search from its settings (``from_settings``)."""
 
     geometry: Literal["similarity", "affine", "homography"] = "similarity"
-    ratio: float = 0.8
-    min_inliers: int = 8
-    inlier_cap: int = 30
+    ratio: float = RATIO
+    min_inliers: int = MIN_INLIERS
+    inlier_cap: int = INLIER_CAP
 
     @classmethod
     def from_settings(cls, settings: SearchSettings) -> Verifier:
@@ -64,7 +65,7 @@ class Verifier:
         return min(verification.inliers, self.inlier_cap) / self.inlier_cap
 
 
-def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.8) -> list[np.ndarray]:
+def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = RATIO) -> list[np.ndarray]:
     """For each item, the (m, 2) index pairs (query row, item row) passing Lowe's ratio test.
 
     One matrix product against every item's descriptors at once: squared distances are
@@ -102,7 +103,7 @@ def match_many(query: np.ndarray, items: Sequence[np.ndarray], ratio: float = 0.
             for position, ok in enumerate(passed)]
 
 
-def match_descriptors(query: np.ndarray, item: np.ndarray, ratio: float = 0.8) -> np.ndarray:
+def match_descriptors(query: np.ndarray, item: np.ndarray, ratio: float = RATIO) -> np.ndarray:
     """(m, 2) index pairs passing Lowe's ratio test."""
     return match_many(query, [item], ratio)[0]
 
@@ -111,7 +112,7 @@ def verify(
     query: LocalDescriptors,
     item: LocalDescriptors,
     model: str = "similarity",
-    ratio: float = 0.8,
+    ratio: float = RATIO,
     threshold: float = 0.02,
 ) -> Verification:
     """Inliers of the best ``model`` (similarity | affine | homography) mapping query onto item.
@@ -126,7 +127,7 @@ def verify_many(
     query: LocalDescriptors,
     items: Sequence[LocalDescriptors],
     model: str = "similarity",
-    ratio: float = 0.8,
+    ratio: float = RATIO,
     threshold: float = 0.02,
 ) -> list[Verification]:
     """``verify`` of the query against each of ``items``, the descriptor matching done in one pass."""

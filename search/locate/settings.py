@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from catalens.search.settings import INLIER_CAP, RATIO
+
 
 @dataclass(frozen=True)
 class LocateSettings:
@@ -18,13 +20,14 @@ class LocateSettings:
     work_side: int = 1280
     # Local evidence: keypoints per photo, candidates verified, inliers that make a detection.
     keypoints: int = 3000
-    # Each candidate is matched against every keypoint: fewer is faster at the same recall.
+    # Items the visual words find, as search's ``word_candidates`` (40), but each is matched against
+    # every keypoint: fewer is faster at the same recall.
     word_candidates: int = 20
     # Inliers a verified box needs (and the query words and matches a candidate needs to be tried):
     # a detection among a shelf's many packs, stricter than search's ``min_inliers`` of 8.
     detection_inliers: int = 15
-    inlier_cap: int = 30
-    ratio: float = 0.8
+    inlier_cap: int = INLIER_CAP
+    ratio: float = RATIO
     # Region evidence: window sides as fractions of the photo's shorter side, each at half-window stride.
     window_fractions: tuple[float, ...] = (1.0, 0.5, 1 / 3)
     # A feature that can (``deep_ft``, ``colour``: ``WindowEmbedder``) embeds the windows from one
