@@ -72,8 +72,7 @@ class IndexConfig(BaseModel):
     runtime: Literal["auto", "openvino", "torch"] = "auto"
     batch_size: int = Field(16, ge=1)
     # Decode processes (decoding, resizing, keypoints), one a core up to four: the network in the
-    # main process waits on them. Two on 2 cores indexed 400 photos 16-20% faster than one
-    # (SIFT keypoints take twice the network's time per image; benchmarks/bench_speed.py).
+    # main process waits on them (docs/speed.md).
     num_workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=0)
     max_pixels: int = Field(80_000_000, ge=1)
     # How many images between durable commits of an indexing run (what a crash can cost).

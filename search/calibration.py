@@ -53,13 +53,9 @@ EVIDENCE = ("score", "margin", "inliers", "agreement", "category")
 DEPTH = 20
 AGREEMENT_OF = 10  # "how many of the nearest results show its product" counts this many
 # A held-out photo is searched without its product's photos this close to it (first global
-# feature's cosine): photos of one shooting session, which a shop's photo never is. At 0.9 the
-# calibration queries were easier than shop photos, and the confidences too high: on the
-# open-set grocery benchmark (three draws of absent products) 0.8 took the ECE from 0.107 /
-# 0.096 / 0.087 to 0.076 / 0.023 / 0.063 and match precision from 85.5 / 86.0 / 79.7% to 93.3 /
-# 86.1 / 94.7%, for AUROC 0.897 / 0.856 / 0.898 -> 0.892 / 0.835 / 0.895. Below 0.8 the
-# calibration's right answers thin out (first draw: 22% of its queries matched at 0.78, 6% at
-# 0.75) and the figures swing.
+# feature's cosine): photos of one shooting session, which a shop's photo never is. Higher left
+# the calibration queries easier than shop photos and the confidences too high; lower, its right
+# answers thin out (docs/confidence.md, "The calibration's held-out photos made harder").
 NEAR_DUPLICATE = 0.8
 
 

@@ -158,14 +158,10 @@ class HierarchicalFewShotClassifier(Estimator):
         whole leaves of them (the products a catalog does not hold) and single items of the rest.
         Identity (1, 0, 0) where there is too little to fit on.
 
-        A single item's near-duplicates (shots of one session) leave the second fit with it: a
-        classifier that still holds its twin answers it as surely as it never answers a shop's
-        photo, and the confidences came out low for real queries (grocery open set, three draws
-        of absent products: the second level's mean confidence 0.64-0.67 where it was right
-        77-80% of the time, and 30-40% of photos reached the leaf). At 0.8 the first two levels
-        are calibrated on val (mean confidence within 0.025 of accuracy), the third is still
-        sure by 0.12-0.18 too much, and 40-50% reach the leaf; at 0.7 the fit swings from draw
-        to draw."""
+        A single item's near-duplicates (shots of one session, ``near_duplicate``) leave the second
+        fit with it: a classifier that still holds its twin answers it as surely as it never
+        answers a shop's photo, and the confidences came out low for real queries (measured in
+        docs/confidence.md, classification on the open set)."""
         identity = np.tile([1.0, 0.0, 0.0], (self.depth_, 1))
         if not self.calibration_holdout or len(self.leaves_) < 4 or len(features) < 20:
             return identity

@@ -34,10 +34,9 @@ class SearchSettings(BaseModel):
 
     mode: str | None = Field(None, description="fused (default), local, or the name of a global feature (deep, colour, ...)")
     k: int = Field(10, ge=1, le=1000, description="results per query")
-    # Weight of each feature in fused search; None takes each registered feature's default
-    # (deep or deep_ft 1.0, colour 0.3, sift 0.2): a verified label match overrides a few
-    # hundredths of cosine, and colour separates apple varieties and pepper colours (+1 to +3
-    # points on grocery val, +0.6 and +1.2 on two session folds of train, bench_retrieval).
+    # Weight of each feature in fused search; None takes each registered feature's default: a
+    # verified label match overrides a few hundredths of cosine, and colour separates apple
+    # varieties and pepper colours (measured in docs/search-quality.md).
     weights: dict[str, float] | None = None
     # Weight of words typed with a photo (search --text with a photo): the best text match of
     # the words adds this much to the fused score, others in proportion to their BM25.
@@ -57,8 +56,7 @@ class SearchSettings(BaseModel):
     geometry: Literal["similarity", "affine", "homography"] = "similarity"
     # Product-level ranking in fused search (search/products.py): an item scores its own score plus
     # this weight times its product's best product_votes - 1 other candidates; collapse shows each
-    # product once.
-    # 0.1: +0.7 points on grocery val (iconic + train), 0 and +0.4 on two session folds.
+    # product once (product_weight measured in docs/search-quality.md).
     product_weight: float = Field(0.1, ge=0)
     product_votes: int = Field(5, ge=1)
     collapse: bool = Field(False, description="one result per product (its best item)")

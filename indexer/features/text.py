@@ -57,10 +57,9 @@ def text_options(catalog: Catalog) -> OcrOptions:
     return options_of(catalog, FEATURE_NAME, OcrOptions)
 
 
-# search_weight 0.05: the words read on a query photo, as fused evidence, on grocery Packages (100 val
-# photos against 864 train photos, benchmarks/bench_text.py): top-1 73 at 0 (and without the
-# feature), 76 at 0.05, 75 at 0.1, 69 at 0.3: the OCR mostly reads a brand, which sibling packs
-# share, so only a light weight pays. The query photo is read only where the weight is not 0.
+# search_weight 0.05: the OCR mostly reads a brand, which sibling packs share, so only a light
+# weight pays (docs/search-quality.md, "Search by words"). The query photo is read only where the
+# weight is not 0.
 @register_feature(FEATURE_NAME, "text", similarity="bm25", search_weight=0.05,
                   description="words printed on the image, read by OCR (PP-OCRv4 on OpenVINO)")
 def build_text(catalog: Catalog) -> PrintedText:

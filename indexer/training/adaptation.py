@@ -75,9 +75,8 @@ UNLABELED_VIEWS = 2
 UNLABELED_SHARE = 0.5
 # After self-training, each item's row moves toward the mean of its product's surest shop photos
 # (``toward_shop_photos``): the surest SHOP_PHOTO_SHARE of them, the item's own row weighing
-# OWN_ROW_WEIGHT. Iconic-only grocery catalog, train photos outside fold 0 unlabeled: weights
-# 0.5 / 0.3 / 0.15 gave fused top-1 63.5 / 65.9 / 66.2 on val and 56.5 / 57.4 / 57.1 on fold 0
-# (59.1 and 53.0 unmoved); with fold 1 out, 0.3 gave val 60.5 (61.8) and fold 1 54.3 (52.0).
+# OWN_ROW_WEIGHT (measured in docs/search-quality.md, "The catalog's rows move toward the shop's
+# photos").
 SHOP_PHOTO_SHARE = 0.5
 OWN_ROW_WEIGHT = 0.3
 

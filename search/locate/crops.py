@@ -21,10 +21,8 @@ def _embed_crops(engine: SearchEngine, crops: Sequence[Image.Image], one_view: b
     """Every weighted global feature of every crop, in one batch a feature; ``one_view``: the crop
     alone, else with its mirror image as catalog rows are made (for the few boxes named).
 
-    One view (``embed``): a photo's ~50 crops take half the network passes of ``deep_ft`` (the
-    region step was 1.54 s of a 2x2 grid's 1.98 s). Recall on the tuning composites (seeds
-    100-139) was no lower: 2x2 77.5 against 76.9, 3x3 79.2 against 79.2, clutter 76.3 against
-    72.9; on the held-out seeds 0.3-1.7 points lower, one or two products of 120-360.
+    One view (``embed``): a photo's ~50 crops take half the network passes of a feature that
+    embeds an image with its mirror, at about the same recall (measured in docs/locate.md).
     """
     return {name: embed(engine.catalog.feature(name), crops, one_view=one_view) for name in _global_weights(engine)}
 

@@ -68,9 +68,8 @@ def photo_keypoints(image: Image.Image, settings: LocateSettings) -> LocalDescri
 @dataclass(frozen=True)
 class WordCandidates:
     """The photo's keypoints and the items its visual words find, decoded: the local step's part
-    that needs no window, done on a side thread while the windows go through the network (3x3
-    grids, seeds 0-39, 12 photos timed in turn: median 1.50 -> 1.45 s). Matching them there too
-    saved nothing: BLAS and the network then share the two cores."""
+    that needs no window, done on a side thread while the windows go through the network. Matching
+    them there too saved nothing: BLAS and the network then share the two cores (docs/locate.md)."""
 
     query: LocalDescriptors
     items: dict[int, LocalDescriptors]
@@ -164,8 +163,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     if not chosen:
         return []
     # Snapped first, so that the crop that names a box is the product, not the catalog photo's
-    # frame carried over the next product (seeds 100-139 and 400-439, 2x2 recall 90.0 and 81.2 ->
-    # 90.0 and 83.1).
+    # frame carried over the next product (docs/locate.md, box snapping).
     kept: list[tuple[int, tuple[float, float, float, float], dict[int, Any]]] = []
     for best, box, rivals in chosen:
         if edges is not None:
