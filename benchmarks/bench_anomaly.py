@@ -24,8 +24,9 @@ from catalens.api.tables import format_table
 from catalens.datasets.grocery import split_photos
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.autoencoder import AutoencoderInputs, extract_inputs
+from catalens.indexer.features.autoencoder_model import ConvAutoencoder
 from catalens.indexer.features.deep import DeepFeature
-from catalens.indexer.training.autoencoder import ConvAutoencoder, plot_loss
+from catalens.indexer.training.train_autoencoder import plot_loss
 from catalens.search.anomaly import render_heatmap
 
 

@@ -3,7 +3,7 @@
 The score is the index autoencoder's: the larger of two z-scores against the catalog's own
 held-out images, reconstruction error and distance to the nearest catalog images (the second
 catches blank and noise images, whose feature maps are easy to reconstruct; see
-catalens.indexer.training.autoencoder). ``anomalous`` compares it with the threshold calibrated on the catalog at
+catalens.indexer.features.autoencoder_model). ``anomalous`` compares it with the threshold calibrated on the catalog at
 training time. Error maps are per feature-map cell (8x8 patches of the centre crop) or per pixel
 reconstruction error, and can be drawn as heatmaps.
 """

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from catalens.indexer.estimator import NotFittedError
-from catalens.indexer.training.autoencoder import ConvAutoencoder
+from catalens.indexer.features.autoencoder_model import ConvAutoencoder
 from catalens.indexer.training.train_autoencoder import train_autoencoder
 
 
@@ -92,7 +92,7 @@ def test_training_that_barely_lowers_the_loss_warns_with_what_it_means_and_what_
     X = _smooth(96, np.random.default_rng(0))
     learnt = _tiny(epochs=15).fit(X)
     assert learnt.loss_history_[-1] < 0.9 * learnt.baseline_loss_ and learnt.loss_warning() is None
-    with caplog.at_level("INFO", logger="catalens.indexer.training.autoencoder"):
+    with caplog.at_level("INFO", logger="catalens.indexer.features.autoencoder_model"):
         barely = _tiny(epochs=2, learning_rate=1e-6).fit(X)
     warning = barely.loss_warning()
     assert warning is not None and warning in caplog.text

@@ -13,10 +13,10 @@ from catalens.indexer.config import IndexConfig
 from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import sift
 from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer, vocabulary_path
+from catalens.indexer.features.visual_vocabulary import VisualVocabulary, auto_vocab_size
 from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores.backends import open_catalog
 from catalens.indexer.stores.inverted_file import BagOfWords, decode_words, words_feature
-from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
 from catalens.search.engine import SearchEngine
 from catalens.search.settings import SearchSettings
 from catalens.search.verification import verify

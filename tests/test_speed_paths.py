@@ -52,7 +52,7 @@ def test_verify_many_gives_each_pairs_verification():
 
 
 def test_a_querys_words_by_matrix_product_are_the_bulk_assignments_words():
-    from catalens.indexer.training.vocabulary import VisualVocabulary
+    from catalens.indexer.features.visual_vocabulary import VisualVocabulary
 
     preparer = SiftPreparer(400, 320)
     described = [preparer(textured_label(seed)).descriptors for seed in range(6)]

@@ -179,8 +179,10 @@ def register_feature(name: str, kind: Literal["global", "local", "text"], **spec
 
 _discovered = False
 # Modules of this package that register no feature: the decode loop, the OCR reader (``text``'s,
-# imported by it), and the adapted network's model (which imports torch, where a search must not).
-_NOT_FEATURES = ("decode", "ocr", "adapted_model")
+# imported by it), and the models fitted on the catalog that features load (the adapted network's
+# and the autoencoder import torch, where a search must not; the visual vocabulary is loaded by
+# ``sift`` alone).
+_NOT_FEATURES = ("decode", "ocr", "adapted_model", "autoencoder_model", "visual_vocabulary")
 
 
 def _discover() -> None:

@@ -1,8 +1,9 @@
 """The ``ae`` global feature: the bottleneck codes of the autoencoder fitted on the catalog.
 
 Also what feeds the autoencoder (the backbone's last feature maps, or 64-px pixels) and the
-loading of a catalog's model, which anomaly scoring shares. The model and its training are in
-``catalens.indexer.training.autoencoder``.
+loading of a catalog's model, which anomaly scoring shares. The model is
+``catalens.indexer.features.autoencoder_model``, its training run
+``catalens.indexer.training.train_autoencoder``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from catalens.indexer.runtime import compile_network
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
-    from catalens.indexer.training.autoencoder import ConvAutoencoder
+    from catalens.indexer.features.autoencoder_model import ConvAutoencoder
 
 FEATURE_NAME = "ae"
 SCORE_FEATURE = "ae_score"  # each item's anomaly score (a float32 row), for the audit
@@ -122,7 +123,7 @@ def load_autoencoder(catalog: Any) -> IndexAutoencoder:
         raise NotFittedError(f"{catalog.location}: no autoencoder trained for this index (run 'catalens train-ae' first)")
 
     def build() -> IndexAutoencoder:
-        from catalens.indexer.training.autoencoder import ConvAutoencoder
+        from catalens.indexer.features.autoencoder_model import ConvAutoencoder
 
         model = ConvAutoencoder.load(path, progress=False)
         deep = catalog.feature("deep") if model.input_kind == "features" else None

@@ -26,7 +26,7 @@ from PIL import Image
 from catalens.indexer.estimator import ModelFileError
 from catalens.indexer.features import FeatureUnavailableError, register_feature
 from catalens.indexer.features.decode import in_decode_worker
-from catalens.indexer.training.vocabulary import VisualVocabulary, auto_vocab_size
+from catalens.indexer.features.visual_vocabulary import VisualVocabulary, auto_vocab_size
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog

@@ -1,8 +1,14 @@
-"""``catalens train-ae``: fit the autoencoder on a catalog and re-code its items."""
+"""``catalens train-ae``: fit the autoencoder on a catalog and re-code its items.
+
+In ``catalog.models_dir``: ``ae_autoencoder.pt`` (the model with its calibration), the
+per-epoch checkpoint and the extracted inputs of an unfinished run (so an interrupted
+``train-ae`` resumes), and ``ae_loss.png``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +21,8 @@ from catalens.indexer.features.autoencoder import (
     AutoencoderInputs,
     extract_inputs,
 )
+from catalens.indexer.features.autoencoder_model import ConvAutoencoder
 from catalens.indexer.files import atomic_path, replaced_file
-from catalens.indexer.training.autoencoder import ConvAutoencoder, plot_loss
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -106,3 +112,22 @@ def train_autoencoder(
     return model
 
 
+def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder training loss") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    axes.plot(range(1, len(history) + 1), history, marker="o", markersize=3)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("reconstruction MSE (standardised)")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    figure.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(figure)
+    return path

@@ -1,4 +1,6 @@
-"""The convolutional autoencoder fitted on a catalog, and the job that fits it on an index.
+"""The convolutional autoencoder fitted on a catalog (``ConvAutoencoder``) and the networks it
+builds. It registers no feature and imports torch: the ``ae`` feature and anomaly scoring load it
+on use, and ``catalens.indexer.training.train_autoencoder`` is its training run.
 
 It reconstructs the backbone's final feature maps by default, not pixels: on the grocery
 benchmark (trained on produce, with packages as the anomalies) feature maps separate the two
@@ -18,28 +20,23 @@ nearly uniform, and the decoder rebuilds them better than most real photos. The 
 either term flag an image on its own; one threshold (the ``percentile`` of held-out combined
 scores) serves both. Distances between the bottleneck codes were tried as the second term and
 rejected: a code is trained to be rebuilt, not to tell images apart.
-
-In ``catalog.models_dir``: ``ae_autoencoder.pt`` (the model with its calibration), the
-per-epoch checkpoint and the extracted inputs of an unfinished run (so an interrupted
-``train-ae`` resumes), and ``ae_loss.png``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from catalens.indexer.estimator import Estimator
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.files import atomic_path
-from catalens.indexer.training.networks import build_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +98,68 @@ def robust_scale(values: np.ndarray) -> tuple[float, float]:
     if scale <= 1e-12:  # tiny or constant calibration sets
         scale = float(values.std()) or 1.0
     return median, scale
+
+
+# --- the networks
+
+
+class FeatureMapAutoencoder(nn.Module):
+    """(C, s, s) feature maps -> a (code_channels, ceil(s/2), ceil(s/2)) bottleneck -> (C, s, s)."""
+
+    def __init__(self, channels: int, code_channels: int = 16, width: int = 192, size: int = 7):
+        super().__init__()
+        # Transposed convolution back from ceil(size / 2) lands on 2 * ceil(size / 2) - 1 cells.
+        extra = size - (2 * math.ceil(size / 2) - 1)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, width // 2, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, code_channels, 1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(code_channels, width // 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(width // 2, width // 2, 3, stride=2, padding=1, output_padding=extra),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width // 2, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.encoder(x)
+        return code, self.decoder(code)
+
+
+class PixelAutoencoder(nn.Module):
+    """(3, 64, 64) images -> a (code_channels, 4, 4) bottleneck -> (3, 64, 64)."""
+
+    def __init__(self, channels: int = 3, code_channels: int = 16, width: int = 32):
+        super().__init__()
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.ReLU(inplace=True),  # 32
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.ReLU(inplace=True),  # 16
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.ReLU(inplace=True),  # 8
+            nn.Conv2d(4 * w, code_channels, 4, 2, 1),  # 4
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(code_channels, 4 * w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w, channels, 4, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.encoder(x)
+        return code, self.decoder(code)
+
+
+def build_autoencoder(input_kind: str, shape: tuple[int, ...], code_channels: int, width: int) -> nn.Module:
+    channels = shape[0]
+    if input_kind == "features":
+        return FeatureMapAutoencoder(channels, code_channels, width, size=shape[1])
+    if input_kind == "pixels":
+        return PixelAutoencoder(channels, code_channels, width)
+    raise ValueError(f"autoencoder input must be 'features' or 'pixels', not {input_kind!r}")
 
 
 # --- the estimator
@@ -398,23 +457,3 @@ class ConvAutoencoder(Estimator):
         self.model_.load_state_dict(state["model"])
         self.model_.eval()
 
-
-def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder training loss") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.2))
-    axes.plot(range(1, len(history) + 1), history, marker="o", markersize=3)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("reconstruction MSE (standardised)")
-    axes.set_yscale("log")
-    axes.set_title(title)
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(figure)
-    return path
