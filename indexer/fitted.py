@@ -5,8 +5,10 @@ A ``FittedSlot`` names one such model (its file, how to load, fit and judge it).
 ``current``, which never fits: it answers the last valid model, stale or not, and says why it is
 stale or missing. Writers (a command that changed the catalog, a server after its writes) ask
 ``refit``, which fits where the model is stale and saves it atomically, or keeps it in memory
-where the index cannot be written. ``BackgroundRefit`` runs refits on a thread, a while after
-the last write, while readers keep the last valid model.
+where the index cannot be written. A model that only a training command fits (the autoencoder,
+the adapted network) has a slot too: the command passes its run and its commit to ``refit``.
+``BackgroundRefit`` runs refits on a thread, a while after the last write, while readers keep
+the last valid model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 from catalens.indexer.estimator import ModelFileError
-from catalens.indexer.files import disk_full
+from catalens.indexer.files import disk_full, held_read_only
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class FittedState(Generic[M]):
     reason: str = ""
     fitted_at: float | None = None
     refitting: bool = False
+    unreadable: bool = False  # the file in the models folder does not load (``reason`` says why where no model is held)
 
     def to_json(self) -> dict[str, Any]:
         return {"present": self.model is not None, "fresh": self.fresh, "stale": self.model is not None and not self.fresh,
@@ -58,6 +61,7 @@ class _Held:
     fitted_at: float | None = None
     file_stamp: tuple[int, int] | None = None  # of the file last read or written; another process's save changes it
     missing: str = ""  # why no model could be read
+    unreadable: bool = False  # the file last looked at does not load
     checked_at: Any = object()  # the catalog generation ``stale`` was judged at
     stale: str | None = None
     unfittable: tuple[Any, str] | None = None  # (generation, why) of a fit that cannot succeed on that state
@@ -85,15 +89,18 @@ class FittedSlot(Generic[M]):
 
     ``load(catalog, path)`` reads the file (``ModelFileError`` or ``ValueError`` where it cannot
     serve this catalog at all); ``fit(catalog, progress)`` fits one (``ValueError`` where this
-    catalog cannot be fitted: too few items...); ``fresh(model, catalog)`` is None while the model
-    still describes the catalog, else why not; ``save(model, path)`` writes atomically."""
+    catalog cannot be fitted: too few items...), or returns None where the catalog wants none
+    (nothing left to fit on); ``fresh(model, catalog)`` is None while the model still describes
+    the catalog, else why not; ``save(model, path)`` writes atomically. A slot without ``fit`` is
+    fitted by the command ``fitted_by`` alone (a training run), which passes its run to ``refit``."""
 
     name: str
     model_file: str
     load: Callable[[Any, Path], M]
-    fit: Callable[[Any, bool], M]
     fresh: Callable[[M, Any], str | None]
+    fit: Callable[[Any, bool], M | None] | None = None
     save: Callable[[M, Path], None] = _save_estimator
+    fitted_by: str | None = None
     _held: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, repr=False)
     _registry_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -109,15 +116,27 @@ class FittedSlot(Generic[M]):
 
     # --- reading: never fits
 
-    def status(self, catalog: Any) -> FittedState[M]:
-        """The model a reader gets now, whether it is fresh, and why not; nothing is fitted or logged."""
+    def status(self, catalog: Any, *, judge: bool = True) -> FittedState[M]:
+        """The model a reader gets now, whether it is fresh, and why not; nothing is fitted or logged.
+
+        ``judge=False`` leaves freshness unjudged (``fresh`` repeats the last judgement): for a reader
+        that uses whatever was fitted last, where judging would read the catalog (a query's visual
+        words must come from the vocabulary the stored words came from, fresh or not)."""
         held = self._for(catalog)
         with held.lock:
             self._read_file(catalog, held)
             generation = catalog.generation
-            if held.model is not None and held.checked_at != generation:
+            if judge and held.model is not None and held.checked_at != generation:
                 held.stale, held.checked_at = self.fresh(held.model, catalog), generation
             return self._state(held, generation)
+
+    def require(self, catalog: Any, missing: Exception, *, judge: bool = False) -> M:
+        """The model a reader gets now (freshness unjudged unless ``judge``); where none is held,
+        ``ModelFileError`` for a stored file that does not load, else ``missing``."""
+        state = self.status(catalog, judge=judge)
+        if state.model is None:
+            raise ModelFileError(state.reason) if state.unreadable else missing
+        return state.model
 
     def current(self, catalog: Any) -> FittedState[M]:
         """``status``, and a warning the first time a reader finds no model at all."""
@@ -134,19 +153,21 @@ class FittedSlot(Generic[M]):
         path = self.path(catalog)
         stamp = _file_stamp(path)
         if stamp is None or stamp == held.file_stamp:
-            if stamp is None and held.model is None:
-                held.missing = f"no {self.name} is stored with this index"
+            if stamp is None:
+                held.unreadable = False
+                if held.model is None:
+                    held.missing = f"no {self.name} is stored with this index"
             return
         held.file_stamp = stamp
         try:
             model = self.load(catalog, path)
         except (ModelFileError, OSError, ValueError) as error:
             # A model already held (fitted here, or read before) serves on; the file is fitted again.
-            held.missing = str(error)
+            held.missing, held.unreadable = str(error), True
             log.info("%s: %s", catalog.location, error)
             return
         held.model, held.stored, held.fitted_at, held.warned = model, True, stamp[0] / 1e9, False
-        held.checked_at = object()
+        held.checked_at, held.unreadable = object(), False
 
     def _state(self, held: _Held, generation: Any) -> FittedState[M]:
         refitting = held.fit_lock.locked()
@@ -154,17 +175,23 @@ class FittedSlot(Generic[M]):
             reason = held.missing or f"no {self.name} is stored with this index"
             if held.unfittable is not None and held.unfittable[0] == generation:
                 reason = held.unfittable[1]
-            return FittedState(self.name, None, False, reason=reason, refitting=refitting)
+            return FittedState(self.name, None, False, reason=reason, refitting=refitting, unreadable=held.unreadable)
         return FittedState(self.name, held.model, held.stale is None, held.stored, held.stale or "", held.fitted_at,
-                           refitting)
+                           refitting, held.unreadable)
 
     # --- writing: who changed the catalog refits
 
     def refit(self, catalog: Any, *, force: bool = False, store: bool = True, progress: bool = False,
-              fit: Callable[[Any, bool], M] | None = None) -> FittedState[M]:
-        """Fit the model where it is stale or missing (always with ``force``; ``fit`` in place of the
-        slot's own), and save it where ``store`` and the folder allows; else keep it in memory.
-        A catalog that cannot be fitted is not tried again until it changes."""
+              fit: Callable[[Any, bool], M | None] | None = None,
+              save: Callable[[M, Path], None] | None = None) -> FittedState[M]:
+        """Fit the model where it is stale or missing (always with ``force``), and save it where
+        ``store`` and the folder allows; else keep it in memory. A catalog the slot's own fit
+        cannot fit is not tried again until it changes. A fit that returns None removes the
+        stored model: the catalog wants none.
+
+        ``fit`` and ``save`` stand in for the slot's own: a training command's run, and its commit
+        (the model file with the rows its model made). Their errors are the caller's: a
+        ``ValueError`` of that fit, and any failure of that save, are raised (nothing is held)."""
         held = self._for(catalog)
         with held.fit_lock:
             state = self.status(catalog)
@@ -173,27 +200,57 @@ class FittedSlot(Generic[M]):
                 return state
             started = time.perf_counter()
             try:
-                model = (fit or self.fit)(catalog, progress)
+                model = (fit or self._own_fit)(catalog, progress)
             except ValueError as error:
+                if fit is not None:
+                    raise
                 with held.lock:
                     held.unfittable = (generation, str(error))
                 log.warning("%s: cannot fit the %s: %s", catalog.location, self.name, error)
                 return self.status(catalog)
+            if model is None:
+                self.drop(catalog)
+                return self.status(catalog)
             full = None
-            try:
-                stored = store and self._save(catalog, model)
-            except OSError as error:  # a full disk: the fit serves this process, and the caller hears of it
-                full, stored = error, False
+            if save is not None:
+                if store:
+                    save(model, self.path(catalog))
+                stored = store
+            else:
+                try:
+                    stored = store and self._save(catalog, model)
+                except OSError as error:  # a full disk: the fit serves this process, and the caller hears of it
+                    full, stored = error, False
             with held.lock:
                 held.model, held.stored, held.fitted_at, held.unfittable = model, stored, time.time(), None
                 # The file as it is now, ours or an older one: neither is read back over this fit.
                 held.file_stamp = _file_stamp(self.path(catalog))
-                held.checked_at, held.warned = object(), False
+                held.checked_at, held.warned, held.unreadable = object(), False, False
             log.info("%s: %s fitted in %.1fs%s", catalog.location, self.name, time.perf_counter() - started,
                      "" if stored else " (kept in memory)")
             if full is not None:
                 raise full
             return self.status(catalog)
+
+    def _own_fit(self, catalog: Any, progress: bool) -> M | None:
+        if self.fit is None:
+            raise ValueError(f"the {self.name} is fitted by '{self.fitted_by}' alone: run it")
+        return self.fit(catalog, progress)
+
+    def drop(self, catalog: Any) -> None:
+        """The catalog wants no model (nothing left to fit on, a training run that kept none): the
+        stored file is removed, where the folder allows, and nothing is held."""
+        held, path = self._for(catalog), self.path(catalog)
+        with held.lock:
+            # Where the folder cannot be written, this process holds none all the same.
+            try:
+                if not held_read_only(path):
+                    path.unlink(missing_ok=True)
+            except OSError as error:
+                log.info("%s: cannot remove the %s (%s)", catalog.location, self.name, error)
+            held.model, held.stored, held.fitted_at, held.unfittable = None, False, None, None
+            held.file_stamp = _file_stamp(path)
+            held.missing, held.unreadable, held.stale, held.checked_at = "", False, None, object()
 
     def _save(self, catalog: Any, model: M) -> bool:
         try:

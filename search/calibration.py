@@ -487,12 +487,16 @@ def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = No
 def calibrate_catalog(catalog: Catalog, max_queries: int = 240, seed: int = 0, progress: bool = False,
                       store: bool = True) -> MatchCalibrator:
     """Fit the catalog's match calibration now, fresh or not, and store it with the index
-    (``catalens calibrate``); searches use it at once."""
-    state = CALIBRATION.refit(catalog, force=True, store=store, progress=progress,
-                              fit=lambda catalog, progress: fit_match_calibration(
-                                  catalog, max_queries=max_queries, seed=seed, progress=progress))
-    if state.model is None:
-        raise CalibrationError(state.reason)
+    (``catalens calibrate``); searches use it at once. ``CalibrationError`` where this catalog
+    cannot be calibrated."""
+    try:
+        state = CALIBRATION.refit(catalog, force=True, store=store, progress=progress,
+                                  fit=lambda catalog, progress: fit_match_calibration(
+                                      catalog, max_queries=max_queries, seed=seed, progress=progress))
+    except CalibrationError:
+        raise
+    except ValueError as error:
+        raise CalibrationError(str(error)) from None
     return state.model
 
 
