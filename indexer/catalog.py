@@ -174,16 +174,15 @@ class Catalog(ABC):
     def feature(self, name: str) -> Feature:
         """The built feature ``name`` (cached; rebuilt when its fitted model changes).
 
-        Raises ``FeatureUnavailableError`` where a fitted model it needs is missing.
+        Raises ``FeatureUnavailableError`` where a fitted model it needs is missing, and
+        ``ModelFileError`` where its stored file does not load.
         """
         spec = feature_spec(name)
         stamp: Any = "static"
-        if spec.model_file is not None:
-            path = self.models_dir / spec.model_file
-            stamp = path.stat().st_mtime_ns if path.is_file() else None
-            if stamp is None:
-                raise FeatureUnavailableError(
-                    f"{name}: no model fitted for this index yet (run '{spec.fitted_by or 'the training command'}')")
+        if spec.model is not None:
+            # The model itself tells one fit from another: a new fit is a new object.
+            stamp = spec.model.require(self, FeatureUnavailableError(
+                f"{name}: no model fitted for this index yet (run '{spec.fitted_by or 'the training command'}')"))
         return self.cached(f"feature:{name}", lambda: spec.build(self), stamp=stamp)
 
     def features(self) -> list[Feature]:

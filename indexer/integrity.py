@@ -1,9 +1,10 @@
 """``catalens check``: verify every file of a folder index, and rebuild what SQLite can rebuild.
 
-SQLite (``items.sqlite``) is the source of truth; the FAISS files and the visual vocabulary are
-derived from it and are rebuilt when they do not load or do not match. What cannot be derived
-(the item store itself, ``catalens.json``, the networks fitted by ``train-ae`` and ``finetune``,
-the backbone's weights) is reported with the file and what to do.
+SQLite (``items.sqlite``) is the source of truth; the FAISS files, and the models a feature's
+fitted slots can fit on it (the visual vocabulary), are derived from it and are rebuilt when
+they do not load or do not match. What cannot be derived (the item store itself,
+``catalens.json``, the networks fitted by ``train-ae`` and ``finetune``, the backbone's weights)
+is reported with the file and what to do.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from catalens.indexer.backbones import WeightsNotFoundError, check_backbone
 from catalens.indexer.catalog import IndexUnavailableError
 from catalens.indexer.estimator import ModelFileError
-from catalens.indexer.features import FeatureUnavailableError, feature_spec
+from catalens.indexer.features import FeatureSpec, FeatureUnavailableError
+from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.stores.folder import ITEMS_FILE, FolderCatalog
 
 # "rebuildable": damaged, and what ``check`` would rebuild had it been allowed to (--no-repair).
@@ -96,37 +98,44 @@ def _check_models(catalog: FolderCatalog, report: CheckReport, repair: bool) -> 
     except WeightsNotFoundError as error:
         report.add(f"backbone {catalog.config.backbone}", "damaged", str(error))
     for spec in catalog.feature_specs():
-        if spec.model_file is None or not (catalog.models_dir / spec.model_file).is_file():
-            continue
-        name = f"models/{spec.model_file}"
-        try:
-            catalog.feature(spec.name)
-            report.add(name, "ok")
-        except (ModelFileError, FeatureUnavailableError) as error:
-            report.add(name, "damaged", f"{error} (run '{spec.fitted_by}')")
-    if "sift" in catalog.config.features:
-        _check_vocabulary(catalog, report, repair)
+        for slot in spec.slots:
+            _check_fitted(catalog, spec, slot, report, repair)
 
 
-def _check_vocabulary(catalog: FolderCatalog, report: CheckReport, repair: bool) -> None:
-    """The visual vocabulary is fitted on the stored keypoints: a damaged one is fitted again (``repair``)."""
-    from catalens.indexer.features.sift import load_vocabulary, vocabulary_path
-
-    path = vocabulary_path(catalog)
-    if not path.is_file():
+def _check_fitted(catalog: FolderCatalog, spec: FeatureSpec, slot: FittedSlot, report: CheckReport,
+                  repair: bool) -> None:
+    """A stored model of a feature: one its slot can fit on the item store (a visual vocabulary) is
+    fitted again where it does not load (``repair``), and what the feature derives from it is
+    refreshed; one only a training command fits is reported with that command."""
+    if not slot.path(catalog).is_file():
         return
-    name = f"models/{path.name}"
+    name = f"models/{slot.model_file}"
     try:
-        load_vocabulary(catalog)
-        report.add(name, "ok")
-    except ModelFileError as error:
-        problem = error.args[0].split(": ", 1)[-1].split(";")[0]
+        if slot is spec.model:
+            catalog.feature(spec.name)
+        else:
+            slot.require(catalog, FeatureUnavailableError(f"no {slot.name} is stored"))
+    except (ModelFileError, FeatureUnavailableError) as error:
+        if slot.fitted_by is not None:
+            report.add(name, "damaged", f"{error} (run '{slot.fitted_by}')")
+            return
+        problem = str(error).split(": ", 1)[-1].split(";")[0]
         if not repair:  # the file stays as it is: reported as rebuildable by check_index
             report.add(name, "repaired", problem)
             return
-        path.unlink()
-        feature_spec("sift").refresh(catalog, np.zeros(0, np.int64), np.zeros(0, np.int64))
-        report.add(name, "repaired", f"{problem}; fitted again on the stored keypoints")
+        state = slot.refit(catalog, force=True)
+        if state.model is not None and not state.stored:
+            report.add(name, "damaged", f"{problem}; fitted again, but it could not be stored")
+            return
+        if state.model is None and slot.path(catalog).is_file():
+            report.add(name, "damaged", f"{problem}; it could not be fitted again ({state.reason})")
+            return
+        if spec.refresh is not None:  # what the feature derives from it (visual words)
+            spec.refresh(catalog, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        report.add(name, "repaired", f"{problem}; fitted again from {ITEMS_FILE}" if state.model is not None
+                   else f"{problem}; removed (no {spec.name} rows to fit it on)")
+        return
+    report.add(name, "ok")
 
 
 def _file_named(message: str, root: Path) -> str:

@@ -749,10 +749,10 @@ def test_a_global_feature_mode_is_answered_by_knn_on_the_cluster_with_cosine_sco
 
 
 def test_local_features_are_indexed_into_elasticsearch_with_words_of_a_vocabulary_fitted_on_them(server, es_catalog, tmp_path, stand_in_deep):
-    from catalens.indexer.features.sift import load_vocabulary
+    from catalens.indexer.features.sift import VOCABULARY
 
     cluster, catalog = _indexed(server, tmp_path, es_catalog)
-    vocabulary = load_vocabulary(catalog)
+    vocabulary = VOCABULARY.current(catalog).model
     assert vocabulary.size == 512 and vocabulary.fitted_on_ == len(es_catalog)
     assert (catalog.state_dir / "models").is_dir() and catalog.models_dir == catalog.state_dir / "models"
     for source in cluster.docs.values():
@@ -775,7 +775,7 @@ def test_local_features_are_indexed_into_elasticsearch_with_words_of_a_vocabular
     assert [line["index"]["_id"] for line in lines if "index" in line] == ["item9"]
     assert [line["update"]["_id"] for line in lines if "update" in line] == ["item9"]
     assert cluster.docs["item9"]["sift_words"] == cluster.docs["item1"]["sift_words"]
-    assert load_vocabulary(catalog).id_ == vocabulary.id_  # not refitted for one item more
+    assert VOCABULARY.current(catalog).model.id_ == vocabulary.id_  # not refitted for one item more
 
 
 @pytest.mark.parametrize("mode", ["local", "fused"])
@@ -1271,7 +1271,7 @@ def live_catalog(tmp_path):
 def test_es_index_search_filter_delete_and_resume(live_catalog, tiny_catalog):
     from catalens.datasets.catalog import load_catalog
     from catalens.indexer.features import embed
-    from catalens.indexer.features.sift import load_vocabulary
+    from catalens.indexer.features.sift import VOCABULARY
     from catalens.indexer.imageio import load_rgb
     from catalens.search.engine import available_modes
 
@@ -1281,7 +1281,7 @@ def test_es_index_search_filter_delete_and_resume(live_catalog, tiny_catalog):
     assert report.added == len(items) and not report.failures
     assert live.items.count() == len(items)
     # every item with keypoints has words of the vocabulary fitted on them
-    vocabulary = load_vocabulary(live)
+    vocabulary = VOCABULARY.current(live).model
     assert live.items.row_keys("sift") and not live.words("sift").stale(vocabulary.id_)
 
     # search: an indexed image finds itself first; a category filter keeps to whole levels
@@ -1314,7 +1314,7 @@ def test_es_index_search_filter_delete_and_resume(live_catalog, tiny_catalog):
     # resume: a second run extracts item 1 alone (its fingerprint is stale) and duplicates nothing
     again = index_catalog(items, live, progress=False)
     assert again.extracted == 1 and live.items.count() == len(items)
-    assert not live.words("sift").stale(load_vocabulary(live).id_)  # item 1 re-quantised
+    assert not live.words("sift").stale(VOCABULARY.current(live).model.id_)  # item 1 re-quantised
     [result] = SearchEngine(live).search([items[1].image], k=3, mode="local")
     assert result.results[0].id == items[1].id
 

@@ -1,12 +1,14 @@
-"""The ``FittedSlot`` contract beyond the classifier and the calibration: a fit that wants no
-model, a model only a training command fits (its run and commit passed in), a stored file that
-does not load, readers that do not judge freshness."""
+"""What a feature fits on the catalog (the visual vocabulary, the autoencoder, the adapted network)
+goes through its ``FittedSlot`` like the classifier and the calibration: read, judged, fitted and
+stored one way; ``catalens check`` rebuilds what a slot can fit without knowing the feature."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from catalens.indexer.estimator import ModelFileError
@@ -100,3 +102,106 @@ def test_a_reader_that_does_not_judge_never_asks_whether_the_model_is_fresh(tmp_
     catalog.generation += 1
     assert slot.require(catalog, LookupError()) == {"n": 5} and not asked
     assert slot.status(catalog).fresh and asked == [1]
+
+
+# --- the features' slots, on a generated index
+
+
+@pytest.fixture()
+def index(synthetic_index, tmp_path) -> Path:
+    """A copy of the session's generated index (deep, colour, sift), to change."""
+    return Path(shutil.copytree(synthetic_index[0], tmp_path / "index"))
+
+
+def test_a_vocabulary_the_catalog_outgrew_is_stale_and_refit_quantises_the_words_again(index):
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.features.sift import VOCABULARY
+
+    catalog = open_catalog(index)
+    try:
+        state = VOCABULARY.status(catalog)
+        assert state.fresh and state.stored
+        vocabulary = state.model
+        vocabulary.fitted_on_ = 4  # fitted on four of the nine images: the catalog has doubled since
+        vocabulary.save(VOCABULARY.path(catalog))
+    finally:
+        catalog.close()
+    catalog = open_catalog(index)  # another process's view
+    try:
+        state = VOCABULARY.status(catalog)
+        assert not state.fresh and "times" in state.reason and state.model.id_ == vocabulary.id_
+        catalog.refresh(np.zeros(0, np.int64), np.zeros(0, np.int64))  # what every indexing run ends with
+        refitted = VOCABULARY.status(catalog)
+        assert refitted.fresh and refitted.stored and refitted.model.id_ != vocabulary.id_
+        assert refitted.model.fitted_on_ == 9
+        assert not catalog.words("sift").stale(refitted.model.id_)
+    finally:
+        catalog.close()
+
+
+def test_a_vocabulary_of_another_size_than_configured_is_stale(index):
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.features.sift import VOCABULARY
+
+    catalog = open_catalog(index)
+    try:
+        catalog.config.feature_options = {"sift": {"vocab_size": 64}}
+        state = VOCABULARY.status(catalog)
+        assert not state.fresh and "asks 64" in state.reason
+        assert VOCABULARY.refit(catalog).model.size == 64
+    finally:
+        catalog.close()
+
+
+def test_check_fits_a_damaged_vocabulary_again_and_requantises_without_naming_the_feature(index):
+    from catalens.indexer import integrity
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.features import list_features
+    from catalens.indexer.features.sift import VOCABULARY
+
+    source = Path(integrity.__file__).read_text()
+    assert not [name for name in list_features() if f'"{name}"' in source or f"'{name}'" in source]
+    vocabulary = index / "models" / "sift_vocabulary.pt"
+    vocabulary.write_bytes(vocabulary.read_bytes()[:200])
+    report = integrity.check_index(index)
+    [finding] = [finding for finding in report.findings if finding.file == "models/sift_vocabulary.pt"]
+    assert finding.status == "repaired" and "fitted again" in finding.detail and report.healthy
+    catalog = open_catalog(index)
+    try:
+        state = VOCABULARY.status(catalog)
+        assert state.fresh and state.stored
+        assert not catalog.words("sift").stale(state.model.id_)
+    finally:
+        catalog.close()
+
+
+def test_a_read_only_index_keeps_an_autoencoder_fitted_on_it_in_memory(index):
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.features.autoencoder import AUTOENCODER, MODEL_FILE, load_autoencoder
+    from catalens.indexer.features.autoencoder_model import ConvAutoencoder
+
+    pixels = np.random.default_rng(0).random((24, 3, 64, 64), dtype=np.float32)
+    model = ConvAutoencoder(input_kind="pixels", code_channels=2, width=8, epochs=1, progress=False)
+    catalog = open_catalog(index, read_only=True)
+    try:
+        state = AUTOENCODER.refit(catalog, force=True, fit=lambda catalog, progress: model.fit(pixels))
+        assert state.model is model and not state.stored
+        assert load_autoencoder(catalog).model is model
+        assert catalog.feature("ae").dim == model.code_dim
+    finally:
+        catalog.close()
+    assert not (index / "models" / MODEL_FILE).exists()
+    assert not [path.name for path in (index / "models").iterdir() if path.name.endswith(".tmp")]
+
+
+def test_the_adapted_network_is_fitted_by_finetune_alone(index):
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.features.deep_ft import ADAPTED_NETWORK, trained_keys
+
+    catalog = open_catalog(index)
+    try:
+        state = ADAPTED_NETWORK.refit(catalog)
+        assert state.model is None and "catalens finetune" in state.reason
+        assert trained_keys(catalog) is None
+    finally:
+        catalog.close()

@@ -12,7 +12,7 @@ from PIL import Image
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import sift
-from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer, vocabulary_path
+from catalens.indexer.features.sift import VOCABULARY, LocalDescriptors, SiftPreparer
 from catalens.indexer.features.visual_vocabulary import VisualVocabulary, auto_vocab_size
 from catalens.indexer.pipeline import index_catalog
 from catalens.indexer.stores.backends import open_catalog
@@ -238,10 +238,10 @@ def test_adding_items_quantises_only_the_new_ones_and_removing_drops_them(tmp_pa
 def test_a_run_killed_before_the_local_index_was_derived_is_repaired_by_the_next(tmp_path, monkeypatch):
     catalog = _catalog(tmp_path / "catalog", 6)
 
-    def killed(catalog, keys, options):
+    def killed(catalog, progress=False):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sift, "refreshed_vocabulary", killed)
+    monkeypatch.setattr(sift, "fit_vocabulary", killed)
     with pytest.raises(KeyboardInterrupt):
         index_catalog(catalog, tmp_path / "index", _config(), progress=False)
     monkeypatch.undo()
@@ -259,7 +259,7 @@ def test_local_features_off_extracts_no_sift(tmp_path):
     index = open_catalog(tmp_path / "index")
     try:
         assert index.items.rows("sift") == {}
-        assert not vocabulary_path(index).exists()
+        assert not VOCABULARY.path(index).exists()
         assert "local" not in SearchEngine(index).modes()
         (result,) = SearchEngine(index).search([catalog / "Dairy/Milk/item00.jpg"], k=2, mode="fused")
         assert result.results[0].id.endswith("item00.jpg")  # fused falls back to deep

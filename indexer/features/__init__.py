@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from catalens.errors import InputError, UnavailableError
+from catalens.indexer.fitted import FittedSlot
 
 Preparer = Callable[[Image.Image], Any]
 
@@ -131,11 +132,14 @@ class FeatureSpec:
 
     ``build(catalog)`` returns the feature, or raises ``FeatureUnavailableError`` where what it
     needs is missing. The catalog is an ``indexer.catalog.Catalog``, typed ``Any`` here because
-    the catalog imports this registry. A feature fitted on the catalog names its ``model_file`` (in the
-    catalog's models folder) and ``fitted_by``, the command that fits it. ``refresh(catalog, changed_keys, removed_keys)`` keeps what depends on the whole
-    catalog (a visual vocabulary and words) in line after a run. ``search_weight`` and
-    ``classify_weight`` are its default weights in fused search and classification; a feature
-    with ``replaces`` set stands in for that one wherever both are present.
+    the catalog imports this registry. What is fitted on the catalog for a feature is a
+    ``FittedSlot`` (``indexer.fitted``): ``model``, the one it is built from (unavailable until it
+    holds a model, rebuilt when it changes), and ``fitted``, those it uses once built (a visual
+    vocabulary); ``catalens check`` verifies each stored one and fits again those it can.
+    ``refresh(catalog, changed_keys, removed_keys)`` keeps what depends on the whole catalog (a
+    visual vocabulary and words) in line after a run. ``search_weight`` and ``classify_weight``
+    are its default weights in fused search and classification; a feature with ``replaces`` set
+    stands in for that one wherever both are present.
 
     What an index's configuration (``IndexConfig``) holds for the feature, applied there without
     naming it: ``written_options`` are written into a new index's ``feature_options`` (so the
@@ -151,8 +155,8 @@ class FeatureSpec:
     build: Callable[[Any], Feature]
     dim: int | None = None  # None: it depends on the backbone or on the fitted model
     similarity: Literal["cosine", "inliers", "bm25"] = "cosine"
-    fitted_by: str | None = None
-    model_file: str | None = None  # in the catalog's models folder: the feature is rebuilt when it changes
+    model: FittedSlot | None = None
+    fitted: tuple[FittedSlot, ...] = ()
     refresh: Callable[[Any, np.ndarray, np.ndarray], None] | None = None
     search_weight: float = 0.0
     classify_weight: float = 0.0
@@ -162,6 +166,16 @@ class FeatureSpec:
     stored_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     legacy_switch: str | None = None
     legacy_options: str | None = None
+
+    @property
+    def slots(self) -> tuple[FittedSlot, ...]:
+        """Every ``FittedSlot`` of the feature, its model's first."""
+        return (self.model, *self.fitted) if self.model is not None else self.fitted
+
+    @property
+    def fitted_by(self) -> str | None:
+        """The command that fits the model the feature is built from, where only a command does."""
+        return self.model.fitted_by if self.model is not None else None
 
 
 _REGISTRY: dict[str, FeatureSpec] = {}

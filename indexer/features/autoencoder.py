@@ -20,6 +20,7 @@ from catalens.indexer.estimator import NotFittedError
 from catalens.indexer.features import register_feature
 from catalens.indexer.features.decode import extract_rows
 from catalens.indexer.features.deep import DeepFeature
+from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.runtime import compile_network
 
 if TYPE_CHECKING:
@@ -91,7 +92,19 @@ def extract_inputs(
 # --- the model of a catalog
 
 
-@dataclass
+def _load_model(catalog: Any, path: Path) -> ConvAutoencoder:
+    from catalens.indexer.features.autoencoder_model import ConvAutoencoder
+
+    return ConvAutoencoder.load(path, progress=False)
+
+
+# Fitted by ``catalens train-ae`` alone (``training.train_autoencoder`` passes its run and commit to
+# ``refit``); it describes the catalog it was trained on until it is trained again.
+AUTOENCODER = FittedSlot(name="autoencoder", model_file=MODEL_FILE, load=_load_model,
+                         fresh=lambda model, catalog: None, fitted_by="catalens train-ae")
+
+
+@dataclass(eq=False)
 class IndexAutoencoder:
     """A fitted autoencoder together with what feeds it, for one index."""
 
@@ -108,28 +121,18 @@ class IndexAutoencoder:
         return 2 * self.model.error_scale_
 
 
-def model_path(catalog: Any) -> Path:
-    return Path(catalog.models_dir) / MODEL_FILE
-
-
-def has_model(catalog: Any) -> bool:
-    return model_path(catalog).is_file()
-
-
 def load_autoencoder(catalog: Any) -> IndexAutoencoder:
-    """The catalog's trained autoencoder with what feeds it (cached until the model file changes)."""
-    path = model_path(catalog)
-    if not path.is_file():
-        raise NotFittedError(f"{catalog.location}: no autoencoder trained for this index (run 'catalens train-ae' first)")
+    """The catalog's trained autoencoder with what feeds it (``NotFittedError`` before ``train-ae``,
+    ``ModelFileError`` where its file does not load)."""
+    model = AUTOENCODER.require(catalog, NotFittedError(
+        f"{catalog.location}: no autoencoder trained for this index (run 'catalens train-ae' first)"))
 
     def build() -> IndexAutoencoder:
-        from catalens.indexer.features.autoencoder_model import ConvAutoencoder
-
-        model = ConvAutoencoder.load(path, progress=False)
         deep = catalog.feature("deep") if model.input_kind == "features" else None
         return IndexAutoencoder(model, AutoencoderInputs(model.input_kind, deep))
 
-    return catalog.cached("autoencoder", build, stamp=path.stat().st_mtime_ns)
+    # What feeds it is built once a model: the model itself tells one fit from another.
+    return catalog.cached("autoencoder", build, stamp=model)
 
 
 class AutoencoderCodes:
@@ -155,7 +158,7 @@ def forget_stale_scores(catalog: Catalog, changed_keys: Collection[int], removed
         catalog.items.delete_rows(SCORE_FEATURE, [int(key) for key in changed_keys])
 
 
-@register_feature("ae", "global", model_file=MODEL_FILE, fitted_by="catalens train-ae", refresh=forget_stale_scores,
+@register_feature("ae", "global", model=AUTOENCODER, refresh=forget_stale_scores,
                   description="bottleneck codes of the catalog's convolutional autoencoder")
 def build_autoencoder_codes(catalog: Catalog) -> AutoencoderCodes:
     return AutoencoderCodes(load_autoencoder(catalog))

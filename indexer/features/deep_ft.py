@@ -1,13 +1,15 @@
 """The ``deep_ft`` global feature: the network adapted to the catalog by ``catalens finetune``.
 
 The frozen trunk and the top stages trained on the catalog's products
-(``catalens.indexer.features.adapted_model``, fitted by ``catalens.indexer.training.adaptation``), compiled as one network like ``deep``. Where finetune
+(``catalens.indexer.features.adapted_model``, fitted by ``catalens.indexer.training.adaptation``
+through the ``ADAPTED_NETWORK`` slot), compiled as one network like ``deep``. Where finetune
 keeps it, it stands in for ``deep`` in search and classification, and new items get its rows at
 indexing time.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +19,15 @@ from PIL import Image
 
 from catalens.indexer.backbones import get_backbone
 from catalens.indexer.estimator import saved_params, saved_state
-from catalens.indexer.features import Window, l2_normalise, register_feature, windows_by_side
+from catalens.indexer.features import (
+    FeatureUnavailableError,
+    Window,
+    l2_normalise,
+    register_feature,
+    windows_by_side,
+)
 from catalens.indexer.features.deep import DeepPreparer
+from catalens.indexer.fitted import FittedSlot
 from catalens.indexer.runtime import compile_network, weights_stamp
 
 if TYPE_CHECKING:
@@ -33,34 +42,25 @@ class AdaptedDeep:
     """The adapted embedding of an image: its centre crop and mirror image through the adapted network, summed.
 
     The same two views as the catalog's rows, which finetune made from trunk maps of them.
+    ``model``: the fitted top stages where this process fitted them (finetune), else they are read
+    from ``model_file`` where needed. The network is compiled on first use, once the model file is
+    stored: its conversion is cached under the file's stamp.
     """
 
     name = FEATURE_NAME
 
-    def __init__(self, model_file: Path, scaling: str = "auto", runtime: str = "auto"):
+    def __init__(self, model_file: Path, scaling: str = "auto", runtime: str = "auto", model: AdaptedTop | None = None):
         # The saved parameters name the backbone; the model itself (torch modules) is loaded only
         # where the network's conversion is not cached yet.
-        params = saved_params(model_file, "AdaptedTop")
+        params = model.get_params() if model is not None else saved_params(model_file, "AdaptedTop")
         spec = get_backbone(params.get("backbone", "efficientnet_lite0"))
-        self.model_file, self._model = Path(model_file), None
-
-        def build():
-            from torch import nn
-
-            from catalens.indexer.backbones.networks import AdaptedNetwork
-
-            model = self.model
-            frozen = nn.Sequential(*spec.create(pretrained=model.pretrained).stages()[: model.first_stage_])
-            return AdaptedNetwork(frozen, model.top_)
-
-        key = f"{spec.name}-adapted-{weights_stamp(model_file)}" if params.get("pretrained", True) else None
-        self._network, self.runtime = compile_network(build, spec.input_size, runtime, "cpu", key)
+        self.model_file, self._model = Path(model_file), model
         self.spec, self.pretrained, self.runtime_asked = spec, bool(params.get("pretrained", True)), runtime
+        self._compiled: tuple[Any, str, int] | None = None
+        self._compiling = threading.Lock()
         self._window_network: tuple[Any, int, int] | None = None
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
-        # Its size from one image's output (a cached conversion has no module to ask).
-        self.dim = int(self._network(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)).shape[1])
 
     @property
     def model(self) -> AdaptedTop:
@@ -70,6 +70,47 @@ class AdaptedDeep:
 
             self._model = AdaptedTop.load(self.model_file, progress=False)
         return self._model
+
+    def trained_keys(self) -> np.ndarray:
+        """Keys of the items the network trained on (stored with it by ``finetune``; none in a model
+        saved before it kept them)."""
+        found = self._model.trained_keys_ if self._model is not None else (
+            saved_state(self.model_file, "AdaptedTop").get("trained_keys", []))
+        return np.asarray(found, np.int64)
+
+    def _network_now(self) -> tuple[Any, str, int]:
+        """(the network, its runtime, its output size), compiled on first use."""
+        with self._compiling:
+            if self._compiled is None:
+                spec = self.spec
+
+                def build():
+                    from torch import nn
+
+                    from catalens.indexer.backbones.networks import AdaptedNetwork
+
+                    model = self.model
+                    frozen = nn.Sequential(*spec.create(pretrained=model.pretrained).stages()[: model.first_stage_])
+                    return AdaptedNetwork(frozen, model.top_)
+
+                key = f"{spec.name}-adapted-{weights_stamp(self.model_file)}" if self.pretrained else None
+                network, runtime = compile_network(build, spec.input_size, self.runtime_asked, "cpu", key)
+                # Its size from one image's output (a cached conversion has no module to ask).
+                dim = int(network(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)).shape[1])
+                self._compiled = (network, runtime, dim)
+            return self._compiled
+
+    @property
+    def _network(self) -> Any:
+        return self._network_now()[0]
+
+    @property
+    def runtime(self) -> str:
+        return self._network_now()[1]
+
+    @property
+    def dim(self) -> int:
+        return self._network_now()[2]
 
     def finish(self, prepared: list[Any]) -> np.ndarray:
         if not prepared:
@@ -146,19 +187,30 @@ class AdaptedDeep:
         return l2_normalise(rows)
 
 
-@register_feature(FEATURE_NAME, "global", model_file=MODEL_FILE, fitted_by="catalens finetune", replaces="deep",
+def _load_adapted(catalog: Any, path: Path) -> AdaptedDeep:
+    return AdaptedDeep(path, catalog.config.input_scaling, catalog.config.runtime)
+
+
+# Fitted by ``catalens finetune`` alone (``training.adaptation`` passes its run and commit to
+# ``refit``); it describes the catalog it was trained on until finetune runs again.
+ADAPTED_NETWORK = FittedSlot(name="adapted network", model_file=MODEL_FILE, load=_load_adapted,
+                             fresh=lambda model, catalog: None, fitted_by="catalens finetune")
+
+
+@register_feature(FEATURE_NAME, "global", model=ADAPTED_NETWORK, replaces="deep",
                   search_weight=1.0, classify_weight=1.0,
                   description="the backbone's top stages adapted to the catalog's products")
 def build_adapted_deep(catalog: Catalog) -> AdaptedDeep:
-    return AdaptedDeep(catalog.models_dir / MODEL_FILE, catalog.config.input_scaling, catalog.config.runtime)
+    return ADAPTED_NETWORK.require(catalog, FeatureUnavailableError(
+        f"{FEATURE_NAME}: no model fitted for this index yet (run 'catalens finetune')"))
 
 
 def trained_keys(catalog: Catalog) -> np.ndarray | None:
     """Keys of the items the catalog's adapted network trained on (stored with it by ``finetune``),
     or None where search does not use one (no ``deep_ft``, or a model saved before it kept them).
     Read without building the network: a search's calibration asks it, and must not import torch."""
-    path = Path(catalog.models_dir) / MODEL_FILE
-    if FEATURE_NAME not in catalog.config.features or not path.is_file():
+    if FEATURE_NAME not in catalog.config.features:
         return None
-    keys = np.asarray(saved_state(path, "AdaptedTop").get("trained_keys", []), np.int64)
+    adapted = ADAPTED_NETWORK.status(catalog, judge=False).model
+    keys = adapted.trained_keys() if adapted is not None else np.zeros(0, np.int64)
     return keys if len(keys) else None

@@ -2,10 +2,10 @@
 
 Per-item keypoints and descriptors are rows of the item store (written by the indexing run).
 What depends on the whole catalog, the visual vocabulary and each item's words, is kept in
-line by ``refresh_words`` after every run, on either backend: the vocabulary is fitted once
-and refitted when the catalog has outgrown it, and only the items whose words are missing or
-from another vocabulary are quantised, so a run that adds a few items quantises those alone
-and a run killed at any point is repaired by the next.
+line by ``refresh_words`` after every run, on either backend: the vocabulary (the ``VOCABULARY``
+slot, ``indexer.fitted``) is fitted once and refitted when the catalog has outgrown it, and only
+the items whose words are missing or from another vocabulary are quantised, so a run that adds
+a few items quantises those alone and a run killed at any point is repaired by the next.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from catalens.indexer.estimator import ModelFileError
 from catalens.indexer.features import FeatureUnavailableError, register_feature
 from catalens.indexer.features.decode import in_decode_worker
 from catalens.indexer.features.visual_vocabulary import VisualVocabulary, auto_vocab_size
+from catalens.indexer.fitted import FittedSlot
 
 if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
@@ -193,38 +194,32 @@ class SiftFeature:
         return LocalDescriptors.from_bytes(blob)
 
     def quantise(self, descriptors: LocalDescriptors) -> np.ndarray:
-        vocabulary = load_vocabulary(self.catalog) if self.catalog is not None else None
-        if vocabulary is None:
-            raise FeatureUnavailableError(
-                f"{getattr(self.catalog, 'location', 'this index')}: no visual vocabulary yet (run 'catalens index')")
-        return vocabulary.transform(descriptors.descriptors)
+        missing = FeatureUnavailableError(
+            f"{getattr(self.catalog, 'location', 'this index')}: no visual vocabulary yet (run 'catalens index')")
+        if self.catalog is None:
+            raise missing
+        # The vocabulary the stored words came from, fresh or not: judging it would read the catalog.
+        return VOCABULARY.require(self.catalog, missing).transform(descriptors.descriptors)
 
 
 # --- the vocabulary and the words, kept in line with the catalog
 
 
-def vocabulary_path(catalog: Any, feature: str = FEATURE_NAME) -> Path:
-    return Path(catalog.models_dir) / f"{feature}_vocabulary.pt"
+def _images_with_keypoints(catalog: Any) -> list[int]:
+    """Keys of the items that hold keypoints, sorted."""
+    return sorted(catalog.items.row_keys(FEATURE_NAME))
 
 
-def load_vocabulary(catalog: Any, feature: str = FEATURE_NAME) -> VisualVocabulary | None:
-    """The catalog's fitted vocabulary (cached until its file changes), or None before the first fit."""
-    path = vocabulary_path(catalog, feature)
-    if not path.is_file():
-        return None
-
-    def load() -> VisualVocabulary:
-        try:
-            return VisualVocabulary.load(path)
-        except ModelFileError as error:
-            # Fitted on the stored keypoints, so it can always be fitted again.
-            raise ModelFileError(f"{error.args[0].split(';')[0]}; run 'catalens check --index "
-                                 f"{getattr(catalog, 'location', 'DIR')}' to fit it again") from None
-
-    return catalog.cached(f"{feature}-vocabulary:{path.stat().st_mtime_ns}", load)
+def _load_vocabulary(catalog: Any, path: Path) -> VisualVocabulary:
+    try:
+        return VisualVocabulary.load(path)
+    except ModelFileError as error:
+        # Fitted on the stored keypoints, so it can always be fitted again.
+        raise ModelFileError(f"{error.args[0].split(';')[0]}; run 'catalens check --index "
+                             f"{getattr(catalog, 'location', 'DIR')}' to fit it again") from None
 
 
-def _fit_vocabulary(catalog: Any, keys: list[int], n_words: int, options: SiftOptions) -> VisualVocabulary:
+def _sample_and_fit(catalog: Any, keys: list[int], n_words: int, options: SiftOptions) -> VisualVocabulary:
     rng = np.random.default_rng(options.seed)
     wanted = n_words * options.sample_per_word
     per_image = max(1, options.max_keypoints // 2)
@@ -241,31 +236,49 @@ def _fit_vocabulary(catalog: Any, keys: list[int], n_words: int, options: SiftOp
     return VisualVocabulary(min(n_words, len(sample)), options.kmeans_iterations, options.seed).fit(sample, fitted_on=len(keys))
 
 
-def refreshed_vocabulary(catalog: Any, keys: list[int], options: SiftOptions) -> VisualVocabulary:
-    """The saved vocabulary, refitted on the items ``keys`` where it is missing, where the catalog
-    has outgrown it ``refit_growth`` times, or where its configured size changed."""
-    try:
-        vocabulary = load_vocabulary(catalog)
-    except ModelFileError as error:
-        log.warning("%s; fitting it again", str(error).split(";")[0])
-        vocabulary = None
-    if vocabulary is None or len(keys) >= options.refit_growth * max(vocabulary.fitted_on_, 1) or (
-        options.vocab_size and vocabulary.size != options.vocab_size
-    ):
-        vocabulary = _fit_vocabulary(catalog, keys, options.vocab_size or auto_vocab_size(len(keys)), options)
-        vocabulary.save(vocabulary_path(catalog))
-        log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(keys))
+def fit_vocabulary(catalog: Any, progress: bool = False) -> VisualVocabulary | None:
+    """A vocabulary fitted on the items' keypoints, or None where no item holds any."""
+    keys = _images_with_keypoints(catalog)
+    if not keys:
+        return None
+    options = SiftOptions.from_catalog(catalog)
+    vocabulary = _sample_and_fit(catalog, keys, options.vocab_size or auto_vocab_size(len(keys)), options)
+    log.info("fitted a %d-word visual vocabulary on %d images", vocabulary.size, len(keys))
     return vocabulary
 
 
+def vocabulary_freshness(vocabulary: VisualVocabulary, catalog: Any) -> str | None:
+    """None while the vocabulary serves the catalog; stale once the catalog has ``refit_growth``
+    times the images it was fitted on, or its configured size changed."""
+    images = len(_images_with_keypoints(catalog))
+    if not images:
+        return "no item holds keypoints"
+    options = SiftOptions.from_catalog(catalog)
+    if images >= options.refit_growth * max(vocabulary.fitted_on_, 1):
+        return (f"the catalog has {images} images with keypoints, {options.refit_growth:g} times or more the "
+                f"{vocabulary.fitted_on_} the visual vocabulary was fitted on")
+    if options.vocab_size and vocabulary.size != options.vocab_size:
+        return f"the visual vocabulary has {vocabulary.size} words, the configuration asks {options.vocab_size}"
+    return None
+
+
+VOCABULARY = FittedSlot(
+    name="visual vocabulary", model_file=f"{FEATURE_NAME}_vocabulary.pt", load=_load_vocabulary,
+    fit=lambda catalog, progress: fit_vocabulary(catalog, progress), fresh=vocabulary_freshness)
+
+
 def refresh_words(catalog: Catalog, changed_keys: Collection[int], removed_keys: Collection[int]) -> int:
-    """Fit the vocabulary when due, then quantise the items whose words are stale; returns how many."""
+    """Fit the vocabulary where stale, then quantise the items whose words are stale; returns how many."""
     started = time.perf_counter()
-    keys = sorted(catalog.items.row_keys(FEATURE_NAME))
-    if not keys:
-        vocabulary_path(catalog).unlink(missing_ok=True)
+    before = VOCABULARY.status(catalog, judge=False)
+    if before.unreadable:
+        log.warning("%s; fitting it again", before.reason.split(";")[0])
+    state = VOCABULARY.refit(catalog)
+    vocabulary = state.model
+    if vocabulary is None:
+        if _images_with_keypoints(catalog):  # keypoints, but none to fit on
+            raise ValueError(state.reason)
         return 0
-    vocabulary = refreshed_vocabulary(catalog, keys, SiftOptions.from_catalog(catalog))
     words_index = catalog.words(FEATURE_NAME)
     todo = words_index.stale(vocabulary.id_, {int(key) for key in changed_keys})
     for start in range(0, len(todo), 512):
@@ -282,9 +295,9 @@ def refresh_words(catalog: Catalog, changed_keys: Collection[int], removed_keys:
     return len(todo)
 
 
-@register_feature("sift", "local", similarity="inliers", refresh=refresh_words, search_weight=0.2,
-                  written_options={"image_size": SiftOptions.image_size}, stored_options={"image_size": 320},
-                  legacy_switch="local_features", legacy_options="local",
+@register_feature("sift", "local", similarity="inliers", refresh=refresh_words, fitted=(VOCABULARY,),
+                  search_weight=0.2, written_options={"image_size": SiftOptions.image_size},
+                  stored_options={"image_size": 320}, legacy_switch="local_features", legacy_options="local",
                   description="RootSIFT keypoints, visual words, geometric verification")
 def build_sift(catalog: Catalog) -> SiftFeature:
     return SiftFeature(SiftOptions.from_catalog(catalog), catalog)

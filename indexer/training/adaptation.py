@@ -22,7 +22,7 @@ import logging
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.adapted_model import AdaptedTop, FrozenTrunk, steps_for
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
-from catalens.indexer.features.deep_ft import FEATURE_NAME, MODEL_FILE
+from catalens.indexer.features.deep_ft import ADAPTED_NETWORK, FEATURE_NAME, AdaptedDeep
 from catalens.indexer.files import replaced_file
 from catalens.indexer.imageio import ImageSource
 from catalens.indexer.stores import product_of, stack_rows
@@ -167,10 +167,6 @@ class AdaptationReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_path(catalog: Any) -> Path:
-    return Path(catalog.models_dir) / MODEL_FILE
 
 
 def _sample_backgrounds(catalog: Any, records: Sequence, rng: np.random.Generator, limit: int = 24
@@ -312,6 +308,16 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     and each item's stored row moves toward its product's surest photos (``toward_shop_photos``).
     Items indexed later get the network's row alone until the next finetune.
     """
+    run = _FinetuneRun(catalog, steps, seed, unlabeled)
+    ADAPTED_NETWORK.refit(catalog, force=True, progress=progress, fit=run.fit, save=run.commit)
+    log.info("finetune: %s", run.report)
+    return run.report
+
+
+def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlabeled: Sequence[ImageSource]
+           ) -> tuple[AdaptedTop, AdaptationReport, np.ndarray, np.ndarray]:
+    """Train the adapted network and judge it on the held-out slice: (the network, the report,
+    the keys of the items it embedded, their rows as search would store them)."""
     started = time.perf_counter()
     config = catalog.config
     records = sorted(catalog.items.records().values(), key=lambda record: record.id)  # one catalog, one model
@@ -410,41 +416,63 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
         steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
         adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1),
         unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled, toward_shop_photos=moved_products)
-    features, previous = list(catalog.config.features), catalog.meta.get("adaptation")
+    return model, report, keys, stored
 
-    def put_back() -> None:  # what this process holds, where nothing was committed
-        catalog.config.features = features
-        catalog.meta.pop("adaptation", None)
-        if previous is not None:
-            catalog.meta["adaptation"] = previous
 
-    catalog.meta["adaptation"] = report.to_json()
-    with catalog.lock:
-        if kept:
-            # The model file, then the rows it made, with the feature enabled in the one save that
-            # follows them: a failure (a full disk) before the rows are committed puts the previous
-            # model back, so ``deep_ft`` is never enabled with a model its rows were not made by.
-            with replaced_file(model_path(catalog)) as replacement:
-                try:
-                    model.save(model_path(catalog))
-                    if FEATURE_NAME not in catalog.config.features:
-                        catalog.config.features = [*catalog.config.features, FEATURE_NAME]
-                    catalog.replace_feature(FEATURE_NAME, keys, stored, committed=replacement.committed)
-                except BaseException:
-                    if not replacement.done:
-                        put_back()
-                    raise
-        else:
-            # Disabled first, then its rows and model go: a failure on the way never leaves
-            # ``deep_ft`` enabled without its rows or its model.
-            catalog.config.features = [name for name in features if name != FEATURE_NAME]
+@dataclass
+class _FinetuneRun:
+    """One ``finetune``: its fit (``_train``; a network not kept takes ``deep_ft`` off and the fit
+    returns None, so the slot removes the stored one), and the commit of a kept network with the
+    rows it made."""
+
+    catalog: Catalog
+    steps: int | None
+    seed: int
+    unlabeled: Sequence[ImageSource]
+    report: AdaptationReport | None = None
+    keys: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    features: list[str] = field(default_factory=list)
+    previous: dict[str, Any] | None = None
+
+    def fit(self, catalog: Catalog, progress: bool) -> AdaptedDeep | None:
+        model, self.report, self.keys, self.rows = _train(catalog, self.steps, progress, self.seed, self.unlabeled)
+        self.features, self.previous = list(catalog.config.features), catalog.meta.get("adaptation")
+        catalog.meta["adaptation"] = self.report.to_json()
+        if self.report.kept:
+            return AdaptedDeep(ADAPTED_NETWORK.path(catalog), catalog.config.input_scaling, catalog.config.runtime,
+                               model)
+        # Disabled first, then its rows and model go: a failure on the way never leaves
+        # ``deep_ft`` enabled without its rows or its model.
+        with catalog.lock:
+            catalog.config.features = [name for name in self.features if name != FEATURE_NAME]
             try:
                 catalog.save()
             except BaseException:
-                put_back()
+                self._put_back()
                 raise
             catalog.items.delete_feature(FEATURE_NAME)
-            model_path(catalog).unlink(missing_ok=True)
-    log.info("finetune: %s", report)
-    return report
+        return None
 
+    def commit(self, adapted: AdaptedDeep, path: Path) -> None:
+        """The model file, then the rows it made, with the feature enabled in the one save that
+        follows them: a failure (a full disk) before the rows are committed puts the previous
+        model back, so ``deep_ft`` is never enabled with a model its rows were not made by."""
+        catalog = self.catalog
+        with catalog.lock, replaced_file(path) as replacement:
+            try:
+                adapted.model.save(path)
+                if FEATURE_NAME not in catalog.config.features:
+                    catalog.config.features = [*catalog.config.features, FEATURE_NAME]
+                catalog.replace_feature(FEATURE_NAME, self.keys, self.rows, committed=replacement.committed)
+            except BaseException:
+                if not replacement.done:
+                    self._put_back()
+                raise
+
+    def _put_back(self) -> None:
+        """What this process holds, where nothing was committed."""
+        self.catalog.config.features = self.features
+        self.catalog.meta.pop("adaptation", None)
+        if self.previous is not None:
+            self.catalog.meta["adaptation"] = self.previous

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from catalens.indexer.features.autoencoder import (
+    AUTOENCODER,
     FEATURE_NAME,
-    MODEL_FILE,
     SCORE_FEATURE,
     AutoencoderInputs,
     extract_inputs,
@@ -46,26 +47,60 @@ def train_autoencoder(
     stopped.
     """
     models = Path(catalog.models_dir)
-    checkpoint, inputs_file = models / CHECKPOINT_FILE, models / INPUTS_FILE
+    run = _TrainingRun(catalog, models / CHECKPOINT_FILE, models / INPUTS_FILE, input_kind, epochs, noise, percentile,
+                       hyper)
     if fresh:
-        checkpoint.unlink(missing_ok=True)
-        inputs_file.unlink(missing_ok=True)
-    # In id order: one catalog trains one model whichever backend holds it.
-    records = sorted(catalog.items.records().values(), key=lambda record: record.id)
-    if not records:
-        raise ValueError(f"{catalog.location}: the index has no items to train on")
-    keys = np.asarray([record.key for record in records], np.int64)
-    feeder = AutoencoderInputs(input_kind, catalog.feature("deep") if input_kind == "features" else None)
-    X = None
-    if inputs_file.is_file():
-        try:
-            cached = np.load(inputs_file)
-            if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
-                X, keys = cached["x"], cached["keys"]
-                log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
-        except Exception as error:  # noqa: BLE001 - a run killed while saving it: extract again
-            log.warning("%s does not load (%s); extracting the inputs again", inputs_file, type(error).__name__)
-    if X is None:
+        run.checkpoint.unlink(missing_ok=True)
+        run.inputs_file.unlink(missing_ok=True)
+    model = AUTOENCODER.refit(catalog, force=True, progress=progress, fit=run.fit, save=run.commit).model
+    try:
+        plot_loss(model.loss_history_, models / LOSS_PLOT)
+    except OSError as error:  # the model is stored: a missing picture of its loss is no reason to fail
+        log.warning("%s: the loss curve was not drawn (%s)", catalog.location, error)
+    run.checkpoint.unlink(missing_ok=True)
+    run.inputs_file.unlink(missing_ok=True)
+    return model
+
+
+@dataclass
+class _TrainingRun:
+    """One ``train-ae``: the fit (inputs extracted, or reused from an interrupted run, then the
+    model trained) and the commit of the model with the rows it coded."""
+
+    catalog: Catalog
+    checkpoint: Path
+    inputs_file: Path
+    input_kind: str
+    epochs: int
+    noise: float
+    percentile: float
+    hyper: dict[str, Any]
+    keys: np.ndarray | None = None
+    inputs: np.ndarray | None = None
+
+    def fit(self, catalog: Catalog, progress: bool) -> ConvAutoencoder:
+        self.keys, self.inputs = self._extract(progress)
+        model = ConvAutoencoder(input_kind=self.input_kind, epochs=self.epochs, noise=self.noise,
+                                percentile=self.percentile, checkpoint=self.checkpoint, progress=progress, **self.hyper)
+        return model.fit(self.inputs)
+
+    def _extract(self, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, inputs) of every readable item, in id order."""
+        catalog, input_kind, inputs_file = self.catalog, self.input_kind, self.inputs_file
+        # In id order: one catalog trains one model whichever backend holds it.
+        records = sorted(catalog.items.records().values(), key=lambda record: record.id)
+        if not records:
+            raise ValueError(f"{catalog.location}: the index has no items to train on")
+        keys = np.asarray([record.key for record in records], np.int64)
+        feeder = AutoencoderInputs(input_kind, catalog.feature("deep") if input_kind == "features" else None)
+        if inputs_file.is_file():
+            try:
+                cached = np.load(inputs_file)
+                if str(cached["kind"]) == input_kind and np.array_equal(cached["keys"], keys):
+                    log.info("reusing %d extracted autoencoder inputs from %s", len(keys), inputs_file)
+                    return cached["keys"], cached["x"]
+            except Exception as error:  # noqa: BLE001 - a run killed while saving it: extract again
+                log.warning("%s does not load (%s); extracting the inputs again", inputs_file, type(error).__name__)
         X, positions, errors = extract_inputs(
             feeder, [record.image for record in records], batch_size=catalog.config.batch_size,
             num_workers=catalog.config.num_workers, progress=progress,
@@ -76,40 +111,35 @@ def train_autoencoder(
         # A handle, not a path: np.savez appends ".npz" to a path that does not end in it.
         with atomic_path(inputs_file) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, x=X, keys=keys, kind=np.asarray(input_kind))
-    model = ConvAutoencoder(input_kind=input_kind, epochs=epochs, noise=noise, percentile=percentile,
-                            checkpoint=checkpoint, progress=progress, **hyper)
-    model.fit(X)
-    codes, scores = model.transform(X), model.catalog_scores_
-    # The model file first, then the rows it coded, with the feature enabled and the metadata in
-    # the one save that follows them: a failure (a full disk) before the rows are committed puts
-    # the previous model back, so a model file never disagrees with the rows.
-    features, settings = list(catalog.config.features), catalog.meta.get("autoencoder")
-    with catalog.lock, replaced_file(models / MODEL_FILE) as replacement:
-        try:
-            model.save(models / MODEL_FILE)
-            catalog.meta["autoencoder"] = {
-                **(settings or {}), "input": input_kind, "threshold": model.threshold_, "percentile": percentile,
-                "epochs": epochs, "noise": noise, "items": int(len(keys)), "final_loss": model.loss_history_[-1],
-                "loss_warning": model.loss_warning()}
-            if FEATURE_NAME not in catalog.config.features:
-                catalog.config.features = [*catalog.config.features, FEATURE_NAME]
-            catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores},
-                                    committed=replacement.committed)
-        except BaseException:
-            if not replacement.done:
-                catalog.config.features = features
-                if settings is None:
-                    catalog.meta.pop("autoencoder", None)
-                else:
-                    catalog.meta["autoencoder"] = settings
-            raise
-    try:
-        plot_loss(model.loss_history_, models / LOSS_PLOT)
-    except OSError as error:  # the model is stored: a missing picture of its loss is no reason to fail
-        log.warning("%s: the loss curve was not drawn (%s)", catalog.location, error)
-    checkpoint.unlink(missing_ok=True)
-    inputs_file.unlink(missing_ok=True)
-    return model
+        return keys, X
+
+    def commit(self, model: ConvAutoencoder, path: Path) -> None:
+        """The model file first, then the rows it coded, with the feature enabled and the metadata in
+        the one save that follows them: a failure (a full disk) before the rows are committed puts
+        the previous model back, so a model file never disagrees with the rows."""
+        catalog, keys = self.catalog, self.keys
+        codes, scores = model.transform(self.inputs), model.catalog_scores_
+        features, settings = list(catalog.config.features), catalog.meta.get("autoencoder")
+        with catalog.lock, replaced_file(path) as replacement:
+            try:
+                model.save(path)
+                catalog.meta["autoencoder"] = {
+                    **(settings or {}), "input": self.input_kind, "threshold": model.threshold_,
+                    "percentile": self.percentile, "epochs": self.epochs, "noise": self.noise,
+                    "items": int(len(keys)), "final_loss": model.loss_history_[-1],
+                    "loss_warning": model.loss_warning()}
+                if FEATURE_NAME not in catalog.config.features:
+                    catalog.config.features = [*catalog.config.features, FEATURE_NAME]
+                catalog.replace_feature(FEATURE_NAME, keys, codes, {SCORE_FEATURE: scores},
+                                        committed=replacement.committed)
+            except BaseException:
+                if not replacement.done:
+                    catalog.config.features = features
+                    if settings is None:
+                        catalog.meta.pop("autoencoder", None)
+                    else:
+                        catalog.meta["autoencoder"] = settings
+                raise
 
 
 def plot_loss(history: Sequence[float], path: Path, title: str = "autoencoder training loss") -> Path:
