@@ -76,6 +76,10 @@ class LocalFeature(Protocol):
     def quantise(self, descriptors: Any) -> np.ndarray:
         """Visual word ids of ``descriptors`` under the catalog's current vocabulary."""
 
+    def describe_scene(self, image: Any, max_keypoints: int, image_size: int) -> Any:
+        """The descriptors of a photo of several products (``locate``): up to ``max_keypoints`` at a
+        long side of ``image_size``, more than one item's, for products that fill a part of it."""
+
 
 @runtime_checkable
 class TextFeature(Protocol):

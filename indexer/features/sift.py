@@ -201,6 +201,9 @@ class SiftFeature:
         # The vocabulary the stored words came from, fresh or not: judging it would read the catalog.
         return VOCABULARY.require(self.catalog, missing).transform(descriptors.descriptors)
 
+    def describe_scene(self, image: Image.Image, max_keypoints: int, image_size: int) -> LocalDescriptors:
+        return SiftPreparer(max_keypoints, image_size)(image)
+
 
 # --- the vocabulary and the words, kept in line with the catalog
 

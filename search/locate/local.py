@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from catalens.indexer.features.sift import LocalDescriptors, SiftPreparer
+from catalens.indexer.features import LocalFeature
+from catalens.indexer.features.sift import LocalDescriptors
 from catalens.search.engine import SearchEngine
 from catalens.search.locate.boxes import PhotoEdges, _inside_fraction, iou, snap_box
 from catalens.search.locate.crops import _embed_crops, _fused_cosines
@@ -60,9 +61,10 @@ def _scale_guess(source: np.ndarray, target: np.ndarray) -> float:
     return float(np.clip(np.std(target, axis=0).sum() / spread, 0.25, 4.0)) if spread > 1 else 1.0
 
 
-def photo_keypoints(image: Image.Image, settings: LocateSettings) -> LocalDescriptors:
-    """The photo's RootSIFT keypoints, at most ``settings.keypoints``, at up to ``work_side``."""
-    return SiftPreparer(settings.keypoints, min(max(image.size), settings.work_side))(image)
+def photo_keypoints(local: LocalFeature, image: Image.Image, settings: LocateSettings) -> LocalDescriptors:
+    """The photo's keypoints under the catalog's local feature, at most ``settings.keypoints``, at up
+    to ``work_side``."""
+    return local.describe_scene(image, settings.keypoints, min(max(image.size), settings.work_side))
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def photo_word_candidates(engine: SearchEngine, image: Image.Image, settings: Lo
     if not features:
         return None
     name = features[0]
-    query = photo_keypoints(image, settings)
+    query = photo_keypoints(engine.catalog.feature(name), image, settings)
     if len(query) < settings.detection_inliers:
         return WordCandidates(query, {})
     keys, _ = engine.catalog.words(name).search(engine.catalog.feature(name).quantise(query),
