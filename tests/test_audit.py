@@ -224,9 +224,9 @@ def test_grocery_subset_with_planted_errors_finds_them_first(grocery, tmp_path):
 def test_pictures_alike_only_in_the_global_rows_are_no_duplicate_unless_their_keypoints_verify(tmp_path):
     """Two noise pictures are as close as copies in the deep and colour rows; their keypoints do not
     match. A half-size copy of a product photo under another category keeps its keypoints."""
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.config import IndexConfig
     from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.search.audit.duplicates import duplicate_pairs, stored_pair_inliers
     from catalens.search.audit.rows import CatalogRows, NeighbourLists
 

@@ -416,8 +416,8 @@ def test_finetune_adapts_the_network_and_search_new_items_and_classify_use_it(ti
 
 def test_finetune_that_does_not_help_is_not_kept_and_removes_an_earlier_one(tiny_index, capsys, monkeypatch):
     from catalens.api.cli import main
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features.deep_ft import MODEL_FILE
+    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.training import adaptation
 
     monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)

@@ -114,8 +114,8 @@ def index(synthetic_index, tmp_path) -> Path:
 
 
 def test_a_vocabulary_the_catalog_outgrew_is_stale_and_refit_quantises_the_words_again(index):
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features.sift import VOCABULARY
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(index)
     try:
@@ -140,8 +140,8 @@ def test_a_vocabulary_the_catalog_outgrew_is_stale_and_refit_quantises_the_words
 
 
 def test_a_vocabulary_of_another_size_than_configured_is_stale(index):
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features.sift import VOCABULARY
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(index)
     try:
@@ -155,9 +155,9 @@ def test_a_vocabulary_of_another_size_than_configured_is_stale(index):
 
 def test_check_fits_a_damaged_vocabulary_again_and_requantises_without_naming_the_feature(index):
     from catalens.indexer import integrity
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features import list_features
     from catalens.indexer.features.sift import VOCABULARY
+    from catalens.indexer.stores.backends import open_catalog
 
     source = Path(integrity.__file__).read_text()
     assert not [name for name in list_features() if f'"{name}"' in source or f"'{name}'" in source]
@@ -176,9 +176,9 @@ def test_check_fits_a_damaged_vocabulary_again_and_requantises_without_naming_th
 
 
 def test_a_read_only_index_keeps_an_autoencoder_fitted_on_it_in_memory(index):
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features.autoencoder import AUTOENCODER, MODEL_FILE, load_autoencoder
     from catalens.indexer.features.autoencoder_model import ConvAutoencoder
+    from catalens.indexer.stores.backends import open_catalog
 
     pixels = np.random.default_rng(0).random((24, 3, 64, 64), dtype=np.float32)
     model = ConvAutoencoder(input_kind="pixels", code_channels=2, width=8, epochs=1, progress=False)
@@ -195,8 +195,8 @@ def test_a_read_only_index_keeps_an_autoencoder_fitted_on_it_in_memory(index):
 
 
 def test_the_adapted_network_is_fitted_by_finetune_alone(index):
-    from catalens.indexer.stores.backends import open_catalog
     from catalens.indexer.features.deep_ft import ADAPTED_NETWORK, trained_keys
+    from catalens.indexer.stores.backends import open_catalog
 
     catalog = open_catalog(index)
     try:
