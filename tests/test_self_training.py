@@ -176,14 +176,14 @@ def test_finetune_holds_photos_out_with_their_near_duplicates_and_calibration_as
 
 def test_calibration_queries_after_finetune_are_photos_the_network_never_trained_on(tiny_index, monkeypatch):
     from catalens.indexer.stores.backends import open_catalog
-    from catalens.search import calibration
+    from catalens.search.calibration import fitting
 
     catalog = open_catalog(tiny_index)
     try:
         keys = sorted(record.key for record in catalog.items.records().values())
         untrained = set(keys[:4])
-        monkeypatch.setattr(calibration, "_untrained_keys", lambda catalog: untrained)
-        queries = calibration.calibration_queries(catalog, max_queries=24)
+        monkeypatch.setattr(fitting, "_untrained_keys", lambda catalog: untrained)
+        queries = fitting.calibration_queries(catalog, max_queries=24)
         photo_queries = [q for q in queries if q.kind in ("held-out photo", "absent product")]
         assert photo_queries
         by_id = {record.id: record.key for record in catalog.items.records().values()}
