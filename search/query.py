@@ -28,7 +28,7 @@ class SearchHit:
     title: str
     key: int = field(default=-1, repr=False)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
-    # Calibrated P(this item shows the query's product), search/calibration.py; None when uncalibrated.
+    # Calibrated P(this item shows the query's product), search/calibration/; None when uncalibrated.
     confidence: float | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class SearchSettings(BaseModel):
     ratio: float = Field(RATIO, gt=0, le=1, description="Lowe's ratio test for descriptor matches")
     # Queries of one batch (search --from-file) answered side by side (benchmarks/bench_speed.py).
     query_threads: int = Field(2, ge=1, description="queries of a batch answered at once")
-    # Calibrated confidence (search/calibration.py): a result's probability of showing the query's
+    # Calibrated confidence (search/calibration/): a result's probability of showing the query's
     # product, and "match" when the top one reaches the threshold. None takes the index's own
     # threshold per mode, fitted for 95% precision on held-out catalog queries.
     confidence: bool = Field(True, description="give each result a calibrated confidence and each query a match")
