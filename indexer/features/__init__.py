@@ -166,6 +166,9 @@ class FeatureSpec:
     classify_weight: float = 0.0
     replaces: str | None = None
     description: str = ""
+    # Rows are square-rooted, L2-normalised histograms (their squares sum to one): how spread
+    # they are tells a blank or two-tone picture from a photo (the audit's non-products).
+    histogram: bool = False
     written_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     stored_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     legacy_switch: str | None = None

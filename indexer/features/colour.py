@@ -89,6 +89,7 @@ class ColourHistogram:
 
 
 @register_feature("colour", "global", dim=ColourHistogram.dim, search_weight=0.3, classify_weight=0.6,
-                  legacy_switch="colour_features", description="HSV histogram of the image's centre")
+                  legacy_switch="colour_features", histogram=True,
+                  description="HSV histogram of the image's centre")
 def build_colour(catalog: Catalog) -> ColourHistogram:
     return ColourHistogram()

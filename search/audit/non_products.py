@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from catalens.indexer.features import l2_normalise
+from catalens.indexer.features import feature_spec, l2_normalise
 from catalens.indexer.files import atomic_path
 from catalens.search.audit.rows import CatalogRows, NeighbourLists, nearest
 
@@ -95,16 +95,18 @@ def product_evidence(data: CatalogRows, embedding: np.ndarray, prototypes: np.nd
     prototype and from its nearest items, and how odd its colour spread is. ``queries``: rows of
     photos outside the catalog (the placeholders); else the catalog's own, leave-one-out."""
     k = 10
+    # A stored histogram feature (the colour histogram) says how many colours a picture holds.
+    histogram = next((name for name in data.rows if feature_spec(name).histogram), None)
     if queries is None:
         own_embedding = embedding
         near_sims = neighbours.sims["combined"][:, :k]
-        colour_rows = data.rows.get("colour")
+        colour_rows = data.rows.get(histogram) if histogram else None
     else:
         stacked = np.hstack([data.weights[name] * queries[name] for name in data.weights]).astype(np.float32)
         catalog_stacked = np.hstack([data.weights[name] * data.rows[name] for name in data.weights]).astype(np.float32)
         own_embedding = l2_normalise(l2_normalise(stacked) - l2_normalise(catalog_stacked).mean(axis=0))
         _, near_sims = nearest(embedding, k, queries=own_embedding, exclude_self=False)
-        colour_rows = queries.get("colour")
+        colour_rows = queries.get(histogram) if histogram else None
     best_prototype = (own_embedding @ prototypes.T).max(axis=1)
     main = next(iter(data.weights))
     main_rows = data.rows[main] if queries is None else queries[main]
@@ -112,7 +114,7 @@ def product_evidence(data: CatalogRows, embedding: np.ndarray, prototypes: np.nd
     columns = [best_prototype, near_sims.mean(axis=1), near_sims[:, 0], main_rows @ main_centre]
     if colour_rows is not None:
         entropy = colour_entropy(colour_rows)
-        reference = colour_entropy(data.rows["colour"])
+        reference = colour_entropy(data.rows[histogram])
         median, spread = np.median(reference), max(np.subtract(*np.percentile(reference, [75, 25])), 1e-6)
         columns.append(np.abs(entropy - median) / spread)
     return np.stack(columns, axis=1)
