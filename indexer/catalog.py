@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,6 +184,12 @@ class Catalog(ABC):
             stamp = spec.model.require(self, FeatureUnavailableError(
                 f"{name}: no model fitted for this index yet (run '{spec.fitted_by or 'the training command'}')"))
         return self.cached(f"feature:{name}", lambda: spec.build(self), stamp=stamp)
+
+    def stored_descriptors(self, name: str, keys: Iterable[int]) -> dict[int, Any]:
+        """The stored descriptors of the local feature ``name`` of each of ``keys`` that has them,
+        decoded (geometric verification reads them)."""
+        feature = self.feature(name)
+        return {key: feature.decode(blob) for key, blob in self.items.rows(name, [int(k) for k in keys]).items()}
 
     def features(self) -> list[Feature]:
         """Every configured feature this catalog can compute now; one whose model is missing is

@@ -275,7 +275,7 @@ def _catalog_evidence(catalog: Any, fitted: FittedClassifier, images: list[Image
     for name in local:
         feature = catalog.feature(name)
         queries = [feature.preparer(image) for image in images]
-        stored = {key: feature.decode(blob) for key, blob in catalog.items.rows(name, support_keys).items()}
+        stored = catalog.stored_descriptors(name, support_keys)
 
         def verify_pair(row: int, support_row: int, stored=stored, queries=queries) -> int:
             item = stored.get(int(fitted.keys[support_row]))

@@ -93,8 +93,7 @@ def draw_explanations(engine: SearchEngine, result: QueryResult, query_image: Im
         try:
             checks = query.verified(engine.catalog, local[0], keys, Verifier.from_settings(engine.settings))
             query_points = query.descriptors(engine.catalog, local[0]).keypoints
-            feature = engine.catalog.feature(local[0])
-            items = {key: feature.decode(blob) for key, blob in engine.catalog.items.rows(local[0], keys).items()}
+            items = engine.catalog.stored_descriptors(local[0], keys)
         except FeatureUnavailableError as error:
             log.info("no local features to explain with (%s)", error)
     drawn = []

@@ -58,12 +58,12 @@ def stored_pair_inliers(catalog: Any, keys: np.ndarray) -> PairInliers | None:
     local = catalog.local_features()
     if not local:
         return None
-    feature, verifier = catalog.feature(local[0]), Verifier()
+    verifier = Verifier()
 
     def count(pairs: list[tuple[int, int]]) -> list[int]:
         positions = sorted({p for pair in pairs for p in pair})
-        blobs = catalog.items.rows(local[0], [int(keys[p]) for p in positions])
-        descriptors = {p: feature.decode(blobs[int(keys[p])]) for p in positions if int(keys[p]) in blobs}
+        stored = catalog.stored_descriptors(local[0], [int(keys[p]) for p in positions])
+        descriptors = {p: stored[int(keys[p])] for p in positions if int(keys[p]) in stored}
         return [verifier.verify_many(descriptors[i], [descriptors[j]])[0].inliers
                 if i in descriptors and j in descriptors else 0 for i, j in pairs]
 

@@ -4,7 +4,6 @@ set aside."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,12 +88,7 @@ def photo_word_candidates(engine: SearchEngine, image: Image.Image, settings: Lo
         return WordCandidates(query, {})
     keys, _ = engine.catalog.words(name).search(engine.catalog.feature(name).quantise(query),
                                                 settings.word_candidates, None)
-    return WordCandidates(query, _decoded_items(engine, name, keys))
-
-
-def _decoded_items(engine: SearchEngine, name: str, keys: Collection[int]) -> dict[int, LocalDescriptors]:
-    local = engine.catalog.feature(name)
-    return {key: local.decode(blob) for key, blob in engine.catalog.items.rows(name, [int(k) for k in keys]).items()}
+    return WordCandidates(query, engine.catalog.stored_descriptors(name, keys))
 
 
 def _matched(query: LocalDescriptors, items: dict[int, LocalDescriptors], rows: np.ndarray,
@@ -127,7 +121,7 @@ def local_detections(engine: SearchEngine, image: Image.Image, region_items: dic
     xy = query.keypoints[:, :2]
     items = dict(words.items)
     pairs = _matched(query, items, np.arange(len(query)), settings)
-    for key, item in _decoded_items(engine, name, [k for k in region_items if k not in items]).items():
+    for key, item in engine.catalog.stored_descriptors(name, [k for k in region_items if k not in items]).items():
         x0, y0, x1, y1 = region_items[key]
         inside = np.nonzero((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1))[0]
         items[key] = item
