@@ -273,3 +273,78 @@ def test_pictures_alike_only_in_the_global_rows_are_no_duplicate_unless_their_ke
         catalog.close()
     assert frozenset(("sku-noise-0", "sku-noise-1")) not in verified
     assert frozenset(("sku-label", "sku-small")) in verified
+
+
+def _printed_label(rng: np.random.Generator, size: int = 320) -> Image.Image:
+    """A pack's printed label: many coloured corners for keypoints."""
+    label = Image.new("RGB", (size, size), (250, 250, 245))
+    draw = ImageDraw.Draw(label)
+    for _ in range(120):
+        x, y = rng.integers(0, size - 20, 2)
+        w, h = rng.integers(6, 40, 2)
+        draw.rectangle((int(x), int(y), int(x + w), int(y + h)), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return label
+
+
+def test_a_photo_verifies_against_its_own_products_leaf_and_not_another(tmp_path):
+    """Three shots of one label under one leaf, three of another label under another: an item's best
+    verified match in its own leaf keeps inliers, in the other leaf none count."""
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.search.audit.rows import CatalogRows
+    from catalens.search.audit.verified import LeafMatches
+    from catalens.search.settings import MIN_INLIERS
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    items = []
+    for c, category in enumerate(CATEGORIES[:2]):
+        label = _printed_label(rng)
+        for i in range(3):
+            dx, dy = rng.integers(0, 30, 2)
+            path = tmp_path / "images" / f"l{c}-{i}.jpg"
+            label.crop((int(dx), int(dy), int(dx) + 280, int(dy) + 280)).save(path, quality=90)
+            items.append(CatalogItem(f"sku-{c}-{i}", path, category))
+    index_catalog(items, tmp_path / "index", IndexConfig(features=["deep", "colour", "sift"]), progress=False)
+    catalog = open_catalog(tmp_path / "index")
+    try:
+        data = CatalogRows.from_catalog(catalog)
+        leaves, labels = np.unique(data.categories, return_inverse=True)
+        matches = LeafMatches.of_catalog(catalog, data.keys, data.embedding(), labels, per_leaf=2)
+        assert matches is not None
+        items_at = np.arange(len(labels))
+        own = matches.best_inliers(items_at, labels)
+        other = matches.best_inliers(items_at, 1 - labels)
+    finally:
+        catalog.close()
+    assert (own >= MIN_INLIERS).all(), own
+    assert (other == 0).all(), other
+
+
+class _LeafInliers:
+    """Stands in for ``LeafMatches``: planted rows (leaf -1) verify against the leaf they look like,
+    not the one they are planted under; so does suspect ``slip``; every other suspect verifies
+    against its own leaf."""
+
+    def __init__(self, slip: int):
+        self.slip = slip
+
+    def inliers(self, items, filed_leaf, suggested):
+        return np.array([(0, 60) if leaf == -1 or i == self.slip else (60, 0)
+                         for i, leaf in zip(items, filed_leaf, strict=True)])
+
+
+def test_the_rescore_reads_verified_matches_where_the_global_evidence_ties():
+    from catalens.search.audit.verified import verified_rescore
+
+    rng = np.random.default_rng(0)
+    n = 60
+    # Global evidence that cannot tell the suspects apart, nor them from the planted rows.
+    filed, planted = rng.normal(0, 0.01, (n, 2)), rng.normal(0, 0.01, (n, 2))
+    model = EvidenceModel(prior=0.3).fit(np.r_[filed, planted], np.r_[np.zeros(n, bool), np.ones(n, bool)])
+    leaf = np.zeros(n, np.int64)
+    p, verified = verified_rescore(_LeafInliers(slip=7), model, filed, planted, leaf, leaf, np.full(n, -1), leaf,
+                                   shortlist=n, rng=rng, min_p=0.0)
+    assert verified[7] == (0, 60)
+    assert p[7] > 0.5 > np.delete(p, 7).max()

@@ -13,7 +13,10 @@ because an item's leave-one-out evidence does not depend on its own label; for n
 same against a few generated placeholders (blank, gradient, noise, printed lines) embedded once
 with the index's own features.
 
-The package's rooms, one a job: ``mislabelled``, ``duplicates``, ``non_products`` and
+The misfiled suspects are scored again with verified local matches against their filed and
+suggested leaves, read from the stored keypoints (``verified``).
+
+The package's rooms, one a job: ``mislabelled``, ``verified``, ``duplicates``, ``non_products`` and
 ``dismissals``; what they share: ``records`` (settings, findings, the report), ``rows`` (the
 stored rows and neighbour lists), ``scoring`` (the fitted probability); ``report`` runs them all.
 """

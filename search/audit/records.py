@@ -46,6 +46,10 @@ class AuditSettings:
     # A near pair is one image only where its stored keypoints verify this many matches: copies keep
     # 70-340 on grocery, blank, noise or generated pictures alike in the global rows 0-19.
     copy_min_inliers: int = 30
+    # The misfiled suspects whose score is fitted again with verified local matches against their
+    # filed and suggested leaves (``per_leaf`` items of each, ~1 ms a pair); 0 turns it off.
+    verify_shortlist: int = 400
+    verify_per_leaf: int = 3
     placeholder_prior: float = 0.01
     seed: int = 0
 

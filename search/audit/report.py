@@ -24,6 +24,7 @@ from catalens.search.audit.non_products import _own_loo, placeholder_rows, produ
 from catalens.search.audit.records import AuditReport, AuditSettings, Finding
 from catalens.search.audit.rows import CatalogRows, NeighbourLists, nearest
 from catalens.search.audit.scoring import EvidenceModel
+from catalens.search.audit.verified import LeafMatches, verified_rescore
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,14 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
         # The next pass reads the items this one is sure of under the leaf they look like: a
         # misfiled photo no longer drags its own burst-mates' evidence toward its wrong leaf.
         current = np.where(mislabel_p >= 0.5, suggested, labels)
+    matches = (LeafMatches.of_catalog(catalog, data.keys, embedding, current, settings.verify_per_leaf)
+               if settings.verify_shortlist else None)
+    verified: dict[int, tuple[int, int]] = {}
+    if matches is not None:
+        others = loo.proba.copy()
+        others[np.arange(n), planted_leaf] = -1.0
+        mislabel_p, verified = verified_rescore(matches, model, filed, planted, labels, suggested, planted_leaf,
+                                                others.argmax(axis=1), settings.verify_shortlist, rng)
     steps.update()
 
     duplicates = duplicate_pairs(data, neighbours, settings, stored_pair_inliers(catalog, data.keys))
@@ -117,7 +126,7 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
     steps.update()
 
     findings = _findings(data, leaves, labels, suggested, mislabel_p, loo, neighbours, duplicates, product_p,
-                         kinds, kind_of, settings)
+                         kinds, kind_of, settings, verified)
     dismissed = read_dismissed(catalog)
     kept, hidden = [], 0
     position_of = {record.id: i for i, record in enumerate(data.records)}
@@ -136,7 +145,8 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
 def _findings(data: CatalogRows, leaves: np.ndarray, labels: np.ndarray, suggested: np.ndarray,
               mislabel_p: np.ndarray, loo: LeaveOneOut, neighbours: NeighbourLists,
               duplicates: list[tuple[int, int, float, bool]], product_p: np.ndarray, kinds: list[str],
-              kind_of: np.ndarray | None, settings: AuditSettings) -> list[Finding]:
+              kind_of: np.ndarray | None, settings: AuditSettings,
+              verified: dict[int, tuple[int, int]] | None = None) -> list[Finding]:
     """Findings of at least ``min_score``. An item that is surely (0.5) one problem is not listed under
     the others: a placeholder filed under a leaf is no
     misfiled product)."""
@@ -190,6 +200,8 @@ def _findings(data: CatalogRows, leaves: np.ndarray, labels: np.ndarray, suggest
         for name in data.rows:
             own = neighbours.positions[name][i, :k]
             evidence[f"{name}_neighbours_in_filed_leaf"] = int((labels[own] == labels[i]).sum())
+        if verified and int(i) in verified:
+            evidence["verified_inliers"] = dict(zip(("filed", "suggested"), verified[int(i)], strict=True))
         listed.append(Finding(ids[i], categories[i], "mislabelled", leaf, float(mislabel_p[i]), evidence))
     return sorted(listed, key=lambda finding: -finding.score)
 
