@@ -12,7 +12,10 @@ from catalens.api.tables import format_table
 def _why(finding) -> str:
     evidence = finding.evidence
     if finding.problem == "mislabelled":
-        return f"{evidence['level']} differs; looks like {finding.suggested}"
+        inliers = evidence.get("verified_inliers")
+        verified = (f"; verified keypoints {inliers['filed']} with its leaf, {inliers['suggested']} with that one"
+                    if inliers else "")
+        return f"{evidence['level']} differs; looks like {finding.suggested}{verified}"
     if finding.problem == "duplicate":
         kind = "exact copy" if evidence["exact"] else f"near copy ({evidence['similarity']:.3f})"
         return f"{kind} of {', '.join(evidence['ids'][:3])}"

@@ -341,7 +341,11 @@ function thumb(id, size) {
 function describeFinding(finding) {
   const score = `${(100 * finding.score).toFixed(1)}%`;
   if (finding.problem === "mislabelled") {
-    return `mislabelled (${score}): filed under ${finding.category}, looks like ${finding.suggested} (${finding.evidence.level} differs)`;
+    const inliers = finding.evidence.verified_inliers;
+    const verified = inliers
+      ? `; keypoints verified: ${inliers.filed} with its leaf, ${inliers.suggested} with the suggested one`
+      : "";
+    return `mislabelled (${score}): filed under ${finding.category}, looks like ${finding.suggested} (${finding.evidence.level} differs)${verified}`;
   }
   if (finding.problem === "duplicate") {
     const kind = finding.evidence.exact ? "exact copy" : "near copy";
