@@ -208,7 +208,7 @@ def test_grocery_subset_with_planted_errors_finds_them_first(grocery, tmp_path):
         if item.attributes["split"] == "iconic" or seen[item.category] <= 8:
             items.append(item)
     planted_items, planted = plant_mislabels(items, seed=0)
-    index_catalog(planted_items, tmp_path / "index", IndexConfig(features=["deep", "colour"]), progress=False)
+    index_catalog(planted_items, tmp_path / "index", IndexConfig(features=["deep", "colour", "sift"]), progress=False)
     catalog = open_catalog(tmp_path / "index")
     try:
         report = audit(catalog, AuditSettings(min_score=0.0))
@@ -219,6 +219,10 @@ def test_grocery_subset_with_planted_errors_finds_them_first(grocery, tmp_path):
     assert figures["precision"] >= 0.75, figures
     assert figures["suggestion"] >= 0.9, figures
     assert report.seconds < 30
+    # The suspects were verified on their stored keypoints, planted ones against the leaf they look like.
+    verified = [f for f in found[:figures["K"]] if f.id in planted and "verified_inliers" in f.evidence]
+    assert verified and np.mean([f.evidence["verified_inliers"]["suggested"] > f.evidence["verified_inliers"]["filed"]
+                                 for f in verified]) >= 0.7
 
 
 def test_pictures_alike_only_in_the_global_rows_are_no_duplicate_unless_their_keypoints_verify(tmp_path):
