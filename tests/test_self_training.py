@@ -170,6 +170,8 @@ def test_finetune_holds_photos_out_with_their_near_duplicates_and_calibration_as
         mine = {k for k in held_keys if k // 100 == product}
         assert 2 <= len(mine) <= 18  # a tenth at least, never all but one
         assert not (mine & burst[product]) or burst[product] <= mine  # a burst goes out whole or not at all
+        assert not (mine & burst[product])  # photos without twins go first: the burst stays in training
+        assert len(mine) == 2  # a tenth of 20, not the burst's 5
     small = adaptation._held_out_slice(FakeCatalog(), records[:2], np.array(labels[:2]), rng)
     assert small == set()  # a product of two photos trains on both
 

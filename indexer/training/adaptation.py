@@ -192,7 +192,12 @@ def _sample_backgrounds(catalog: Any, records: Sequence, rng: np.random.Generato
 def _held_out_slice(catalog: Any, records: Sequence, labels: np.ndarray, rng: np.random.Generator) -> set[int]:
     """Positions of the photos training never sees: about ``HELD_OUT_SHARE`` of each product with
     three or more photos (at least one, and never all but one), a photo always with its
-    near-duplicates in the frozen descriptor."""
+    near-duplicates in the frozen descriptor.
+
+    Photos with the fewest near-duplicates go first. A photo of a long burst takes the whole burst
+    out with it: drawn at random, the tenth of each product came to 28% of grocery's photos (773 of
+    2,721), and training on 72% of them cost 1.7 points of val top-1 in ``deep_ft`` and 2.7 in
+    fused search (Fruit 9) against training on all."""
     vectors: dict[int, np.ndarray] = {}
     if "deep" in catalog.dims():
         found, rows = stack_rows(catalog.items.rows("deep"), catalog.dims()["deep"])
@@ -203,15 +208,17 @@ def _held_out_slice(catalog: Any, records: Sequence, labels: np.ndarray, rng: np
         if len(members) < 3:
             continue
         target, cap = max(1, round(HELD_OUT_SHARE * len(members))), len(members) - 2
+        twins: dict[int, set[int]] = {}
+        for position in members.tolist():
+            own = vectors.get(records[position].key)
+            twins[position] = {int(m) for m in members if m == position or (
+                own is not None and records[m].key in vectors and float(vectors[records[m].key] @ own) >= NEAR_DUPLICATE)}
         chosen: set[int] = set()
-        for position in rng.permutation(members):
+        for position in sorted(rng.permutation(members).tolist(), key=lambda p: len(twins[p])):
             if len(chosen) >= target:
                 break
-            own = vectors.get(records[position].key)
-            twins = {int(m) for m in members if m == position or (
-                own is not None and records[m].key in vectors and float(vectors[records[m].key] @ own) >= NEAR_DUPLICATE)}
-            if len(chosen | twins) <= cap:
-                chosen |= twins
+            if len(chosen | twins[position]) <= cap:
+                chosen |= twins[position]
         held |= chosen
     return held
 
