@@ -19,7 +19,7 @@ import numpy as np
 from catalens.search.audit.scoring import EvidenceModel
 from catalens.search.verification import Verifier
 
-# The columns of ``LeafMatches.evidence``, after the first score's log-odds.
+# What the refit reads beside the first fit's log-odds and columns: ``LeafMatches.inliers``, as log1p.
 VERIFIED_EVIDENCE = ("log(1 + inliers with the filed leaf)", "log(1 + inliers with the suggested leaf)")
 
 
@@ -29,7 +29,7 @@ class LeafMatches:
     ``MIN_INLIERS``). On grocery, 3, 5 and 8 items a leaf ranked the audit's findings alike."""
 
     def __init__(self, catalog: Any, feature: str, keys: np.ndarray, embedding: np.ndarray, labels: np.ndarray,
-                 per_leaf: int = 5, verifier: Verifier | None = None):
+                 per_leaf: int = 3, verifier: Verifier | None = None):
         self.catalog, self.feature, self.keys = catalog, feature, keys
         self.embedding, self.per_leaf = embedding, per_leaf
         self.verifier = verifier or Verifier()
@@ -38,7 +38,7 @@ class LeafMatches:
 
     @classmethod
     def of_catalog(cls, catalog: Any, keys: np.ndarray, embedding: np.ndarray, labels: np.ndarray,
-                   per_leaf: int = 5) -> LeafMatches | None:
+                   per_leaf: int = 3) -> LeafMatches | None:
         """None where the catalog keeps no local feature."""
         local = catalog.local_features()
         return cls(catalog, local[0], keys, embedding, labels, per_leaf) if local else None
