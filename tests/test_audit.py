@@ -239,12 +239,7 @@ def test_pictures_alike_only_in_the_global_rows_are_no_duplicate_unless_their_ke
     for c, category in enumerate(CATEGORIES):
         for i, path in enumerate(_shots(tmp_path / "images", c, 3)):
             items.append(CatalogItem(f"sku-{c}-{i}", path, category))
-    label = Image.new("RGB", (320, 320), (250, 250, 245))  # a printed label: many corners
-    draw = ImageDraw.Draw(label)
-    for _ in range(120):
-        x, y = rng.integers(0, 300, 2)
-        w, h = rng.integers(6, 40, 2)
-        draw.rectangle((int(x), int(y), int(x + w), int(y + h)), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    label = _printed_label(rng)
     label.save(tmp_path / "images" / "label.jpg", quality=92)
     label.resize((160, 160)).save(tmp_path / "images" / "small.jpg", quality=80)
     items.append(CatalogItem("sku-label", tmp_path / "images" / "label.jpg", "Dairy/Milk/Whole"))
