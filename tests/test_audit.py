@@ -315,10 +315,17 @@ def test_a_photo_verifies_against_its_own_products_leaf_and_not_another(tmp_path
         items_at = np.arange(len(labels))
         own = matches.best_inliers(items_at, labels)
         other = matches.best_inliers(items_at, 1 - labels)
+        # Members the global evidence suspects more than the item do not vouch for their leaf.
+        doubted = LeafMatches.of_catalog(catalog, data.keys, data.embedding(), labels, per_leaf=2,
+                                         doubt=np.where(labels == 1, 0.9, 0.1))
+        mates_doubted = doubted.best_inliers(items_at, labels, np.full(len(labels), 0.5))
+        as_doubtful = doubted.best_inliers(items_at, labels, np.full(len(labels), 0.95))
     finally:
         catalog.close()
     assert (own >= MIN_INLIERS).all(), own
     assert (other == 0).all(), other
+    assert (mates_doubted[labels == 0] >= MIN_INLIERS).all() and (mates_doubted[labels == 1] == 0).all(), mates_doubted
+    assert (as_doubtful >= MIN_INLIERS).all(), as_doubtful
 
 
 class _LeafInliers:
@@ -329,7 +336,7 @@ class _LeafInliers:
     def __init__(self, slip: int):
         self.slip = slip
 
-    def inliers(self, items, filed_leaf, suggested):
+    def inliers(self, items, filed_leaf, suggested, ceilings=None):
         return np.array([(0, 60) if leaf == -1 or i == self.slip else (60, 0)
                          for i, leaf in zip(items, filed_leaf, strict=True)])
 

@@ -84,7 +84,8 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
         # The next pass reads the items this one is sure of under the leaf they look like: a
         # misfiled photo no longer drags its own burst-mates' evidence toward its wrong leaf.
         current = np.where(mislabel_p >= 0.5, suggested, labels)
-    matches = (LeafMatches.of_catalog(catalog, data.keys, embedding, current, settings.verify_per_leaf)
+    matches = (LeafMatches.of_catalog(catalog, data.keys, embedding, current, settings.verify_per_leaf,
+                                      doubt=np.where(current != labels, 1.0 - mislabel_p, mislabel_p))
                if settings.verify_shortlist else None)
     verified: dict[int, tuple[int, int]] = {}
     if matches is not None:

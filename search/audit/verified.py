@@ -29,8 +29,11 @@ class LeafMatches:
     ``MIN_INLIERS``). On grocery, 3, 5 and 8 items a leaf ranked the audit's findings alike."""
 
     def __init__(self, catalog: Any, feature: str, keys: np.ndarray, embedding: np.ndarray, labels: np.ndarray,
-                 per_leaf: int = 3, verifier: Verifier | None = None):
+                 per_leaf: int = 3, verifier: Verifier | None = None, doubt: np.ndarray | None = None):
         self.catalog, self.feature, self.keys = catalog, feature, keys
+        # P(misfiled) of each item by the global evidence. Two photos of one scene filed under two
+        # leaves verify against each other: the one more suspect is not asked to vouch for a leaf.
+        self.doubt = doubt
         self.embedding, self.per_leaf = embedding, per_leaf
         self.verifier = verifier or Verifier()
         self.members = {int(leaf): np.flatnonzero(labels == leaf) for leaf in np.unique(labels)}
@@ -38,14 +41,16 @@ class LeafMatches:
 
     @classmethod
     def of_catalog(cls, catalog: Any, keys: np.ndarray, embedding: np.ndarray, labels: np.ndarray,
-                   per_leaf: int = 3) -> LeafMatches | None:
+                   per_leaf: int = 3, doubt: np.ndarray | None = None) -> LeafMatches | None:
         """None where the catalog keeps no local feature."""
         local = catalog.local_features()
-        return cls(catalog, local[0], keys, embedding, labels, per_leaf) if local else None
+        return cls(catalog, local[0], keys, embedding, labels, per_leaf, doubt=doubt) if local else None
 
-    def _candidates(self, item: int, leaf: int) -> np.ndarray:
+    def _candidates(self, item: int, leaf: int, ceiling: float) -> np.ndarray:
         members = self.members.get(int(leaf), np.zeros(0, np.int64))
         members = members[members != item]
+        if self.doubt is not None:
+            members = members[self.doubt[members] <= ceiling]
         return members[np.argsort(-(self.embedding[members] @ self.embedding[item]))[:self.per_leaf]]
 
     def _load(self, positions: set[int]) -> None:
@@ -56,9 +61,12 @@ class LeafMatches:
         for p in missing:
             self._descriptors[p] = stored.get(int(self.keys[p]))  # None: no keypoints (a blank picture)
 
-    def best_inliers(self, items: np.ndarray, leaves: np.ndarray) -> np.ndarray:
-        """Per (item, leaf) pair, the counted inliers of the item's best verified match in the leaf."""
-        plans = [self._candidates(int(i), int(leaf)) for i, leaf in zip(items, leaves, strict=True)]
+    def best_inliers(self, items: np.ndarray, leaves: np.ndarray, ceilings: np.ndarray | None = None) -> np.ndarray:
+        """Per (item, leaf) pair, the counted inliers of the item's best verified match in the leaf,
+        among the leaf's members whose ``doubt`` is at most the pair's ceiling (all without one)."""
+        ceilings = np.full(len(items), np.inf) if ceilings is None else np.asarray(ceilings, np.float64)
+        plans = [self._candidates(int(i), int(leaf), float(c)) for i, leaf, c in zip(items, leaves, ceilings,
+                                                                                         strict=True)]
         self._load({int(i) for i in items} | {int(j) for plan in plans for j in plan})
         out = np.zeros(len(plans), np.int64)
         for n, (i, plan) in enumerate(zip(items, plans, strict=True)):
@@ -68,10 +76,12 @@ class LeafMatches:
                 out[n] = max(self.verifier.inliers(v) for v in self.verifier.verify_many(query, others))
         return out
 
-    def inliers(self, items: np.ndarray, filed: np.ndarray, suggested: np.ndarray) -> np.ndarray:
+    def inliers(self, items: np.ndarray, filed: np.ndarray, suggested: np.ndarray,
+                ceilings: np.ndarray | None = None) -> np.ndarray:
         """(len(items), 2) counted inliers of each item with its ``filed`` leaf and the ``suggested``
-        leaf it looks like (``VERIFIED_EVIDENCE`` is their log1p)."""
-        return np.stack([self.best_inliers(items, filed), self.best_inliers(items, suggested)], axis=1)
+        leaf it looks like (``VERIFIED_EVIDENCE`` is their log1p); ``ceilings`` as ``best_inliers``."""
+        return np.stack([self.best_inliers(items, filed, ceilings), self.best_inliers(items, suggested, ceilings)],
+                        axis=1)
 
 
 def verified_rescore(matches: LeafMatches, model: EvidenceModel, filed: np.ndarray, planted: np.ndarray,
@@ -96,10 +106,11 @@ def verified_rescore(matches: LeafMatches, model: EvidenceModel, filed: np.ndarr
         positives = rng.choice(positives, shortlist, replace=False)
     if len(suspects) < 5 or len(positives) < 5:
         return p, {}
-    counts = matches.inliers(suspects, filed_leaf[suspects], filed_suggested[suspects])
+    p_planted = 1.0 / (1.0 + np.exp(-np.clip(logit_planted, -50, 50)))
+    counts = matches.inliers(suspects, filed_leaf[suspects], filed_suggested[suspects], p[suspects])
     x_filed = np.column_stack([logit_filed[suspects], filed[suspects], np.log1p(counts)])
     x_planted = np.column_stack([logit_planted[positives], planted[positives], np.log1p(
-        matches.inliers(positives, planted_leaf[positives], planted_suggested[positives]))])
+        matches.inliers(positives, planted_leaf[positives], planted_suggested[positives], p_planted[positives]))])
     refit = EvidenceModel(prior=float(np.clip(p[suspects].mean(), 1e-3, 0.5))).fit(
         np.vstack([x_filed, x_planted]), np.r_[np.zeros(len(suspects), bool), np.ones(len(positives), bool)])
     out = p.copy()
