@@ -84,6 +84,7 @@ def audit(catalog: Any, settings: AuditSettings | None = None, progress: bool = 
         # The next pass reads the items this one is sure of under the leaf they look like: a
         # misfiled photo no longer drags its own burst-mates' evidence toward its wrong leaf.
         current = np.where(mislabel_p >= 0.5, suggested, labels)
+    # A member's doubt is about the leaf it is read under: an item moved there, the chance the move is wrong.
     matches = (LeafMatches.of_catalog(catalog, data.keys, embedding, current, settings.verify_per_leaf,
                                       doubt=np.where(current != labels, 1.0 - mislabel_p, mislabel_p))
                if settings.verify_shortlist else None)

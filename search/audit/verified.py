@@ -98,7 +98,7 @@ def verified_rescore(matches: LeafMatches, model: EvidenceModel, filed: np.ndarr
     between the suspects, not onto the catalog as a whole.
     -> (P per item, {rescored position: (inliers with the filed leaf, with the suggested one)})."""
     logit_filed, logit_planted = model.decision_function(filed), model.decision_function(planted)
-    p = 1.0 / (1.0 + np.exp(-np.clip(logit_filed, -50, 50)))
+    p, p_planted = model.predict_proba(filed), model.predict_proba(planted)
     suspects = np.argsort(-p, kind="stable")[:shortlist]
     suspects = suspects[p[suspects] >= min_p]
     positives = np.flatnonzero(logit_planted >= (np.log(min_p / (1 - min_p)) if min_p > 0 else -np.inf))
@@ -106,7 +106,7 @@ def verified_rescore(matches: LeafMatches, model: EvidenceModel, filed: np.ndarr
         positives = rng.choice(positives, shortlist, replace=False)
     if len(suspects) < 5 or len(positives) < 5:
         return p, {}
-    p_planted = 1.0 / (1.0 + np.exp(-np.clip(logit_planted, -50, 50)))
+    # Each row is verified only against members no more suspect than itself (``LeafMatches.doubt``).
     counts = matches.inliers(suspects, filed_leaf[suspects], filed_suggested[suspects], p[suspects])
     x_filed = np.column_stack([logit_filed[suspects], filed[suspects], np.log1p(counts)])
     x_planted = np.column_stack([logit_planted[positives], planted[positives], np.log1p(
