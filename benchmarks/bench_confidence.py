@@ -37,7 +37,13 @@ from catalens.datasets.grocery import catalog_items, grocery_root, iconic_photos
 from catalens.indexer.config import IndexConfig
 from catalens.indexer.imageio import load_query
 from catalens.indexer.stores.backends import open_catalog
-from catalens.search.calibration import MODEL_FILE, MatchCalibrator, annotate, calibrate_catalog
+from catalens.search.calibration import (
+    CALIBRATION,
+    MODEL_FILE,
+    MatchCalibrator,
+    annotate,
+    calibrate_catalog,
+)
 from catalens.search.classify import HierarchicalFewShotClassifier
 from catalens.search.engine import Query, QueryResult, SearchEngine
 
@@ -81,12 +87,16 @@ def adapted(index: Path) -> None:
 
 
 def calibrated(index: Path, queries: int) -> MatchCalibrator:
+    """The index's stored calibration where it still describes the index, else one fitted now."""
     path = index / "models" / MODEL_FILE
-    if path.is_file():
-        print(f"  calibration: reusing {path}")
-        return MatchCalibrator.load(path)
     catalog = open_catalog(index)
     try:
+        state = CALIBRATION.status(catalog)
+        if state.stored and state.fresh:
+            print(f"  calibration: reusing {path}")
+            return state.model
+        if state.model is not None:
+            print(f"  calibration: {path} is stale ({state.reason})")
         started = time.perf_counter()
         model = calibrate_catalog(catalog, max_queries=queries)
         print(f"  calibration: fitted on the catalog in {time.perf_counter() - started:.0f}s (as catalens calibrate)")

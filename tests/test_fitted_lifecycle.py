@@ -139,6 +139,54 @@ def test_index_remove_and_finetune_commands_refit_at_their_end(tiny_catalog, tmp
     assert all(state.fresh for state in states().values())
 
 
+def test_every_finetune_refits_the_match_calibration_it_changed_the_evidence_of(refitted_index, monkeypatch, capsys):
+    """A second finetune replaces every deep_ft row and adds or removes no item; one that keeps no
+    network gives fused search back to deep. The calibration fitted before either reads other
+    scores than search now does: stale, and refitted at the command's end."""
+    from catalens.api.cli import main
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.training import adaptation
+    from catalens.search.calibration import CALIBRATION, MatchCalibrator, features_read
+
+    def calibration() -> MatchCalibrator:
+        return MatchCalibrator.load(refitted_index / "models" / MODEL_FILE)
+
+    fits = [calibration().fitted_at_]
+    # Kept (whatever two steps find), kept again, then not kept (no accuracy gains two whole units).
+    for run, min_gain in enumerate((-1.0, -1.0, 2.0)):
+        monkeypatch.setattr(adaptation, "MIN_GAIN", min_gain)
+        catalog = open_catalog(refitted_index)
+        try:
+            before = features_read(catalog)
+        finally:
+            catalog.close()
+        assert main(["finetune", "--index", str(refitted_index), "--steps", "2", "--json"]) == 0, run
+        capsys.readouterr()
+        catalog = open_catalog(refitted_index)
+        try:
+            assert features_read(catalog) != before
+            assert calibration().features_read_ == features_read(catalog)
+            assert CALIBRATION.status(catalog).fresh
+        finally:
+            catalog.close()
+        fits.append(calibration().fitted_at_)
+    assert len(set(fits)) == len(fits)  # one fit a finetune
+
+    # As an older catalens wrote it: no record of what it read, so it cannot vouch for the network.
+    model = calibration()
+    del model.features_read_
+    model._state = lambda: {name: getattr(model, name) for name in (
+        "modes_", "coef_", "intercept_", "threshold_", "precision_", "coverage_", "queries_", "catalog_keys_",
+        "fitted_at_")}
+    model.save(refitted_index / "models" / MODEL_FILE)
+    catalog = open_catalog(refitted_index)
+    try:
+        state = CALIBRATION.status(catalog)
+        assert not state.fresh and "older catalens" in state.reason
+    finally:
+        catalog.close()
+
+
 def test_the_server_refits_in_the_background_after_a_write_and_serves_the_new_fit(refitted_index, tiny_catalog,
                                                                                    monkeypatch):
     from fastapi.testclient import TestClient

@@ -46,6 +46,7 @@ from catalens.search.calibration.fitting import (
     calibration_evidence,
     calibration_queries,
     current_keys,
+    features_read,
     fit_match_calibration,
 )
 from catalens.search.calibration.model import CalibrationError, MatchCalibrator
@@ -60,7 +61,7 @@ __all__ = [
     "AGREEMENT_OF", "CALIBRATION", "DEPTH", "EVIDENCE", "MODEL_FILE", "NEAR_DUPLICATE", "ROWS_PER_QUERY",
     "CalibrationError", "CalibrationQuery", "CalibrationState", "MatchCalibrator", "annotate",
     "calibrate_catalog", "calibration_evidence", "calibration_queries", "catalog_classifier",
-    "category_probabilities", "current_keys", "fit_match_calibration", "hit_evidence", "match_calibration",
+    "category_probabilities", "current_keys", "features_read", "fit_match_calibration", "hit_evidence", "match_calibration",
     "ranked_evidence",
 ]
 
@@ -106,7 +107,12 @@ def _load(catalog: Catalog, path: Path) -> MatchCalibrator:
 
 def _freshness(model: MatchCalibrator, catalog: Catalog) -> str | None:
     """None while the calibration still describes the catalog: at most ``max_stale`` of it changed
-    since the fit, and every mode it answers calibrated."""
+    since the fit, and its evidence computed as then (the same modes, the same finetune run)."""
+    read = getattr(model, "features_read_", None)
+    if not read:
+        return "the stored match calibration does not record the network it read (an older catalens)"
+    if read != features_read(catalog):
+        return "the network or the modes search reads changed since the match calibration was fitted (finetune)"
     fraction = model.changed_fraction(current_keys(catalog))
     if fraction > model.max_stale:
         return f"{100 * fraction:.0f}% of the catalog changed since the match calibration was fitted"

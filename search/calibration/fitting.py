@@ -11,6 +11,8 @@ must get a low confidence too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -170,6 +172,15 @@ def current_keys(catalog: Catalog) -> np.ndarray:
         [record.key for record in catalog.items.records().values()], np.int64))
 
 
+def features_read(catalog: Catalog) -> str:
+    """A digest of what computes the evidence a calibration reads: the modes the catalog answers,
+    and the run of ``finetune`` that made its ``deep_ft`` rows. A second finetune replaces every one
+    of those rows without adding or removing an item, and one that keeps no network gives fused
+    search back to ``deep``: a calibration fitted before either describes another search."""
+    state = {"modes": available_modes(catalog), "adaptation": catalog.meta.get("adaptation")}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
 ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns from
 
 
@@ -211,7 +222,7 @@ def fit_match_calibration(catalog: Catalog, settings: SearchSettings | None = No
     queries = calibration_queries(catalog, max_queries=max_queries, seed=seed, only_untrained=only_untrained)
     evidence = calibration_evidence(catalog, queries, available_modes(catalog), settings, progress=progress)
     keys = np.array([record.key for record in catalog.items.records().values()], np.int64)
-    model = (calibrator or MatchCalibrator()).fit(evidence, keys)
+    model = (calibrator or MatchCalibrator()).fit(evidence, keys, features_read(catalog))
     log.info("match calibration fitted on %d held-out queries (%s) in %.1fs", len(queries),
              ", ".join(f"{sum(q.kind == kind for q in queries)} {kind}" for kind in
                        ("held-out photo", "augmented view", "absent product")), time.perf_counter() - started)

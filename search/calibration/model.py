@@ -44,9 +44,10 @@ class MatchCalibrator(Estimator):
         self.max_stale = max_stale
 
     def fit(self, evidence: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-            catalog_keys: np.ndarray) -> MatchCalibrator:
+            catalog_keys: np.ndarray, features_read: str = "") -> MatchCalibrator:
         """``evidence[mode] = (rows (n, len(EVIDENCE)), right (n,) bool, is_top (n,) bool)``:
-        hits of calibration queries, whether each shows the query's product, whether it was the top hit."""
+        hits of calibration queries, whether each shows the query's product, whether it was the top hit.
+        ``features_read``: a digest of what computed the evidence (``fitting.features_read``)."""
         from sklearn.linear_model import LogisticRegression
 
         modes, coefs, intercepts, thresholds, precisions, coverages, counts = [], [], [], [], [], [], []
@@ -97,6 +98,7 @@ class MatchCalibrator(Estimator):
         self.queries_ = np.asarray(counts, np.int64)
         self.catalog_keys_ = np.unique(np.asarray(catalog_keys, np.int64))
         self.fitted_at_ = float(time.time())
+        self.features_read_ = str(features_read)
         return self
 
     def modes(self) -> list[str]:
@@ -137,7 +139,7 @@ class MatchCalibrator(Estimator):
     def _state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
                 ("modes_", "coef_", "intercept_", "threshold_", "precision_", "coverage_", "queries_",
-                 "catalog_keys_", "fitted_at_")}
+                 "catalog_keys_", "fitted_at_", "features_read_")}
 
     def _restore(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
