@@ -187,6 +187,26 @@ def test_every_finetune_refits_the_match_calibration_it_changed_the_evidence_of(
         catalog.close()
 
 
+def test_the_calibration_digest_reads_numbers_as_the_index_json_gives_them_back(refitted_index):
+    """The finetune run is digested in the process that fitted it and again by every later reader
+    of the index's JSON: a numpy number must not make the calibration stale for good."""
+    import numpy as np
+
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.search.calibration import features_read
+
+    catalog = open_catalog(refitted_index, read_only=True)
+    try:
+        catalog.meta["adaptation"] = {"steps": np.int64(2), "adapted_accuracy": np.float32(0.5), "kept": np.bool_(True)}
+        just_computed = features_read(catalog)
+        catalog.meta["adaptation"] = json.loads('{"steps": 2, "adapted_accuracy": 0.5, "kept": true}')
+        assert features_read(catalog) == just_computed
+        catalog.meta["adaptation"]["steps"] = 3
+        assert features_read(catalog) != just_computed
+    finally:
+        catalog.close()
+
+
 def test_the_server_refits_in_the_background_after_a_write_and_serves_the_new_fit(refitted_index, tiny_catalog,
                                                                                    monkeypatch):
     from fastapi.testclient import TestClient

@@ -51,7 +51,6 @@ from catalens.search.calibration.fitting import (
 )
 from catalens.search.calibration.model import CalibrationError, MatchCalibrator
 from catalens.search.query import Query, QueryResult
-from catalens.search.ranking import available_modes
 from catalens.search.settings import SearchSettings
 
 if TYPE_CHECKING:
@@ -116,8 +115,6 @@ def _freshness(model: MatchCalibrator, catalog: Catalog) -> str | None:
     fraction = model.changed_fraction(current_keys(catalog))
     if fraction > model.max_stale:
         return f"{100 * fraction:.0f}% of the catalog changed since the match calibration was fitted"
-    if not set(available_modes(catalog)) <= set(model.modes()):
-        return "the match calibration does not cover every mode of the index"
     return None
 
 

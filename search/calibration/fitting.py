@@ -178,7 +178,9 @@ def features_read(catalog: Catalog) -> str:
     of those rows without adding or removing an item, and one that keeps no network gives fused
     search back to ``deep``: a calibration fitted before either describes another search."""
     state = {"modes": available_modes(catalog), "adaptation": catalog.meta.get("adaptation")}
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+    # As the index's JSON stores it: a numpy number just computed must digest as the one read back.
+    text = json.dumps(state, sort_keys=True, default=lambda value: value.item() if hasattr(value, "item") else str(value))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 ROWS_PER_QUERY = 5  # the top hits of each calibration query the model learns from
