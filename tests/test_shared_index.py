@@ -158,3 +158,37 @@ def test_a_read_only_server_starts_and_answers_from_a_read_only_filesystem(read_
     assert subprocess.run([CATALENS, "info", "--index", str(read_only_mount)], capture_output=True).returncode == 0
     done = subprocess.run([CATALENS, "remove", "Dairy/Milk/item0.jpg", "--index", str(read_only_mount)], capture_output=True, text=True)
     assert done.returncode == 2 and "read-only" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_server_saving_after_a_cli_finetune_keeps_that_finetune_on_record(index, monkeypatch):
+    """The record of the last finetune (which network made the deep_ft rows; the match calibration
+    digests it) belongs to the process that finetuned: a server that saves afterwards must take it
+    in, not write its own older record back."""
+    from catalens.indexer.stores import folder
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.search.calibration import features_read
+
+    monkeypatch.setattr(folder, "CATCH_UP_SECONDS", 0.0)
+    cli = open_catalog(index)
+    cli.meta["adaptation"] = {"steps": 200, "kept": True}
+    cli.save()
+    server = open_catalog(index)
+    try:
+        cli.meta["adaptation"] = {"steps": 600, "kept": True}  # finetune again, from the CLI
+        cli.save()
+        assert server.catch_up(force=True)
+        assert server.meta["adaptation"] == {"steps": 600, "kept": True}
+        assert features_read(server) == features_read(cli)
+        server.save()  # a write of its own (POST /items) saves catalens.json
+        cli.meta["adaptation"] = {"steps": 300, "kept": True}  # and once more
+        cli.save()
+        server.catch_up(force=True)
+        assert server.meta["adaptation"]["steps"] == 300
+    finally:
+        server.close()
+        cli.close()
+    reader = open_catalog(index, read_only=True)
+    try:
+        assert reader.meta["adaptation"] == {"steps": 300, "kept": True}
+    finally:
+        reader.close()

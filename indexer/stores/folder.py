@@ -11,6 +11,7 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -91,6 +92,7 @@ class FolderCatalog(Catalog):
         self._data_version = self._store_version()
         self._meta_stamp = _file_stamp(self.root / META_FILE)
         self._config_seen = self.config.to_json()
+        self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
         self._caught_up = time.monotonic()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
@@ -248,6 +250,14 @@ class FolderCatalog(Catalog):
         if self.config.to_json() == self._config_seen and theirs.get("config"):
             self.config = IndexConfig.from_json(theirs["config"])
         self._config_seen = self.config.to_json()
+        # The record of the last finetune (which network made the deep_ft rows; the match
+        # calibration digests it) is the file's, unless this process finetuned since it last read it.
+        if self.meta.get("adaptation") == self._adaptation_seen:
+            if "adaptation" in theirs:
+                self.meta["adaptation"] = theirs["adaptation"]
+            else:
+                self.meta.pop("adaptation", None)
+        self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
 
     def _store_version(self) -> tuple[Any, ...]:
         """What changes when another process commits: SQLite's data_version, and for a read-only
@@ -411,6 +421,7 @@ class FolderCatalog(Catalog):
             self.meta["config"] = self.config.to_json()
             write_json_atomic(self.root / META_FILE, self.meta)
             self._meta_stamp, self._config_seen = _file_stamp(self.root / META_FILE), self.meta["config"]
+            self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
 
     @property
     def logs_dir(self) -> Path:
