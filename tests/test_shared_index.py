@@ -192,3 +192,32 @@ def test_a_server_saving_after_a_cli_finetune_keeps_that_finetune_on_record(inde
         assert reader.meta["adaptation"] == {"steps": 300, "kept": True}
     finally:
         reader.close()
+
+
+def test_a_configuration_changed_elsewhere_is_taken_in_unless_this_process_changed_its_own(index, monkeypatch):
+    """catalens.json's configuration is the file's (another process's ``--faiss-factory``), except
+    where this process changed its own since it last read the file: then its own stands and is saved."""
+    from catalens.indexer.stores import folder
+    from catalens.indexer.stores.backends import open_catalog
+
+    monkeypatch.setattr(folder, "CATCH_UP_SECONDS", 0.0)
+    cli, server = open_catalog(index), open_catalog(index)
+    try:
+        cli.config = cli.config.model_copy(update={"faiss_factory": "HNSW32"})
+        cli.save()
+        assert server.catch_up(force=True)
+        assert server.config.faiss_factory == "HNSW32"  # taken in: the server had not changed its own
+        server.config = server.config.model_copy(update={"faiss_factory": "Flat"})
+        cli.meta["updated_by"] = "cli"  # the file changes again, its configuration does not
+        cli.save()
+        assert server.catch_up(force=True)
+        assert server.config.faiss_factory == "Flat"  # the server's own change stands
+        server.save()
+    finally:
+        server.close()
+        cli.close()
+    reader = open_catalog(index, read_only=True)
+    try:
+        assert reader.config.faiss_factory == "Flat"
+    finally:
+        reader.close()

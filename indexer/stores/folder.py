@@ -88,11 +88,10 @@ class FolderCatalog(Catalog):
         self._vectors: dict[str, FaissVectorStore] = {}
         self.meta["dims"] = self._committed_dims()
         # What this process last saw of other writers: SQLite's data_version (which only other
-        # connections' commits change), catalens.json's stamp, and the configuration it held.
+        # connections' commits change), catalens.json's stamp, and the shared values it held.
         self._data_version = self._store_version()
         self._meta_stamp = _file_stamp(self.root / META_FILE)
-        self._config_seen = self.config.to_json()
-        self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
+        self._seen = self._shared_values()
         self._caught_up = time.monotonic()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
@@ -247,17 +246,26 @@ class FolderCatalog(Catalog):
             self.meta[key] = dict(theirs.get(key, {}))
         for key, value in theirs.items():
             self.meta.setdefault(key, value)
-        if self.config.to_json() == self._config_seen and theirs.get("config"):
-            self.config = IndexConfig.from_json(theirs["config"])
-        self._config_seen = self.config.to_json()
-        # The record of the last finetune (which network made the deep_ft rows; the match
-        # calibration digests it) is the file's, unless this process finetuned since it last read it.
-        if self.meta.get("adaptation") == self._adaptation_seen:
-            if "adaptation" in theirs:
-                self.meta["adaptation"] = theirs["adaptation"]
-            else:
-                self.meta.pop("adaptation", None)
-        self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
+        mine = self._shared_values()
+        for key, value in mine.items():
+            if value == self._seen.get(key) and (key != "config" or theirs.get("config")):
+                self._set_shared(key, theirs.get(key))
+        self._seen = self._shared_values()
+
+    # Values that this process and others both change: the configuration (an explicit
+    # ``--faiss-factory`` of this run) and the record of the last finetune (which network made the
+    # deep_ft rows; the match calibration digests it). The file's wins unless this process changed
+    # its own since it last read or wrote the file.
+    def _shared_values(self) -> dict[str, Any]:
+        return {"config": self.config.to_json(), "adaptation": copy.deepcopy(self.meta.get("adaptation"))}
+
+    def _set_shared(self, key: str, value: Any) -> None:
+        if key == "config":
+            self.config = IndexConfig.from_json(value)
+        elif value is None:
+            self.meta.pop(key, None)
+        else:
+            self.meta[key] = value
 
     def _store_version(self) -> tuple[Any, ...]:
         """What changes when another process commits: SQLite's data_version, and for a read-only
@@ -420,8 +428,7 @@ class FolderCatalog(Catalog):
             self.meta["updated"] = time.time()
             self.meta["config"] = self.config.to_json()
             write_json_atomic(self.root / META_FILE, self.meta)
-            self._meta_stamp, self._config_seen = _file_stamp(self.root / META_FILE), self.meta["config"]
-            self._adaptation_seen = copy.deepcopy(self.meta.get("adaptation"))
+            self._meta_stamp, self._seen = _file_stamp(self.root / META_FILE), self._shared_values()
 
     @property
     def logs_dir(self) -> Path:
