@@ -7,6 +7,7 @@ they never ask which backend is underneath (``catalens.indexer.stores.backends.o
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -68,6 +69,38 @@ class Catalog(ABC):
         self.meta = meta
         self.lock = threading.RLock()
         self._cache: dict[str, tuple[Any, Any]] = {}
+        self._seen = self._shared_values()
+
+    # --- metadata other processes write too (catalens.json)
+
+    # Values that this process and others both change: the configuration (an explicit
+    # ``--faiss-factory`` of this run; the features a training adds) and the record of the last
+    # finetune (which network made the deep_ft rows; the match calibration digests it). The file's
+    # wins unless this process changed its own since it last read or wrote the file.
+    def _shared_values(self) -> dict[str, Any]:
+        return {"config": self.config.to_json(), "adaptation": copy.deepcopy(self.meta.get("adaptation"))}
+
+    def _set_shared(self, key: str, value: Any) -> None:
+        if key == "config":
+            self.config = IndexConfig.from_json(value)
+        elif value is None:
+            self.meta.pop(key, None)
+        else:
+            self.meta[key] = value
+
+    def _take_in_meta(self, theirs: dict[str, Any]) -> None:
+        """catalens.json as another process wrote it: what it knows that this process does not, and
+        the shared values unless this process changed its own since it last read or wrote the file."""
+        for key, value in theirs.items():
+            self.meta.setdefault(key, value)
+        for key, value in self._shared_values().items():
+            if value == self._seen.get(key) and (key != "config" or theirs.get("config")):
+                self._set_shared(key, theirs.get(key))
+        self._meta_saved()
+
+    def _meta_saved(self) -> None:
+        """After this process read or wrote catalens.json: what it holds now is what the file holds."""
+        self._seen = self._shared_values()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"

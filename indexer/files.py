@@ -107,6 +107,16 @@ def replaced_file(path: Path) -> Iterator[Replacement]:
         backup.unlink(missing_ok=True)
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when another process rewrites or replaces a file: (modification time in ns,
+    size, inode); None where there is no file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def disk_full(error: BaseException) -> bool:
     """Whether ``error`` (or what caused it) is a full disk: an ``OSError`` ENOSPC/EDQUOT,
     SQLite's SQLITE_FULL, or faiss's write error, which carries only the C library's text."""

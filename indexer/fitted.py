@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 from catalens.indexer.estimator import ModelFileError
-from catalens.indexer.files import disk_full, held_read_only
+from catalens.indexer.files import disk_full, file_stamp, held_read_only
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class _Held:
     model: Any = None
     stored: bool = False
     fitted_at: float | None = None
-    file_stamp: tuple[int, int] | None = None  # of the file last read or written; another process's save changes it
+    file_stamp: tuple[int, int, int] | None = None  # of the file last read or written; another process's save changes it
     missing: str = ""  # why no model could be read
     unreadable: bool = False  # the file last looked at does not load
     checked_at: Any = object()  # the catalog generation ``stale`` was judged at
@@ -69,14 +69,6 @@ class _Held:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # One fit at a time per slot and catalog; readers never wait for it.
     fit_lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _file_stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def _save_estimator(model: Any, path: Path) -> None:
@@ -151,7 +143,7 @@ class FittedSlot(Generic[M]):
     def _read_file(self, catalog: Any, held: _Held) -> None:
         """Read the stored model where the file changed since it was last read or written here."""
         path = self.path(catalog)
-        stamp = _file_stamp(path)
+        stamp = file_stamp(path)
         if stamp is None or stamp == held.file_stamp:
             if stamp is None:
                 held.unreadable = False
@@ -224,7 +216,7 @@ class FittedSlot(Generic[M]):
             with held.lock:
                 held.model, held.stored, held.fitted_at, held.unfittable = model, stored, time.time(), None
                 # The file as it is now, ours or an older one: neither is read back over this fit.
-                held.file_stamp = _file_stamp(self.path(catalog))
+                held.file_stamp = file_stamp(self.path(catalog))
                 held.checked_at, held.warned, held.unreadable = object(), False, False
             log.info("%s: %s fitted in %.1fs%s", catalog.location, self.name, time.perf_counter() - started,
                      "" if stored else " (kept in memory)")
@@ -249,7 +241,7 @@ class FittedSlot(Generic[M]):
             except OSError as error:
                 log.info("%s: cannot remove the %s (%s)", catalog.location, self.name, error)
             held.model, held.stored, held.fitted_at, held.unfittable = None, False, None, None
-            held.file_stamp = _file_stamp(path)
+            held.file_stamp = file_stamp(path)
             held.missing, held.unreadable, held.stale, held.checked_at = "", False, None, object()
 
     def _save(self, catalog: Any, model: M) -> bool:

@@ -900,6 +900,41 @@ def test_unmapped_rows_are_refused_and_rows_of_deleted_items_are_dropped(server)
     assert not bulk_lines(server)
 
 
+def test_a_server_takes_in_a_finetune_another_process_recorded_in_the_shared_state_folder(server, tmp_path, monkeypatch):
+    """Every machine points at one state folder: a server running across a CLI ``finetune`` takes in
+    the feature it added and its record (the match calibration digests it), and a save of its own
+    afterwards does not write its older configuration back."""
+    monkeypatch.setenv("CATALENS_ES_STATE", str(tmp_path / "state"))
+    MiniCluster(server)
+    cli = open_catalog("es+http://localhost:9200/shop", IndexConfig(features=["deep", "colour"]), create=True)
+    cli.items.ensure_index({"deep": 4}, ())
+    cli.save()
+    running = open_catalog("es+http://localhost:9200/shop")
+    try:
+        assert not running.catch_up()
+        cli.config.features = [*cli.config.features, "deep_ft"]  # as the finetune's end does
+        cli.meta["adaptation"] = {"steps": 200, "kept": True}
+        cli.save()
+        assert running.catch_up()
+        assert running.config.features == ["deep", "colour", "deep_ft"]
+        assert running.meta["adaptation"] == {"steps": 200, "kept": True}
+        running.save()  # a write of its own (POST /items)
+        assert not running.catch_up()
+        # A change this process made itself stands against a file that did not make it.
+        running.config.features = ["deep", "colour"]
+        cli.meta["note"] = "touched"
+        cli.save()
+        assert running.catch_up() and running.config.features == ["deep", "colour"]
+    finally:
+        running.close()
+        cli.close()
+    reader = open_catalog("es+http://localhost:9200/shop")
+    try:
+        assert reader.meta["adaptation"] == {"steps": 200, "kept": True}
+    finally:
+        reader.close()
+
+
 def test_a_field_mapped_by_another_process_takes_rows_without_a_restart(server):
     cluster, store = on_cluster(server)
     store.ensure_index({"deep": 4}, ["sift"])

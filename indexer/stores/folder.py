@@ -11,7 +11,6 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import logging
@@ -90,8 +89,7 @@ class FolderCatalog(Catalog):
         # What this process last saw of other writers: SQLite's data_version (which only other
         # connections' commits change), catalens.json's stamp, and the shared values it held.
         self._data_version = self._store_version()
-        self._meta_stamp = _file_stamp(self.root / META_FILE)
-        self._seen = self._shared_values()
+        self._meta_stamp = files.file_stamp(self.root / META_FILE)
         self._caught_up = time.monotonic()
         if meta.get("format_version", 1) < FORMAT_VERSION:
             self._upgrade()
@@ -217,7 +215,7 @@ class FolderCatalog(Catalog):
             return False
         try:
             self._caught_up = now
-            version, stamp = self._store_version(), _file_stamp(self.root / META_FILE)
+            version, stamp = self._store_version(), files.file_stamp(self.root / META_FILE)
             if version == self._data_version and stamp == self._meta_stamp:
                 return False
             if self.read_only and version[1:] != self._data_version[1:]:
@@ -244,28 +242,7 @@ class FolderCatalog(Catalog):
             return
         for key in ("faiss_generation", "faiss_built"):
             self.meta[key] = dict(theirs.get(key, {}))
-        for key, value in theirs.items():
-            self.meta.setdefault(key, value)
-        mine = self._shared_values()
-        for key, value in mine.items():
-            if value == self._seen.get(key) and (key != "config" or theirs.get("config")):
-                self._set_shared(key, theirs.get(key))
-        self._seen = self._shared_values()
-
-    # Values that this process and others both change: the configuration (an explicit
-    # ``--faiss-factory`` of this run) and the record of the last finetune (which network made the
-    # deep_ft rows; the match calibration digests it). The file's wins unless this process changed
-    # its own since it last read or wrote the file.
-    def _shared_values(self) -> dict[str, Any]:
-        return {"config": self.config.to_json(), "adaptation": copy.deepcopy(self.meta.get("adaptation"))}
-
-    def _set_shared(self, key: str, value: Any) -> None:
-        if key == "config":
-            self.config = IndexConfig.from_json(value)
-        elif value is None:
-            self.meta.pop(key, None)
-        else:
-            self.meta[key] = value
+        self._take_in_meta(theirs)
 
     def _store_version(self) -> tuple[Any, ...]:
         """What changes when another process commits: SQLite's data_version, and for a read-only
@@ -273,7 +250,7 @@ class FolderCatalog(Catalog):
         if not self.read_only:
             return (self.items.data_version(),)
         path = self.root / ITEMS_FILE
-        return self.items.data_version(), _file_stamp(path), _file_stamp(path.with_name(ITEMS_FILE + "-wal"))
+        return self.items.data_version(), files.file_stamp(path), files.file_stamp(path.with_name(ITEMS_FILE + "-wal"))
 
     def close(self) -> None:
         super().close()
@@ -428,7 +405,8 @@ class FolderCatalog(Catalog):
             self.meta["updated"] = time.time()
             self.meta["config"] = self.config.to_json()
             write_json_atomic(self.root / META_FILE, self.meta)
-            self._meta_stamp, self._seen = _file_stamp(self.root / META_FILE), self._shared_values()
+            self._meta_stamp = files.file_stamp(self.root / META_FILE)
+            self._meta_saved()
 
     @property
     def logs_dir(self) -> Path:
@@ -465,15 +443,6 @@ def _on_read_only_filesystem(root: Path) -> bool:
         return bool(os.statvfs(root).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten: inode, size and modification time."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ machine that searches the index at the same folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Collection, Sequence
@@ -21,8 +22,11 @@ import numpy as np
 
 from catalens.indexer.catalog import Catalog, IndexUnavailableError, write_json_atomic
 from catalens.indexer.config import IndexConfig, load_config
+from catalens.indexer.files import file_stamp
 from catalens.indexer.stores import ItemFilter, ItemUpdate
 from catalens.indexer.stores.elastic.items import ElasticItemStore
+
+log = logging.getLogger(__name__)
 
 META_FILE = "catalens.json"
 ELASTIC_SCHEMES = ("es+http://", "es+https://")
@@ -107,6 +111,7 @@ class ElasticCatalog(Catalog):
         super().__init__(f"es+{url}/{items.index}", config, items, state / "models", meta)
         self.state_dir = state
         self._written = 0
+        self._meta_stamp = file_stamp(meta_path)
 
     @classmethod
     def open(cls, location: str, config: IndexConfig | None = None, create: bool = False, **options: Any) -> ElasticCatalog:
@@ -201,6 +206,29 @@ class ElasticCatalog(Catalog):
                 self.items.refresh()
             self.meta.update({"config": self.config.to_json(), "updated": time.time()})
             write_json_atomic(self.state_dir / META_FILE, self.meta)
+            self._meta_stamp = file_stamp(self.state_dir / META_FILE)
+            self._meta_saved()
+
+    def catch_up(self, force: bool = False) -> bool:
+        """Searches read the cluster itself; what another process changed in the shared state
+        folder's catalens.json (a CLI ``finetune`` or ``train-ae``: the features it added, the record
+        of the network) is taken in when the file changes. Returns whether it did."""
+        path = self.state_dir / META_FILE
+        if file_stamp(path) == self._meta_stamp or not self.lock.acquire(blocking=force):
+            return False
+        try:
+            stamp = file_stamp(path)
+            try:
+                theirs = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                log.warning("%s: %s; keeping what this process knows", path, error)
+                self._meta_stamp = stamp
+                return False
+            self._take_in_meta(theirs)
+            self._meta_stamp = stamp
+            return True
+        finally:
+            self.lock.release()
 
     def info(self) -> dict[str, Any]:
         info = super().info()
