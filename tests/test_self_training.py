@@ -12,6 +12,7 @@ from catalens.datasets import CatalogError, read_photo_list
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.training.pseudo_labels import (
     balanced_assignment,
+    beside_colour,
     select_pseudo_labels,
     toward_shop_photos,
 )
@@ -81,6 +82,37 @@ def test_items_move_toward_their_products_shop_photos_and_a_shop_photo_then_find
     assert np.allclose(kept_all, items, atol=1e-6)
 
 
+def test_photos_the_network_cannot_tell_apart_are_named_by_their_colour_beside_it():
+    """Two products whose shop photos embed alike (Golden Delicious, Granny Smith) but differ in
+    colour: named by the embedding alone about half are wrong; with the colour beside it, all are
+    right, and the items move toward their own product's photos."""
+    rng = np.random.default_rng(0)
+    shared = l2_normalise(rng.normal(size=(1, 8)))
+    items = l2_normalise(shared + 0.3 * l2_normalise(rng.normal(size=(2, 8))))
+    products = np.array(["golden", "granny"])
+    yellow, green = np.eye(4)[0] + 0.2, np.eye(4)[1] + 0.2
+    item_colour = l2_normalise(np.vstack([yellow, green]))
+    # Twenty photos of each, embedded at random around the shared point: nearer either packshot by chance.
+    photos = l2_normalise(shared + 0.3 * rng.normal(size=(40, 8)))
+    truth = np.repeat([0, 1], 20)
+    photo_colour = l2_normalise(np.vstack([yellow, green])[truth] + 0.05 * rng.random((40, 4)))
+    plain = select_pseudo_labels(photos, items, share=1.0)
+    named = select_pseudo_labels(beside_colour(photos, photo_colour, 0.3),
+                                 beside_colour(items, item_colour, 0.3), share=1.0)
+    assert (plain.labels == truth[plain.rows]).mean() < 0.8
+    assert (named.labels == truth[named.rows]).mean() == 1.0
+    both = beside_colour(photos, photo_colour, 0.3)
+    assert np.allclose(np.linalg.norm(both, axis=1), 1.0)
+    assert np.allclose(both[0] @ both[1], (photos[0] @ photos[1] + 0.3 * photo_colour[0] @ photo_colour[1]) / 1.3)
+    # Moved toward the photos the colour named: each item's row toward its own product's photos.
+    moved, n = toward_shop_photos(items.astype(np.float32), products, photos.astype(np.float32), 1.0, 0.3,
+                                  naming=(beside_colour(items, item_colour, 0.3), both))
+    golden_mean, granny_mean = l2_normalise(photos[:20].sum(0, keepdims=True)), l2_normalise(photos[20:].sum(0, keepdims=True))
+    assert n == 2
+    assert float(moved[0] @ golden_mean[0]) > float(moved[0] @ granny_mean[0])
+    assert float(moved[1] @ granny_mean[0]) > float(moved[1] @ golden_mean[0])
+
+
 def test_unlabeled_photos_are_read_from_a_folder_or_a_list_file(tmp_path):
     from tests.conftest import draw_product
 
@@ -109,6 +141,13 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     from tests.conftest import draw_product
 
     monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)  # kept whatever it measures: this checks the plumbing
+    named_with = []  # the colour rows the photos and items were named with, beside the adapted rows
+
+    def recording_beside_colour(rows, colour, weight):
+        named_with.append(colour.shape)
+        return beside_colour(rows, colour, weight)
+
+    monkeypatch.setattr(adaptation, "beside_colour", recording_beside_colour)
     shelf = tmp_path / "shelf"
     for i in range(6):
         draw_product(shelf / f"shot{i}.jpg", seed=100 + i)
@@ -116,6 +155,8 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     report = json.loads(capsys.readouterr().out)
     assert report["unlabeled"] == 6 and 1 <= report["pseudo_labelled"] <= 6 and report["kept"]
     assert report["toward_shop_photos"] >= 1
+    # Every round of naming and the move toward the photos used the six photos' colour histograms.
+    assert named_with.count((6, 192)) == len(adaptation.PSEUDO_SHARES) + 1
     # The stored rows are the network's moved toward the shop photos, not what it makes of the items alone.
     from catalens.indexer.features import embed
     from catalens.indexer.imageio import load_query

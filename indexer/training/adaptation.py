@@ -34,6 +34,7 @@ from torch import nn
 from catalens.indexer.backbones import get_backbone
 from catalens.indexer.features import l2_normalise
 from catalens.indexer.features.adapted_model import AdaptedTop, FrozenTrunk, steps_for
+from catalens.indexer.features.colour import ColourPreparer
 from catalens.indexer.features.decode import iter_prepared
 from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.features.deep_ft import ADAPTED_NETWORK, FEATURE_NAME, AdaptedDeep
@@ -42,6 +43,7 @@ from catalens.indexer.imageio import ImageSource
 from catalens.indexer.stores import product_of, stack_rows
 from catalens.indexer.training import augment
 from catalens.indexer.training.pseudo_labels import (
+    beside_colour,
     product_prototypes,
     select_pseudo_labels,
     toward_shop_photos,
@@ -73,6 +75,10 @@ PSEUDO_SHARES = (0.5, 0.8)
 UNLABELED_VIEWS = 2
 # Share of training draws that are pseudo-labelled photos (the rest: the catalog's own views).
 UNLABELED_SHARE = 0.5
+# Unlabeled photos are named by the adapted rows with each image's colour histogram beside them,
+# at this weight (``pseudo_labels.beside_colour``): the fruit and vegetables the network confuses
+# most differ in colour. Measured in docs/search-quality.md ("Naming with colour").
+NAMING_COLOUR_WEIGHT = 0.3
 # After self-training, each item's row moves toward the mean of its product's surest shop photos
 # (``toward_shop_photos``): the surest SHOP_PHOTO_SHARE of them, the item's own row weighing
 # OWN_ROW_WEIGHT (measured in docs/search-quality.md, "The catalog's rows move toward the shop's
@@ -224,7 +230,7 @@ def _held_out_slice(catalog: Any, records: Sequence, labels: np.ndarray, rng: np
 
 
 def _view_maps(catalog: Any, sources: Sequence, views: AugmentedViews, trunk: FrozenTrunk, progress: bool,
-               desc: str) -> dict[int, np.ndarray]:
+               desc: str, colours: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Trunk maps of every view of each image in ``sources`` ((2 + views, C, H, W) each), by its
     position there; unreadable ones are left out, with a warning naming them."""
     from tqdm import tqdm
@@ -233,11 +239,17 @@ def _view_maps(catalog: Any, sources: Sequence, views: AugmentedViews, trunk: Fr
     found: dict[int, np.ndarray] = {}
     with tqdm(total=len(sources), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         # Few images a batch: an image's views are up to 66 squares of the network input.
-        for batch in iter_prepared(list(sources), {"views": transform.preparer}, batch_size=4,
+        preparers: dict[str, Any] = {"views": transform.preparer}
+        if colours is not None:
+            preparers["colour"] = ColourPreparer()
+        for batch in iter_prepared(list(sources), preparers, batch_size=4,
                                    num_workers=catalog.config.num_workers, max_pixels=catalog.config.max_pixels,
                                    draft_size=transform.draft_size):
             for row, maps in zip(batch.positions, transform.finish(batch.prepared["views"]), strict=True):
                 found[row] = maps
+            if colours is not None:
+                for row, histogram in zip(batch.positions, batch.prepared["colour"], strict=True):
+                    colours[row] = np.asarray(histogram, np.float32)
             for error in batch.errors.values():
                 log.warning("finetune: skipped %s", error)
             bar.update(len(batch.positions) + len(batch.errors))
@@ -259,6 +271,16 @@ def _nearest_product_accuracy(catalog_rows: np.ndarray, catalog_labels: np.ndarr
     return float((catalog_labels[nearest] == query_labels).mean())
 
 
+def _stored_colour(catalog: Any, keys: list[int]) -> np.ndarray | None:
+    """The items' stored colour histograms, in ``keys`` order; None where any is missing."""
+    if "colour" not in catalog.dims():
+        return None
+    stored = catalog.items.rows("colour", keys)
+    if not all(int(key) in stored for key in keys):
+        return None
+    return np.stack([np.frombuffer(stored[int(key)], np.float32) for key in keys])
+
+
 def _frozen_pooled(trunk: FrozenTrunk, backbone: str, maps: np.ndarray, pretrained: bool = True) -> np.ndarray:
     """The frozen network's descriptor of views given as trunk maps (the rest of its stages, pooled)."""
     network = get_backbone(backbone).create(pretrained=pretrained)
@@ -271,14 +293,17 @@ def _frozen_pooled(trunk: FrozenTrunk, backbone: str, maps: np.ndarray, pretrain
 
 def _self_train(model: AdaptedTop, training: np.ndarray, row_labels: Sequence[str], weights: np.ndarray,
                 item_maps: np.ndarray, item_labels: np.ndarray, photos: np.ndarray, steps: int | None,
-                progress: bool, seed: int) -> tuple[AdaptedTop, int]:
+                progress: bool, seed: int, item_colour: np.ndarray | None = None,
+                photo_colour: np.ndarray | None = None) -> tuple[AdaptedTop, int]:
     """Rounds of self-training: name the unlabeled photos with the network so far, keep the surest
     share of each product's (``PSEUDO_SHARES``), and train the top stages afresh on the catalog's
     views and those photos' views. Returns the last network and how many photos it trained on.
 
     ``item_maps`` (n, 2, C, H, W) and ``item_labels``: the training items' clean views and
     products, whose adapted embeddings are the products' prototypes; ``photos`` (m, 2 + views, C,
-    H, W): the unlabeled photos' clean views and augmented ones."""
+    H, W): the unlabeled photos' clean views and augmented ones. ``item_colour`` and
+    ``photo_colour``: their colour histograms, which the photos are named by beside the adapted
+    rows where both are given."""
     if not len(photos):
         return model, 0
     products = np.unique(item_labels)
@@ -287,7 +312,12 @@ def _self_train(model: AdaptedTop, training: np.ndarray, row_labels: Sequence[st
     for share in PSEUDO_SHARES:
         embedded = model.transform(item_maps)
         _, prototypes = product_prototypes(embedded, item_labels)
-        chosen = select_pseudo_labels(model.transform(photos[:, :2]), prototypes, share)
+        photo_rows = model.transform(photos[:, :2])
+        if item_colour is not None and photo_colour is not None:
+            prototypes = beside_colour(prototypes, product_prototypes(item_colour, item_labels)[1],
+                                       NAMING_COLOUR_WEIGHT)
+            photo_rows = beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT)
+        chosen = select_pseudo_labels(photo_rows, prototypes, share)
         kept = len(chosen.rows)
         views = photos.shape[1]
         extra = photos[chosen.rows].reshape(-1, *photos.shape[2:])
@@ -373,16 +403,21 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     clean_maps = np.stack([maps[position][:2] for position in positions])
     pseudo_labelled = 0
     shop_photos = np.zeros((0, 2 + UNLABELED_VIEWS, *clean_maps.shape[2:]), clean_maps.dtype)
+    photo_colour, item_colour = None, _stored_colour(catalog, [records[p].key for p in positions])
     if unlabeled:
+        photo_colours: dict[int, np.ndarray] = {}
         photo_maps = _view_maps(catalog, list(unlabeled), AugmentedViews(trunk.preparer, UNLABELED_VIEWS,
-                                UNLABELED_VIEWS, seed, cutouts, photos), trunk, progress, "views of unlabeled photos")
+                                UNLABELED_VIEWS, seed, cutouts, photos), trunk, progress, "views of unlabeled photos",
+                                photo_colours)
         if photo_maps:
             shop_photos = np.stack([photo_maps[row] for row in sorted(photo_maps)])
+            if photo_colours:
+                photo_colour = np.stack([photo_colours[row] for row in sorted(photo_maps)])
         del photo_maps
         trained = np.array([position not in held for position in positions])
         model, pseudo_labelled = _self_train(
             model, training, row_labels, np.asarray(weights), clean_maps[trained], labels[positions][trained],
-            shop_photos, steps, progress, seed)
+            shop_photos, steps, progress, seed, None if item_colour is None else item_colour[trained], photo_colour)
     del training, rows
     adapted = model.transform(clean_maps)
     keys = np.array([records[position].key for position in positions], np.int64)
@@ -391,8 +426,13 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     # Whether the network is kept is judged on its own rows below.
     stored, moved_products = adapted, 0
     if len(shop_photos):
-        stored, moved_products = toward_shop_photos(adapted, item_labels, model.transform(shop_photos[:, :2]),
-                                                    SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT)
+        photo_rows = model.transform(shop_photos[:, :2])
+        naming = None
+        if item_colour is not None and photo_colour is not None:
+            naming = (beside_colour(adapted, item_colour, NAMING_COLOUR_WEIGHT),
+                      beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT))
+        stored, moved_products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT,
+                                                    naming)
     del shop_photos
 
     # The frozen network's own descriptors of the same crops: what search uses without adaptation.

@@ -36,6 +36,17 @@ def product_prototypes(rows: np.ndarray, products: np.ndarray) -> tuple[np.ndarr
     return names, prototypes / np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
 
 
+def beside_colour(rows: np.ndarray, colour: np.ndarray, weight: float) -> np.ndarray:
+    """``rows`` (L2-normalised) with each one's colour histogram beside it at ``weight``, the
+    whole L2-normalised again: a dot product of two is (cosine + weight x colour cosine) / (1 + weight).
+
+    The network's embedding is trained to see past colour (ImageNet's colour jitter), yet the
+    products it confuses most in a shop photo (Golden Delicious and Granny Smith, red and yellow
+    peppers) differ in little else."""
+    colour = colour / np.maximum(np.linalg.norm(colour, axis=1, keepdims=True), 1e-12)
+    return np.hstack([rows, np.sqrt(weight) * colour]) / np.sqrt(1 + weight)
+
+
 def balanced_assignment(similarity: np.ndarray, temperature: float = 0.05, iterations: int = 3) -> np.ndarray:
     """(n, c) assignment probabilities of n photos to c products, each product about n / c photos.
 
@@ -76,7 +87,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def toward_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_rows: np.ndarray, share: float,
-                       own_weight: float) -> tuple[np.ndarray, int]:
+                       own_weight: float, naming: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
     """Each item's row moved toward the shop photos taken for its product: ``own_weight`` of the
     item's own row plus the rest of the mean of the surest ``share`` of those photos, renormalised.
     Returns the rows and how many products had photos to move toward (the others keep theirs).
@@ -84,10 +95,14 @@ def toward_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_r
     A packshot and a shop photo of one product are further apart than two shop photos of it, so
     a shop's query finds its product more often by what the product looks like in that shop.
     Pseudo-labels are wrong for some photos; the mean of many, most of them right, still points
-    the right way (prototype rectification in the few-shot literature)."""
+    the right way (prototype rectification in the few-shot literature). ``naming``: the (item,
+    photo) rows the photos are named by where those are not the moved rows (``beside_colour``)."""
     products, prototypes = product_prototypes(item_rows, item_products)
     product_of_item = np.searchsorted(products, item_products)
-    chosen = select_pseudo_labels(photo_rows, prototypes, share)
+    if naming is None:
+        chosen = select_pseudo_labels(photo_rows, prototypes, share)
+    else:
+        chosen = select_pseudo_labels(naming[1], product_prototypes(naming[0], item_products)[1], share)
     means = np.zeros_like(prototypes)
     np.add.at(means, chosen.labels, photo_rows[chosen.rows])
     norms = np.linalg.norm(means, axis=1, keepdims=True)
