@@ -175,6 +175,50 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     assert "--unlabeled" in capsys.readouterr().err
 
 
+def _colour_rows(index) -> dict[int, np.ndarray]:
+    from catalens.indexer.stores.backends import open_catalog
+
+    catalog = open_catalog(index)
+    try:
+        return {key: np.frombuffer(row, np.float32) for key, row in catalog.items.rows("colour").items()}
+    finally:
+        catalog.close()
+
+
+def test_finetune_with_unlabeled_photos_moves_the_colour_rows_and_a_finetune_without_puts_them_back(
+        tiny_index, tmp_path, capsys, monkeypatch):
+    from catalens.api.cli import main
+    from catalens.indexer.training import adaptation
+    from tests.conftest import draw_product
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)
+    shelf = tmp_path / "shelf"
+    for i in range(6):
+        draw_product(shelf / f"shot{i}.jpg", seed=100 + i)
+    indexed = _colour_rows(tiny_index)
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "3", "--json", "--unlabeled", str(shelf)]) == 0
+    assert json.loads(capsys.readouterr().out)["colour_moved"]
+    moved = _colour_rows(tiny_index)
+    assert moved.keys() == indexed.keys()
+    assert min(float(moved[key] @ indexed[key]) for key in indexed) < 0.99  # toward the shelf's colours
+    assert all(np.isclose(np.linalg.norm(row), 1.0, atol=1e-4) for row in moved.values())
+    # Fused search reads the moved rows from the vector index, not only the item store.
+    from catalens.indexer.stores.backends import open_catalog
+
+    catalog = open_catalog(tiny_index)
+    try:
+        key = next(iter(moved))
+        scores, keys = catalog.vectors("colour").search(moved[key][None], 1)
+        assert int(keys[0][0]) == key and scores[0][0] == pytest.approx(1.0, abs=1e-4)
+    finally:
+        catalog.close()
+
+    assert main(["finetune", "--index", str(tiny_index), "--steps", "3", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["colour_moved"]
+    put_back = _colour_rows(tiny_index)
+    assert min(float(put_back[key] @ indexed[key]) for key in indexed) > 0.999
+
+
 def test_finetune_holds_photos_out_with_their_near_duplicates_and_calibration_asks_only_those(tmp_path, monkeypatch):
     """Products of several photos: about a tenth of each is kept from training, a photo with its
     near-duplicates; the model stores what it trained on; calibration's photo queries are the others."""

@@ -93,7 +93,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     verdict = ("kept: search and classification now use it" if report.kept
                else "not kept (it did not find more products); the frozen network serves")
     photos = (f", self-trained on {report.pseudo_labelled} of {report.unlabeled} unlabeled photos"
-              f" ({report.toward_shop_photos} products' rows moved toward them)" if report.unlabeled else "")
+              f" ({report.toward_shop_photos} products' rows{' and colour' if report.colour_moved else ''}"
+              " moved toward them)" if report.unlabeled else "")
     print(f"\n{report.items} items, {report.products} products, {report.views} views, {report.steps} steps{photos}, "
           f"{report.seconds:.0f}s; {verdict}")
     return 0

@@ -170,6 +170,7 @@ class AdaptationReport:
     unlabeled: int = 0  # unlabeled photos read (--unlabeled)
     pseudo_labelled: int = 0  # of those, trained on under the product they were taken for
     toward_shop_photos: int = 0  # products whose items' rows moved toward their shop photos
+    colour_moved: bool = False  # the items' colour rows moved toward the same photos too
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,9 +258,14 @@ def _view_maps(catalog: Any, sources: Sequence, views: AugmentedViews, trunk: Fr
 
 
 def _item_view_maps(catalog: Any, records: Sequence, positions: list[int], views: AugmentedViews,
-                    trunk: FrozenTrunk, progress: bool, desc: str) -> dict[int, np.ndarray]:
-    """``_view_maps`` of the catalog items at ``positions``, by position in ``records``."""
-    found = _view_maps(catalog, [records[p].image for p in positions], views, trunk, progress, desc)
+                    trunk: FrozenTrunk, progress: bool, desc: str, colours: dict[int, np.ndarray] | None = None
+                    ) -> dict[int, np.ndarray]:
+    """``_view_maps`` of the catalog items at ``positions``, by position in ``records`` (and
+    their colour histograms into ``colours``, by position, where it is given)."""
+    found_colours: dict[int, np.ndarray] | None = None if colours is None else {}
+    found = _view_maps(catalog, [records[p].image for p in positions], views, trunk, progress, desc, found_colours)
+    if colours is not None and found_colours is not None:
+        colours.update({positions[row]: histogram for row, histogram in found_colours.items()})
     return {positions[row]: maps for row, maps in found.items()}
 
 
@@ -269,16 +275,6 @@ def _nearest_product_accuracy(catalog_rows: np.ndarray, catalog_labels: np.ndarr
         return float("nan")
     nearest = (l2_normalise(query_rows) @ l2_normalise(catalog_rows).T).argmax(axis=1)
     return float((catalog_labels[nearest] == query_labels).mean())
-
-
-def _stored_colour(catalog: Any, keys: list[int]) -> np.ndarray | None:
-    """The items' stored colour histograms, in ``keys`` order; None where any is missing."""
-    if "colour" not in catalog.dims():
-        return None
-    stored = catalog.items.rows("colour", keys)
-    if not all(int(key) in stored for key in keys):
-        return None
-    return np.stack([np.frombuffer(stored[int(key)], np.float32) for key in keys])
 
 
 def _frozen_pooled(trunk: FrozenTrunk, backbone: str, maps: np.ndarray, pretrained: bool = True) -> np.ndarray:
@@ -342,8 +338,9 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
 
     ``unlabeled``: the shop's own photos, without labels; the network is then trained again on
     those it can name surely (``_self_train``), which teaches it what the shop's photos look like,
-    and each item's stored row moves toward its product's surest photos (``toward_shop_photos``).
-    Items indexed later get the network's row alone until the next finetune.
+    and each item's stored row, and its colour row, moves toward its product's surest photos
+    (``toward_shop_photos``). Items indexed later get the network's row and their own colour
+    until the next finetune.
     """
     run = _FinetuneRun(catalog, steps, seed, unlabeled)
     ADAPTED_NETWORK.refit(catalog, force=True, progress=progress, fit=run.fit, save=run.commit)
@@ -352,9 +349,8 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
 
 
 def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlabeled: Sequence[ImageSource]
-           ) -> tuple[AdaptedTop, AdaptationReport, np.ndarray, np.ndarray]:
-    """Train the adapted network and judge it on the held-out slice: (the network, the report,
-    the keys of the items it embedded, their rows as search would store them)."""
+           ) -> _Trained:
+    """Train the adapted network and judge it on the held-out slice."""
     started = time.perf_counter()
     config = catalog.config
     records = sorted(catalog.items.records().values(), key=lambda record: record.id)  # one catalog, one model
@@ -375,14 +371,17 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     many = [i for i in range(len(records)) if count_of[labels[i]] > 1]
     single = [i for i in range(len(records)) if count_of[labels[i]] == 1]
     maps: dict[int, np.ndarray] = {}
+    # The items' colour histograms, read with their views: the shop's photos are named with them,
+    # and the items' colour rows move toward those photos as their deep rows do.
+    colours: dict[int, np.ndarray] | None = {} if "colour" in config.features else None
     if many:
         views = AugmentedViews(trunk.preparer, PHOTO_VIEWS, PACKSHOT_VIEWS, seed, cutouts, photos)
         maps.update(_item_view_maps(catalog, records, many, views, trunk, progress,
-                                    "views of products with several photos"))
+                                    "views of products with several photos", colours))
     if single:
         views = AugmentedViews(trunk.preparer, SINGLE_VIEWS, SINGLE_VIEWS, seed, cutouts, photos)
         maps.update(_item_view_maps(catalog, records, single, views, trunk, progress,
-                                    "views of products with one image"))
+                                    "views of products with one image", colours))
     positions = sorted(maps)
     if not positions:
         raise ValueError(f"{catalog.location}: none of the items' images could be read")
@@ -403,16 +402,17 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     clean_maps = np.stack([maps[position][:2] for position in positions])
     pseudo_labelled = 0
     shop_photos = np.zeros((0, 2 + UNLABELED_VIEWS, *clean_maps.shape[2:]), clean_maps.dtype)
-    photo_colour, item_colour = None, _stored_colour(catalog, [records[p].key for p in positions])
+    item_colour = None if colours is None else l2_normalise(np.stack([colours[p] for p in positions]))
+    photo_colour = None
     if unlabeled:
         photo_colours: dict[int, np.ndarray] = {}
         photo_maps = _view_maps(catalog, list(unlabeled), AugmentedViews(trunk.preparer, UNLABELED_VIEWS,
                                 UNLABELED_VIEWS, seed, cutouts, photos), trunk, progress, "views of unlabeled photos",
-                                photo_colours)
+                                None if item_colour is None else photo_colours)
         if photo_maps:
             shop_photos = np.stack([photo_maps[row] for row in sorted(photo_maps)])
-            if photo_colours:
-                photo_colour = np.stack([photo_colours[row] for row in sorted(photo_maps)])
+            if item_colour is not None:
+                photo_colour = l2_normalise(np.stack([photo_colours[row] for row in sorted(photo_maps)]))
         del photo_maps
         trained = np.array([position not in held for position in positions])
         model, pseudo_labelled = _self_train(
@@ -424,15 +424,8 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     item_labels = labels[positions]
     # What search stores: the network's rows, moved toward the shop's photos where there are some.
     # Whether the network is kept is judged on its own rows below.
-    stored, moved_products = adapted, 0
-    if len(shop_photos):
-        photo_rows = model.transform(shop_photos[:, :2])
-        naming = None
-        if item_colour is not None and photo_colour is not None:
-            naming = (beside_colour(adapted, item_colour, NAMING_COLOUR_WEIGHT),
-                      beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT))
-        stored, moved_products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT,
-                                                    naming)
+    stored, colour_rows, moved_products = _moved_rows(adapted, item_colour, item_labels,
+                                                      model.transform(shop_photos[:, :2]), photo_colour)
     del shop_photos
 
     # The frozen network's own descriptors of the same crops: what search uses without adaptation.
@@ -456,14 +449,48 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
                                                     query_labels)
         adapted_accuracy = _nearest_product_accuracy(adapted, item_labels, model.embed_views(query_maps), query_labels)
     kept = bool(adapted_accuracy >= frozen_accuracy + MIN_GAIN)
+    colour_moved = kept and colour_rows is not item_colour
     # Which items it learnt from: the match calibration asks only the others (and items added later).
     model.trained_keys_ = np.array(sorted(records[p].key for p in positions if p not in held), np.int64)
     report = AdaptationReport(
         items=len(positions), products=len(products), views=int(sum(len(maps[p]) for p in positions)),
         steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
         adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1),
-        unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled, toward_shop_photos=moved_products)
-    return model, report, keys, stored
+        unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled, toward_shop_photos=moved_products,
+        colour_moved=colour_moved)
+    # A network not kept names no photo: the items keep their own colour.
+    return _Trained(model, report, keys, stored, item_colour if not colour_moved else colour_rows)
+
+
+def _moved_rows(adapted: np.ndarray, item_colour: np.ndarray | None, item_labels: np.ndarray,
+                photo_rows: np.ndarray, photo_colour: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The items' adapted rows and colour rows, each moved toward its product's surest shop photos
+    (named by both beside each other where the colour is given; ``toward_shop_photos``), and how
+    many products had photos. Without photos, the rows as they are."""
+    if not len(photo_rows):
+        return adapted, item_colour, 0
+    if item_colour is None or photo_colour is None:
+        moved, products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT)
+        return moved, item_colour, products
+    naming = (beside_colour(adapted, item_colour, NAMING_COLOUR_WEIGHT),
+              beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT))
+    moved, products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT, naming)
+    colour, _ = toward_shop_photos(item_colour, item_labels, photo_colour, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT, naming)
+    return moved, colour, products
+
+
+@dataclass
+class _Trained:
+    """What ``_train`` made: the network, its report, and the rows of the items it embedded (by
+    ``keys``) as search stores them: ``rows`` for ``deep_ft``, ``colour`` for ``colour`` (None
+    where the index has no colour feature)."""
+
+    model: AdaptedTop
+    report: AdaptationReport
+    keys: np.ndarray
+    rows: np.ndarray
+    colour: np.ndarray | None
 
 
 @dataclass
@@ -477,13 +504,13 @@ class _FinetuneRun:
     seed: int
     unlabeled: Sequence[ImageSource]
     report: AdaptationReport | None = None
-    keys: np.ndarray | None = None
-    rows: np.ndarray | None = None
+    trained: _Trained | None = None
     features: list[str] = field(default_factory=list)
     previous: dict[str, Any] | None = None
 
     def fit(self, catalog: Catalog, progress: bool) -> AdaptedDeep | None:
-        model, self.report, self.keys, self.rows = _train(catalog, self.steps, progress, self.seed, self.unlabeled)
+        self.trained = trained = _train(catalog, self.steps, progress, self.seed, self.unlabeled)
+        model, self.report = trained.model, trained.report
         self.features, self.previous = list(catalog.config.features), catalog.meta.get("adaptation")
         catalog.meta["adaptation"] = self.report.to_json()
         if self.report.kept:
@@ -499,6 +526,7 @@ class _FinetuneRun:
                 self._put_back()
                 raise
             catalog.items.delete_feature(FEATURE_NAME)
+            self._store_colour()
         return None
 
     def commit(self, adapted: AdaptedDeep, path: Path) -> None:
@@ -511,11 +539,27 @@ class _FinetuneRun:
                 adapted.model.save(path)
                 if FEATURE_NAME not in catalog.config.features:
                     catalog.config.features = [*catalog.config.features, FEATURE_NAME]
-                catalog.replace_feature(FEATURE_NAME, self.keys, self.rows, committed=replacement.committed)
+                catalog.replace_feature(FEATURE_NAME, self.trained.keys, self.trained.rows,
+                                        committed=replacement.committed)
             except BaseException:
                 if not replacement.done:
                     self._put_back()
                 raise
+            self._store_colour()
+
+    def _store_colour(self) -> None:
+        """The items' colour rows moved toward the shop's photos, or their own put back where the
+        finetune before moved them and this one does not; items whose image it could not read
+        keep the row they have. Unmoved rows, where none were moved before, are left as indexed."""
+        trained = self.trained
+        moved_before = bool((self.previous or {}).get("colour_moved"))
+        if trained.colour is None or not (trained.report.colour_moved or moved_before):
+            return
+        rows = self.catalog.items.rows("colour")
+        rows.update({int(key): row.tobytes() for key, row in zip(trained.keys, trained.colour.astype(np.float32),
+                                                                  strict=True)})
+        keys = sorted(rows)
+        self.catalog.replace_feature("colour", keys, np.stack([np.frombuffer(rows[key], np.float32) for key in keys]))
 
     def _put_back(self) -> None:
         """What this process holds, where nothing was committed."""
