@@ -449,7 +449,7 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
                                                     query_labels)
         adapted_accuracy = _nearest_product_accuracy(adapted, item_labels, model.embed_views(query_maps), query_labels)
     kept = bool(adapted_accuracy >= frozen_accuracy + MIN_GAIN)
-    colour_moved = kept and colour_rows is not item_colour
+    colour_moved = kept and photo_colour is not None and moved_products > 0
     # Which items it learnt from: the match calibration asks only the others (and items added later).
     model.trained_keys_ = np.array(sorted(records[p].key for p in positions if p not in held), np.int64)
     report = AdaptationReport(
@@ -480,7 +480,7 @@ def _moved_rows(adapted: np.ndarray, item_colour: np.ndarray | None, item_labels
     return moved, colour, products
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Trained:
     """What ``_train`` made: the network, its report, and the rows of the items it embedded (by
     ``keys``) as search stores them: ``rows`` for ``deep_ft``, ``colour`` for ``colour`` (None
