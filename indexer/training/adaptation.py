@@ -558,8 +558,7 @@ class _FinetuneRun:
         rows = self.catalog.items.rows("colour")
         rows.update({int(key): row.tobytes() for key, row in zip(trained.keys, trained.colour.astype(np.float32),
                                                                   strict=True)})
-        keys = sorted(rows)
-        self.catalog.replace_feature("colour", keys, np.stack([np.frombuffer(rows[key], np.float32) for key in keys]))
+        self.catalog.replace_feature("colour", *stack_rows(rows, trained.colour.shape[1]))
 
     def _put_back(self) -> None:
         """What this process holds, where nothing was committed."""
