@@ -13,6 +13,7 @@ from catalens.indexer.features import l2_normalise
 from catalens.indexer.training.pseudo_labels import (
     balanced_assignment,
     beside_colour,
+    name_shop_photos,
     select_pseudo_labels,
     toward_shop_photos,
 )
@@ -71,14 +72,16 @@ def test_items_move_toward_their_products_shop_photos_and_a_shop_photo_then_find
                                     + [np.eye(6)[4] * 0.5 + np.eye(6)[5] + rng.normal(0, 0.05, (1, 6)) for _ in range(8)]
                                     ).astype(np.float32))
     query = l2_normalise((np.eye(6)[2] + 0.3 * np.eye(6)[3])[None].astype(np.float32))[0]
-    moved, n = toward_shop_photos(items, products, photos, share=0.5, own_weight=0.3)
+    named = name_shop_photos(items, products, photos, share=0.5)
+    moved, n = toward_shop_photos(items, products, photos, named, own_weight=0.3)
     assert n == 3 and moved.shape == items.shape and np.allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
     assert float(query @ items[0]) < 0.1 < float(query @ moved[0])  # before: A's packshot nowhere near
     assert float(query @ moved[0]) > float(query @ moved[2])  # after: A before B
     assert np.allclose(moved[0], moved[0] @ moved[1] * moved[0], atol=0.1)  # A's items moved alike
-    unmoved, n = toward_shop_photos(items, products, photos[:0], share=0.5, own_weight=0.3)
+    unmoved, n = toward_shop_photos(items, products, photos[:0], name_shop_photos(items, products, photos[:0], 0.5),
+                                    own_weight=0.3)
     assert n == 0 and np.allclose(unmoved, items, atol=1e-6)
-    kept_all, _ = toward_shop_photos(items, products, photos, share=0.5, own_weight=1.0)
+    kept_all, _ = toward_shop_photos(items, products, photos, named, own_weight=1.0)
     assert np.allclose(kept_all, items, atol=1e-6)
 
 
@@ -105,8 +108,8 @@ def test_photos_the_network_cannot_tell_apart_are_named_by_their_colour_beside_i
     assert np.allclose(np.linalg.norm(both, axis=1), 1.0)
     assert np.allclose(both[0] @ both[1], (photos[0] @ photos[1] + 0.3 * photo_colour[0] @ photo_colour[1]) / 1.3)
     # Moved toward the photos the colour named: each item's row toward its own product's photos.
-    moved, n = toward_shop_photos(items.astype(np.float32), products, photos.astype(np.float32), 1.0, 0.3,
-                                  naming=(beside_colour(items, item_colour, 0.3), both))
+    named = name_shop_photos(beside_colour(items, item_colour, 0.3), products, both, share=1.0)
+    moved, n = toward_shop_photos(items.astype(np.float32), products, photos.astype(np.float32), named, 0.3)
     golden_mean, granny_mean = l2_normalise(photos[:20].sum(0, keepdims=True)), l2_normalise(photos[20:].sum(0, keepdims=True))
     assert n == 2
     assert float(moved[0] @ golden_mean[0]) > float(moved[0] @ granny_mean[0])

@@ -44,6 +44,7 @@ from catalens.indexer.stores import product_of, stack_rows
 from catalens.indexer.training import augment
 from catalens.indexer.training.pseudo_labels import (
     beside_colour,
+    name_shop_photos,
     product_prototypes,
     select_pseudo_labels,
     toward_shop_photos,
@@ -466,17 +467,18 @@ def _moved_rows(adapted: np.ndarray, item_colour: np.ndarray | None, item_labels
                 photo_rows: np.ndarray, photo_colour: np.ndarray | None
                 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """The items' adapted rows and colour rows, each moved toward its product's surest shop photos
-    (named by both beside each other where the colour is given; ``toward_shop_photos``), and how
-    many products had photos. Without photos, the rows as they are."""
+    (named once, by both beside each other where the colour is given; ``toward_shop_photos``), and
+    how many products had photos. Without photos, the rows as they are."""
     if not len(photo_rows):
         return adapted, item_colour, 0
-    if item_colour is None or photo_colour is None:
-        moved, products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT)
-        return moved, item_colour, products
-    naming = (beside_colour(adapted, item_colour, NAMING_COLOUR_WEIGHT),
-              beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT))
-    moved, products = toward_shop_photos(adapted, item_labels, photo_rows, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT, naming)
-    colour, _ = toward_shop_photos(item_colour, item_labels, photo_colour, SHOP_PHOTO_SHARE, OWN_ROW_WEIGHT, naming)
+    coloured = item_colour is not None and photo_colour is not None
+    naming = ((beside_colour(adapted, item_colour, NAMING_COLOUR_WEIGHT),
+               beside_colour(photo_rows, photo_colour, NAMING_COLOUR_WEIGHT)) if coloured else (adapted, photo_rows))
+    named = name_shop_photos(naming[0], item_labels, naming[1], SHOP_PHOTO_SHARE)
+    moved, products = toward_shop_photos(adapted, item_labels, photo_rows, named, OWN_ROW_WEIGHT)
+    colour = item_colour
+    if coloured:
+        colour, _ = toward_shop_photos(item_colour, item_labels, photo_colour, named, OWN_ROW_WEIGHT)
     return moved, colour, products
 
 

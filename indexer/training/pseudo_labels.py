@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from catalens.indexer.features import l2_normalise
+
 
 @dataclass(frozen=True)
 class PseudoLabels:
@@ -43,8 +45,7 @@ def beside_colour(rows: np.ndarray, colour: np.ndarray, weight: float) -> np.nda
     The network's embedding is trained to see past colour (ImageNet's colour jitter), yet the
     products it confuses most in a shop photo (Golden Delicious and Granny Smith, red and yellow
     peppers) differ in little else."""
-    colour = colour / np.maximum(np.linalg.norm(colour, axis=1, keepdims=True), 1e-12)
-    return np.hstack([rows, np.sqrt(weight) * colour]) / np.sqrt(1 + weight)
+    return np.hstack([rows, np.sqrt(weight) * l2_normalise(colour)]) / np.sqrt(1 + weight)
 
 
 def balanced_assignment(similarity: np.ndarray, temperature: float = 0.05, iterations: int = 3) -> np.ndarray:
@@ -86,25 +87,30 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def toward_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_rows: np.ndarray, share: float,
-                       own_weight: float, naming: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
-    """Each item's row moved toward the shop photos taken for its product: ``own_weight`` of the
-    item's own row plus the rest of the mean of the surest ``share`` of those photos, renormalised.
-    Returns the rows and how many products had photos to move toward (the others keep theirs).
+def name_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_rows: np.ndarray,
+                     share: float) -> PseudoLabels:
+    """The shop photos named by the items' products (``select_pseudo_labels`` against each
+    product's prototype), the surest ``share`` of each product's kept. The rows may be the
+    network's alone or with the colour beside them (``beside_colour``), items and photos alike."""
+    return select_pseudo_labels(photo_rows, product_prototypes(item_rows, item_products)[1], share)
+
+
+def toward_shop_photos(item_rows: np.ndarray, item_products: np.ndarray, photo_rows: np.ndarray,
+                       named: PseudoLabels, own_weight: float) -> tuple[np.ndarray, int]:
+    """Each item's row moved toward the shop photos ``named`` for its product (``name_shop_photos``):
+    ``own_weight`` of the item's own row plus the rest of the mean of those photos' rows,
+    renormalised. Returns the rows and how many products had photos to move toward (the others
+    keep theirs).
 
     A packshot and a shop photo of one product are further apart than two shop photos of it, so
     a shop's query finds its product more often by what the product looks like in that shop.
     Pseudo-labels are wrong for some photos; the mean of many, most of them right, still points
-    the right way (prototype rectification in the few-shot literature). ``naming``: the (item,
-    photo) rows the photos are named by where those are not the moved rows (``beside_colour``)."""
-    products, prototypes = product_prototypes(item_rows, item_products)
+    the right way (prototype rectification in the few-shot literature). One naming can move
+    several features' rows (the network's, the colour's) toward the same photos."""
+    products = np.unique(item_products)
     product_of_item = np.searchsorted(products, item_products)
-    if naming is None:
-        chosen = select_pseudo_labels(photo_rows, prototypes, share)
-    else:
-        chosen = select_pseudo_labels(naming[1], product_prototypes(naming[0], item_products)[1], share)
-    means = np.zeros_like(prototypes)
-    np.add.at(means, chosen.labels, photo_rows[chosen.rows])
+    means = np.zeros((len(products), item_rows.shape[1]), np.float64)
+    np.add.at(means, named.labels, photo_rows[named.rows])
     norms = np.linalg.norm(means, axis=1, keepdims=True)
     has_photos = norms[:, 0] > 1e-12
     means = np.where(has_photos[:, None], means / np.maximum(norms, 1e-12), 0.0)
