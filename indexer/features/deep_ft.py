@@ -214,3 +214,17 @@ def trained_keys(catalog: Catalog) -> np.ndarray | None:
     adapted = ADAPTED_NETWORK.status(catalog, judge=False).model
     keys = adapted.trained_keys() if adapted is not None else np.zeros(0, np.int64)
     return keys if len(keys) else None
+
+
+def moved_features(catalog: Catalog) -> set[str]:
+    """The features whose stored rows ``finetune --unlabeled`` moved toward the shop photos named
+    as each item's product (``deep_ft``, and ``colour`` where it moved too): each such row is 70%
+    its product's, so it says which product the catalog filed the item under, not what the image
+    shows. Read from the adaptation report the finetune stored; empty without one."""
+    report = catalog.meta.get("adaptation") or {}
+    moved = set()
+    if report.get("toward_shop_photos") and FEATURE_NAME in catalog.config.features:
+        moved.add(FEATURE_NAME)
+    if report.get("colour_moved"):
+        moved.add("colour")
+    return moved

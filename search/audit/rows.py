@@ -3,15 +3,19 @@ others in every feature (leave-one-out)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from catalens.indexer.features import feature_spec, feature_weights, l2_normalise
+from catalens.indexer.features.deep_ft import moved_features
 from catalens.indexer.stores import ItemRecord
 from catalens.search.classifier import nearest_rows
 from catalens.search.classify import aligned_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,10 +43,18 @@ class CatalogRows:
 
     @classmethod
     def from_catalog(cls, catalog: Any) -> CatalogRows:
-        specs = [feature_spec(name) for name in catalog.global_features()]
+        # A row moved toward its product's shop photos agrees with whatever the item is filed under
+        # (an audit of planted misfilings on grocery found 9% of them first, against 95% unmoved):
+        # the audit reads the frozen network's rows, and no colour, in their place.
+        moved = moved_features(catalog)
+        specs = [feature_spec(name) for name in catalog.global_features() if name not in moved]
         weights = feature_weights(specs, "classify")
         if not weights:
-            raise ValueError(f"{catalog.location}: this index has no global features to audit with")
+            raise ValueError(f"{catalog.location}: this index has no global features to audit with"
+                             + (f" ({', '.join(sorted(moved))} moved by finetune --unlabeled)" if moved else ""))
+        if moved:
+            log.info("audit: %s not read: finetune --unlabeled moved their rows toward each product's shop photos",
+                     ", ".join(sorted(moved)))
         keys, rows = aligned_rows(catalog, weights)
         records_by_key = catalog.items.items(keys.tolist())
         keep = np.array([int(key) in records_by_key for key in keys], dtype=bool)
