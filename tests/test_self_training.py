@@ -193,8 +193,8 @@ def test_finetune_with_unlabeled_photos_moves_the_colour_rows_and_a_finetune_wit
     """And the audit reads no moved row: each is 70% its product's, so it agrees with whatever the
     item is filed under (planted misfilings on grocery: 9% found first with them, 95% without)."""
     from catalens.api.cli import main
-    from catalens.search.audit.rows import CatalogRows
     from catalens.indexer.training import adaptation
+    from catalens.search.audit.rows import CatalogRows
     from tests.conftest import draw_product
 
     monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)
