@@ -36,6 +36,39 @@ def test_default_weights_let_a_fitted_feature_stand_in_where_it_has_a_weight():
     assert feature_weights(adapted, "search") == {"colour": 0.3, "sift": 0.2, "deep_ft": 1.0}
     assert feature_weights(adapted, "classify") == {"colour": 0.6, "deep_ft": 1.0}
     assert feature_weights(specs, "search", {"deep": 1.0, "colour": 0.0}) == {"deep": 1.0}
+    # A catalog of packshots: a verified label match weighs more against a descriptor that has one
+    # image a product to be near; classification and explicit weights are the same.
+    assert feature_weights(adapted, "search", packshots=True) == {"colour": 0.3, "sift": 0.5, "deep_ft": 1.0}
+    assert feature_weights(adapted, "classify", packshots=True) == {"colour": 0.6, "deep_ft": 1.0}
+    assert feature_weights(specs, "search", {"deep": 1.0, "sift": 0.2}, packshots=True) == {"deep": 1.0, "sift": 0.2}
+
+
+def test_fused_search_weighs_sift_more_where_most_products_have_one_image(tmp_path):
+    from catalens.search.calibration import features_read
+    from catalens.search.ranking import is_packshot_catalog
+    from tests.conftest import draw_product
+
+    root = tmp_path / "catalog"
+    for number, leaf in enumerate(["Milk/Arla", "Milk/Garant", "Juice/Bravo", "Juice/Tropicana", "Juice/Tropicana"]):
+        draw_product(root / leaf / f"item{number}.jpg", seed=number, text=f"item {number}")
+    config = IndexConfig(num_workers=0)
+    index_catalog(root, tmp_path / "idx", config, progress=False)
+    catalog = open_catalog(tmp_path / "idx")
+    try:  # three of four products one packshot each
+        assert is_packshot_catalog(catalog) and SearchEngine(catalog).weights()["sift"] == 0.5
+        as_packshots = features_read(catalog)
+    finally:
+        catalog.close()
+    for number, leaf in enumerate(["Milk/Arla", "Juice/Bravo"]):  # shelf photos: now one of four
+        draw_product(root / leaf / f"shelf{number}.jpg", seed=10 + number, text=f"shelf {number}")
+    index_catalog(root, tmp_path / "idx", config, progress=False)
+    catalog = open_catalog(tmp_path / "idx")
+    try:
+        assert not is_packshot_catalog(catalog) and SearchEngine(catalog).weights()["sift"] == 0.2
+        # A match calibration fitted on the packshots read other fused scores: it is stale.
+        assert features_read(catalog) != as_packshots
+    finally:
+        catalog.close()
 
 
 class MeanColour:

@@ -142,8 +142,9 @@ class FeatureSpec:
     vocabulary); ``catalens check`` verifies each stored one and fits again those it can.
     ``refresh(catalog, changed_keys, removed_keys)`` keeps what depends on the whole catalog (a
     visual vocabulary and words) in line after a run. ``search_weight`` and ``classify_weight``
-    are its default weights in fused search and classification; a feature with ``replaces`` set
-    stands in for that one wherever both are present.
+    are its default weights in fused search and classification, ``packshot_search_weight`` its
+    fused weight in a catalog of packshots (``feature_weights``) where it differs; a feature with
+    ``replaces`` set stands in for that one wherever both are present.
 
     What an index's configuration (``IndexConfig``) holds for the feature, applied there without
     naming it: ``written_options`` are written into a new index's ``feature_options`` (so the
@@ -164,6 +165,7 @@ class FeatureSpec:
     refresh: Callable[[Any, np.ndarray, np.ndarray], None] | None = None
     search_weight: float = 0.0
     classify_weight: float = 0.0
+    packshot_search_weight: float | None = None
     replaces: str | None = None
     description: str = ""
     # Rows are square-rooted, L2-normalised histograms (their squares sum to one): how spread
@@ -231,12 +233,14 @@ def feature_spec(name: str) -> FeatureSpec:
 
 
 def feature_weights(specs: Sequence[FeatureSpec], use: Literal["search", "classify"],
-                    overrides: dict[str, float] | None = None) -> dict[str, float]:
+                    overrides: dict[str, float] | None = None, packshots: bool = False) -> dict[str, float]:
     """Each present feature's weight for ``use``, non-zero ones only.
 
     ``overrides`` replaces the registered defaults (names the catalog does not hold are an
     error). By default a feature with ``replaces`` set takes the place of that feature in each
-    use where it has a weight of its own.
+    use where it has a weight of its own. ``packshots``: the catalog is one of packshots (most of
+    its products one image), where fused search takes each feature's ``packshot_search_weight``
+    where it has one.
     """
     present = {spec.name: spec for spec in specs}
     if overrides is not None:
@@ -244,7 +248,14 @@ def feature_weights(specs: Sequence[FeatureSpec], use: Literal["search", "classi
         if unknown:
             raise ValueError(f"no feature {', '.join(map(repr, unknown))} in this index; it has {', '.join(present)}")
         return {name: float(weight) for name, weight in overrides.items() if weight}
-    weights = {spec.name: spec.search_weight if use == "search" else spec.classify_weight for spec in specs}
+
+    def default(spec: FeatureSpec) -> float:
+        if use == "classify":
+            return spec.classify_weight
+        return spec.packshot_search_weight if packshots and spec.packshot_search_weight is not None else (
+            spec.search_weight)
+
+    weights = {spec.name: default(spec) for spec in specs}
     for spec in specs:
         if spec.replaces and weights.get(spec.name):
             weights.pop(spec.replaces, None)

@@ -298,8 +298,12 @@ def refresh_words(catalog: Catalog, changed_keys: Collection[int], removed_keys:
     return len(todo)
 
 
+# In a catalog of packshots a shop photo's descriptor is further from its product's one image
+# than from a product's many photos, and a verified label match must outweigh more of it: on the
+# grocery packshots, train's five shooting-session folds gained 1.3-2.9 points at 0.5 (val -0.3),
+# all of it on packages (docs/search-quality.md).
 @register_feature("sift", "local", similarity="inliers", refresh=refresh_words, fitted=(VOCABULARY,),
-                  search_weight=0.2, written_options={"image_size": SiftOptions.image_size},
+                  search_weight=0.2, packshot_search_weight=0.5, written_options={"image_size": SiftOptions.image_size},
                   stored_options={"image_size": 320}, legacy_switch="local_features", legacy_options="local",
                   description="RootSIFT keypoints, visual words, geometric verification")
 def build_sift(catalog: Catalog) -> SiftFeature:

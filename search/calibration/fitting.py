@@ -27,7 +27,7 @@ from catalens.indexer.stores import ItemFilter, ItemRecord, product_of, stack_ro
 from catalens.search.calibration.evidence import EVIDENCE, ranked_evidence
 from catalens.search.calibration.model import CalibrationError, MatchCalibrator
 from catalens.search.query import Query
-from catalens.search.ranking import available_modes
+from catalens.search.ranking import available_modes, search_weights
 from catalens.search.settings import SearchSettings
 
 if TYPE_CHECKING:
@@ -174,10 +174,13 @@ def current_keys(catalog: Catalog) -> np.ndarray:
 
 def features_read(catalog: Catalog) -> str:
     """A digest of what computes the evidence a calibration reads: the modes the catalog answers,
-    and the run of ``finetune`` that made its ``deep_ft`` rows. A second finetune replaces every one
-    of those rows without adding or removing an item, and one that keeps no network gives fused
-    search back to ``deep``: a calibration fitted before either describes another search."""
-    state = {"modes": available_modes(catalog), "adaptation": catalog.meta.get("adaptation")}
+    their default weights in fused search, and the run of ``finetune`` that made its ``deep_ft``
+    rows. A second finetune replaces every one of those rows without adding or removing an item,
+    one that keeps no network gives fused search back to ``deep``, and a catalog of packshots that
+    gains shop photos weighs SIFT as other catalogs do (``ranking.is_packshot_catalog``): a
+    calibration fitted before any of these describes another search."""
+    state = {"modes": available_modes(catalog), "weights": search_weights(catalog, SearchSettings()),
+             "adaptation": catalog.meta.get("adaptation")}
     # As the index's JSON stores it: a numpy number just computed must digest as the one read back.
     text = json.dumps(state, sort_keys=True, default=lambda value: value.item() if hasattr(value, "item") else str(value))
     return hashlib.sha256(text.encode()).hexdigest()
