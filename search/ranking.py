@@ -5,13 +5,12 @@ rank through here; ``search.retrieval``, ``search.fusion`` and ``search.text`` h
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from catalens.indexer.features import feature_spec, feature_weights
-from catalens.indexer.stores import ItemFilter, product_of
+from catalens.indexer.stores import ItemFilter, mostly_one_image, product_of
 from catalens.search import products
 from catalens.search.fusion import fused_search
 from catalens.search.retrieval import global_search, local_search
@@ -37,19 +36,12 @@ def available_modes(catalog: Catalog) -> list[str]:
     return modes + [name for name in (*globals_, *locals_, *texts) if name not in modes]
 
 
-# A catalog is one of packshots where at least this share of its products have one image.
-PACKSHOT_PRODUCT_SHARE = 0.5
-
-
 def is_packshot_catalog(catalog: Catalog) -> bool:
     """Most of the catalog's products (``product_of``: the product attribute, else the leaf
     category) have one image: a shop's one packshot a product. Counted once a catalog write."""
 
-    def count() -> bool:
-        images = Counter(product_of(record) for record in catalog.items.records().values())
-        return bool(images) and sum(n == 1 for n in images.values()) >= PACKSHOT_PRODUCT_SHARE * len(images)
-
-    return catalog.cached("packshot-catalog", count)
+    return catalog.cached("packshot-catalog",
+                          lambda: mostly_one_image(product_of(record) for record in catalog.items.records().values()))
 
 
 def search_weights(catalog: Catalog, settings: SearchSettings) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from catalens.indexer.features import l2_normalise
-from catalens.indexer.stores import ItemFilter, stack_rows
+from catalens.indexer.stores import ItemFilter, product_of, stack_rows
 from catalens.search.settings import SearchSettings
 from catalens.search.verification import Verifier
 
@@ -28,20 +28,75 @@ if TYPE_CHECKING:
 # --- global features
 
 
+# A product with shop exemplars scores the mean cosine of its this many nearest ones.
+EXEMPLAR_NEIGHBOURS = 5
+
+
 def global_search(catalog: Catalog, query: Query, feature: str, k: int,
                   filter: ItemFilter | None) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, cosines) of the ``k`` nearest items by ``feature``, best first."""
+    """(keys, cosines) of the ``k`` nearest items by ``feature``, best first; where the feature
+    keeps shop exemplars, an item of a product that has some scores by them instead
+    (``exemplar_cosines``)."""
     scores, keys = catalog.vectors(feature).search(query.vector(catalog, feature)[None], k, filter)
     valid = keys[0] >= 0
-    return keys[0][valid], scores[0][valid]
+    keys, scores = keys[0][valid], scores[0][valid]
+    by_exemplars = exemplar_cosines(catalog, query, feature, filter)
+    if not by_exemplars:
+        return keys, scores
+    found = dict(zip(keys.tolist(), scores.tolist(), strict=True))
+    found.update(by_exemplars)
+    best = sorted(found.items(), key=lambda pair: -pair[1])[:k]
+    return np.array([key for key, _ in best], np.int64), np.array([score for _, score in best], np.float32)
 
 
 def candidate_cosines(catalog: Catalog, query: Query, feature: str, keys: Sequence[int]) -> dict[int, float]:
-    """Cosine of the query to each of ``keys`` by ``feature``, from the stored rows (absent rows are left out)."""
+    """Cosine of the query to each of ``keys`` by ``feature``, from the stored rows (absent rows are
+    left out); by the shop exemplars where its product has some, as ``global_search`` scores."""
     dim = catalog.dims()[feature]
     found, rows = stack_rows(catalog.items.rows(feature, [int(key) for key in keys]), dim)
     cosines = l2_normalise(rows) @ query.vector(catalog, feature) if len(found) else np.zeros(0, np.float32)
-    return dict(zip(found.tolist(), cosines.tolist(), strict=True))
+    scored = dict(zip(found.tolist(), cosines.tolist(), strict=True))
+    by_exemplars = exemplar_cosines(catalog, query, feature)
+    if by_exemplars:
+        scored.update({key: by_exemplars[key] for key in scored if key in by_exemplars})
+    return scored
+
+
+def exemplar_cosines(catalog: Catalog, query: Query, feature: str, filter: ItemFilter | None = None
+                     ) -> dict[int, float] | None:
+    """Each item (that ``filter`` allows) of a product with shop exemplars: the mean cosine of the
+    query to that product's ``EXEMPLAR_NEIGHBOURS`` nearest exemplars. None where ``feature``
+    keeps none (``AdaptedDeep.shop_exemplars``: ``finetune --unlabeled`` on a catalog of packshots).
+
+    A shop photo of a crate of apples is far from the apple's packshot and near the shop's other
+    photos of crates of that apple: the product is found through the photos like the query."""
+    exemplars = getattr(catalog.feature(feature), "shop_exemplars", None)
+    kept = exemplars() if exemplars is not None else None
+    if kept is None:
+        return None
+    rows, products = kept
+    names, product_of_row = np.unique(products, return_inverse=True)
+    cosines = rows @ query.vector(catalog, feature)
+    # Each product's exemplars, best first: the first EXEMPLAR_NEIGHBOURS of each run.
+    order = np.lexsort((-cosines, product_of_row))
+    grouped, ranked = product_of_row[order], cosines[order]
+    starts = np.searchsorted(grouped, np.arange(len(names)))
+    position = np.arange(len(order)) - starts[grouped]
+    best = position < EXEMPLAR_NEIGHBOURS
+    sums = np.bincount(grouped[best], weights=ranked[best], minlength=len(names))
+    score_of = dict(zip(names.tolist(), (sums / np.maximum(np.bincount(grouped[best], minlength=len(names)), 1)).tolist(),
+                        strict=True))
+    allowed = None if filter is None or filter.keys is None else set(np.asarray(filter.keys).tolist())
+    prefix = None if filter is None or filter.category is None else filter.category.strip("/")
+    return {key: score_of[product] for key, (product, category) in _item_products(catalog).items()
+            if product in score_of and (allowed is None or key in allowed)
+            and (prefix is None or category == prefix or category.startswith(prefix + "/"))}
+
+
+def _item_products(catalog: Catalog) -> dict[int, tuple[str, str]]:
+    """Each item's (product, category) by key, read once a catalog write."""
+    return catalog.cached("item-products", lambda: {
+        record.key: (product_of(record), record.category) for record in catalog.items.records().values()})
 
 
 def build_models(catalog: Catalog, names: Sequence[str]) -> None:

@@ -85,6 +85,97 @@ def test_items_move_toward_their_products_shop_photos_and_a_shop_photo_then_find
     assert np.allclose(kept_all, items, atol=1e-6)
 
 
+class _ExemplarCatalog:
+    """What ``exemplar_cosines`` reads of a catalog: the feature's kept exemplars and the items."""
+
+    def __init__(self, exemplars, records):
+        from types import SimpleNamespace
+
+        self._feature = SimpleNamespace(shop_exemplars=lambda: exemplars)
+        self.items = SimpleNamespace(records=lambda: {record.id: record for record in records})
+
+    def feature(self, name):
+        return self._feature
+
+    def cached(self, name, build, stamp=None):
+        return build()
+
+
+def test_items_score_by_the_mean_of_their_products_nearest_shop_exemplars_within_the_filter():
+    from types import SimpleNamespace
+
+    from catalens.indexer.stores import ItemFilter, ItemRecord
+    from catalens.search import retrieval
+
+    rng = np.random.default_rng(0)
+    rows = l2_normalise(rng.normal(size=(30, 8)).astype(np.float32))
+    products = np.array(["apple"] * 12 + ["pear"] * 9 + ["lime"] * 9)
+    records = [ItemRecord(1, "a", "a.jpg", "Fruit/Apple", "", {"product": "apple"}),
+               ItemRecord(2, "p", "p.jpg", "Fruit/Pear", "", {"product": "pear"}),
+               ItemRecord(3, "m", "m.jpg", "Dairy/Milk", "")]  # no exemplars: not scored by them
+    query_vector = l2_normalise(rng.normal(size=(1, 8)).astype(np.float32))[0]
+    query = SimpleNamespace(vector=lambda catalog, feature: query_vector)
+    catalog = _ExemplarCatalog((rows, products), records)
+    scored = retrieval.exemplar_cosines(catalog, query, "deep_ft")
+    k = retrieval.EXEMPLAR_NEIGHBOURS
+    expected = {key: float(np.sort(rows[products == name] @ query_vector)[-k:].mean())
+                for key, name in ((1, "apple"), (2, "pear"))}
+    assert scored.keys() == expected.keys()
+    assert all(scored[key] == pytest.approx(expected[key], abs=1e-5) for key in expected)
+    assert retrieval.exemplar_cosines(catalog, query, "deep_ft", ItemFilter(category="Fruit/Pear")).keys() == {2}
+    assert retrieval.exemplar_cosines(catalog, query, "deep_ft", ItemFilter(keys=np.array([1, 3]))).keys() == {1}
+    assert retrieval.exemplar_cosines(catalog, query, "deep_ft", ItemFilter(category="Fruit/Pe")) == {}
+    assert retrieval.exemplar_cosines(_ExemplarCatalog(None, records), query, "deep_ft") is None
+
+
+def test_finetune_with_unlabeled_photos_on_a_catalog_of_packshots_keeps_shop_exemplars_that_search_scores_by(
+        tmp_path, capsys, monkeypatch):
+    """One image a product: finetune keeps the shop photos it named surest with the network, and
+    search in ``deep_ft`` scores each item by its product's nearest ones."""
+    from catalens.api.cli import main
+    from catalens.indexer.config import IndexConfig
+    from catalens.indexer.estimator import saved_state
+    from catalens.indexer.features.deep_ft import ADAPTED_NETWORK
+    from catalens.indexer.imageio import load_query
+    from catalens.indexer.pipeline import index_catalog
+    from catalens.indexer.stores import product_of
+    from catalens.indexer.stores.backends import open_catalog
+    from catalens.indexer.training import adaptation
+    from catalens.search import retrieval
+    from catalens.search.engine import Query, SearchEngine
+    from tests.conftest import draw_product
+
+    monkeypatch.setattr(adaptation, "MIN_GAIN", -1.0)
+    root = tmp_path / "catalog"
+    for i in range(6):
+        draw_product(root / ["Dairy", "Fruit"][i % 2] / f"product{i}" / "packshot.jpg", seed=i, text=f"p{i}")
+    index_catalog(root, tmp_path / "index", IndexConfig(), progress=False)
+    shelf = tmp_path / "shelf"
+    for i in range(12):
+        draw_product(shelf / f"shot{i}.jpg", seed=i % 6, text=f"p{i % 6}", size=300)
+    assert main(["finetune", "--index", str(tmp_path / "index"), "--steps", "3", "--json", "--unlabeled",
+                 str(shelf)]) == 0
+    kept = json.loads(capsys.readouterr().out)["shop_exemplars"]
+    assert 6 <= kept <= 12
+    catalog = open_catalog(tmp_path / "index")
+    try:
+        state = saved_state(ADAPTED_NETWORK.path(catalog), "AdaptedTop")
+        rows, products = np.asarray(state["exemplars"], np.float32), np.asarray(state["exemplar_products"], str)
+        assert rows.shape == (kept, catalog.dims()["deep_ft"]) and len(products) == kept
+        assert set(products) <= {product_of(record) for record in catalog.items.records().values()}
+        query = Query(load_query(shelf / "shot0.jpg"), "shot0")
+        keys, scores = SearchEngine(catalog).rank_products(query, "deep_ft", 6)
+        vector = query.vector(catalog, "deep_ft")
+        records = catalog.items.items(keys.tolist())
+        k = retrieval.EXEMPLAR_NEIGHBOURS
+        for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
+            mine = rows[products == product_of(records[key])]
+            if len(mine):
+                assert score == pytest.approx(float(np.sort(mine @ vector)[-k:].mean()), abs=2e-3)
+    finally:
+        catalog.close()
+
+
 def test_photos_the_network_cannot_tell_apart_are_named_by_their_colour_beside_it():
     """Two products whose shop photos embed alike (Golden Delicious, Granny Smith) but differ in
     colour: named by the embedding alone about half are wrong; with the colour beside it, all are
@@ -157,7 +248,7 @@ def test_finetune_with_unlabeled_photos_self_trains_on_them(tiny_index, tiny_cat
     assert main(["finetune", "--index", str(tiny_index), "--steps", "3", "--json", "--unlabeled", str(shelf)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["unlabeled"] == 6 and 1 <= report["pseudo_labelled"] <= 6 and report["kept"]
-    assert report["toward_shop_photos"] >= 1
+    assert report["toward_shop_photos"] >= 1 and report["shop_exemplars"] == 0  # four images a product
     # Every round of naming and the move toward the photos used the six photos' colour histograms.
     assert named_with.count((6, 192)) == len(adaptation.PSEUDO_SHARES) + 1
     # The stored rows are the network's moved toward the shop photos, not what it makes of the items alone.

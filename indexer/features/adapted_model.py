@@ -170,14 +170,21 @@ class AdaptedTop(Estimator):
             np.zeros((0, self.dim), np.float32))
 
     def _state(self) -> dict[str, Any]:
+        exemplars = getattr(self, "exemplars_", None)
         return {"classes": self.classes_, "top": self.top_.state_dict(), "steps": int(self.n_steps_),
                 "first_stage": int(self.first_stage_), "loss_history": list(self.loss_history_),
-                "trained_keys": np.asarray(getattr(self, "trained_keys_", []), np.int64)}
+                "trained_keys": np.asarray(getattr(self, "trained_keys_", []), np.int64),
+                "exemplars": np.zeros((0, 0), np.float16) if exemplars is None else exemplars.astype(np.float16),
+                "exemplar_products": np.asarray(getattr(self, "exemplar_products_", []), dtype=str)}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.classes_, self.n_steps_ = np.asarray(state["classes"], dtype=str), int(state["steps"])
         self.first_stage_, self.loss_history_ = int(state["first_stage"]), list(state["loss_history"])
         self.trained_keys_ = np.asarray(state.get("trained_keys", []), np.int64)
+        # None in a model saved before shop exemplars, or fitted without shop photos.
+        exemplars = np.asarray(state.get("exemplars", np.zeros((0, 0))), np.float32)
+        self.exemplars_ = exemplars if exemplars.size else None
+        self.exemplar_products_ = np.asarray(state.get("exemplar_products", []), dtype=str)
         top = TopStages(self._network(), self.first_stage_, len(self.classes_), self.scale)
         top.load_state_dict(state["top"])
         self.top_ = top.eval()

@@ -59,6 +59,7 @@ class AdaptedDeep:
         self._compiled: tuple[Any, str, int] | None = None
         self._compiling = threading.Lock()
         self._window_network: tuple[Any, int, int] | None = None
+        self._exemplars: tuple[np.ndarray, np.ndarray] | None = None
         self.preparer = DeepPreparer(spec, scaling)
         self.draft_size = spec.input_size * 2
 
@@ -77,6 +78,22 @@ class AdaptedDeep:
         found = self._model.trained_keys_ if self._model is not None else (
             saved_state(self.model_file, "AdaptedTop").get("trained_keys", []))
         return np.asarray(found, np.int64)
+
+    def shop_exemplars(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, product of each row) of the shop photos finetune named surely, or None.
+
+        Kept by ``finetune --unlabeled`` on a catalog of packshots (``AdaptedTop.exemplars_``):
+        search scores a product by the shop photos taken for it, not by its one packshot alone
+        (``search.retrieval``). Read once, without the model's torch modules."""
+        if self._exemplars is None:
+            if self._model is not None:
+                rows, products = getattr(self._model, "exemplars_", None), getattr(self._model, "exemplar_products_", [])
+            else:
+                state = saved_state(self.model_file, "AdaptedTop")
+                rows, products = state.get("exemplars"), state.get("exemplar_products", [])
+            rows = np.zeros((0, 0), np.float32) if rows is None else np.asarray(rows, np.float32)
+            self._exemplars = (rows, np.asarray(products, dtype=str))
+        return self._exemplars if self._exemplars[0].size else None
 
     def _network_now(self) -> tuple[Any, str, int]:
         """(the network, its runtime, its output size), compiled on first use."""

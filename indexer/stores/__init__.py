@@ -17,6 +17,7 @@ Backends: ``folder`` (SQLite, FAISS files and an inverted file in one folder) an
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -49,6 +50,17 @@ def product_of(record: ItemRecord) -> str:
     """The product an item shows: its ``product`` attribute where the catalog gives one, else its leaf category."""
     product = record.attributes.get("product") if isinstance(record.attributes, dict) else None
     return str(product) if product not in (None, "") else record.category
+
+
+# A catalog where at least this share of the products have one image is a catalog of packshots:
+# a shop's one studio photo a product, queried with shop photos unlike it.
+PACKSHOT_PRODUCT_SHARE = 0.5
+
+
+def mostly_one_image(products: Iterable[str]) -> bool:
+    """Of the products named (one name an image, ``product_of``), at least ``PACKSHOT_PRODUCT_SHARE`` have one image."""
+    images = Counter(products)
+    return bool(images) and sum(n == 1 for n in images.values()) >= PACKSHOT_PRODUCT_SHARE * len(images)
 
 
 @dataclass

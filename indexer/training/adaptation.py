@@ -40,7 +40,7 @@ from catalens.indexer.features.deep import DeepPreparer
 from catalens.indexer.features.deep_ft import ADAPTED_NETWORK, FEATURE_NAME, AdaptedDeep
 from catalens.indexer.files import replaced_file
 from catalens.indexer.imageio import ImageSource
-from catalens.indexer.stores import product_of, stack_rows
+from catalens.indexer.stores import mostly_one_image, product_of, stack_rows
 from catalens.indexer.training import augment
 from catalens.indexer.training.pseudo_labels import (
     beside_colour,
@@ -86,6 +86,10 @@ NAMING_COLOUR_WEIGHT = 0.3
 # photos").
 SHOP_PHOTO_SHARE = 0.5
 OWN_ROW_WEIGHT = 0.3
+# In a catalog of packshots, the share of each product's shop photos kept for search to score the
+# product by (``_keep_shop_exemplars``), named by the moved rows: the surest 80%, as the last
+# round of self-training keeps.
+EXEMPLAR_SHARE = 0.8
 
 
 # --- the views
@@ -172,6 +176,7 @@ class AdaptationReport:
     pseudo_labelled: int = 0  # of those, trained on under the product they were taken for
     toward_shop_photos: int = 0  # products whose items' rows moved toward their shop photos
     colour_moved: bool = False  # the items' colour rows moved toward the same photos too
+    shop_exemplars: int = 0  # shop photos kept for search to score their products by (a catalog of packshots)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -425,9 +430,11 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
     item_labels = labels[positions]
     # What search stores: the network's rows, moved toward the shop's photos where there are some.
     # Whether the network is kept is judged on its own rows below.
-    stored, colour_rows, moved_products = _moved_rows(adapted, item_colour, item_labels,
-                                                      model.transform(shop_photos[:, :2]), photo_colour)
+    photo_rows = model.transform(shop_photos[:, :2])
     del shop_photos
+    stored, colour_rows, moved_products = _moved_rows(adapted, item_colour, item_labels, photo_rows, photo_colour)
+    if len(photo_rows) and mostly_one_image(labels):
+        _keep_shop_exemplars(model, stored, item_labels, photo_rows)
 
     # The frozen network's own descriptors of the same crops: what search uses without adaptation.
     frozen = _frozen_pooled(trunk, config.backbone, clean_maps[:, 0])
@@ -458,7 +465,7 @@ def _train(catalog: Catalog, steps: int | None, progress: bool, seed: int, unlab
         steps=model.n_steps_, held_out=held_count, held_out_kind=held_kind, frozen_accuracy=frozen_accuracy,
         adapted_accuracy=adapted_accuracy, kept=kept, seconds=round(time.perf_counter() - started, 1),
         unlabeled=len(unlabeled), pseudo_labelled=pseudo_labelled, toward_shop_photos=moved_products,
-        colour_moved=colour_moved)
+        colour_moved=colour_moved, shop_exemplars=len(getattr(model, "exemplar_products_", [])))
     # A network not kept names no photo: the items keep their own colour.
     return _Trained(model, report, keys, stored, item_colour if not colour_moved else colour_rows)
 
@@ -480,6 +487,22 @@ def _moved_rows(adapted: np.ndarray, item_colour: np.ndarray | None, item_labels
     if coloured:
         colour, _ = toward_shop_photos(item_colour, item_labels, photo_colour, named, OWN_ROW_WEIGHT)
     return moved, colour, products
+
+
+def _keep_shop_exemplars(model: AdaptedTop, item_rows: np.ndarray, item_labels: np.ndarray,
+                         photo_rows: np.ndarray) -> None:
+    """Keep with the network the shop photos named surest (``EXEMPLAR_SHARE`` of each product's,
+    named by the items' stored rows) and each one's product: search then scores a product by
+    its nearest shop photos (``search.retrieval.exemplar_cosines``).
+
+    One packshot stands for a product that the shop photographs in many ways (one apple, a
+    crate, a bag); the mean of its photos (``toward_shop_photos``) is one more point, between
+    them. The photos themselves keep each way, and a query finds the product through the ones
+    like it. Measured on a catalog of packshots only (docs/search-quality.md, "Products scored
+    by the shop's photos")."""
+    named = name_shop_photos(item_rows, item_labels, photo_rows, EXEMPLAR_SHARE)
+    model.exemplars_ = np.asarray(photo_rows[named.rows], np.float32)
+    model.exemplar_products_ = np.unique(item_labels)[named.labels]
 
 
 @dataclass(frozen=True)
