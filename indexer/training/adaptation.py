@@ -346,7 +346,8 @@ def adapt_catalog(catalog: Catalog, steps: int | None = None, progress: bool = T
     those it can name surely (``_self_train``), which teaches it what the shop's photos look like,
     and each item's stored row, and its colour row, moves toward its product's surest photos
     (``toward_shop_photos``). Items indexed later get the network's row and their own colour
-    until the next finetune.
+    until the next finetune. In a catalog of packshots the network also keeps the photos it named
+    surest, which search scores those products by (``_keep_shop_exemplars``).
     """
     run = _FinetuneRun(catalog, steps, seed, unlabeled)
     ADAPTED_NETWORK.refit(catalog, force=True, progress=progress, fit=run.fit, save=run.commit)
