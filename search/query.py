@@ -3,9 +3,9 @@ and features), and the ranked hits with their confidences."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
 import numpy as np
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from catalens.indexer.catalog import Catalog
     from catalens.indexer.features.sift import LocalDescriptors
     from catalens.search.classify import FittedClassifier
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class _Computed:
     verified: dict[str, dict[int, Verification]] = field(default_factory=dict)
     # By (id of the fitted classifier, leaf left out).
     leaf_probabilities: dict[tuple[int, str | None], dict[str, float]] = field(default_factory=dict)
+    other: dict[str, Any] = field(default_factory=dict)  # ``Query.computed``
 
 
 @dataclass
@@ -152,6 +156,14 @@ class Query:
             memo[key] = fitted.leaf_probabilities({name: self.vector(catalog, name) for name in fitted.weights},
                                                   absent_leaf)
         return memo[key]
+
+    def computed(self, catalog: Catalog, name: str, build: Callable[[], T]) -> T:
+        """``build()`` once per catalog and ``name``: what a search module derives from this query
+        (``search.retrieval.exemplar_cosines``'s product scores), shared by the calls that need it."""
+        memo = self._against(catalog).other
+        if name not in memo:
+            memo[name] = build()
+        return memo[name]
 
     def preset(self, catalog: Catalog, vectors: Mapping[str, np.ndarray],
                descriptors: Mapping[str, LocalDescriptors]) -> None:

@@ -74,23 +74,28 @@ def exemplar_cosines(catalog: Catalog, query: Query, feature: str, filter: ItemF
     kept = exemplars() if exemplars is not None else None
     if kept is None:
         return None
-    rows, products = kept
-    names, product_of_row = np.unique(products, return_inverse=True)
-    cosines = rows @ query.vector(catalog, feature)
-    # Each product's exemplars, best first: the first EXEMPLAR_NEIGHBOURS of each run.
-    order = np.lexsort((-cosines, product_of_row))
-    grouped, ranked = product_of_row[order], cosines[order]
-    starts = np.searchsorted(grouped, np.arange(len(names)))
-    position = np.arange(len(order)) - starts[grouped]
-    best = position < EXEMPLAR_NEIGHBOURS
-    sums = np.bincount(grouped[best], weights=ranked[best], minlength=len(names))
-    score_of = dict(zip(names.tolist(), (sums / np.maximum(np.bincount(grouped[best], minlength=len(names)), 1)).tolist(),
-                        strict=True))
+    # Once a query: fused search asks for its candidates and again for other features' candidates.
+    score_of = query.computed(catalog, f"exemplar-scores:{feature}",
+                              lambda: _product_scores(*kept, query.vector(catalog, feature)))
     allowed = None if filter is None or filter.keys is None else set(np.asarray(filter.keys).tolist())
     prefix = None if filter is None or filter.category is None else filter.category.strip("/")
     return {key: score_of[product] for key, (product, category) in _item_products(catalog).items()
             if product in score_of and (allowed is None or key in allowed)
             and (prefix is None or category == prefix or category.startswith(prefix + "/"))}
+
+
+def _product_scores(rows: np.ndarray, products: np.ndarray, vector: np.ndarray) -> dict[str, float]:
+    """Each product's mean cosine of ``vector`` to its ``EXEMPLAR_NEIGHBOURS`` nearest ``rows``."""
+    names, product_of_row = np.unique(products, return_inverse=True)
+    cosines = rows @ vector
+    # Each product's exemplars, best first: the first EXEMPLAR_NEIGHBOURS of each run.
+    order = np.lexsort((-cosines, product_of_row))
+    grouped, ranked = product_of_row[order], cosines[order]
+    starts = np.searchsorted(grouped, np.arange(len(names)))
+    best = np.arange(len(order)) - starts[grouped] < EXEMPLAR_NEIGHBOURS
+    sums = np.bincount(grouped[best], weights=ranked[best], minlength=len(names))
+    counts = np.maximum(np.bincount(grouped[best], minlength=len(names)), 1)
+    return dict(zip(names.tolist(), (sums / counts).tolist(), strict=True))
 
 
 def _item_products(catalog: Catalog) -> dict[int, tuple[str, str]]:

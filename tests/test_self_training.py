@@ -114,7 +114,7 @@ def test_items_score_by_the_mean_of_their_products_nearest_shop_exemplars_within
                ItemRecord(2, "p", "p.jpg", "Fruit/Pear", "", {"product": "pear"}),
                ItemRecord(3, "m", "m.jpg", "Dairy/Milk", "")]  # no exemplars: not scored by them
     query_vector = l2_normalise(rng.normal(size=(1, 8)).astype(np.float32))[0]
-    query = SimpleNamespace(vector=lambda catalog, feature: query_vector)
+    query = SimpleNamespace(vector=lambda catalog, feature: query_vector, computed=lambda catalog, name, build: build())
     catalog = _ExemplarCatalog((rows, products), records)
     scored = retrieval.exemplar_cosines(catalog, query, "deep_ft")
     k = retrieval.EXEMPLAR_NEIGHBOURS
