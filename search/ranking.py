@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from catalens.indexer.features import feature_spec, feature_weights
-from catalens.indexer.stores import ItemFilter, mostly_one_image, product_of
+from catalens.indexer.stores import ItemFilter, mostly_one_image
 from catalens.search import products
 from catalens.search.fusion import fused_search
-from catalens.search.retrieval import global_search, local_search
+from catalens.search.retrieval import global_search, item_products, local_search
 from catalens.search.settings import SearchSettings
 from catalens.search.text import text_ranking
 from catalens.search.verification import Verifier
@@ -41,7 +41,7 @@ def is_packshot_catalog(catalog: Catalog) -> bool:
     category) have one image: a shop's one packshot a product. Counted once a catalog write."""
 
     return catalog.cached("packshot-catalog",
-                          lambda: mostly_one_image(product_of(record) for record in catalog.items.records().values()))
+                          lambda: mostly_one_image(product for product, _ in item_products(catalog).values()))
 
 
 def search_weights(catalog: Catalog, settings: SearchSettings) -> dict[str, float]:

@@ -56,9 +56,11 @@ def candidate_cosines(catalog: Catalog, query: Query, feature: str, keys: Sequen
     found, rows = stack_rows(catalog.items.rows(feature, [int(key) for key in keys]), dim)
     cosines = l2_normalise(rows) @ query.vector(catalog, feature) if len(found) else np.zeros(0, np.float32)
     scored = dict(zip(found.tolist(), cosines.tolist(), strict=True))
-    by_exemplars = exemplar_cosines(catalog, query, feature)
-    if by_exemplars:
-        scored.update({key: by_exemplars[key] for key in scored if key in by_exemplars})
+    score_of = _exemplar_scores(catalog, query, feature)
+    if score_of:  # only these keys' products: no pass over every item
+        products = item_products(catalog)
+        scored.update({key: score_of[products[key][0]] for key in scored
+                       if key in products and products[key][0] in score_of})
     return scored
 
 
@@ -70,18 +72,26 @@ def exemplar_cosines(catalog: Catalog, query: Query, feature: str, filter: ItemF
 
     A shop photo of a crate of apples is far from the apple's packshot and near the shop's other
     photos of crates of that apple: the product is found through the photos like the query."""
+    score_of = _exemplar_scores(catalog, query, feature)
+    if score_of is None:
+        return None
+    allowed = None if filter is None or filter.keys is None else set(np.asarray(filter.keys).tolist())
+    prefix = None if filter is None or filter.category is None else filter.category.strip("/")
+    return {key: score_of[product] for key, (product, category) in item_products(catalog).items()
+            if product in score_of and (allowed is None or key in allowed)
+            and (prefix is None or category == prefix or category.startswith(prefix + "/"))}
+
+
+def _exemplar_scores(catalog: Catalog, query: Query, feature: str) -> dict[str, float] | None:
+    """Each product's score by ``feature``'s shop exemplars (``_product_scores``), once a query;
+    None where the feature keeps none."""
     exemplars = getattr(catalog.feature(feature), "shop_exemplars", None)
     kept = exemplars() if exemplars is not None else None
     if kept is None:
         return None
     # Once a query: fused search asks for its candidates and again for other features' candidates.
-    score_of = query.computed(catalog, f"exemplar-scores:{feature}",
-                              lambda: _product_scores(*kept, query.vector(catalog, feature)))
-    allowed = None if filter is None or filter.keys is None else set(np.asarray(filter.keys).tolist())
-    prefix = None if filter is None or filter.category is None else filter.category.strip("/")
-    return {key: score_of[product] for key, (product, category) in _item_products(catalog).items()
-            if product in score_of and (allowed is None or key in allowed)
-            and (prefix is None or category == prefix or category.startswith(prefix + "/"))}
+    return query.computed(catalog, f"exemplar-scores:{feature}",
+                          lambda: _product_scores(*kept, query.vector(catalog, feature)))
 
 
 def _product_scores(rows: np.ndarray, products: np.ndarray, vector: np.ndarray) -> dict[str, float]:
@@ -98,8 +108,9 @@ def _product_scores(rows: np.ndarray, products: np.ndarray, vector: np.ndarray) 
     return dict(zip(names.tolist(), (sums / counts).tolist(), strict=True))
 
 
-def _item_products(catalog: Catalog) -> dict[int, tuple[str, str]]:
-    """Each item's (product, category) by key, read once a catalog write."""
+def item_products(catalog: Catalog) -> dict[int, tuple[str, str]]:
+    """Each item's (product, category) by key, read once a catalog write (what the exemplar
+    scores and ``ranking.is_packshot_catalog`` read of the items)."""
     return catalog.cached("item-products", lambda: {
         record.key: (product_of(record), record.category) for record in catalog.items.records().values()})
 
